@@ -1,0 +1,1 @@
+"""AnoStyle's anomaly detection: izif encoder, reconstruction, scores, evaluation and the CLI."""
