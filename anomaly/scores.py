@@ -1,0 +1,241 @@
+"""Anomaly scores: one pure function per method, plus a streaming table that collects them.
+
+izif (Schlegl et al. 2019, "f-AnoGAN: Fast unsupervised anomaly detection with generative
+adversarial networks", Medical Image Analysis 54, eq. 8-9):
+    A(x) = A_R(x) + kappa * A_D(x),
+    A_R(x) = 1/n   * ||x - G(E(x))||^2              (n pixels x channels)
+    A_D(x) = 1/n_d * ||f(x) - f(G(E(x)))||^2        (f: discriminator features, n_d elements)
+Plain image distances (scikit-learn metrics, torch Euclidean) and the distance of the encoded
+latent from the generator's average latent `w_avg` are offered beside it.
+
+Convention for every score: higher means more anomalous.
+Shape letters: N images, C channels, H/W height/width, K number of style vectors, D w_dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import pairwise
+
+from stylegan.errors import UserError
+
+# Metrics that compare two real-valued images without any data-set-level parameter.
+SKLEARN_METRICS: tuple[str, ...] = (
+    "braycurtis", "canberra", "chebyshev", "cityblock", "correlation", "cosine", "euclidean",
+    "hamming", "l1", "l2", "manhattan", "minkowski", "nan_euclidean", "sqeuclidean",
+)
+# Metrics scikit-learn knows but that make no sense between one image and its reconstruction.
+_REFUSED_METRICS: dict[str, str] = {
+    **dict.fromkeys(
+        ("dice", "jaccard", "matching", "rogerstanimoto", "russellrao", "sokalsneath", "yule"),
+        "it is a boolean metric and would cast pixel values to True/False",
+    ),
+    "haversine": "it is defined for 2-D coordinates only",
+    "mahalanobis": "it needs a covariance estimated over a whole data set, not one image pair",
+    "seuclidean": "it needs variances estimated over a whole data set, not one image pair",
+    "precomputed": "it expects a distance matrix, not images",
+}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a scoring method needs from the networks (the score command feeds it these)."""
+
+    name: str
+    needs_images: bool  # the image and its reconstruction G(E(x))
+    needs_features: bool  # discriminator features of both
+    needs_latents: bool  # the encoded latent E(x) and G.mapping.w_avg
+    description: str
+
+
+METHODS: dict[str, MethodSpec] = {
+    "izif": MethodSpec(
+        "izif", True, True, False,
+        "f-AnoGAN izif score: pixel MSE + kappa * discriminator-feature MSE"),
+    "torch:euclidean": MethodSpec(
+        "torch:euclidean", True, False, False,
+        "Euclidean distance between the image and its reconstruction (torch)"),
+    "latent": MethodSpec(
+        "latent", False, False, True,
+        "Euclidean distance of the encoded latent from the generator's average w"),
+    **{
+        f"sklearn:{m}": MethodSpec(
+            f"sklearn:{m}", True, False, False,
+            f"scikit-learn '{m}' distance between the image and its reconstruction")
+        for m in SKLEARN_METRICS
+    },
+}
+
+
+def _check_pair(x: torch.Tensor, x_rec: torch.Tensor, what: str) -> None:
+    if x.shape != x_rec.shape:
+        raise ValueError(f"{what} shapes differ: {tuple(x.shape)} vs {tuple(x_rec.shape)}")
+    if x.ndim < 2:
+        raise ValueError(f"{what} need a batch axis, got shape {tuple(x.shape)}")
+
+
+def izif_score(
+    x: torch.Tensor, x_rec: torch.Tensor, feat: torch.Tensor, feat_rec: torch.Tensor,
+    *, kappa: float = 1.0,
+) -> torch.Tensor:
+    """f-AnoGAN izif score per image: MSE over pixels + kappa * MSE over feature elements.
+
+    x, x_rec: [N, C, H, W]; feat, feat_rec: [N, ...] (any feature shape). Returns [N].
+    """
+    _check_pair(x, x_rec, "images")
+    _check_pair(feat, feat_rec, "features")
+    assert x.shape[0] == feat.shape[0], "images and features hold a different number of rows"
+    residual = (x - x_rec).float().square().flatten(1).mean(dim=1)  # [N]
+    discrimination = (feat - feat_rec).float().square().flatten(1).mean(dim=1)  # [N]
+    return residual + kappa * discrimination
+
+
+def check_sklearn_metric(metric: str) -> str:
+    """Return `metric` if it can compare an image with its reconstruction, else a UserError."""
+    if metric in SKLEARN_METRICS:
+        return metric
+    if metric in _REFUSED_METRICS:
+        raise UserError(
+            f"The scikit-learn metric '{metric}' cannot score an image pair because "
+            f"{_REFUSED_METRICS[metric]}; use one of: {', '.join(SKLEARN_METRICS)}.")
+    raise UserError(
+        f"Unknown scikit-learn metric '{metric}'; use one of: {', '.join(SKLEARN_METRICS)}.")
+
+
+def _flat_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x, dtype=np.float64)
+    return x.reshape(x.shape[0], -1)  # [N, C*H*W]
+
+
+def sklearn_distance(
+    x: torch.Tensor | np.ndarray, x_rec: torch.Tensor | np.ndarray, metric: str,
+) -> np.ndarray:
+    """Distance between each flattened image and its reconstruction with a scikit-learn metric.
+
+    x, x_rec: [N, ...]. Returns float64 [N]. Uses `paired_distances` where scikit-learn has a
+    paired form and otherwise `pairwise_distances` one pair at a time (its diagonal, without
+    building the N x N matrix).
+    """
+    check_sklearn_metric(metric)
+    a, b = _flat_numpy(x), _flat_numpy(x_rec)  # [N, C*H*W] each
+    if a.shape != b.shape:
+        raise ValueError(f"image shapes differ: {a.shape} vs {b.shape}")
+    if metric in pairwise.PAIRED_DISTANCES:
+        return pairwise.paired_distances(a, b, metric=metric)
+    out = np.empty(a.shape[0], dtype=np.float64)
+    for i in range(a.shape[0]):
+        out[i] = pairwise.pairwise_distances(a[i:i + 1], b[i:i + 1], metric=metric)[0, 0]
+    return out
+
+
+def torch_euclidean(x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance between each flattened image and its reconstruction. Returns [N].
+
+    `eps=0` so that the value equals the plain Euclidean distance (the default eps only protects
+    gradients at zero distance, and scores need none).
+    """
+    _check_pair(x, x_rec, "images")
+    return F.pairwise_distance(x.flatten(1).float(), x_rec.flatten(1).float(), p=2.0, eps=0.0)
+
+
+def latent_distance(w: torch.Tensor, w_avg: torch.Tensor) -> torch.Tensor:
+    """Distance of each encoded latent from the average latent `w_avg`. Returns [N].
+
+    w: [N, D] (W space) or [N, K, D] (W+ space); w_avg: [D].
+    For W+ the K per-style distances are combined as a root mean square,
+    sqrt(1/K * sum_k ||w_k - w_avg||^2), so a W+ code whose K rows are all equal to one w scores
+    exactly like that w in W space and scores of W and W+ encoders are on one scale.
+    """
+    if w.ndim == 2:
+        w = w.unsqueeze(1)  # [N, 1, D]
+    assert w.ndim == 3, f"expected w of shape [N, D] or [N, K, D], got {tuple(w.shape)}"
+    assert w_avg.shape == (w.shape[2],), f"w_avg {tuple(w_avg.shape)} does not match w {tuple(w.shape)}"
+    per_style = (w.float() - w_avg.float()).square().sum(dim=2)  # [N, K]
+    return per_style.mean(dim=1).sqrt()
+
+
+def parse_methods(text: str) -> list[str]:
+    """Parse a comma-separated method list such as "izif,sklearn:euclidean,latent".
+
+    Names are case-insensitive; duplicates are dropped, order is kept.
+    """
+    methods: list[str] = []
+    for raw in text.split(","):
+        name = raw.strip().lower()
+        if not name:
+            continue
+        if name.startswith("sklearn:"):
+            check_sklearn_metric(name.split(":", 1)[1])
+        elif name not in METHODS:
+            raise UserError(
+                f"Unknown scoring method '{name}' in --methods; use izif, torch:euclidean, "
+                f"latent or sklearn:<metric> with metric one of {', '.join(SKLEARN_METRICS)}.")
+        if name not in methods:
+            methods.append(name)
+    if not methods:
+        raise UserError("--methods is empty; give at least one method, e.g. --methods izif.")
+    return methods
+
+
+def method_filename(method: str) -> str:
+    """File-system-safe stem of a method's score sheet: 'sklearn:cosine' -> 'sklearn-cosine'."""
+    return method.replace(":", "-")
+
+
+class ScoreTable:
+    """Collects per-batch scores and row descriptions (never images); one DataFrame per method.
+
+    Rows are described by `file`, `class` (original class name), `split` and the prepared
+    dataset's integer `label` (0 normal, >0 other classes); the sheets store the binary
+    anomaly label `int(label != 0)`.
+    """
+
+    def __init__(self, methods: Sequence[str]):
+        self.methods = tuple(methods)
+        self._scores: dict[str, list[np.ndarray]] = {m: [] for m in self.methods}
+        self._rows: dict[str, list] = {"file": [], "class": [], "split": [], "label": []}
+
+    def __len__(self) -> int:
+        return len(self._rows["file"])
+
+    def add(
+        self, scores: dict[str, torch.Tensor | np.ndarray], *, files: Sequence[str],
+        classes: Sequence[str], splits: Sequence[str], labels: Sequence[int],
+    ) -> None:
+        """Append one batch: `scores[method]` is [B] for every method of the table."""
+        n = len(files)
+        if not (len(classes) == len(splits) == len(labels) == n):
+            raise ValueError("files, classes, splits and labels must have the same length")
+        if set(scores) != set(self.methods):
+            raise ValueError(f"expected scores for {self.methods}, got {tuple(scores)}")
+        for method, values in scores.items():
+            if isinstance(values, torch.Tensor):
+                values = values.detach().cpu().numpy()
+            values = np.asarray(values, dtype=np.float64).reshape(-1)  # [B]
+            if values.shape[0] != n:
+                raise ValueError(f"{method}: {values.shape[0]} scores for {n} files")
+            self._scores[method].append(values)
+        self._rows["file"].extend(str(f) for f in files)
+        self._rows["class"].extend(str(c) for c in classes)
+        self._rows["split"].extend(str(s) for s in splits)
+        self._rows["label"].extend(int(label != 0) for label in labels)
+
+    def frame(self, method: str) -> pd.DataFrame:
+        """Columns score, label (0 normal, 1 anomaly), file, class, split."""
+        parts = self._scores[method]
+        score = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float64)
+        return pd.DataFrame({"score": score, **{k: list(v) for k, v in self._rows.items()}},
+                            columns=["score", "label", "file", "class", "split"]).astype(
+            {"label": "int64"})
+
+    def frames(self) -> dict[str, pd.DataFrame]:
+        """One DataFrame per method, in the order the methods were given."""
+        return {m: self.frame(m) for m in self.methods}

@@ -1,0 +1,124 @@
+"""Scores checked against values computed by hand on tiny tensors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from anomaly import scores
+from stylegan.errors import UserError
+
+
+def _pair():
+    # Two 1x2x2 images; reconstructions differ by known amounts.
+    x = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]], [[[1.0, 1.0], [1.0, 1.0]]]])  # [2, 1, 2, 2]
+    x_rec = torch.tensor([[[[0.0, 1.0], [2.0, 1.0]]], [[[0.0, 0.0], [0.0, 0.0]]]])
+    return x, x_rec
+
+
+def test_izif_by_hand_and_kappa_weighting():
+    x, x_rec = _pair()
+    feat = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])  # [2, 3]
+    feat_rec = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0]])
+    # image 0: pixel MSE = (3-1)^2 / 4 = 1; feature MSE = 9 / 3 = 3
+    # image 1: pixel MSE = 4 * 1 / 4 = 1; feature MSE = 9 / 3 = 3
+    assert torch.allclose(scores.izif_score(x, x_rec, feat, feat_rec), torch.tensor([4.0, 4.0]))
+    assert torch.allclose(scores.izif_score(x, x_rec, feat, feat_rec, kappa=0.5),
+                          torch.tensor([2.5, 2.5]))
+    assert torch.allclose(scores.izif_score(x, x_rec, feat, feat_rec, kappa=0.0),
+                          torch.tensor([1.0, 1.0]))
+
+
+def test_izif_accepts_spatial_features():
+    x, x_rec = _pair()
+    feat = torch.zeros(2, 2, 2, 2)
+    feat_rec = torch.zeros(2, 2, 2, 2)
+    feat_rec[1, 0, 0, 0] = 4.0  # one element of eight: 16 / 8 = 2
+    assert torch.allclose(scores.izif_score(x, x_rec, feat, feat_rec), torch.tensor([1.0, 3.0]))
+
+
+def test_torch_euclidean_by_hand_and_agrees_with_sklearn():
+    x, x_rec = _pair()
+    expected = np.array([2.0, 2.0])  # sqrt(4) and sqrt(4 * 1)
+    assert np.allclose(scores.torch_euclidean(x, x_rec).numpy(), expected, atol=0, rtol=1e-7)
+    assert np.allclose(scores.sklearn_distance(x, x_rec, "euclidean"), expected, rtol=1e-12)
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 3, 8, 8, generator=gen), torch.randn(5, 3, 8, 8, generator=gen)
+    assert np.allclose(scores.torch_euclidean(a, b).numpy(),
+                       scores.sklearn_distance(a, b, "euclidean"), rtol=1e-5)
+
+
+def test_sklearn_metrics_by_hand():
+    x = np.array([[1.0, 0.0, 0.0], [1.0, 2.0, 3.0]])
+    y = np.array([[0.0, 1.0, 0.0], [1.0, 2.0, 1.0]])
+    assert np.allclose(scores.sklearn_distance(x, y, "cityblock"), [2.0, 2.0])
+    assert np.allclose(scores.sklearn_distance(x, y, "sqeuclidean"), [2.0, 4.0])
+    assert np.allclose(scores.sklearn_distance(x, y, "chebyshev"), [1.0, 2.0])
+    assert np.allclose(scores.sklearn_distance(x, y, "cosine"),
+                       [1.0, 1.0 - (1 + 4 + 3) / (math.sqrt(14) * math.sqrt(6))])
+
+
+@pytest.mark.parametrize("metric", scores.SKLEARN_METRICS)
+def test_every_offered_metric_runs(metric):
+    gen = np.random.default_rng(0)
+    a, b = gen.random((3, 2, 4, 4)), gen.random((3, 2, 4, 4))
+    out = scores.sklearn_distance(a, b, metric)
+    assert out.shape == (3,) and np.isfinite(out).all() and (out > 0).all()
+    assert np.allclose(scores.sklearn_distance(a, a, metric), 0.0, atol=1e-6)  # nan_euclidean: ~sqrt(eps)
+
+
+def test_unknown_or_meaningless_metric_is_a_user_error():
+    with pytest.raises(UserError, match="euclidean"):
+        scores.sklearn_distance(np.zeros((1, 2)), np.zeros((1, 2)), "nope")
+    with pytest.raises(UserError, match="boolean"):
+        scores.sklearn_distance(np.zeros((1, 2)), np.zeros((1, 2)), "jaccard")
+
+
+def test_latent_distance_w_and_wplus():
+    w_avg = torch.tensor([1.0, 1.0])
+    w = torch.tensor([[4.0, 5.0], [1.0, 1.0]])  # distances 5 and 0
+    assert torch.allclose(scores.latent_distance(w, w_avg), torch.tensor([5.0, 0.0]))
+    # W+ with equal rows scores like W; unequal rows: RMS of per-style distances 3 and 4.
+    assert torch.allclose(scores.latent_distance(w.unsqueeze(1).repeat(1, 6, 1), w_avg),
+                          torch.tensor([5.0, 0.0]))
+    wplus = torch.tensor([[[4.0, 1.0], [1.0, 5.0]]])  # [1, 2, 2]
+    assert torch.allclose(scores.latent_distance(wplus, w_avg),
+                          torch.tensor([math.sqrt((9 + 16) / 2)]))
+
+
+def test_parse_methods_and_registry():
+    assert scores.parse_methods(" izif, SKLEARN:cosine,izif,latent,") == [
+        "izif", "sklearn:cosine", "latent"]
+    assert scores.METHODS["izif"].needs_features and not scores.METHODS["izif"].needs_latents
+    assert scores.METHODS["latent"].needs_latents and not scores.METHODS["latent"].needs_images
+    assert scores.METHODS["sklearn:l1"].needs_images
+    assert scores.method_filename("sklearn:cosine") == "sklearn-cosine"
+    with pytest.raises(UserError, match="--methods"):
+        scores.parse_methods("izif,bogus")
+    with pytest.raises(UserError, match="empty"):
+        scores.parse_methods(" , ")
+    with pytest.raises(UserError, match="mahalanobis"):
+        scores.parse_methods("sklearn:mahalanobis")
+
+
+def test_score_table_streams_batches():
+    table = scores.ScoreTable(["izif", "latent"])
+    table.add({"izif": torch.tensor([1.0, 2.0]), "latent": np.array([3.0, 4.0])},
+              files=["a.png", "b.png"], classes=["nv", "mel"], splits=["val", "val"],
+              labels=[0, 1])
+    table.add({"izif": torch.tensor([5.0]), "latent": torch.tensor([6.0])},
+              files=["c.png"], classes=["bkl"], splits=["test"], labels=[2])
+    assert len(table) == 3
+    frames = table.frames()
+    assert list(frames) == ["izif", "latent"]
+    df = frames["latent"]
+    assert list(df.columns) == ["score", "label", "file", "class", "split"]
+    assert df["score"].tolist() == [3.0, 4.0, 6.0]
+    assert df["label"].tolist() == [0, 1, 1]  # label 2 (bkl) is an anomaly
+    assert df["class"].tolist() == ["nv", "mel", "bkl"]
+    with pytest.raises(ValueError):
+        table.add({"izif": torch.tensor([1.0])}, files=["d"], classes=["nv"], splits=["val"],
+                  labels=[0])
