@@ -200,7 +200,7 @@ class MappingNetwork(nn.Module):
             parts.append(ops.normalize_2nd_moment(self.embed(c.to(torch.float32))))
         return torch.cat(parts, dim=1)  # [N, z_dim + embed_features]
 
-    def forward(self, z: torch.Tensor | None, c: torch.Tensor | None, *,
+    def forward(self, z: torch.Tensor | None, c: torch.Tensor | None = None, *,
                 truncation_psi: float = 1.0, truncation_cutoff: int | None = None,
                 update_emas: bool = False) -> torch.Tensor:
         """[N, z_dim], [N, c_dim] -> [N, num_ws, w_dim] (or [N, w_dim] when num_ws is None)."""
