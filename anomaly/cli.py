@@ -29,3 +29,72 @@ def main() -> None:
 
 
 # Commands follow, one section each, in workflow order. Keep each command thin.
+
+
+# ---- prepare ---------------------------------------------------------------------------------
+
+def _comma_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...]:
+    """'MEL, NV,BCC' -> ('MEL', 'NV', 'BCC')."""
+    return tuple(part.strip() for part in (value or "").split(",") if part.strip())
+
+
+@main.command("prepare")
+@click.option("--source", required=True, type=click.Path(), metavar="DIR",
+              help="Raw images: DIR/<class>/*, DIR/{train,val,test}/<class>/*, or any folder "
+                   "(searched recursively) with --labels.")
+@click.option("--labels", type=click.Path(), metavar="CSV",
+              help="Metadata CSV with one row per image (e.g. HAM10000_metadata.csv).")
+@click.option("--id-column", metavar="C",
+              help="CSV column with the image file stem/name [image_id, image or isic_id].")
+@click.option("--label-column", metavar="C", help="CSV column with the class name (e.g. dx).")
+@click.option("--group-column", metavar="C",
+              help="CSV column grouping images for splits (e.g. lesion_id) [each image alone].")
+@click.option("--onehot-columns", callback=_comma_list, metavar="A,B,..",
+              help="CSV one-hot class columns instead of --label-column (e.g. MEL,NV,BCC).")
+@click.option("--onehot-zero-class", metavar="NAME",
+              help="Class of rows whose one-hot columns are all 0 (e.g. nevus for ISIC 2017).")
+@click.option("--normal", required=True, callback=_comma_list, metavar="CLASS[,CLASS]",
+              help="Normal class(es): label 0, the only ones in train.zip (e.g. nv).")
+@click.option("--dest", required=True, type=click.Path(), metavar="DIR",
+              help="Output folder for train/val/test.zip, manifest.csv, rejected.csv.")
+@click.option("--resolution", default=256, show_default=True, type=int,
+              help="Output size in pixels (a power of two).")
+@click.option("--transform", default="center-crop", show_default=True,
+              type=click.Choice(["center-crop", "resize", "pad"]),
+              help="How to make images square: crop the middle, stretch, or pad with black.")
+@click.option("--resize-filter", default="box", show_default=True,
+              type=click.Choice(["box", "lanczos"]), help="Resampling filter (box is fast).")
+@click.option("--channels", default="3", show_default=True, type=click.Choice(["3", "1"]),
+              help="3: RGB PNGs; 1: grayscale PNGs.")
+@click.option("--val", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Fraction of the normal images for val (abnormal: val:test ratio).")
+@click.option("--test", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Fraction of the normal images for test.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1),
+              help="Seed of the grouped random split.")
+@click.option("--max-per-class", type=click.IntRange(min=1), metavar="N",
+              help="Use at most N images per class (whole groups, seeded) [all].")
+@click.option("--workers", type=click.IntRange(min=1), metavar="N",
+              help="Decoding processes [number of CPUs].")
+@click.option("--strict", is_flag=True, help="Exit with status 1 if any input was rejected.")
+def prepare(channels: str, **flags) -> None:
+    """Build NVlabs-compatible train/val/test zips from raw dermoscopy images.
+
+    train.zip holds normal images only (label 0); val.zip and test.zip hold every class
+    (1..k: the other classes sorted by name). Splits are grouped, so a lesion never sits in two
+    splits. Inputs that cannot be used are listed with the reason in DEST/rejected.csv.
+
+    \b
+    Example (HAM10000):
+      anostyle prepare --source ham10000/images --labels ham10000/HAM10000_metadata.csv \\
+        --id-column image_id --label-column dx --group-column lesion_id --normal nv \\
+        --dest prepared --resolution 256
+    """
+    from stylegan.prepare import PrepareOptions, format_summary, prepare_dataset
+
+    options = PrepareOptions(channels=int(channels), **flags)
+    summary = prepare_dataset(options)
+    click.echo(format_summary(summary))
+    if options.strict and summary.num_rejected:
+        raise UserError(f"--strict: {summary.num_rejected} inputs were rejected; see "
+                        f"{summary.dest / 'rejected.csv'} (run without --strict to accept that).")

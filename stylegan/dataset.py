@@ -210,10 +210,10 @@ class ImageDataset(torch.utils.data.Dataset):
         except ImageRejected as exc:
             raise UserError(f"{self._where(name)} cannot be used: {exc}; rebuild the dataset "
                             f"with `anostyle prepare`.") from None
-        array = np.asarray(img, dtype=np.uint8)  # [H, W] or [H, W, C]
+        array = np.array(img, dtype=np.uint8)  # [H, W] or [H, W, C], a writable copy
         if array.ndim == 2:
             array = array[:, :, None]
-        return np.ascontiguousarray(array.transpose(2, 0, 1))  # [C, H, W], a writable copy
+        return np.ascontiguousarray(array.transpose(2, 0, 1))  # [C, H, W]
 
 
 def _is_image_name(name: str) -> bool:

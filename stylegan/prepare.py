@@ -1,0 +1,494 @@
+"""`anostyle prepare`: raw dermoscopy images -> NVlabs-compatible train/val/test datasets.
+
+Writes into `dest`:
+  train.zip, val.zip, test.zip   PNGs `NNNNN/imgNNNNNNNN.png` + dataset.json
+                                 `{"labels": [[name, label], ...]}`, label 0 = normal; train.zip
+                                 holds normal images only (the GAN learns what normal looks like)
+  manifest.csv                   file,source,class,label,group,split,sha256 (one row per image)
+  rejected.csv                   source,reason (every input left out, and why)
+  prepare.json                   options, class map {name: label}, counts, elapsed seconds
+
+Conventions: `source` paths are relative to --source; `sha256` is the hash of the source file's
+bytes (it also finds duplicates: the same bytes twice are kept once); labels 1..k are the
+non-normal classes sorted by name. Splits are grouped (one group, e.g. a HAM10000 lesion, never
+sits in two splits) and depend only on the inputs and --seed, never on --workers or the
+file-system order. Pixel handling (alpha, 16 bit, EXIF, ...) is described in stylegan/imageio.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import time
+import zipfile
+import zlib
+from collections import Counter
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from stylegan.errors import UserError
+from stylegan.fileio import atomic_path, atomic_write_json
+from stylegan.imageio import ImageRejected, decode
+from stylegan.prepare_sources import SPLITS, Candidate, CsvSpec, Rejection, find_candidates
+
+TRANSFORMS = ("center-crop", "resize", "pad")
+RESIZE_FILTERS = {"box": Image.Resampling.BOX, "lanczos": Image.Resampling.LANCZOS}
+MANIFEST_COLUMNS = ("file", "source", "class", "label", "group", "split", "sha256")
+PNG_COMPRESS_LEVEL = 3  # zlib level: PNG size within a few % of level 9, several times faster
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """Everything `prepare_dataset` needs; saved in prepare.json."""
+
+    source: Path
+    dest: Path
+    normal: tuple[str, ...]  # class names that count as normal (label 0)
+    labels: Path | None = None  # metadata CSV (layout c)
+    id_column: str | None = None  # None: image_id, image or isic_id, whichever exists
+    label_column: str | None = None
+    group_column: str | None = None  # e.g. lesion_id; None: each image is its own group
+    onehot_columns: tuple[str, ...] = ()  # ISIC ground truth: one 0/1 column per class
+    onehot_zero_class: str | None = None  # class of rows whose one-hot columns are all 0
+    resolution: int = 256
+    transform: str = "center-crop"  # 'center-crop' | 'resize' (stretch) | 'pad' (black)
+    resize_filter: str = "box"  # 'box' (fast, JPEG DCT draft) | 'lanczos'
+    channels: int = 3
+    val: float = 0.1
+    test: float = 0.2
+    seed: int = 0
+    max_per_class: int | None = None
+    workers: int | None = None  # None: number of CPUs
+    strict: bool = False  # the CLI exits 1 when anything was rejected
+
+    def __post_init__(self):
+        for name in ("source", "dest", "labels"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
+        for name in ("normal", "onehot_columns"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            object.__setattr__(self, name, tuple(v.strip() for v in value if v.strip()))
+        _validate(self)
+
+
+@dataclass(frozen=True)
+class PrepareSummary:
+    """What `prepare_dataset` wrote."""
+
+    dest: Path
+    class_map: dict[str, int]  # class name -> label
+    counts: dict[str, dict[str, int]]  # split -> class name -> number of images
+    num_rejected: int
+    elapsed_seconds: float
+
+    @property
+    def num_images(self) -> int:
+        return sum(sum(per_class.values()) for per_class in self.counts.values())
+
+
+@dataclass(frozen=True)
+class _Item:
+    """A candidate that survived hashing and deduplication, with its split."""
+
+    candidate: Candidate
+    sha256: str
+    split: str = ""
+
+
+def _validate(o: PrepareOptions) -> None:
+    if not o.source.is_dir():
+        raise UserError(f"--source {o.source} is not a folder; give the folder of raw images.")
+    if o.labels is not None and not o.labels.is_file():
+        raise UserError(f"--labels {o.labels} does not exist; give the metadata CSV.")
+    if not o.normal:
+        raise UserError("--normal is empty; name the normal class(es), e.g. --normal nv.")
+    if o.resolution < 4 or o.resolution & (o.resolution - 1):
+        raise UserError(f"--resolution {o.resolution} is not a power of two >= 4; StyleGAN needs "
+                        f"e.g. 64, 128 or 256.")
+    if o.transform not in TRANSFORMS or o.resize_filter not in RESIZE_FILTERS:
+        raise UserError(f"--transform must be one of {', '.join(TRANSFORMS)} and --resize-filter "
+                        f"one of {', '.join(RESIZE_FILTERS)}.")
+    if o.channels not in (1, 3):
+        raise UserError(f"--channels {o.channels} is not 1 or 3.")
+    if not (0 <= o.val < 1 and 0 <= o.test < 1 and o.val + o.test < 1):
+        raise UserError(f"--val {o.val} and --test {o.test} must be fractions >= 0 whose sum is "
+                        f"below 1 (the rest of the normal images is train).")
+    if not 0 <= o.seed < 2**32:
+        raise UserError(f"--seed {o.seed} must be in 0..2**32-1.")
+    if (o.max_per_class is not None and o.max_per_class < 1) or (
+            o.workers is not None and o.workers < 1):
+        raise UserError("--max-per-class and --workers must be at least 1.")
+    _validate_csv_options(o)
+
+
+def _validate_csv_options(o: PrepareOptions) -> None:
+    csv_flags = [o.id_column, o.label_column, o.group_column, o.onehot_zero_class]
+    if o.labels is None and (any(f is not None for f in csv_flags) or o.onehot_columns):
+        raise UserError("--id-column, --label-column, --group-column and --onehot-columns need "
+                        "--labels CSV.")
+    if o.labels is not None and (o.label_column is None) == (not o.onehot_columns):
+        raise UserError(f"--labels {o.labels}: give exactly one of --label-column (e.g. dx) and "
+                        f"--onehot-columns (e.g. MEL,NV,BCC).")
+    if o.onehot_zero_class is not None and not o.onehot_columns:
+        raise UserError("--onehot-zero-class only applies with --onehot-columns.")
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def prepare_dataset(options: PrepareOptions) -> PrepareSummary:
+    """Build {train,val,test}.zip, manifest.csv, rejected.csv and prepare.json in options.dest."""
+    start = time.perf_counter()
+    workers = options.workers or os.cpu_count() or 1
+    csv_spec = None if options.labels is None else CsvSpec(
+        options.labels, options.id_column, options.label_column, options.group_column,
+        options.onehot_columns, options.onehot_zero_class)
+    candidates, rejected = find_candidates(options.source, csv_spec=csv_spec, exclude=options.dest)
+    try:
+        class_map = make_class_map(sorted({c.class_name for c in candidates}), options.normal,
+                                   source=options.source)
+        candidates = cap_per_class(candidates, options.max_per_class, seed=options.seed)
+        with _pool(workers) as pool:
+            items = _hash_and_dedupe(candidates, rejected, pool=pool, root=options.source)
+            items = assign_splits(items, class_map, rejected, val=options.val, test=options.test,
+                                  seed=options.seed)
+            rows = _write_zips(items, class_map, rejected, options=options, pool=pool)
+    except UserError:
+        _write_rejected(options.dest, rejected)
+        raise
+    _write_rejected(options.dest, rejected)
+    _write_csv(options.dest / "manifest.csv", MANIFEST_COLUMNS, rows)
+    summary = PrepareSummary(options.dest, class_map, count_images(rows, class_map),
+                             len(rejected), round(time.perf_counter() - start, 3))
+    atomic_write_json(options.dest / "prepare.json", _info(options, summary))
+    return summary
+
+
+def make_class_map(classes: list[str], normal: tuple[str, ...], *, source: Path) -> dict[str, int]:
+    """Class name -> label: the normal classes 0, the others 1..k sorted by name."""
+    if not classes:
+        raise UserError(f"No usable image was found in {source} (see rejected.csv in --dest); "
+                        f"check --source and the layout (class folders or --labels CSV).")
+    unknown = [name for name in normal if name not in classes]
+    if unknown:
+        raise UserError(f"--normal {','.join(unknown)} is not a class of {source}; classes "
+                        f"found: {', '.join(classes)}.")
+    others = [name for name in classes if name not in normal]
+    return {**{name: 0 for name in sorted(normal)},
+            **{name: label for label, name in enumerate(others, start=1)}}
+
+
+def _rng(seed: int, stratum: str) -> np.random.RandomState:
+    """A RandomState per (seed, class name): one class's content never shifts another's draw."""
+    return np.random.RandomState([seed, zlib.crc32(stratum.encode())])
+
+
+def _groups(candidates: Iterable[Candidate]) -> dict[str, list[Candidate]]:
+    groups: dict[str, list[Candidate]] = {}
+    for c in candidates:
+        groups.setdefault(c.group, []).append(c)
+    return groups
+
+
+def cap_per_class(candidates: list[Candidate], max_per_class: int | None, *,
+                  seed: int) -> list[Candidate]:
+    """Keep at most max_per_class images per class, taking whole groups in seeded random order."""
+    if max_per_class is None:
+        return candidates
+    kept: list[Candidate] = []
+    for class_name in sorted({c.class_name for c in candidates}):
+        groups = _groups(c for c in candidates if c.class_name == class_name)
+        keys = sorted(groups)
+        count = 0
+        for k in _rng(seed, class_name).permutation(len(keys)):
+            members = groups[keys[k]]
+            if count + len(members) <= max_per_class:
+                kept += members
+                count += len(members)
+    return sorted(kept, key=lambda c: c.source)
+
+
+# ----------------------------------------------------------------------------- parallel map
+
+def _pool(workers: int):
+    """A process pool for workers > 1, else a context that yields None (work in this process)."""
+    if workers <= 1:
+        return nullcontext(None)
+    return multiprocessing.get_context().Pool(workers)
+
+
+def _map(fn: Callable, args: list, *, pool, desc: str) -> Iterator:
+    """fn over args in order, in the pool when there is one, with a progress bar."""
+    if pool is None:
+        results = map(fn, args)
+    else:
+        chunksize = max(1, min(32, len(args) // 64))
+        results = pool.imap(fn, args, chunksize=chunksize)
+    yield from tqdm(results, total=len(args), desc=desc, unit="img", disable=None, leave=False)
+
+
+# ----------------------------------------------------------------------------- hashing
+
+def _hash_file(path: str) -> tuple[str, int, str | None]:
+    """(sha256 hex of the file bytes, size in bytes, error or None)."""
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+    except OSError as exc:
+        return "", 0, f"cannot read the file: {exc.strerror or exc}"
+    return digest.hexdigest(), size, None
+
+
+def _hash_and_dedupe(candidates: list[Candidate], rejected: list[Rejection], *, pool,
+                     root: Path) -> list[_Item]:
+    """Hash every candidate; reject unreadable and empty files and repeats of the same bytes."""
+    paths = [str(root / c.source) for c in candidates]
+    first_seen: dict[str, str] = {}
+    items = []
+    for c, (sha, size, error) in zip(candidates, _map(_hash_file, paths, pool=pool,
+                                                      desc="hashing")):
+        if error is not None or size == 0:
+            rejected.append(Rejection(c.source, error or "empty file (0 bytes)"))
+        elif sha in first_seen:
+            rejected.append(Rejection(c.source, f"duplicate of {first_seen[sha]}"))
+        else:
+            first_seen[sha] = c.source
+            items.append(_Item(c, sha))
+    return items
+
+
+# ----------------------------------------------------------------------------- splits
+
+def assign_splits(items: list[_Item], class_map: dict[str, int], rejected: list[Rejection], *,
+                  val: float, test: float, seed: int) -> list[_Item]:
+    """Give every item a split; sorted by (split, source). Given splits (layout b) are kept.
+
+    Normal groups go to train/val/test by the fractions; groups with any abnormal image go to
+    val/test only, in the same val:test ratio. Each class is split on its own (stratified), its
+    groups shuffled by a RandomState of (seed, class).
+    """
+    out, free = [], []
+    for it in items:
+        given = it.candidate.split
+        if given == "train" and class_map[it.candidate.class_name] != 0:
+            rejected.append(Rejection(it.candidate.source, f"class {it.candidate.class_name} is "
+                                      f"not normal; train.zip holds normal images only"))
+        elif given is not None:
+            out.append(dataclasses.replace(it, split=given))
+        else:
+            free.append(it)
+    strata: dict[tuple[bool, str], list[list[_Item]]] = {}
+    groups = _groups(it.candidate for it in free)
+    by_source = {it.candidate.source: it for it in free}
+    for key in sorted(groups):
+        members = [by_source[c.source] for c in groups[key]]
+        abnormal = sorted(m.candidate.class_name for m in members
+                          if class_map[m.candidate.class_name] != 0)
+        stratum = abnormal[0] if abnormal else min(m.candidate.class_name for m in members)
+        strata.setdefault((not abnormal, stratum), []).append(members)
+    for (is_normal, stratum), stratum_groups in sorted(strata.items()):
+        if not is_normal and val + test == 0:
+            rejected += [Rejection(m.candidate.source, "abnormal images go to val/test only, and "
+                                   "--val and --test are both 0") for g in stratum_groups for m in g]
+            continue
+        order = _rng(seed, stratum).permutation(len(stratum_groups))
+        shuffled = [stratum_groups[k] for k in order]
+        splits = split_group_sizes([len(g) for g in shuffled], val=val, test=test,
+                                   train=is_normal)
+        out += [dataclasses.replace(m, split=s) for g, s in zip(shuffled, splits) for m in g]
+    return sorted(out, key=lambda it: (SPLITS.index(it.split), it.candidate.source))
+
+
+def split_group_sizes(sizes: list[int], *, val: float, test: float, train: bool) -> list[str]:
+    """Split names for groups of the given sizes (in order), filling test, then val, then train.
+
+    With train=False (abnormal classes) the fractions become test/(val+test) and the rest val.
+    Targets are round-half-up of n * fraction; a group that starts below its target goes in whole.
+    """
+    n = sum(sizes)
+    if not train:
+        val, test = val / (val + test), test / (val + test)
+    targets = {"test": int(n * test + 0.5), "val": int(n * val + 0.5)}
+    counts = Counter()
+    out = []
+    for size in sizes:
+        if counts["test"] < targets["test"]:
+            split = "test"
+        elif counts["val"] < targets["val"] or not train:
+            split = "val"
+        else:
+            split = "train"
+        counts[split] += size
+        out.append(split)
+    return out
+
+
+# ----------------------------------------------------------------------------- pixels
+
+def fit_square(img: Image.Image, resolution: int, *, transform: str = "center-crop",
+               resize_filter: str = "box") -> Image.Image:
+    """Make an image square (center-crop, stretch or pad with black) at resolution x resolution."""
+    resample = RESIZE_FILTERS[resize_filter]
+    width, height = img.size
+    if transform == "center-crop":
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        return img.resize((resolution, resolution), resample,
+                          box=(left, top, left + side, top + side))
+    if transform == "pad":
+        side = max(width, height)
+        canvas = Image.new(img.mode, (side, side), 0)
+        canvas.paste(img, ((side - width) // 2, (side - height) // 2))
+        img = canvas
+    elif transform != "resize":
+        raise ValueError(f"unknown transform {transform!r}")
+    return img.resize((resolution, resolution), resample)
+
+
+def _encode_file(path: str, *, resolution: int, transform: str, resize_filter: str,
+                 channels: int) -> tuple[bytes | None, str, str | None]:
+    """Worker: (PNG bytes or None, sha256 of the file bytes, rejection reason or None)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return None, "", f"cannot read the file: {exc.strerror or exc}"
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        draft = resolution if resize_filter == "box" else None
+        img = decode(data, suffix=Path(path).suffix, channels=channels, draft_size=draft)
+        img = fit_square(img, resolution, transform=transform, resize_filter=resize_filter)
+        buffer = io.BytesIO()
+        img.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    except ImageRejected as exc:
+        return None, sha, str(exc)
+    except Exception as exc:  # one odd file must not end a run over thousands
+        return None, sha, f"unexpected error while decoding ({type(exc).__name__}: {exc})"
+    return buffer.getvalue(), sha, None
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _zip_entry(name: str) -> zipfile.ZipInfo:
+    """A zip entry with a fixed date, so the same inputs give byte-identical zips."""
+    return zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+
+
+def _write_zips(items: list[_Item], class_map: dict[str, int], rejected: list[Rejection], *,
+                options: PrepareOptions, pool) -> list[dict[str, str]]:
+    """Decode, transform and write every item into {split}.zip; return the manifest rows."""
+    encode = partial(_encode_file, resolution=options.resolution, transform=options.transform,
+                     resize_filter=options.resize_filter, channels=options.channels)
+    paths = [str(options.source / it.candidate.source) for it in items]
+    labels: dict[str, list[list]] = {split: [] for split in SPLITS}
+    rows = []
+    with ExitStack() as stack:
+        zips = {}
+        for split in SPLITS:
+            tmp = stack.enter_context(atomic_path(options.dest / f"{split}.zip"))
+            zips[split] = stack.enter_context(zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED))
+        for it, (png, sha, reason) in zip(items, _map(encode, paths, pool=pool, desc="writing")):
+            c = it.candidate
+            if reason is None and sha != it.sha256:
+                reason = "the file changed while preparing; run again"
+            if reason is not None:
+                rejected.append(Rejection(c.source, reason))
+                continue
+            k = len(labels[it.split])
+            name = f"{k // 1000:05d}/img{k:08d}.png"
+            zips[it.split].writestr(_zip_entry(name), png)
+            labels[it.split].append([name, class_map[c.class_name]])
+            rows.append({"file": name, "source": c.source, "class": c.class_name,
+                         "label": class_map[c.class_name], "group": c.group,
+                         "split": it.split, "sha256": sha})
+        _check_usable(rows, items, options)
+        for split in SPLITS:
+            labels_json = json.dumps({"labels": labels[split]}, indent=0)
+            zips[split].writestr(_zip_entry("dataset.json"), labels_json)
+    return rows
+
+
+def _check_usable(rows: list[dict], items: list[_Item], options: PrepareOptions) -> None:
+    """Refuse (before any zip is committed) a result with no image, or an empty train split."""
+    where = options.dest / "rejected.csv"
+    if not rows:
+        raise UserError(f"No usable image is left in {options.source}; see {where} for why "
+                        f"each input was rejected.")
+    if any(it.split == "train" for it in items) and not any(r["split"] == "train" for r in rows):
+        raise UserError(f"No normal image ({','.join(options.normal)}) is left for train.zip; "
+                        f"see {where} for why each input was rejected.")
+
+
+def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def _write_rejected(dest: Path, rejected: list[Rejection]) -> None:
+    rows = [{"source": r.source, "reason": r.reason}
+            for r in sorted(rejected, key=lambda r: r.source)]
+    _write_csv(dest / "rejected.csv", ("source", "reason"), rows)
+
+
+def count_images(rows: list[dict], class_map: dict[str, int]) -> dict[str, dict[str, int]]:
+    """split -> class -> number of images, every class listed (by label, then name)."""
+    counted = Counter((r["split"], r["class"]) for r in rows)
+    classes = sorted(class_map, key=lambda name: (class_map[name], name))
+    return {split: {name: counted[split, name] for name in classes} for split in SPLITS}
+
+
+def _info(options: PrepareOptions, summary: PrepareSummary) -> dict:
+    """Content of prepare.json."""
+    opts = {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+            for k, v in dataclasses.asdict(options).items()}
+    return {
+        "options": opts,
+        "class_map": summary.class_map,
+        "counts": summary.counts,
+        "num_images": summary.num_images,
+        "num_rejected": summary.num_rejected,
+        "elapsed_seconds": summary.elapsed_seconds,
+        "conventions": {
+            "source": "path relative to options.source",
+            "sha256": "hash of the source file bytes (used to drop duplicates)",
+            "alpha": "composited on black",
+            "16-bit": "value >> 8",
+            "zip_names": "{split}.zip with NNNNN/imgNNNNNNNN.png and dataset.json",
+        },
+    }
+
+
+def format_summary(summary: PrepareSummary) -> str:
+    """A table of images per class and split, and the number of rejected inputs."""
+    classes = list(summary.class_map)
+    width = max([len("total"), *(len(name) for name in classes)])
+    lines = [f"{'class':<{width}}  label  " + "  ".join(f"{s:>6}" for s in SPLITS)]
+    for name in classes:
+        counts = "  ".join(f"{summary.counts[s][name]:>6}" for s in SPLITS)
+        lines.append(f"{name:<{width}}  {summary.class_map[name]:>5}  {counts}")
+    totals = "  ".join(f"{sum(summary.counts[s].values()):>6}" for s in SPLITS)
+    lines.append(f"{'total':<{width}}  {'':>5}  {totals}")
+    lines.append(f"{summary.num_images} images written to {summary.dest} in "
+                 f"{summary.elapsed_seconds:.1f} s; {summary.num_rejected} inputs rejected"
+                 + (f" (see {summary.dest / 'rejected.csv'})" if summary.num_rejected else ""))
+    return "\n".join(lines)
