@@ -24,6 +24,7 @@ import io
 import json
 import multiprocessing
 import os
+import tempfile
 import time
 import zipfile
 import zlib
@@ -103,10 +104,12 @@ class PrepareSummary:
 
 @dataclass(frozen=True)
 class _Item:
-    """A candidate that survived hashing and deduplication, with its split."""
+    """A decoded, deduplicated candidate: its PNG sits in the spool file at [offset, +length)."""
 
     candidate: Candidate
     sha256: str
+    offset: int
+    length: int
     split: str = ""
 
 
@@ -153,7 +156,6 @@ def _validate_csv_options(o: PrepareOptions) -> None:
 def prepare_dataset(options: PrepareOptions) -> PrepareSummary:
     """Build {train,val,test}.zip, manifest.csv, rejected.csv and prepare.json in options.dest."""
     start = time.perf_counter()
-    workers = options.workers or os.cpu_count() or 1
     csv_spec = None if options.labels is None else CsvSpec(
         options.labels, options.id_column, options.label_column, options.group_column,
         options.onehot_columns, options.onehot_zero_class)
@@ -162,13 +164,17 @@ def prepare_dataset(options: PrepareOptions) -> PrepareSummary:
         class_map = make_class_map(sorted({c.class_name for c in candidates}), options.normal,
                                    source=options.source)
         candidates = cap_per_class(candidates, options.max_per_class, seed=options.seed)
-        with _pool(workers) as pool:
-            items = _hash_and_dedupe(candidates, rejected, pool=pool, root=options.source)
+        options.dest.mkdir(parents=True, exist_ok=True)
+        # Decoded PNGs wait in an anonymous file (gone even after a crash) until splits are known.
+        with tempfile.TemporaryFile(dir=options.dest, prefix=".prepare-spool-") as spool:
+            items = _decode_all(candidates, rejected, spool=spool, options=options)
             items = assign_splits(items, class_map, rejected, val=options.val, test=options.test,
                                   seed=options.seed)
-            rows = _write_zips(items, class_map, rejected, options=options, pool=pool)
+            _check_usable(items, options)
+            rows = _write_zips(items, class_map, spool=spool, dest=options.dest)
     except UserError:
-        _write_rejected(options.dest, rejected)
+        if rejected:
+            _write_rejected(options.dest, rejected)
         raise
     _write_rejected(options.dest, rejected)
     _write_csv(options.dest / "manifest.csv", MANIFEST_COLUMNS, rows)
@@ -241,37 +247,31 @@ def _map(fn: Callable, args: list, *, pool, desc: str) -> Iterator:
     yield from tqdm(results, total=len(args), desc=desc, unit="img", disable=None, leave=False)
 
 
-# ----------------------------------------------------------------------------- hashing
+# ----------------------------------------------------------------------------- decoding
 
-def _hash_file(path: str) -> tuple[str, int, str | None]:
-    """(sha256 hex of the file bytes, size in bytes, error or None)."""
-    digest = hashlib.sha256()
-    size = 0
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-                size += len(chunk)
-    except OSError as exc:
-        return "", 0, f"cannot read the file: {exc.strerror or exc}"
-    return digest.hexdigest(), size, None
+def _decode_all(candidates: list[Candidate], rejected: list[Rejection], *, spool,
+                options: PrepareOptions) -> list[_Item]:
+    """Decode and encode every candidate (in parallel) into the spool file, in input order.
 
-
-def _hash_and_dedupe(candidates: list[Candidate], rejected: list[Rejection], *, pool,
-                     root: Path) -> list[_Item]:
-    """Hash every candidate; reject unreadable and empty files and repeats of the same bytes."""
-    paths = [str(root / c.source) for c in candidates]
+    Files that cannot be used are rejected with their reason; the same source bytes seen again
+    are rejected as a duplicate of the first (in sorted source order).
+    """
+    encode = partial(_encode_file, resolution=options.resolution, transform=options.transform,
+                     resize_filter=options.resize_filter, channels=options.channels)
+    paths = [str(options.source / c.source) for c in candidates]
     first_seen: dict[str, str] = {}
     items = []
-    for c, (sha, size, error) in zip(candidates, _map(_hash_file, paths, pool=pool,
-                                                      desc="hashing")):
-        if error is not None or size == 0:
-            rejected.append(Rejection(c.source, error or "empty file (0 bytes)"))
-        elif sha in first_seen:
-            rejected.append(Rejection(c.source, f"duplicate of {first_seen[sha]}"))
-        else:
-            first_seen[sha] = c.source
-            items.append(_Item(c, sha))
+    with _pool(options.workers or os.cpu_count() or 1) as pool:
+        for c, (png, sha, reason) in zip(candidates, _map(encode, paths, pool=pool,
+                                                          desc="decoding")):
+            if reason is not None:
+                rejected.append(Rejection(c.source, reason))
+            elif sha in first_seen:
+                rejected.append(Rejection(c.source, f"duplicate of {first_seen[sha]}"))
+            else:
+                first_seen[sha] = c.source
+                items.append(_Item(c, sha, offset=spool.tell(), length=len(png)))
+                spool.write(png)
     return items
 
 
@@ -370,7 +370,7 @@ def _encode_file(path: str, *, resolution: int, transform: str, resize_filter: s
         data = Path(path).read_bytes()
     except OSError as exc:
         return None, "", f"cannot read the file: {exc.strerror or exc}"
-    sha = hashlib.sha256(data).hexdigest()
+    sha = hashlib.sha256(data).hexdigest()  # of the source bytes: finds duplicate files
     try:
         draft = resolution if resize_filter == "box" else None
         img = decode(data, suffix=Path(path).suffix, channels=channels, draft_size=draft)
@@ -391,47 +391,40 @@ def _zip_entry(name: str) -> zipfile.ZipInfo:
     return zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
 
 
-def _write_zips(items: list[_Item], class_map: dict[str, int], rejected: list[Rejection], *,
-                options: PrepareOptions, pool) -> list[dict[str, str]]:
-    """Decode, transform and write every item into {split}.zip; return the manifest rows."""
-    encode = partial(_encode_file, resolution=options.resolution, transform=options.transform,
-                     resize_filter=options.resize_filter, channels=options.channels)
-    paths = [str(options.source / it.candidate.source) for it in items]
+def _write_zips(items: list[_Item], class_map: dict[str, int], *, spool,
+                dest: Path) -> list[dict[str, str]]:
+    """Copy every item's PNG from the spool into {split}.zip (atomically); return manifest rows."""
     labels: dict[str, list[list]] = {split: [] for split in SPLITS}
     rows = []
     with ExitStack() as stack:
         zips = {}
         for split in SPLITS:
-            tmp = stack.enter_context(atomic_path(options.dest / f"{split}.zip"))
+            tmp = stack.enter_context(atomic_path(dest / f"{split}.zip"))
             zips[split] = stack.enter_context(zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED))
-        for it, (png, sha, reason) in zip(items, _map(encode, paths, pool=pool, desc="writing")):
+        for it in tqdm(items, desc="writing", unit="img", disable=None, leave=False):
             c = it.candidate
-            if reason is None and sha != it.sha256:
-                reason = "the file changed while preparing; run again"
-            if reason is not None:
-                rejected.append(Rejection(c.source, reason))
-                continue
             k = len(labels[it.split])
             name = f"{k // 1000:05d}/img{k:08d}.png"
-            zips[it.split].writestr(_zip_entry(name), png)
+            spool.seek(it.offset)
+            zips[it.split].writestr(_zip_entry(name), spool.read(it.length))
             labels[it.split].append([name, class_map[c.class_name]])
             rows.append({"file": name, "source": c.source, "class": c.class_name,
                          "label": class_map[c.class_name], "group": c.group,
-                         "split": it.split, "sha256": sha})
-        _check_usable(rows, items, options)
+                         "split": it.split, "sha256": it.sha256})
         for split in SPLITS:
             labels_json = json.dumps({"labels": labels[split]}, indent=0)
             zips[split].writestr(_zip_entry("dataset.json"), labels_json)
     return rows
 
 
-def _check_usable(rows: list[dict], items: list[_Item], options: PrepareOptions) -> None:
-    """Refuse (before any zip is committed) a result with no image, or an empty train split."""
+def _check_usable(items: list[_Item], options: PrepareOptions) -> None:
+    """Refuse a result with no image, or with no normal image for train.zip."""
     where = options.dest / "rejected.csv"
-    if not rows:
+    if not items:
         raise UserError(f"No usable image is left in {options.source}; see {where} for why "
                         f"each input was rejected.")
-    if any(it.split == "train" for it in items) and not any(r["split"] == "train" for r in rows):
+    splits_given = all(it.candidate.split is not None for it in items)
+    if not splits_given and not any(it.split == "train" for it in items):
         raise UserError(f"No normal image ({','.join(options.normal)}) is left for train.zip; "
                         f"see {where} for why each input was rejected.")
 
