@@ -98,3 +98,50 @@ def prepare(channels: str, **flags) -> None:
     if options.strict and summary.num_rejected:
         raise UserError(f"--strict: {summary.num_rejected} inputs were rejected; see "
                         f"{summary.dest / 'rejected.csv'} (run without --strict to accept that).")
+
+
+# ---- convert / generate ----------------------------------------------------------------------
+
+@main.command("convert")
+@click.option("--network", required=True, type=click.Path(), metavar="PKL",
+              help="Official NVlabs StyleGAN2(-ADA) snapshot (.pkl); nothing in it is executed.")
+@click.option("--out", required=True, type=click.Path(), metavar="DIR|FILE.safetensors",
+              help="Output file, or a folder that receives <pkl name>.safetensors.")
+def convert(network: str, out: str) -> None:
+    """Convert an official network pickle into an AnoStyle checkpoint (weights + JSON config).
+
+    Example: anostyle convert --network stylegan2-ffhq-256x256.pkl --out checkpoints/
+    """
+    from stylegan.checkpoint import convert_pickle, describe_networks
+
+    written, found = convert_pickle(network, out)
+    click.echo(describe_networks(found))
+    click.echo(f"wrote {written}")
+
+
+@main.command("generate")
+@click.option("--network", required=True, type=click.Path(), metavar="PKL|CKPT",
+              help="Official .pkl or AnoStyle .safetensors network (G_ema is used when present).")
+@click.option("--seeds", required=True, metavar="LIST",
+              help="Seeds and inclusive ranges, e.g. 0-7,12 (latent = RandomState(seed).randn).")
+@click.option("--trunc", "truncation_psi", default=1.0, show_default=True, type=float,
+              help="Truncation psi (1: none).")
+@click.option("--noise-mode", default="const", show_default=True,
+              type=click.Choice(["const", "random", "none"]), help="Per-pixel noise input.")
+@click.option("--class", "class_idx", type=click.IntRange(min=0), metavar="IDX",
+              help="Class index; required for conditional networks.")
+@click.option("--outdir", required=True, type=click.Path(), metavar="DIR",
+              help="Where to write seedNNNN.png and grid.png.")
+@click.option("--batch", "batch_size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Images per forward pass.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+def generate(seeds: str, **flags) -> None:
+    """Generate images for the given seeds, as NVlabs gen_images.py does.
+
+    Example: anostyle generate --network network-snapshot-000200.safetensors --seeds 0-15
+    --trunc 0.7 --outdir out/
+    """
+    from stylegan.generate import generate_images, parse_seeds
+
+    written = generate_images(seeds=parse_seeds(seeds), **flags)
+    click.echo(f"wrote {len(written) - 1} images and {written[-1]}")

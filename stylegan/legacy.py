@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from stylegan.errors import UserError
-from stylegan.networks import DiscriminatorConfig, GeneratorConfig
+from stylegan.networks import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
 
 # Keys of a snapshot dict that hold networks (in the order they are reported).
 NETWORK_KEYS = ("G", "D", "G_ema")
@@ -465,8 +465,6 @@ def load_tensors(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], *
 
 
 def _build_network(obj: Any, key: str, *, name: str, repo: str) -> torch.nn.Module | None:
-    from stylegan.networks import Discriminator, Generator  # heavy module, needed only here
-
     if obj is None:
         return None
     if not isinstance(obj, PersistentObject):

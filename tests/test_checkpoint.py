@@ -1,4 +1,4 @@
-"""AnoStyle checkpoints: exact round trips, one-sentence refusals, training state with weights_only."""
+"""AnoStyle checkpoints: exact round trips, one-sentence refusals, weights_only training state."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_legacy import D_CFG, G_CFG, make_sources, write_official_pickle
+from test_legacy import G_CFG, make_sources, write_official_pickle
 
 from stylegan.checkpoint import (
     convert_pickle,
@@ -23,7 +23,6 @@ from stylegan.checkpoint import (
     save_training_state,
 )
 from stylegan.errors import UserError
-from stylegan.legacy import load_network_pkl
 
 
 def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -45,7 +44,8 @@ def test_round_trip_is_exact(tmp_path):
         assert not nets[key].training
         assert_same_state(nets[key], source)
     assert nets["meta"]["extra"] == extra
-    assert nets["meta"]["configs"]["G"] == dataclasses.asdict(G_CFG) | {"resample_filter": [1, 3, 3, 1]}
+    json_cfg = dataclasses.asdict(G_CFG) | {"resample_filter": [1, 3, 3, 1]}
+    assert nets["meta"]["configs"]["G"] == json_cfg
     z = torch.randn(4, G_CFG.z_dim)
     with torch.no_grad():
         assert torch.equal(nets["G_ema"](z), sources["G_ema"](z))
