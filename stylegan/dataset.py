@@ -248,13 +248,18 @@ def iterate_batches(dataset: ImageDataset, batch_size: int, *,
         yield images, labels.to(torch.int64), list(names)
 
 
+def _dest_folder(dest_dir: str | os.PathLike) -> Path:
+    """The prepared folder, also when given one of its zips (e.g. `prepared/test.zip`)."""
+    path = Path(dest_dir)
+    return path.parent if path.suffix.lower() == ".zip" or path.is_file() else path
+
+
 def read_manifest(dest_dir: str | os.PathLike) -> list[dict[str, str]]:
     """Rows of `<dest_dir>/manifest.csv` (written by `anostyle prepare`) as dicts of strings.
 
     `dest_dir` may also be one of its zips (e.g. `prepared/test.zip`): its folder is used.
     """
-    path = Path(dest_dir)
-    path = (path.parent if path.is_file() else path) / "manifest.csv"
+    path = _dest_folder(dest_dir) / "manifest.csv"
     if not path.is_file():
         raise UserError(f"{path} does not exist; it is written by `anostyle prepare` beside "
                         f"train.zip, val.zip and test.zip.")
@@ -267,8 +272,7 @@ def class_names_from_manifest(dest_dir: str | os.PathLike) -> dict[str, int]:
 
     Uses the full class map of `prepare.json` when present, else the classes in manifest.csv.
     """
-    path = Path(dest_dir)
-    info_path = (path.parent if path.is_file() else path) / "prepare.json"
+    info_path = _dest_folder(dest_dir) / "prepare.json"
     if info_path.is_file():
         classes = {str(k): int(v) for k, v in json.loads(info_path.read_text())["class_map"].items()}
     else:
