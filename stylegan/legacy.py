@@ -240,7 +240,8 @@ def read_pickle(path: str | os.PathLike) -> Any:
         except UserError:
             raise
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
-                AttributeError, MemoryError, OverflowError, UnicodeDecodeError) as exc:
+                AttributeError, MemoryError, OverflowError, UnicodeDecodeError,
+                RecursionError) as exc:
             raise UserError(
                 f"{path.name} is not a readable network pickle (truncated or damaged: {exc}); "
                 "download or copy it again."
@@ -370,6 +371,8 @@ def discriminator_config_from_kwargs(kwargs: Mapping[str, Any], *,
     missing = {"c_dim", "img_resolution", "img_channels"} - set(kw)
     if missing:
         raise UserError(f"the Discriminator's constructor arguments lack {sorted(missing)}.")
+    if kw["c_dim"] == 0:  # no label mapping is built: its kwargs (e.g. TF-converted ones) are moot
+        mapping = {}
     config = DiscriminatorConfig(
         c_dim=kw.pop("c_dim"),
         img_resolution=kw.pop("img_resolution"),

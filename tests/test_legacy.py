@@ -72,7 +72,8 @@ class Persistent:
     """Pickles exactly like an official persistent object."""
 
     def __init__(self, class_name: str, state: dict, reconstruct, *, src: str = SOURCE_TEXT):
-        self.class_name, self.state, self.reconstruct, self.src = class_name, state, reconstruct, src
+        self.class_name, self.state = class_name, state
+        self.reconstruct, self.src = reconstruct, src
 
     def __reduce__(self):
         meta = dict(type="class", version=6, module_src=self.src, class_name=self.class_name,
@@ -277,6 +278,15 @@ def test_discriminator_kwargs():
                                       mbstd_group_size=8, mbstd_num_channels=2)
     assert discriminator_config_from_kwargs(
         dict(c_dim=0, img_resolution=8, img_channels=3), repo="stylegan3").conv_clamp == 256
+    # TF-converted snapshots give an unconditional D a moot mapping with lr_multiplier 0.1 ...
+    tf_mapping = dict(num_layers=0, embed_features=None, layer_features=None,
+                      activation="lrelu", lr_multiplier=0.1)
+    unconditional = dict(c_dim=0, img_resolution=8, img_channels=3, mapping_kwargs=tf_mapping,
+                         epilogue_kwargs=dict(mbstd_group_size=None, activation="lrelu"))
+    assert discriminator_config_from_kwargs(unconditional).mbstd_group_size is None
+    # ... which a conditional D would really use, and AnoStyle's D mapping runs at 0.01.
+    with pytest.raises(UserError, match="lr_multiplier other than 0.01"):
+        discriminator_config_from_kwargs({**unconditional, "c_dim": 2})
 
 
 @pytest.mark.parametrize("kwargs,named", [
@@ -402,3 +412,19 @@ def test_numpy_scalars_and_sets_read_as_plain_values(tmp_path):
     value = [np.float64(0.5), np.float32(-2.25), np.int64(7), {1, 2}]
     path.write_bytes(pickle.dumps(value, protocol=3))  # protocol 3: sets via builtins.set
     assert read_pickle(path) == [0.5, -2.25, 7, {1, 2}]
+
+
+def test_tensors_of_every_dtype_and_views_rebuild_exactly(tmp_path):
+    # Each storage travels as a small legacy torch.save stream (torch.storage._load_from_bytes).
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    tensors = {str(dtype): (base * 1.5 - 7).to(dtype) for dtype in (
+        torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8, torch.bool)}
+    tensors["view"] = base[1:, ::2].t()  # storage offset 6, strides (2, 6)
+    tensors["parameter"] = torch.nn.Parameter(base[0].clone())
+    path = tmp_path / "t.pkl"
+    path.write_bytes(pickle.dumps(tensors, protocol=4))
+    back = read_pickle(path)
+    assert back.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor.detach()), name
+    assert back["view"].stride() == (2, 6) and back["view"].storage_offset() == 6
