@@ -31,6 +31,67 @@ def main() -> None:
 # Commands follow, one section each, in workflow order. Keep each command thin.
 
 
+# ---- train-gan -------------------------------------------------------------------------------
+
+@main.command("train-gan")
+@click.option("--outdir", required=True, metavar="DIR", help="Where to make the run folder.")
+@click.option("--data", required=True, metavar="[ZIP|DIR]", help="Training data (train.zip).")
+@click.option("--cfg", default="auto", show_default=True,
+              type=click.Choice(["stylegan2", "paper256", "auto", "cpu"]),
+              help="Preset; explicit flags override it. 'cpu': small 64 px net for 2 CPU cores.")
+@click.option("--gpus", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Number of processes (GPUs; on CPU, gloo processes).")
+@click.option("--batch", type=click.IntRange(min=1), help="Total batch size [preset].")
+@click.option("--batch-gpu", type=click.IntRange(min=1), help="Batch per process [batch/gpus].")
+@click.option("--gamma", type=click.FloatRange(min=0), help="R1 regularization weight [preset].")
+@click.option("--map-depth", type=click.IntRange(min=1), help="Mapping network depth [preset].")
+@click.option("--glr", type=click.FloatRange(min=0), help="G learning rate [preset].")
+@click.option("--dlr", type=click.FloatRange(min=0), help="D learning rate [preset].")
+@click.option("--cbase", type=click.IntRange(min=1), help="Capacity multiplier [preset].")
+@click.option("--cmax", type=click.IntRange(min=1), help="Max. feature maps [preset].")
+@click.option("--kimg", default=25000, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Total training length in thousands of images.")
+@click.option("--tick", default=4, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="How often to print progress, in kimg.")
+@click.option("--snap", default=50, show_default=True, type=click.IntRange(min=0),
+              help="How often to save snapshots, in ticks (0: only at the end).")
+@click.option("--workers", default=3, show_default=True, type=click.IntRange(min=0),
+              help="DataLoader worker processes.")
+@click.option("--resume", metavar="[PKL|CKPT|latest]",
+              help="Resume or fine-tune from an official .pkl, our snapshot, or 'latest' in --outdir.")
+@click.option("--strict-resume", is_flag=True,
+              help="Refuse a --resume file whose architecture differs from the flags.")
+@click.option("--mirror", default=False, show_default=True, type=bool, metavar="BOOL",
+              help="Enable dataset x-flips.")
+@click.option("--aug", default="ada", show_default=True, type=click.Choice(["ada", "fixed", "noaug"]),
+              help="Augmentation mode.")
+@click.option("--p", default=0.2, show_default=True, type=click.FloatRange(0, 1),
+              help="Probability for --aug=fixed (initial p for ada).")
+@click.option("--target", default=0.6, show_default=True, type=click.FloatRange(0, 1),
+              help="Target value for --aug=ada.")
+@click.option("--freezed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Freeze the first N layers of D.")
+@click.option("--mbstd-group", type=click.IntRange(min=1), help="Minibatch std group size [preset].")
+@click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
+@click.option("--fp32", default=False, show_default=True, type=bool, metavar="BOOL",
+              help="Disable mixed precision (CUDA only; CPU always computes in float32).")
+@click.option("--device", default="auto", show_default=True,
+              type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train.")
+@click.option("-n", "--dry-run", is_flag=True, help="Print the resolved options and exit.")
+def train_gan(dry_run: bool, **flags) -> None:
+    """Train or fine-tune a StyleGAN2-ADA generator (flags as in the NVlabs tools).
+
+    Example: anostyle train-gan --outdir=training-runs --cfg=stylegan2 --data=train.zip --gpus=1
+    --batch=16 --gamma=0.8192 --map-depth=2 --glr=0.0025 --dlr=0.0025 --cbase=16384 --kimg=50
+    --snap=5 --resume=stylegan2-ffhq-256x256.pkl
+    """
+    from stylegan.options import TrainFlags, run_from_flags
+
+    run_dir = run_from_flags(TrainFlags(**flags), dry_run=dry_run, echo=click.echo)
+    if run_dir is not None:
+        click.echo(f"run folder: {run_dir}")
+
+
 # ---- prepare ---------------------------------------------------------------------------------
 
 def _comma_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...]:
