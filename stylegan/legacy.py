@@ -91,8 +91,8 @@ class _EasyDict(dict):
 def _load_storage(data: Any) -> torch.storage.TypedStorage:
     """Stand-in for `torch.storage._load_from_bytes`: a legacy `torch.save` stream of one storage.
 
-    Decoded by torch's own restricted loader (`weights_only=True`), which checked on torch 2.13
-    reads these legacy (non-zip) streams of typed storages.
+    Decoded by torch's own restricted loader: `torch.load(..., weights_only=True)` reads these
+    legacy (non-zip) streams of typed storages (checked on torch 2.13 for every dtype).
     """
     if not isinstance(data, (bytes, bytearray)):
         raise pickle.UnpicklingError("a tensor storage that is not bytes")
@@ -102,7 +102,7 @@ def _load_storage(data: Any) -> torch.storage.TypedStorage:
             storage = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 -- any failure means an unreadable storage
         raise pickle.UnpicklingError(f"an unreadable tensor storage ({exc})") from None
-    if not isinstance(storage, (torch.storage.TypedStorage, torch.UntypedStorage)):
+    if not isinstance(storage, torch.storage.TypedStorage):
         raise pickle.UnpicklingError(f"a storage stream that holds {type(storage).__name__}")
     return storage
 
@@ -117,12 +117,21 @@ def _check_ints(values: Any, what: str) -> None:
 def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None,
                     metadata=None) -> torch.Tensor:
     """Stand-in for `torch._utils._rebuild_tensor_v2`, checking every argument's type first."""
-    if not isinstance(storage, (torch.storage.TypedStorage, torch.UntypedStorage)):
-        raise pickle.UnpicklingError("a tensor whose storage is not a storage")
+    if not isinstance(storage, torch.storage.TypedStorage):
+        raise pickle.UnpicklingError("a tensor whose storage is not a typed storage")
     if not isinstance(offset, int):
         raise pickle.UnpicklingError("a tensor with a malformed storage offset")
     _check_ints(size, "size")
     _check_ints(stride, "stride")
+    if offset < 0 or len(size) != len(stride) or min((*size, *stride), default=0) < 0:
+        raise pickle.UnpicklingError("a tensor with a negative size, stride or offset")
+    # torch would silently grow the storage to fit; a real tensor lies inside its storage.
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        numel = storage.size()
+    if 0 not in size and last >= numel:
+        raise pickle.UnpicklingError("a tensor that reaches beyond its storage")
     if hooks or metadata:  # real snapshots never carry hooks or tensor attributes
         raise pickle.UnpicklingError("a tensor with backward hooks or extra attributes")
     with warnings.catch_warnings():
@@ -241,7 +250,7 @@ def read_pickle(path: str | os.PathLike) -> Any:
             raise
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
                 AttributeError, MemoryError, OverflowError, UnicodeDecodeError,
-                RecursionError) as exc:
+                RecursionError, RuntimeError) as exc:
             raise UserError(
                 f"{path.name} is not a readable network pickle (truncated or damaged: {exc}); "
                 "download or copy it again."

@@ -389,6 +389,19 @@ def test_unreadable_files_get_one_sentence(tmp_path, content, message):
         load_network_pkl(path)
 
 
+def test_tensor_outside_its_storage_is_refused(tmp_path):
+    class OutOfBounds:
+        def __reduce__(self):
+            storage = torch.zeros(4).storage()
+            return (torch._utils._rebuild_tensor_v2,
+                    (storage, 2, (100,), (1,), False, collections.OrderedDict()))
+
+    path = tmp_path / "oob.pkl"
+    path.write_bytes(pickle.dumps(OutOfBounds(), protocol=4))
+    with pytest.raises(UserError, match="truncated or damaged"):
+        read_pickle(path)
+
+
 def test_truncated_snapshot(tmp_path):
     path = write_official_pickle(tmp_path / "t.pkl", make_sources())
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
