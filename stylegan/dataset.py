@@ -274,7 +274,8 @@ def class_names_from_manifest(dest_dir: str | os.PathLike) -> dict[str, int]:
     """
     info_path = _dest_folder(dest_dir) / "prepare.json"
     if info_path.is_file():
-        classes = {str(k): int(v) for k, v in json.loads(info_path.read_text())["class_map"].items()}
+        class_map = json.loads(info_path.read_text())["class_map"]
+        classes = {str(name): int(label) for name, label in class_map.items()}
     else:
         classes = {row["class"]: int(row["label"]) for row in read_manifest(dest_dir)}
     return dict(sorted(classes.items(), key=lambda item: (item[1], item[0])))

@@ -179,7 +179,7 @@ def read_label_rows(spec: CsvSpec) -> tuple[list[tuple[int, str, str, str]], lis
             id_column = _check_columns(spec, header)
             raw_rows = [(reader.line_num, row) for row in reader]
     except UnicodeDecodeError:
-        raise UserError(f"--labels {spec.path} is not UTF-8 text; save it as a UTF-8 CSV.") from None
+        raise UserError(f"--labels {spec.path} is not UTF-8 text; save it as UTF-8 CSV.") from None
     rows, rejected, seen = [], [], {}
     for line, row in raw_rows:
         image_id = (row.get(id_column) or "").strip()

@@ -44,16 +44,21 @@ def _noise(path: Path, seed: int, size=(24, 16)) -> Path:
     return _save(path, Image.fromarray(pixels))
 
 
-def _png_header_only(path: Path, width: int, height: int) -> Path:
-    """A PNG whose IHDR claims width x height, with one tiny IDAT (never allocated)."""
+def _raw_png(width: int, height: int, *, bit_depth: int = 8, color_type: int = 2,
+             scanlines: bytes = b"\0") -> bytes:
+    """A PNG built by hand: IHDR as given, IDAT = zlib(scanlines) (each row: filter byte + data)."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return (struct.pack(">I", len(data)) + kind + data
                 + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0"))
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(scanlines))
             + chunk(b"IEND", b""))
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose IHDR claims width x height, with one tiny IDAT (never allocated)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    path.write_bytes(_raw_png(width, height))
     return path
 
 
@@ -91,6 +96,13 @@ def test_sixteen_bit_png_is_shifted_not_clipped(tmp_path):
     np.testing.assert_array_equal(out, [[0, 0, 1, 18, 128, 255]])  # value >> 8
     rgb = np.asarray(to_8bit(img, 3))
     np.testing.assert_array_equal(rgb[0, :, 1], [0, 0, 1, 18, 128, 255])
+
+
+def test_sixteen_bit_rgb_png_keeps_the_high_byte():
+    pixel = struct.pack(">HHH", 0x1234, 0x80FF, 0xFFFF)  # one 16-bit RGB pixel
+    data = _raw_png(1, 1, bit_depth=16, color_type=2, scanlines=b"\0" + pixel)
+    out = np.asarray(decode(data, suffix=".png", channels=3))
+    np.testing.assert_array_equal(out[0, 0], [0x12, 0x80, 0xFF])  # >> 8, not clipped to 255
 
 
 def test_rgba_is_composited_on_black_and_palette_converted():
@@ -344,6 +356,19 @@ def test_ham_csv_groups_never_cross_splits(tmp_path):
     assert {r["class"] for r in manifest if r["split"] == "train"} == {"nv"}
     assert {r["split"] for r in manifest if r["class"] == "mel"} <= {"val", "test"}
     assert manifest[0]["source"].startswith("part/ISIC_")
+
+
+def test_group_with_an_abnormal_image_stays_out_of_train(tmp_path):
+    images = tmp_path / "images"
+    lines = ["lesion_id,image_id,dx"] + [f"L{i},n{i},nv" for i in range(8)]
+    lines += ["MIX,mix_nv,nv", "MIX,mix_mel,mel"]
+    for i, line in enumerate(lines[1:]):
+        _noise(images / f"{line.split(',')[1]}.png", seed=i)
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    prepare_dataset(_opts(images, tmp_path / "out", labels=tmp_path / "m.csv",
+                          label_column="dx", group_column="lesion_id", val=0.0, test=0.25))
+    mixed = {r["split"] for r in _rows(tmp_path / "out" / "manifest.csv") if r["group"] == "MIX"}
+    assert mixed == {"test"}  # val 0: the whole lesion, naevus image included, is test
 
 
 def test_splits_are_deterministic_and_independent_of_workers(tmp_path):
