@@ -1,5 +1,9 @@
 """`anostyle prepare`: raw dermoscopy images -> NVlabs-compatible train/val/test datasets.
 
+The zips follow the dataset format of NVlabs' stylegan2-ada-pytorch `dataset_tool.py` (Karras et
+al. 2020, "Training Generative Adversarial Networks with Limited Data"); splits are grouped by
+lesion as HAM10000 asks (Tschandl et al. 2018, Sci. Data 5:180161: several images per lesion).
+
 Writes into `dest`:
   train.zip, val.zip, test.zip   PNGs `NNNNN/imgNNNNNNNN.png` + dataset.json
                                  `{"labels": [[name, label], ...]}`, label 0 = normal; train.zip
