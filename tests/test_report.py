@@ -1,0 +1,104 @@
+"""HTML report: every PNG linked (also in sub-folders), all text escaped, no external resources."""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anomaly import report
+from stylegan.errors import UserError
+
+EVIL = '<script>alert("x")</script>'
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links: list[str] = []
+        self.scripts = 0
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.scripts += tag == "script"
+        self.links += [v for k, v in attrs if k in ("href", "src") and v and not v.startswith("#")]
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _png(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(path)
+
+
+@pytest.fixture
+def graphics(tmp_path) -> Path:
+    g = tmp_path / "graphics"
+    names = ["roc_all.png", "tsne_latent.png", "extra plot.png", "heatmaps/ISIC_1 (mel).png",
+             "heatmaps/deep/x&y.png", f"roc_{'izif'}.png", "pr_izif.png", "violin_izif.png",
+             "confusion_izif.png", "report_izif.png", "roc_knn-pixels.png"]
+    for name in names:
+        _png(g / name)
+    (g / ".roc_tmp.png.123.tmp").write_bytes(b"partial")  # an atomic write in progress
+    rows = [{"method": "izif", "comparison": f"nv vs {EVIL}", "auc": 0.9, "auc_ci_low": 0.8,
+             "auc_ci_high": 0.95, "average_precision": 0.7, "threshold": 0.123456,
+             "threshold_rule": "youden (val)", "sensitivity": 0.8, "specificity": 0.7,
+             "precision": 0.6, "f1": 0.65, "sens_at_95_spec": 0.4, "n_test_normal": 10,
+             "n_test_anomaly": 5},
+            {"method": "knn-pixels", "comparison": f"nv vs {EVIL}", "auc": 0.6,
+             "auc_ci_low": None, "auc_ci_high": None}]
+    (g / "summary.json").write_text(json.dumps({"options": {"normal_class": EVIL},
+                                                "rows": rows, "notes": [EVIL]}))
+    (g / "summary.xlsx").write_bytes(b"x")
+    return g
+
+
+def test_every_png_is_linked(graphics):
+    page = report.write_report(graphics)
+    assert page == graphics / "index.html"
+    parser = _Links()
+    parser.feed(page.read_text(encoding="utf-8"))
+    linked = {unquote(link) for link in parser.links}
+    pngs = {p.relative_to(graphics).as_posix() for p in graphics.rglob("*.png")}
+    assert len(pngs) == 11 and pngs <= linked
+    for link in linked:  # relative, resolvable, no internet
+        assert not re.match(r"^[a-z]+:", link) and not link.startswith("/")
+        assert (graphics / link).is_file()
+    assert "summary.xlsx" in linked
+
+
+def test_text_is_escaped_and_page_is_self_contained(graphics):
+    text = report.write_report(graphics, title=f"Run {EVIL}").read_text(encoding="utf-8")
+    parser = _Links()
+    parser.feed(text)
+    assert parser.scripts == 0 and "<script" not in text
+    assert "&lt;script&gt;" in text
+    assert EVIL in "".join(parser.text)  # shown to the reader as plain text
+    assert "http://" not in text and "https://" not in text and "<link" not in text
+
+
+def test_page_order_and_summary(graphics):
+    text = report.write_report(graphics).read_text(encoding="utf-8")
+    order = [text.index(s) for s in ('id="summary"', 'id="overview"', 'id="method-izif"',
+                                     'id="method-knn-pixels"', 'id="tsne"', 'id="folder-heatmaps"',
+                                     'id="downloads"')]
+    assert order == sorted(order)
+    section = text[text.index('id="method-izif"'):text.index('id="method-knn-pixels"')]
+    kinds = [section.index(f"{k}_izif.png") for k in ("roc", "pr", "confusion", "violin", "report")]
+    assert kinds == sorted(kinds)
+    assert "0.900 [0.800, 0.950]" in text and "0.1235" in text
+
+
+def test_missing_folder_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="--graphics"):
+        report.write_report(tmp_path / "nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "No figures found" in report.write_report(empty).read_text()
