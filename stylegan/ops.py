@@ -84,14 +84,14 @@ def fir_filter2d(
     """
     assert x.ndim == 4 and f.ndim == 2, (x.shape, f.shape)
     channels = x.shape[1]
-    x = F.pad(x, list(padding))
+    same = padding[0] if len(set(padding)) == 1 else None
+    if same is None:
+        x = F.pad(x, list(padding))
     # True convolution = cross-correlation with the flipped filter (a no-op for symmetric taps).
     kernel = (f * gain).flip([0, 1]).to(x.dtype)
-    kernel = kernel[None, None].repeat(channels, 1, 1, 1)  # [C, 1, K, K]
-    x = F.conv2d(x, kernel, groups=channels)
-    if down > 1:
-        x = x[:, :, ::down, ::down]
-    return x
+    kernel = kernel[None, None].expand(channels, 1, -1, -1)  # [C, 1, K, K]
+    # A strided convolution keeps every `down`-th sample from 0 without computing the others.
+    return F.conv2d(x, kernel, padding=same or 0, stride=down, groups=channels)
 
 
 def _upsample_zeros(x: torch.Tensor, up: int) -> torch.Tensor:
@@ -103,11 +103,21 @@ def _upsample_zeros(x: torch.Tensor, up: int) -> torch.Tensor:
 
 
 def upsample2d(x: torch.Tensor, f: torch.Tensor, *, up: int = 2) -> torch.Tensor:
-    """FIR upsampling by `up`: zero insertion, then the filter with gain up^2. [N, C, H, W] -> [N, C, up*H, up*W]."""
+    """FIR upsampling by `up`: zero insertion, then the filter with gain up^2. [N, C, H, W] -> [N, C, up*H, up*W].
+
+    Computed as a depthwise transposed convolution (polyphase form: it skips the products with
+    the inserted zeros): out[q] = sum_j x[j] * f[q + K - 1 - before - up * j].
+    """
     k = f.shape[-1]
     before, after = (k + up - 1) // 2, (k - up) // 2  # (2, 1) for 4 taps and up = 2
-    x = _upsample_zeros(x, up)
-    return fir_filter2d(x, f, padding=(before, after, before, after), gain=up * up)
+    c = x.shape[1]
+    crop = k - 1 - before
+    extra = up - k + 2 * crop  # output_padding that makes the size exactly up * H
+    if crop < 0 or not 0 <= extra < up:
+        x = _upsample_zeros(x, up)  # reference path for unusual filter lengths
+        return fir_filter2d(x, f, padding=(before, after, before, after), gain=up * up)
+    kernel = (f * (up * up)).to(x.dtype)[None, None].expand(c, 1, -1, -1)  # [C, 1, K, K]
+    return F.conv_transpose2d(x, kernel, stride=up, padding=crop, output_padding=extra, groups=c)
 
 
 def downsample2d(x: torch.Tensor, f: torch.Tensor, *, down: int = 2) -> torch.Tensor:
@@ -194,18 +204,20 @@ def modulated_conv2d(
         weight = weight / weight.abs().amax(dim=[1, 2, 3], keepdim=True) / math.sqrt(i * kh * kw)
         styles = styles / styles.abs().amax(dim=1, keepdim=True)
     dcoefs = None
-    if demodulate or fused:
-        w = weight[None] * styles[:, None, :, None, None]  # [N, O, I, K, K]
     if demodulate:
-        dcoefs = (w.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()  # [N, O]
+        # sum over (I, K, K) of (weight * style)^2 = styles^2 @ (sum over K, K of weight^2).T;
+        # this avoids building the [N, O, I, K, K] tensor on the plain path.
+        dcoefs = (styles.square() @ weight.square().sum(dim=[2, 3]).t() + 1e-8).rsqrt()  # [N, O]
     if not fused:
         x = x * styles.to(x.dtype)[:, :, None, None]
         x = conv2d_resample(x, weight, resample_filter, up=up, padding=padding)
         if dcoefs is not None:
             x = x * dcoefs.to(x.dtype)[:, :, None, None]
     else:
+        scale = styles[:, None, :]  # [N, 1, I]
         if dcoefs is not None:
-            w = w * dcoefs[:, :, None, None, None]
+            scale = scale * dcoefs[:, :, None]  # [N, O, I]
+        w = weight[None] * scale[:, :, :, None, None]  # [N, O, I, K, K]
         x = x.reshape(1, n * i, *x.shape[2:])  # [1, N*I, H, W]
         w = w.reshape(n * o, i, kh, kw)  # [N*O, I, K, K]
         x = conv2d_resample(x, w, resample_filter, up=up, padding=padding, groups=n)

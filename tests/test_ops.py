@@ -217,3 +217,15 @@ def test_minibatch_std_channel_groups_and_sizes():
     assert ops.minibatch_std(torch.randn(3, 4, 2, 2), group_size=4).shape == (3, 5, 2, 2)
     with pytest.raises(AssertionError, match="divisible"):
         ops.minibatch_std(torch.randn(6, 4, 2, 2), group_size=4)
+
+
+@pytest.mark.parametrize("taps", [[1, 3, 3, 1], [1, 2, 1], [1, 4, 6, 4, 1], [1, 5, 10, 10, 5, 1]])
+def test_fast_upsample2d_equals_zero_insertion_reference(taps):
+    f = ops.setup_filter(taps)
+    x = torch.randn(2, 3, 5, 5)
+    k = len(taps)
+    before, after = (k + 1) // 2, (k - 2) // 2
+    reference = ops.fir_filter2d(ops._upsample_zeros(x, 2), f, padding=(before, after) * 2, gain=4)
+    fast = ops.upsample2d(x, f)
+    assert fast.shape == reference.shape == (2, 3, 10, 10)
+    assert torch.allclose(fast, reference, atol=1e-5)
