@@ -206,3 +206,55 @@ def generate(seeds: str, **flags) -> None:
 
     written = generate_images(seeds=parse_seeds(seeds), **flags)
     click.echo(f"wrote {len(written) - 1} images and {written[-1]}")
+
+
+# ---- evaluate / report -----------------------------------------------------------------------
+
+@main.command("evaluate")
+@click.option("--scores", "scores_dir", required=True, type=click.Path(), metavar="DIR",
+              help="Folder of <method>.xlsx score sheets written by `anostyle score`.")
+@click.option("--outdir", default="graphics", show_default=True, type=click.Path(), metavar="DIR",
+              help="Where figures, summary.xlsx and summary.json go.")
+@click.option("--normal-class", metavar="NAME",
+              help="Normal class name [the class labelled 0, e.g. nv].")
+@click.option("--anomaly-class", metavar="NAME",
+              help="Main anomaly class [mel when present]; then normal vs rest, vs each class.")
+@click.option("--threshold", default="youden", show_default=True, metavar="youden|p95|VALUE",
+              help="Decision threshold, chosen on the val split only and applied to test.")
+@click.option("--bootstrap", default=1000, show_default=True, type=click.IntRange(min=0),
+              help="Bootstrap resamples for the AUC 95% CI (0: none).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Seed of the bootstrap.")
+@click.option("--baseline", default="knn-pixels", show_default=True,
+              type=click.Choice(["knn-pixels", "none"]),
+              help="Also score and evaluate a k-NN detector on 16x16 pixels (needs the dataset).")
+@click.option("--prepared", type=click.Path(), metavar="DIR",
+              help="Prepared dataset folder for the baseline [the 'prepared' entry of "
+                   "DIR/score.json].")
+def evaluate(**flags) -> None:
+    """ROC/AUC (bootstrap CI), PR, confusion matrices, violin plots, classification reports.
+
+    Every <method>.xlsx in --scores is evaluated on its test rows: normal vs the anomaly class,
+    normal vs all other classes, and normal vs each class.
+
+    \b
+    Example:
+      anostyle evaluate --scores scores --outdir graphics --prepared prepared
+    """
+    from anomaly.evaluate import EvaluateOptions, evaluate_scores, format_summary
+
+    click.echo(format_summary(evaluate_scores(EvaluateOptions(**flags))))
+
+
+@main.command("report")
+@click.option("--graphics", "graphics_dir", default="graphics", show_default=True,
+              type=click.Path(), metavar="DIR", help="Folder of figures (evaluate --outdir).")
+@click.option("--title", default="AnoStyle results", show_default=True, help="Page title.")
+def report(graphics_dir: str, title: str) -> None:
+    """Write DIR/index.html: one offline page with the summary table and every figure.
+
+    Example: anostyle report --graphics graphics
+    """
+    from anomaly.report import write_report
+
+    click.echo(f"wrote {write_report(graphics_dir, title=title)}")

@@ -263,18 +263,27 @@ def new_figure(path: str | os.PathLike, *, nrows: int = 1, ncols: int = 1,
 
 
 def class_palette(classes: Sequence[str], normal: str | None) -> dict[str, tuple]:
-    """A fixed colour per class: the normal class blue, the others from 'colorblind'."""
+    """A fixed colour per class: the normal class blue, the others from 'colorblind' by name.
+
+    Colours depend only on the set of class names, so a class looks the same in every figure.
+    """
     colours = sns.color_palette("colorblind", 10)
-    others = [c for c in classes if c != normal]
+    others = sorted(c for c in set(classes) if c != normal)
     palette = {c: colours[1 + i % 9] for i, c in enumerate(others)}
     if normal is not None:
         palette[normal] = colours[0]
     return palette
 
 
+def _ci_text(row: dict) -> str:
+    """' [low, high]' of the AUC CI, or '' without bootstrap."""
+    if math.isnan(row["auc_ci_low"]):
+        return ""
+    return f" [{row['auc_ci_low']:.3f}, {row['auc_ci_high']:.3f}]"
+
+
 def _roc_label(row: dict) -> str:
-    ci = "" if math.isnan(row["auc_ci_low"]) else f" [{row['auc_ci_low']:.3f}, {row['auc_ci_high']:.3f}]"
-    return f"{row['comparison']}: AUC {row['auc']:.3f}{ci}"
+    return f"{row['comparison']}: AUC {row['auc']:.3f}{_ci_text(row)}"
 
 
 def _style_unit_axes(ax, xlabel: str, ylabel: str) -> None:
@@ -475,7 +484,8 @@ def _checked(options: EvaluateOptions) -> EvaluateOptions:
     if options.bootstrap < 0:
         raise UserError(f"--bootstrap {options.bootstrap} is negative; use 0 (no CI) or e.g. 1000.")
     if options.baseline not in BASELINES:
-        raise UserError(f"--baseline '{options.baseline}' is unknown; use {' or '.join(BASELINES)}.")
+        raise UserError(f"--baseline '{options.baseline}' is unknown; use "
+                        f"{' or '.join(BASELINES)}.")
     if not Path(options.scores_dir).is_dir():
         raise UserError(f"--scores {options.scores_dir} is not a folder; give the folder that "
                         f"`anostyle score` wrote.")
@@ -534,7 +544,8 @@ def _method_outputs(method: str, df: pd.DataFrame, results: list[ComparisonResul
     first = results[0]
     test = df[df["split"] == "test"]
     tables = [classification_table(r) for r in results]
-    paths = {k: outdir / f"{k}_{method}.png" for k in ("roc", "pr", "confusion", "violin", "report")}
+    kinds = ("roc", "pr", "confusion", "violin", "report")
+    paths = {k: outdir / f"{k}_{method}.png" for k in kinds}
     plot_roc(results, paths["roc"], f"ROC - {method} (test)")
     plot_pr(results, paths["pr"], f"Precision-recall - {method} (test)")
     plot_confusion(first, test, paths["confusion"], f"Confusion - {method} (test)")
@@ -571,3 +582,14 @@ def _json_value(value):
 def _ensure_baseline(options: EvaluateOptions) -> list[str]:
     """Compute knn-pixels.xlsx into the scores folder (reused while newer than the dataset)."""
     return baseline.baseline_sheet(options.scores_dir, options.prepared)
+
+
+def format_summary(summary: Summary) -> str:
+    """A short plain-text table of the summary for the terminal."""
+    lines = [f"{'method':<18} {'comparison':<22} {'AUC [95% CI]':<24} {'sens':>6} {'spec':>6}"]
+    for r in summary.table.to_dict("records"):
+        lines.append(f"{r['method']:<18} {r['comparison']:<22} {r['auc']:.3f}{_ci_text(r):<18} "
+                     f"{r['sensitivity']:>6.3f} {r['specificity']:>6.3f}")
+    lines += [f"note: {n}" for n in summary.notes]
+    lines.append(f"wrote {len(summary.files)} files to {summary.files[-1].parent}")
+    return "\n".join(lines)

@@ -157,7 +157,7 @@ def latent_distance(w: torch.Tensor, w_avg: torch.Tensor) -> torch.Tensor:
     if w.ndim == 2:
         w = w.unsqueeze(1)  # [N, 1, D]
     assert w.ndim == 3, f"expected w of shape [N, D] or [N, K, D], got {tuple(w.shape)}"
-    assert w_avg.shape == (w.shape[2],), f"w_avg {tuple(w_avg.shape)} does not match w {tuple(w.shape)}"
+    assert w_avg.shape == (w.shape[2],), f"w_avg {tuple(w_avg.shape)} vs w {tuple(w.shape)}"
     per_style = (w.float() - w_avg.float()).square().sum(dim=2)  # [N, K]
     return per_style.mean(dim=1).sqrt()
 

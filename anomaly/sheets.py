@@ -69,7 +69,8 @@ def _write_sheet(ws, df: pd.DataFrame, *, float_format: str | None) -> None:
             shown = len(value) if isinstance(value, str) else 12 if isinstance(value, float) else 8
             widths[j - 1] = max(widths[j - 1], shown)
     for j, width in enumerate(widths, start=1):
-        ws.column_dimensions[get_column_letter(j)].width = min(max(width + 2, _MIN_WIDTH), _MAX_WIDTH)
+        width = min(max(width + 2, _MIN_WIDTH), _MAX_WIDTH)
+        ws.column_dimensions[get_column_letter(j)].width = width
     ws.freeze_panes = "A2"
     if len(df) and columns:
         ws.auto_filter.ref = f"A1:{get_column_letter(len(columns))}{len(df) + 1}"

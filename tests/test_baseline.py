@@ -44,8 +44,8 @@ def prepared(tmp_path):
     _zip(d / "val.zip", val)
     _zip(d / "test.zip", test)
     rows = [(n, "nv", lab, "train") for n, _, lab in train]
-    rows += [("v0.png", "nv", 0, "val"), ("v1.png", "mel", 1, "val"),
-             ("t0.png", "nv", 0, "test"), ("t1.png", "mel", 1, "test"), ("t2.png", "bkl", 2, "test")]
+    rows += [("v0.png", "nv", 0, "val"), ("v1.png", "mel", 1, "val"), ("t0.png", "nv", 0, "test"),
+             ("t1.png", "mel", 1, "test"), ("t2.png", "bkl", 2, "test")]
     pd.DataFrame(rows, columns=["file", "class", "label", "split"]).assign(
         source="x", group="g", sha256="0").to_csv(d / "manifest.csv", index=False)
     return d

@@ -24,8 +24,9 @@ def _scores(seed: int = 0, n: int = 40) -> pd.DataFrame:
         for cls, mean, share in (("nv", 0.0, 1.0), ("mel", 2.0, 0.5), ("bkl", 1.0, 0.3),
                                  ("bcc", 3.0, 0.2)):
             for i in range(int(count * share)):
-                rows.append({"score": float(np.exp(rng.normal(mean, 1.0))), "label": int(cls != "nv"),
-                             "file": f"{split}_{cls}_{i}.png", "class": cls, "split": split})
+                rows.append({"score": float(np.exp(rng.normal(mean, 1.0))),
+                             "label": int(cls != "nv"), "file": f"{split}_{cls}_{i}.png",
+                             "class": cls, "split": split})
     return pd.DataFrame(rows)
 
 
@@ -207,3 +208,23 @@ def test_evaluate_refuses_clear_mistakes(tmp_path):
                                                         baseline="knn"))
     with pytest.raises(UserError, match="--prepared"):
         ev.evaluate_scores(ev.EvaluateOptions(tmp_path / "scores", tmp_path / "g"))
+
+
+@pytest.mark.slow
+def test_evaluate_command(tmp_path):
+    from click.testing import CliRunner
+
+    from anomaly.cli import main
+
+    df = _scores(n=20)
+    sheets.write_score_sheet(df, tmp_path / "scores" / "izif.xlsx")
+    args = ["evaluate", "--scores", str(tmp_path / "scores"), "--outdir", str(tmp_path / "g"),
+            "--baseline", "none", "--bootstrap", "50", "--threshold", "p95",
+            "--anomaly-class", "bcc"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "nv vs bcc" in result.output.splitlines()[1] and (tmp_path / "g" / "roc_all.png").is_file()
+    stored = json.loads((tmp_path / "g" / "summary.json").read_text())
+    assert {r["threshold_rule"] for r in stored["rows"]} == {"p95 (val)"}
+    bad = CliRunner().invoke(main, args[:-2] + ["--threshold", "p99"])
+    assert bad.exit_code == 1 and "--threshold 'p99'" in bad.output and "Traceback" not in bad.output

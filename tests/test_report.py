@@ -102,3 +102,15 @@ def test_missing_folder_is_a_user_error(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "No figures found" in report.write_report(empty).read_text()
+
+
+def test_report_command(graphics):
+    from click.testing import CliRunner
+
+    from anomaly.cli import main
+
+    result = CliRunner().invoke(main, ["report", "--graphics", str(graphics), "--title", "Run 1"])
+    assert result.exit_code == 0, result.output
+    assert "index.html" in result.output and (graphics / "index.html").is_file()
+    bad = CliRunner().invoke(main, ["report", "--graphics", str(graphics / "missing")])
+    assert bad.exit_code == 1 and "--graphics" in bad.output and "Traceback" not in bad.output
