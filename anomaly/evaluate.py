@@ -35,6 +35,7 @@ from stylegan.fileio import atomic_path, atomic_write_json
 from anomaly import baseline, sheets
 
 SKIPPED_SHEETS = ("all_scores.xlsx", "summary.xlsx")
+SKIPPED_PREFIXES = (".", "~$", "report_", "tsne")  # temporary/lock files, evaluate's own sheets
 BASELINES = ("knn-pixels", "none")
 DEFAULT_ANOMALY_CLASS = "mel"
 SPECIFICITY_TARGET = 0.95
@@ -433,14 +434,14 @@ def plot_roc_all(primary: dict[str, Sequence[ComparisonResult]], path: Path) -> 
     names = list(dict.fromkeys(r.comparison.name for rs in primary.values() for r in rs))
     with new_figure(path, ncols=max(len(names), 1), figsize=(6.2 * max(len(names), 1), 6.0),
                     squeeze=False) as (fig, axes):
-        colours = sns.color_palette("colorblind", max(len(primary), 1))
+        colours = dict(zip(primary, sns.color_palette("colorblind", max(len(primary), 1))))
         for ax, name in zip(axes[0], names):
             ax.plot([0, 1], [0, 1], ls="--", lw=1, color="0.6")
             runs = [(m, r) for m, rs in primary.items() for r in rs if r.comparison.name == name]
-            for i, (method, res) in sorted(enumerate(runs), key=lambda t: -t[1][1].row["auc"]):
+            for method, res in sorted(runs, key=lambda t: -t[1].row["auc"]):  # best first
                 baseline = method in BASELINES
                 ax.plot(res.curves["fpr"], res.curves["tpr"], lw=1.6 if baseline else 2.2,
-                        ls="--" if baseline else "-", color="0.35" if baseline else colours[i],
+                        ls="--" if baseline else "-", color="0.35" if baseline else colours[method],
                         label=f"{method}: {_roc_label(res.row).split(': ', 1)[1]}")
             _style_unit_axes(ax, "False positive rate (1 - specificity)",
                              "True positive rate (sensitivity)")
@@ -496,7 +497,7 @@ def _checked(options: EvaluateOptions) -> EvaluateOptions:
 def load_score_sheets(scores_dir: Path) -> dict[str, pd.DataFrame]:
     """Every `<method>.xlsx` (method = file stem) except the combined sheets; baseline last."""
     paths = [p for p in sorted(Path(scores_dir).glob("*.xlsx"))
-             if p.name not in SKIPPED_SHEETS and not p.name.startswith((".", "~$"))]
+             if p.name not in SKIPPED_SHEETS and not p.name.startswith(SKIPPED_PREFIXES)]
     if not paths:
         raise UserError(f"{scores_dir} holds no score sheets (<method>.xlsx); run `anostyle "
                         f"score` first or point --scores at its output folder.")
@@ -566,7 +567,8 @@ def write_summary(table: pd.DataFrame, options: EvaluateOptions, notes: list[str
         {"summary": table, "options": pd.DataFrame({"option": list(config),
                                                     "value": [str(v) for v in config.values()]}),
          "notes": pd.DataFrame({"note": notes})},
-        options.outdir / "summary.xlsx", float_format="0.0000")
+        options.outdir / "summary.xlsx", float_format="0.0000",
+        column_formats={"threshold": "General"})  # thresholds live on the score's own scale
     rows = [{k: _json_value(v) for k, v in r.items()} for r in table.to_dict("records")]
     json_path = options.outdir / "summary.json"
     atomic_write_json(json_path, {"options": config, "rows": rows, "notes": notes})

@@ -47,9 +47,11 @@ def _cell_value(value: Any) -> Any:
     return str(value)
 
 
-def _write_sheet(ws, df: pd.DataFrame, *, float_format: str | None) -> None:
+def _write_sheet(ws, df: pd.DataFrame, *, float_format: str | None,
+                 column_formats: Mapping[str, str]) -> None:
     """Fill worksheet `ws` with `df`: bold frozen header, text-only strings, readable widths."""
     columns = [str(c) for c in df.columns]
+    formats = [column_formats.get(c, float_format) for c in columns]
     for j, name in enumerate(columns, start=1):
         cell = ws.cell(row=1, column=j, value=name)
         cell.data_type = "s"  # a header such as '=x' stays text too
@@ -64,8 +66,8 @@ def _write_sheet(ws, df: pd.DataFrame, *, float_format: str | None) -> None:
                 cell.data_type = "s"  # never 'f' (formula), whatever the text starts with
                 if value.startswith(FORMULA_PREFIXES):
                     cell.quotePrefix = True
-            elif isinstance(value, float) and float_format:
-                cell.number_format = float_format
+            elif isinstance(value, float) and formats[j - 1]:
+                cell.number_format = formats[j - 1]
             shown = len(value) if isinstance(value, str) else 12 if isinstance(value, float) else 8
             widths[j - 1] = max(widths[j - 1], shown)
     for j, width in enumerate(widths, start=1):
@@ -78,13 +80,19 @@ def _write_sheet(ws, df: pd.DataFrame, *, float_format: str | None) -> None:
 
 def write_frames(
     frames: Mapping[str, pd.DataFrame], path: str | os.PathLike, *, float_format: str | None = None,
+    column_formats: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write one sheet per DataFrame (sheet name -> frame) to an .xlsx file, atomically."""
+    """Write one sheet per DataFrame (sheet name -> frame) to an .xlsx file, atomically.
+
+    float_format: Excel number format of float cells (None: General); column_formats overrides
+    it per column name.
+    """
     path = Path(path)
     wb = openpyxl.Workbook()
     wb.remove(wb.active)
     for name, df in frames.items():
-        _write_sheet(wb.create_sheet(title=_sheet_title(name)), df, float_format=float_format)
+        _write_sheet(wb.create_sheet(title=_sheet_title(name)), df, float_format=float_format,
+                     column_formats=column_formats or {})
     with atomic_path(path) as tmp:
         wb.save(tmp)
     return path

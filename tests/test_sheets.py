@@ -103,3 +103,12 @@ def test_write_config_json(tmp_path):
 
     out = sheets.write_config_json(tmp_path, Cfg(Path("/data/x")), name="score.json")
     assert json.loads(out.read_text()) == {"path": "/data/x", "kappa": 1.0, "methods": ["izif"]}
+
+
+def test_number_formats(tmp_path):
+    df = pd.DataFrame({"auc": [0.91234], "threshold": [0.000123], "n": [3]})
+    path = sheets.write_frames({"s": df}, tmp_path / "f.xlsx", float_format="0.000",
+                               column_formats={"threshold": "General"})
+    ws = openpyxl.load_workbook(path)["s"]
+    assert ws["A2"].number_format == "0.000" and ws["A2"].value == 0.91234  # full value kept
+    assert ws["B2"].number_format == "General" and ws["C2"].number_format == "General"
