@@ -16,6 +16,15 @@ from stylegan.networks import Discriminator, DiscriminatorConfig, Generator, Gen
 BASE, CMAX = 256, 32  # channels: 4 -> 32, 8 -> 32, 16 -> 16, 32 -> 8
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy machine OpenMP barriers stall."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def small_g(**overrides) -> Generator:
     kwargs = dict(z_dim=16, w_dim=24, img_resolution=32, channel_base=BASE, channel_max=CMAX,
                   mapping_layers=2)
@@ -503,3 +512,20 @@ def test_discriminator_gradients_reach_every_parameter():
     assert img.grad is not None and img.grad.abs().sum() > 0
     for name, p in D.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_second_order_gradients_for_r1_and_path_length():
+    # R1 needs d/dparams of ||dD/dimg||^2; path length needs d/dparams of ||d(G.synthesis)/dws||.
+    D = small_d()
+    img = torch.randn(4, 3, 32, 32, requires_grad=True)
+    (grad,) = torch.autograd.grad(D(img, None).sum(), img, create_graph=True)
+    grad.square().sum().backward()
+    assert D.b32.conv1.weight.grad.abs().sum() > 0 and D.b4.fc.weight.grad.abs().sum() > 0
+    G = small_g()
+    G.train()  # plain modulated conv, as in training
+    ws = G.mapping(torch.randn(2, 16), None).detach().requires_grad_(True)
+    out = G.synthesis(ws, noise_mode="random")
+    (grad,) = torch.autograd.grad((out * torch.randn_like(out)).sum(), ws, create_graph=True)
+    grad.square().sum().backward()
+    assert G.synthesis.b16.conv0.weight.grad.abs().sum() > 0
+    assert G.synthesis.b32.torgb.affine.weight.grad.abs().sum() > 0

@@ -14,6 +14,15 @@ F4 = ops.setup_filter([1, 3, 3, 1])
 UP_TAPS = torch.tensor([0.25, 0.75, 0.75, 0.25])
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy machine OpenMP barriers stall."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_setup_filter_is_normalised_outer_product():
     assert F4.shape == (4, 4)
     assert F4.sum().item() == pytest.approx(1.0)
