@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import time
@@ -57,7 +58,9 @@ def images_per_second(G: Generator, *, batch: int, fused: bool, seconds: float) 
 def run(seconds: float) -> dict:
     torch.manual_seed(0)
     results = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-               "machine": platform.machine(), "seconds_per_case": seconds, "configs": {}}
+               "machine": platform.machine(), "cpus": os.cpu_count(),
+               "load_average_before": [round(v, 2) for v in os.getloadavg()],
+               "seconds_per_case": seconds, "configs": {}}
     for name, cfg in CONFIGS.items():
         G = Generator(cfg).eval()
         params = sum(p.numel() for p in G.parameters())
@@ -68,6 +71,8 @@ def run(seconds: float) -> dict:
                                     "peak_rss_mib_so_far": round(peak_rss_mib(), 1)}
         del G
     results["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    # Other processes compete for the cores: read the figures together with this.
+    results["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
     return results
 
 
@@ -75,7 +80,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=6.0,
                         help="time budget per (config, batch, path) case; one call at least")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(json.dumps(run(args.seconds), indent=2))
 
 

@@ -589,7 +589,7 @@ class Discriminator(nn.Module):
         x = None
         for res in self.block_resolutions:
             x, img = getattr(self, f"b{res}")(x, img, force_fp32=force_fp32)
-            feats[f"b{res}"] = x  # [N, ch(res/2), res/2, res/2]
+            feats[f"b{res}"] = x.to(torch.float32)  # [N, ch(res/2), res/2, res/2]
         head = self.b4.features(x, img)
         feats.update({f"b4.{name}": value for name, value in head.items()})
         return feats

@@ -529,3 +529,23 @@ def test_second_order_gradients_for_r1_and_path_length():
     grad.square().sum().backward()
     assert G.synthesis.b16.conv0.weight.grad.abs().sum() > 0
     assert G.synthesis.b32.torgb.affine.weight.grad.abs().sum() > 0
+
+
+def test_float16_path_when_forced(monkeypatch):
+    # The fp16 blocks run only on CUDA; force them here to check the path's dtype handling.
+    monkeypatch.setattr(nw, "_compute_dtype", lambda use_fp16, force_fp32, device:
+                        torch.float16 if use_fp16 and not force_fp32 else torch.float32)
+    G = small_g(num_fp16_res=2, conv_clamp=256)
+    z = torch.randn(2, 16)
+    for fused in (True, False):
+        half = G(z, None, fused_modconv=fused)
+        full = G(z, None, force_fp32=True)
+        assert half.dtype == torch.float32
+        assert torch.allclose(half, full, atol=0.02 * full.abs().max().item())
+        assert not torch.equal(half, full)
+    D = small_d(num_fp16_res=2, conv_clamp=256)
+    img = torch.randn(4, 3, 32, 32)
+    feats = D.block_features(img)
+    assert all(v.dtype == torch.float32 for v in feats.values())
+    full = D(img, None, force_fp32=True)
+    assert torch.allclose(D(img, None), full, atol=0.02 * full.abs().max().item())
