@@ -66,7 +66,7 @@ def main() -> None:
 @click.option("--aug", default="ada", show_default=True, type=click.Choice(["ada", "fixed", "noaug"]),
               help="Augmentation mode.")
 @click.option("--p", default=0.2, show_default=True, type=click.FloatRange(0, 1),
-              help="Probability for --aug=fixed (initial p for ada).")
+              help="Augmentation probability for --aug=fixed (ada starts at 0 and adapts).")
 @click.option("--target", default=0.6, show_default=True, type=click.FloatRange(0, 1),
               help="Target value for --aug=ada.")
 @click.option("--freezed", default=0, show_default=True, type=click.IntRange(min=0),

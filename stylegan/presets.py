@@ -72,6 +72,6 @@ def preset(name: str, *, resolution: int, gpus: int) -> Preset:
     if name == "cpu":
         batch = 16
         return Preset(batch=batch, gamma=0.0002 * resolution**2 / batch, glr=0.0025, dlr=0.0025,
-                      map_depth=2, cbase=4096, cmax=128, ema_kimg=1.0, ema_rampup=0.05,
+                      map_depth=2, cbase=2048, cmax=128, ema_kimg=batch * 10 / 32, ema_rampup=0.05,
                       mbstd_group=4, num_fp16_res=0, conv_clamp=None, z_dim=128, w_dim=128)
     raise UserError(f"unknown --cfg {name!r}; choose one of {', '.join(PRESET_NAMES)}")

@@ -368,7 +368,8 @@ def _augmentation(opts: TrainOptions, env: Dist, extra: dict) -> tuple[AugmentPi
                                                                         AdaController | None]:
     if opts.aug == "noaug":
         return None, None
-    p = float(extra.get("augment_p", opts.p)) if opts.aug == "ada" else opts.p
+    # As the official tools: ada starts from p = 0 (or the resumed snapshot's p); fixed uses --p.
+    p = float(extra.get("augment_p", 0.0)) if opts.aug == "ada" else opts.p
     augment = AugmentPipe(AugmentConfig(), p=p).to(env.device)
     if opts.aug == "fixed":
         return augment, None
