@@ -68,7 +68,7 @@ NOISE_MODES = ("const", "random", "none")
 
 
 def z_from_seed(seed: int, z_dim: int) -> torch.Tensor:
-    """The latent official tools use for `seed`: RandomState(seed).randn(1, z_dim) as float32. [1, z_dim]"""
+    """The latent official tools use for `seed`: RandomState(seed).randn(1, z_dim) as float32."""
     return torch.from_numpy(np.random.RandomState(seed).randn(1, z_dim).astype(np.float32))
 
 
@@ -148,7 +148,8 @@ class Conv2dLayer(nn.Module):
         self.conv_clamp = conv_clamp
         self.padding = kernel_size // 2
         self.register_buffer("resample_filter", ops.setup_filter(resample_filter))
-        self.weight = nn.Parameter(torch.randn([out_channels, in_channels, kernel_size, kernel_size]))
+        shape = [out_channels, in_channels, kernel_size, kernel_size]
+        self.weight = nn.Parameter(torch.randn(shape))
         self.bias = nn.Parameter(torch.zeros([out_channels])) if bias else None
         self.weight_gain = 1 / math.sqrt(in_channels * kernel_size * kernel_size)
 
@@ -250,7 +251,8 @@ class SynthesisLayer(nn.Module):
         self.padding = kernel_size // 2
         self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1)
         self.register_buffer("resample_filter", ops.setup_filter(resample_filter))
-        self.weight = nn.Parameter(torch.randn([out_channels, in_channels, kernel_size, kernel_size]))
+        shape = [out_channels, in_channels, kernel_size, kernel_size]
+        self.weight = nn.Parameter(torch.randn(shape))
         self.bias = nn.Parameter(torch.zeros([out_channels]))
         if use_noise:
             self.register_buffer("noise_const", torch.randn([resolution, resolution]))
@@ -288,11 +290,13 @@ class ToRGBLayer(nn.Module):
         super().__init__()
         self.conv_clamp = conv_clamp
         self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1)
-        self.weight = nn.Parameter(torch.randn([out_channels, in_channels, kernel_size, kernel_size]))
+        shape = [out_channels, in_channels, kernel_size, kernel_size]
+        self.weight = nn.Parameter(torch.randn(shape))
         self.bias = nn.Parameter(torch.zeros([out_channels]))
         self.weight_gain = 1 / math.sqrt(in_channels * kernel_size * kernel_size)
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor, *, fused_modconv: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, w: torch.Tensor, *,
+                fused_modconv: bool = True) -> torch.Tensor:
         """[N, I, H, W], [N, w_dim] -> [N, img_channels, H, W]"""
         styles = self.affine(w) * self.weight_gain  # [N, I]
         x = ops.modulated_conv2d(x, self.weight, styles, demodulate=False, fused=fused_modconv)
@@ -331,7 +335,11 @@ class SynthesisBlock(nn.Module):
     def forward(self, x: torch.Tensor | None, img: torch.Tensor | None, ws: torch.Tensor, *,
                 noise_mode: str = "const", force_fp32: bool = False,
                 fused_modconv: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """ws [N, num_conv + num_torgb, w_dim]; x [N, I, H/2, W/2] -> x [N, O, H, W], img [N, C, H, W]."""
+        """One resolution step: x [N, I, H/2, W/2] -> x [N, O, H, W], img [N, C, H, W].
+
+        ws [N, num_conv + num_torgb, w_dim]; x is None in the 4x4 block, img is None until the
+        first toRGB.
+        """
         n = ws.shape[0]
         assert ws.shape[1] == self.num_conv + self.num_torgb, (ws.shape, self.num_conv)
         dtype = _compute_dtype(self.use_fp16, force_fp32, ws.device)
@@ -410,6 +418,10 @@ class Generator(nn.Module):
         _check_common("GeneratorConfig", img_resolution=cfg.img_resolution, min_resolution=4,
                       architecture=cfg.architecture, channel_base=cfg.channel_base,
                       channel_max=cfg.channel_max)
+        if cfg.mapping_layers < 1 or cfg.z_dim + cfg.c_dim < 1 or cfg.w_dim < 1:
+            raise UserError(f"GeneratorConfig: mapping_layers ({cfg.mapping_layers}), "
+                            "z_dim + c_dim and w_dim must be at least 1; fix --map-depth or the "
+                            "latent sizes.")
         self.cfg = cfg
         self.z_dim, self.c_dim, self.w_dim = cfg.z_dim, cfg.c_dim, cfg.w_dim
         self.img_resolution, self.img_channels = cfg.img_resolution, cfg.img_channels
@@ -475,7 +487,8 @@ class DiscriminatorBlock(nn.Module):
         if hasattr(self, "fromrgb"):
             y = self.fromrgb(img.to(dtype))  # [N, tmp, H, W]
             x = y if x is None else x + y
-            img = ops.downsample2d(img, self.resample_filter) if self.architecture == "skip" else None
+            skip = self.architecture == "skip"
+            img = ops.downsample2d(img, self.resample_filter) if skip else None
         if self.architecture == "resnet":
             y = self.skip(x, gain=math.sqrt(0.5))
             x = y + self.conv1(self.conv0(x), gain=math.sqrt(0.5))
@@ -499,7 +512,7 @@ class MinibatchStdLayer(nn.Module):
 
 
 class DiscriminatorEpilogue(nn.Module):
-    """4x4 head: (fromRGB) -> minibatch stddev -> conv -> fc -> out (1 logit or cmap_dim projection)."""
+    """4x4 head: (fromRGB) -> minibatch stddev -> conv -> fc -> out (1 logit or cmap_dim values)."""
 
     def __init__(self, in_channels: int, cmap_dim: int, img_channels: int, *,
                  architecture: str = "resnet", mbstd_group_size: int | None = 4,
@@ -540,7 +553,7 @@ class DiscriminatorEpilogue(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """StyleGAN2 discriminator: DiscriminatorBlocks from img_resolution down to 8, then the 4x4 epilogue."""
+    """StyleGAN2 discriminator: blocks from img_resolution down to 8, then the 4x4 epilogue."""
 
     def __init__(self, cfg: DiscriminatorConfig) -> None:
         super().__init__()

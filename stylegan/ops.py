@@ -95,7 +95,10 @@ def fir_filter2d(
 
 
 def _upsample_zeros(x: torch.Tensor, up: int) -> torch.Tensor:
-    """Insert up-1 zeros after every sample on both spatial axes: [N, C, H, W] -> [N, C, up*H, up*W]."""
+    """Insert up-1 zeros after every sample on both spatial axes.
+
+    [N, C, H, W] -> [N, C, up*H, up*W]
+    """
     n, c, h, w = x.shape
     out = x.new_zeros([n, c, h, up, w, up])
     out[:, :, :, 0, :, 0] = x
@@ -103,10 +106,11 @@ def _upsample_zeros(x: torch.Tensor, up: int) -> torch.Tensor:
 
 
 def upsample2d(x: torch.Tensor, f: torch.Tensor, *, up: int = 2) -> torch.Tensor:
-    """FIR upsampling by `up`: zero insertion, then the filter with gain up^2. [N, C, H, W] -> [N, C, up*H, up*W].
+    """FIR upsampling by `up`: zero insertion, then the filter with gain up^2.
 
-    Computed as a depthwise transposed convolution (polyphase form: it skips the products with
-    the inserted zeros): out[q] = sum_j x[j] * f[q + K - 1 - before - up * j].
+    [N, C, H, W] -> [N, C, up*H, up*W]. Computed as a depthwise transposed convolution (the
+    polyphase form skips the products with the inserted zeros):
+    out[q] = sum_j x[j] * f[q + K - 1 - before - up * j].
     """
     k = f.shape[-1]
     before, after = (k + up - 1) // 2, (k - up) // 2  # (2, 1) for 4 taps and up = 2
@@ -121,14 +125,18 @@ def upsample2d(x: torch.Tensor, f: torch.Tensor, *, up: int = 2) -> torch.Tensor
 
 
 def downsample2d(x: torch.Tensor, f: torch.Tensor, *, down: int = 2) -> torch.Tensor:
-    """FIR downsampling by `down`: filter (gain 1), keep every `down`-th sample. [N, C, H, W] -> [N, C, H/down, W/down]."""
+    """FIR downsampling by `down`: filter (gain 1), keep every `down`-th sample.
+
+    [N, C, H, W] -> [N, C, H/down, W/down]
+    """
     k = f.shape[-1]
     before, after = (k - down + 1) // 2, (k - down) // 2  # (1, 1) for 4 taps and down = 2
     return fir_filter2d(x, f, padding=(before, after, before, after), down=down)
 
 
 def _transposed_weight(w: torch.Tensor, groups: int) -> torch.Tensor:
-    """[O, I, K, K] conv weight (O = groups * O_g) -> [groups * I, O_g, K, K] for conv_transpose2d."""
+    """Conv weight [O, I, K, K] (O = groups * O_g) -> [groups * I, O_g, K, K], as
+    conv_transpose2d wants it."""
     o, i, kh, kw = w.shape
     w = w.reshape(groups, o // groups, i, kh, kw).transpose(1, 2)
     return w.reshape(groups * i, o // groups, kh, kw)
@@ -230,7 +238,9 @@ def modulated_conv2d(
 def minibatch_std(
     x: torch.Tensor, *, group_size: int | None = 4, num_channels: int = 1
 ) -> torch.Tensor:
-    """Append the minibatch standard deviation as extra feature maps: [N, C, H, W] -> [N, C + F, H, W].
+    """Append the minibatch standard deviation as F extra feature maps.
+
+    [N, C, H, W] -> [N, C + F, H, W].
 
     Groups take every (N/G)-th sample: sample i belongs to group i % (N/G).
     """

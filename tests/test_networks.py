@@ -71,7 +71,8 @@ def expected_g_keys(*, z_dim, c_dim, w_dim, res, layers, img_channels=3):
         layer(f"{b}.conv1", ch(r), ch(r), r)
         keys.update({f"{b}.torgb.weight": (img_channels, ch(r), 1, 1),
                      f"{b}.torgb.bias": (img_channels,),
-                     f"{b}.torgb.affine.weight": (ch(r), w_dim), f"{b}.torgb.affine.bias": (ch(r),)})
+                     f"{b}.torgb.affine.weight": (ch(r), w_dim),
+                     f"{b}.torgb.affine.bias": (ch(r),)})
         r *= 2
     return keys
 
@@ -161,6 +162,8 @@ def test_bad_config_is_a_user_error():
         small_g(img_resolution=48)
     with pytest.raises(UserError, match="architecture"):
         small_d(architecture="dense")
+    with pytest.raises(UserError, match="map-depth"):
+        small_g(mapping_layers=0)
 
 
 def test_z_from_seed_matches_numpy():
@@ -188,7 +191,8 @@ def test_conv_layer_gain_and_clamp():
     with torch.no_grad():
         conv.weight.fill_(1.0)
     out = conv(torch.ones(1, 2, 5, 5))
-    # interior: 18 taps / sqrt(2 * 9) = sqrt(18); lrelu gain sqrt(2) -> 6; edge: 12 / sqrt(18) * sqrt(2) = 4
+    # interior: 18 taps / sqrt(2 * 9) = sqrt(18), lrelu gain sqrt(2) -> 6;
+    # edge: 12 / sqrt(18) * sqrt(2) = 4
     assert out[0, 0, 2, 2].item() == pytest.approx(6.0)
     assert out[0, 0, 0, 2].item() == pytest.approx(4.0)
     clamped = nw.Conv2dLayer(2, 1, 3, activation="lrelu", conv_clamp=2.0)
