@@ -44,8 +44,8 @@ class EncoderConfig:
         assert self.img_channels in (1, 3), self.img_channels
         assert self.num_ws >= 1 and self.w_dim >= 1, (self.num_ws, self.w_dim)
         assert self.latent in LATENTS, f"latent must be one of {LATENTS}, got {self.latent!r}"
-        assert channels_at(res, channel_base=self.channel_base, channel_max=self.channel_max) >= 1, \
-            f"channel_base {self.channel_base} gives no channels at {res} px"
+        channels = channels_at(res, channel_base=self.channel_base, channel_max=self.channel_max)
+        assert channels >= 1, f"channel_base {self.channel_base} gives no channels at {res} px"
 
     @property
     def num_codes(self) -> int:
@@ -86,7 +86,7 @@ class Encoder(nn.Module):
             f"images must be [N, {c}, {res}, {res}], got {tuple(img.shape)}"
         x, rgb = None, img.to(torch.float32)
         for res in self._block_resolutions():
-            x, rgb = getattr(self, f"b{res}")(x, rgb, force_fp32=True)  # [N, ch(res/2), res/2, res/2]
+            x, rgb = getattr(self, f"b{res}")(x, rgb, force_fp32=True)  # [N, ch, res/2, res/2]
         x = self.conv4(x)  # [N, C4, 4, 4]
         x = self.fc(x.flatten(1))  # [N, C4]
         offset = self.head(x).reshape(-1, self.cfg.num_codes, self.w_dim)  # [N, 1 or K, D]

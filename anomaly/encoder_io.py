@@ -1,0 +1,166 @@
+"""Encoder checkpoints and the setup shared by `train-encoder`, `reconstruct` and `project`.
+
+An encoder checkpoint is ONE `.safetensors` file laid out like the network checkpoints of
+stylegan.checkpoint: the encoder's tensors (including its `w_avg` buffer) plus, in the safetensors
+metadata (string -> string), `format` = "anostyle-encoder", `format_version`, and under `anostyle`
+JSON {"config": EncoderConfig, "extra": training options, iteration and the network the encoder
+was trained against (path, sha256, generator config)}. Loading runs no code from the file; its
+optimizer state lives beside it in `encoder-<iter>.state.pt` (stylegan.checkpoint's
+save_training_state format).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from anomaly.encoder import Encoder, EncoderConfig
+from stylegan.checkpoint import FORMAT as NETWORK_FORMAT
+from stylegan.checkpoint import config_from_dict, load_network
+from stylegan.errors import UserError
+from stylegan.fileio import atomic_path
+from stylegan.legacy import load_tensors
+
+ENCODER_FORMAT = "anostyle-encoder"
+ENCODER_VERSION = 1
+ENCODER_PREFIX = "encoder-"
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder checkpoints
+
+
+def save_encoder(path: str | os.PathLike, E: Encoder, *, extra: dict[str, Any] | None = None
+                 ) -> None:
+    """Write `E` (weights + EncoderConfig) and `extra` (JSON-able) to one .safetensors file."""
+    tensors = {name: t.detach().to("cpu", torch.float32).contiguous()
+               for name, t in E.state_dict().items()}
+    body = {"config": dataclasses.asdict(E.cfg), "extra": extra or {}}
+    metadata = {"format": ENCODER_FORMAT, "format_version": str(ENCODER_VERSION),
+                "anostyle": json.dumps(body)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def read_metadata(path: str | os.PathLike, *, flag: str = "--encoder") -> dict[str, str]:
+    """The safetensors metadata of `path`; a missing or non-safetensors file is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{flag} {path} does not exist; give an encoder-<iter>.safetensors file "
+                        f"written by `anostyle train-encoder`.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{flag} {path} is not a safetensors checkpoint ({exc}); give an "
+                        f"encoder-<iter>.safetensors file written by `anostyle train-encoder`."
+                        ) from None
+
+
+def load_encoder(path: str | os.PathLike, *, device: str | torch.device = "cpu"
+                 ) -> tuple[Encoder, dict[str, Any]]:
+    """Encoder (eval mode, on `device`) and its `extra` metadata from an encoder checkpoint."""
+    path = Path(path)
+    if path.suffix == ".pkl":
+        raise UserError(f"{path} is a network pickle, not an encoder; pass it to --network and "
+                        f"give --encoder an encoder-<iter>.safetensors file.")
+    metadata = read_metadata(path)
+    kind = metadata.get("format", "")
+    if kind != ENCODER_FORMAT:
+        if kind == NETWORK_FORMAT:
+            raise UserError(f"{path} is a network checkpoint, not an encoder; pass it to "
+                            f"--network.")
+        raise UserError(f"{path} is not an AnoStyle encoder checkpoint (format {kind!r}); give "
+                        f"an encoder-<iter>.safetensors file written by `anostyle train-encoder`.")
+    if int(metadata.get("format_version", "0")) > ENCODER_VERSION:
+        raise UserError(f"{path} was written by a newer AnoStyle (encoder format version "
+                        f"{metadata['format_version']}); upgrade AnoStyle to read it.")
+    body = json.loads(metadata["anostyle"])
+    cfg = config_from_dict(EncoderConfig, body["config"], source=str(path))
+    E = load_tensors(Encoder(cfg), load_file(str(path), device="cpu"), what=f"{path} (encoder)")
+    return E.to(device).eval().requires_grad_(False), body.get("extra", {})
+
+
+def state_path(encoder_path: str | os.PathLike) -> Path:
+    """`encoder-000100.safetensors` -> `encoder-000100.state.pt` (optimizer, iteration, RNG)."""
+    path = Path(encoder_path)
+    return path.with_name(path.name.removesuffix(".safetensors") + ".state.pt")
+
+
+def encoder_checkpoints(outdir: str | os.PathLike) -> list[Path]:
+    """Every `encoder-<iter>.safetensors` in `outdir`, oldest iteration first."""
+    found = [p for p in Path(outdir).glob(f"{ENCODER_PREFIX}*.safetensors")
+             if p.name.removeprefix(ENCODER_PREFIX).removesuffix(".safetensors").isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(ENCODER_PREFIX):-len(".safetensors")]))
+
+
+def find_latest_encoder(outdir: str | os.PathLike) -> Path:
+    """The newest complete pair (encoder .safetensors + .state.pt) in `outdir` (--resume latest)."""
+    complete = [p for p in encoder_checkpoints(outdir) if state_path(p).is_file()]
+    if not complete:
+        raise UserError(f"--resume latest found no encoder checkpoint with its .state.pt in "
+                        f"{outdir}; train first or pass --resume PATH.")
+    return complete[-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks and devices
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' | 'cpu' | 'cuda' -> a torch device (auto: CUDA when available)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is available; use "
+                        "--device cpu.")
+    return torch.device(name)
+
+
+def load_frozen_networks(path: str | os.PathLike, *, device: torch.device, need_D: bool
+                         ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """(G, D) from a network file, frozen and in eval mode; G is G_ema when the file has it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--network {path} does not exist; give a network-snapshot .pkl or "
+                        f".safetensors file.")
+    nets = load_network(path)
+    G = nets.get("G_ema") if nets.get("G_ema") is not None else nets.get("G")
+    D = nets.get("D")
+    if G is None:
+        raise UserError(f"--network {path} holds no generator; give a snapshot with G or G_ema.")
+    if need_D and D is None:
+        raise UserError(f"--network {path} holds no discriminator, which the feature loss needs; "
+                        f"give a full training snapshot or pass --kappa 0.")
+    G = G.to(device).eval().requires_grad_(False)
+    D = None if D is None else D.to(device).eval().requires_grad_(False)
+    return G, D
+
+
+def check_compatible(E: Encoder, G: torch.nn.Module, *, encoder_path: str | os.PathLike,
+                     network_path: str | os.PathLike) -> None:
+    """Refuse an encoder that was built for a different generator shape."""
+    pairs = [("resolution", E.img_resolution, G.img_resolution),
+             ("image channels", E.img_channels, G.img_channels),
+             ("number of ws", E.num_ws, G.num_ws), ("w_dim", E.w_dim, G.w_dim)]
+    for what, e, g in pairs:
+        if e != g:
+            raise UserError(f"--encoder {encoder_path} has {what} {e} but --network "
+                            f"{network_path} has {g}; use the encoder trained for this network.")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes (recorded with the network an encoder was trained against)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
