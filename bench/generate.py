@@ -19,9 +19,9 @@ import torch
 from stylegan.networks import Generator, GeneratorConfig
 
 CONFIGS = {
-    # The network `--cfg cpu` trains (stylegan/presets.py): small enough for two CPU cores.
+    # The network `--cfg cpu` trains (stylegan/presets.py: cbase 2048, cmax 128, 128-d W).
     "cpu64": GeneratorConfig(z_dim=128, w_dim=128, img_resolution=64, mapping_layers=2,
-                             channel_base=4096, channel_max=128),
+                             channel_base=2048, channel_max=128),
     # paper256-shaped (Karras et al. 2020, ADA paper): 256 px, 8 mapping layers, 512-d W.
     "paper256": GeneratorConfig(z_dim=512, w_dim=512, img_resolution=256, mapping_layers=8,
                                 channel_base=16384, channel_max=512),
