@@ -1,0 +1,340 @@
+"""Reconstruction x -> E(x) -> G(E(x)) (Schlegl et al. 2019, f-AnoGAN, Sec. 2.2: the izif mapping
+G(E(x)) whose residual is the anomaly evidence), the discriminator features f(.) of the izif
+loss and score, and `anostyle reconstruct` (a folder or zip -> reconstructed PNGs, same names).
+
+Inputs may be a prepared zip/folder or a plain folder (or zip) of images of any size: every
+image is decoded with the project's one decoding policy (stylegan.imageio) and fitted to the
+network's resolution the way `anostyle prepare` does (center-crop to a square, box resize).
+
+Shape letters: N batch, C channels, H/W height/width, K number of style vectors, D w_dim.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from stylegan.errors import UserError
+from stylegan.imageio import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, ImageRejected, decode
+from stylegan.imageutil import from_uint8, save_image, to_uint8
+from stylegan.prepare import fit_square
+
+SOURCE_EXTENSIONS = IMAGE_EXTENSIONS | DICOM_EXTENSIONS
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder + generator + discriminator features (used by fit, project, score and tsne)
+
+
+def encode(E: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Images [N, C, H, W] in [-1, 1] -> codes ws [N, K, D]."""
+    res = E.img_resolution
+    assert images.ndim == 4 and images.shape[1:] == (E.img_channels, res, res), \
+        f"images must be [N, {E.img_channels}, {res}, {res}], got {tuple(images.shape)}"
+    return E(images)
+
+
+def reconstruct_batch(G: torch.nn.Module, E: torch.nn.Module, images: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images [N, C, H, W] in [-1, 1] -> (ws [N, K, D], G.synthesis(ws) [N, C, H, W]).
+
+    Gradients flow unless the caller wraps the call in torch.no_grad() (training needs them).
+    """
+    ws = encode(E, images)
+    return ws, G.synthesis(ws, noise_mode="const")
+
+
+def feature_layer_names(D: torch.nn.Module) -> list[str]:
+    """Names `discriminator_features` accepts: 'b{res}' from img_resolution down to 8, then
+    'b4.conv', 'b4.fc'."""
+    return [f"b{res}" for res in D.block_resolutions] + ["b4.conv", "b4.fc"]
+
+
+def check_feature_layer(D: torch.nn.Module, layer: str) -> None:
+    """Refuse a `--feature-layer` name the discriminator does not have, in one sentence."""
+    names = feature_layer_names(D)
+    if layer not in names:
+        raise UserError(f"--feature-layer {layer!r} is not a layer of this discriminator; "
+                        f"choose one of {', '.join(names)}.")
+
+
+def discriminator_features(D: torch.nn.Module, images: torch.Tensor, layer: str) -> torch.Tensor:
+    """Features f(x) at `layer` (see feature_layer_names), float32.
+
+    'b{res}' runs only the blocks up to that one: each image's features are its own. 'b4.conv'
+    and 'b4.fc' pass through D's minibatch-stddev layer, which mixes the images of a batch; a
+    batch not divisible by the group size is padded with copies of its last image.
+    """
+    if layer.startswith("b4."):
+        return _epilogue_features(D, images, layer)
+    res = int(layer[1:])
+    assert res in D.block_resolutions, f"unknown feature layer {layer!r}"
+    x, img = None, images
+    for block_res in D.block_resolutions:
+        x, img = getattr(D, f"b{block_res}")(x, img)  # [N, ch, block_res/2, block_res/2]
+        if block_res == res:
+            return x.to(torch.float32)
+    raise AssertionError("unreachable")
+
+
+def _epilogue_features(D: torch.nn.Module, images: torch.Tensor, layer: str) -> torch.Tensor:
+    n = images.shape[0]
+    group = getattr(getattr(D.b4, "mbstd", None), "group_size", None)
+    pad = (-n) % min(group, n) if group else 0
+    if pad:
+        images = torch.cat([images, images[-1:].expand(pad, -1, -1, -1)])  # [N + pad, C, H, W]
+    return D.block_features(images)[layer][:n].to(torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image sources: a folder or zip of images of any size -> fitted uint8 batches with names
+
+
+@dataclass(frozen=True)
+class SourceImages:
+    """The usable image files of a source (folder or zip), relative posix names, sorted."""
+
+    path: Path
+    names: tuple[str, ...]
+
+    @property
+    def is_zip(self) -> bool:
+        return self.path.is_file()
+
+
+def list_source(path: str | os.PathLike, *, flag: str = "--source") -> SourceImages:
+    """Every image file in a folder (recursively) or zip; missing or empty: a UserError."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{flag} {path} does not exist; give a folder or zip of images.")
+    if path.is_file():
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except zipfile.BadZipFile:
+            raise UserError(f"{flag} {path} is neither a folder nor a zip file; give a folder "
+                            f"or zip of images.") from None
+    else:
+        names = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
+    names = sorted(n for n in names if _is_image_name(n))
+    if not names:
+        raise UserError(f"{flag} {path} contains no images ({', '.join(sorted(SOURCE_EXTENSIONS))}"
+                        f"); check the path.")
+    return SourceImages(path, tuple(names))
+
+
+def _is_image_name(name: str) -> bool:
+    parts = PurePosixPath(name).parts
+    return (PurePosixPath(name).suffix.lower() in SOURCE_EXTENSIONS and not name.endswith("/")
+            and bool(parts) and parts[0] != "__MACOSX"
+            and not any(p.startswith(".") and p not in (".", "..") for p in parts))
+
+
+class _Reader:
+    """Bytes of source files by name; a zip is opened once, in the process that reads."""
+
+    def __init__(self, source: SourceImages):
+        self.source = source
+        self.zip = zipfile.ZipFile(source.path) if source.is_zip else None
+
+    def __enter__(self) -> "_Reader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.zip is not None:
+            self.zip.close()
+
+    def read(self, name: str) -> bytes:
+        if self.zip is not None:
+            return self.zip.read(name)
+        return (self.source.path / name).read_bytes()
+
+
+def read_fitted(data: bytes, name: str, *, resolution: int, channels: int) -> np.ndarray:
+    """The encoded bytes of source file `name`, decoded and fitted: uint8 [C, H, W].
+
+    Raises ImageRejected for a file that is not a usable image.
+    """
+    img = decode(data, suffix=PurePosixPath(name).suffix, channels=channels,
+                 draft_size=resolution)
+    array = np.asarray(fit_square(img, resolution), dtype=np.uint8)  # [H, W] or [H, W, C]
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return np.ascontiguousarray(array.transpose(2, 0, 1))  # [C, H, W]
+
+
+def iterate_source(source: SourceImages, *, resolution: int, channels: int, batch: int,
+                   skipped: list[tuple[str, str]]) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """Batches (uint8 [N, C, H, W], names); unreadable files are appended to `skipped`."""
+    images, names = [], []
+    with _Reader(source) as reader:
+        for name in source.names:
+            try:
+                images.append(read_fitted(reader.read(name), name, resolution=resolution,
+                                          channels=channels))
+                names.append(name)
+            except ImageRejected as exc:
+                skipped.append((name, str(exc)))
+            if len(images) == batch:
+                yield torch.from_numpy(np.stack(images)), names
+                images, names = [], []
+    if images:
+        yield torch.from_numpy(np.stack(images)), names
+
+
+def output_name(name: str) -> PurePosixPath:
+    """Relative output name for source file `name`: same folders and stem, `.png`.
+
+    Parts that could leave the output folder ('..', '.', empty, drive letters) are dropped, so a
+    crafted zip entry like '../../x.jpg' is written as 'x.png' inside the output folder.
+    """
+    parts = [p for p in name.replace("\\", "/").split("/")
+             if p not in ("", ".", "..") and not p.endswith(":")]
+    if not parts:
+        raise UserError(f"source file name {name!r} has no usable file name; rename it.")
+    return PurePosixPath(*parts).with_suffix(".png")
+
+
+def output_paths(outdir: Path, names: tuple[str, ...]) -> dict[str, Path]:
+    """Source name -> output path inside `outdir`; two sources writing one file is a UserError."""
+    root = outdir.resolve()
+    paths: dict[str, Path] = {}
+    taken: dict[Path, str] = {}
+    for name in names:
+        path = (root / output_name(name)).resolve()
+        if root not in path.parents:
+            raise UserError(f"source file {name!r} would be written outside {outdir}; rename it.")
+        if path in taken:
+            raise UserError(f"source files {taken[path]!r} and {name!r} would both be written as "
+                            f"{path.relative_to(root)}; rename one of them.")
+        taken[path] = name
+        paths[name] = path
+    return paths
+
+
+RESIDUAL_VMAX = 0.5  # mean |x - G(E(x))| (in [-1, 1] units) shown at the top of the colour map
+
+
+def residual_images(x: torch.Tensor, rec: torch.Tensor) -> np.ndarray:
+    """Heat-coloured residual maps mean_c |x - rec|: uint8 [N, H, W, 3] ('inferno').
+
+    Fixed scale, so that images stay comparable: 0 -> black, RESIDUAL_VMAX or more -> the
+    colour map's top (pale yellow).
+    """
+    from anomaly.heatmap import overlay, residual_map  # matplotlib: only when asked for
+
+    blank = np.zeros((x.shape[2], x.shape[3], 3), dtype=np.uint8)
+    return np.stack([overlay(blank, residual_map(x[i], rec[i]), alpha=1.0, vmin=0.0,
+                             vmax=RESIDUAL_VMAX) for i in range(len(x))])  # [N, H, W, 3]
+
+
+# ----------------------------------------------------------------------------------------------
+# `anostyle reconstruct`
+
+
+@dataclass(frozen=True)
+class ReconstructOptions:
+    """Options of `anostyle reconstruct`."""
+
+    network: str
+    encoder: str
+    source: str
+    outdir: str
+    residual: bool = False  # also write <name>_residual.png (see residual_images)
+    batch: int = 16
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class ReconstructSummary:
+    """What `reconstruct_folder` wrote."""
+
+    outdir: Path
+    written: int
+    skipped: tuple[tuple[str, str], ...]  # (source name, reason)
+    mean_mse: float  # mean over images of the pixel MSE in [-1, 1] units
+    csv: Path
+
+
+def load_encoder_and_generator(network: str, encoder: str, device: torch.device
+                               ) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(G, E) frozen on `device`, checked to fit each other."""
+    from anomaly.encoder_io import check_compatible, load_encoder, load_frozen_networks
+
+    E, _meta = load_encoder(encoder, device=device)  # first: a wrong kind of file fails fast
+    G, _D = load_frozen_networks(network, device=device, need_D=False)
+    check_compatible(E, G, encoder_path=encoder, network_path=network)
+    return G, E
+
+
+def reconstruct_folder(opts: ReconstructOptions) -> ReconstructSummary:
+    """Write G(E(x)) for every image of `opts.source` under its own name (as PNG) in outdir."""
+    from anomaly.encoder_io import resolve_device
+
+    assert opts.batch >= 1, opts.batch
+    device = resolve_device(opts.device)
+    source = list_source(opts.source)
+    G, E = load_encoder_and_generator(opts.network, opts.encoder, device)
+    outdir = Path(opts.outdir)
+    paths = output_paths(outdir, source.names)
+    skipped: list[tuple[str, str]] = []
+    rows = []
+    batches = iterate_source(source, resolution=G.img_resolution, channels=G.img_channels,
+                             batch=opts.batch, skipped=skipped)
+    with tqdm(total=len(source.names), desc="reconstruct", unit="img", disable=None) as bar:
+        for images, names in batches:
+            x = from_uint8(images.to(device))  # [N, C, H, W]
+            with torch.no_grad():
+                _ws, rec = reconstruct_batch(G, E, x)
+            mse = (x - rec).square().flatten(1).mean(dim=1).tolist()  # [N]
+            _write_batch(rec, x, [paths[n] for n in names], residual=opts.residual)
+            rows += [(n, paths[n].relative_to(outdir.resolve()).as_posix(), m)
+                     for n, m in zip(names, mse)]
+            bar.update(len(names))
+    if not rows:
+        raise UserError(f"--source {opts.source} holds no readable image "
+                        f"({skipped[0][0]}: {skipped[0][1]}); check the files.")
+    csv_path = write_csv(outdir / "reconstruction.csv", ["file", "output", "mse"], rows)
+    return ReconstructSummary(outdir, len(rows), tuple(skipped),
+                              float(np.mean([r[2] for r in rows])), csv_path)
+
+
+def _write_batch(rec: torch.Tensor, x: torch.Tensor, paths: list[Path], *,
+                 residual: bool) -> None:
+    rec_u8 = to_uint8(rec)  # [N, H, W, C]
+    heat = residual_images(x, rec) if residual else None  # [N, H, W, 3]
+    for i, path in enumerate(paths):
+        save_image(rec_u8[i], path)
+        if heat is not None:
+            save_image(heat[i], path.with_name(f"{path.stem}_residual.png"))
+
+
+def write_csv(path: Path, header: list[str], rows: list[tuple]) -> Path:
+    """Write a small CSV atomically; text cells starting with = + - @ get a leading ' so that
+    spreadsheets show them as text, never as formulas."""
+    from stylegan.fileio import atomic_write_bytes
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow([_safe_cell(v) for v in row])
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+    return path
+
+
+def _safe_cell(value):
+    if isinstance(value, float):
+        return f"{value:.8g}"
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
