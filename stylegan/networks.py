@@ -470,8 +470,9 @@ class DiscriminatorBlock(nn.Module):
         self.conv1 = Conv2dLayer(tmp_channels, out_channels, 3, activation="lrelu", down=2,
                                  **conv_kwargs)
         if architecture == "resnet":
+            # The official skip layer has no activation clamp (conv_clamp stays None).
             self.skip = Conv2dLayer(tmp_channels, out_channels, 1, bias=False, down=2,
-                                    **conv_kwargs)
+                                    resample_filter=resample_filter)
 
     def layers(self) -> list[nn.Module]:
         """This block's layers in the official freeze-counting order."""

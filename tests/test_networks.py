@@ -553,3 +553,12 @@ def test_float16_path_when_forced(monkeypatch):
     assert all(v.dtype == torch.float32 for v in feats.values())
     full = D(img, None, force_fp32=True)
     assert torch.allclose(D(img, None), full, atol=0.02 * full.abs().max().item())
+
+
+def test_discriminator_skip_layer_is_not_clamped():
+    # Official resnet D: fromrgb/conv0/conv1 honour conv_clamp, the 1x1 skip layer does not.
+    D = nw.Discriminator(nw.DiscriminatorConfig(img_resolution=16, channel_base=64,
+                                                channel_max=8, conv_clamp=0.5))
+    block = D.b16
+    assert block.skip.conv_clamp is None
+    assert block.conv0.conv_clamp == 0.5 and block.conv1.conv_clamp == 0.5
