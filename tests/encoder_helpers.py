@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from anomaly.encoder import Encoder, EncoderConfig
@@ -57,3 +58,13 @@ def write_folder(folder: Path, images_nhwc: np.ndarray, *, prefix: str = "img") 
     for name, image in zip(names, images_nhwc):
         save_image(image, folder / name)
     return names
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny networks gain nothing from threads, and on a busy 2-core machine OpenMP barriers make
+    them many times slower: compute on one thread, then restore the setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from anomaly.encoder import Encoder, EncoderConfig
 from anomaly.encoder_io import (ENCODER_FORMAT, encoder_checkpoints, find_latest_encoder,
                                 load_encoder, save_encoder, state_path)
+from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
 from encoder_helpers import E_BASE, E_MAX, save_tiny_networks, tiny_encoder, tiny_networks
 from stylegan.checkpoint import load_network
 from stylegan.errors import UserError

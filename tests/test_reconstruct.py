@@ -20,6 +20,7 @@ from anomaly.encoder_io import save_encoder
 from anomaly.reconstruct import (RESIDUAL_VMAX, check_feature_layer, discriminator_features,
                                  feature_layer_names, output_name, output_paths,
                                  reconstruct_batch, residual_images)
+from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
 from encoder_helpers import (sample_images, save_tiny_networks, tiny_encoder, tiny_networks,
                              write_folder)
 from stylegan.errors import UserError
