@@ -11,6 +11,9 @@ from stylegan.errors import UserError
 class _Group(click.Group):
     """Click group that turns `UserError` into a one-line error message."""
 
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)  # workflow order, as defined below
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -258,3 +261,198 @@ def report(graphics_dir: str, title: str) -> None:
     from anomaly.report import write_report
 
     click.echo(f"wrote {write_report(graphics_dir, title=title)}")
+
+
+# ---- train-encoder / reconstruct / project ---------------------------------------------------
+
+@main.command("train-encoder")
+@click.option("--network", required=True, type=click.Path(), metavar="PKL|CKPT",
+              help="Trained GAN: official .pkl or AnoStyle .safetensors (G_ema and D are used).")
+@click.option("--data", required=True, type=click.Path(), metavar="[ZIP|DIR]",
+              help="Normal training images (train.zip from `anostyle prepare`).")
+@click.option("--outdir", default="checkpointed", show_default=True, type=click.Path(),
+              metavar="DIR", help="Where encoder checkpoints, rec grids and stats go.")
+@click.option("--kimg", type=click.FloatRange(min=0, min_open=True),
+              help="Training length in thousands of images [200].")
+@click.option("--iters", type=click.IntRange(min=1), help="Training length in iterations.")
+@click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Images per iteration.")
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Adam learning rate (equalized-lr layers, as in StyleGAN).")
+@click.option("--kappa", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="Weight of the discriminator-feature term (0: pixels only, no D needed).")
+@click.option("--latent", type=click.Choice(["wplus", "w"]),
+              help="Predict W+ (one code per layer) or one W [wplus, or the resumed encoder's].")
+@click.option("--feature-layer", default="b8", show_default=True, metavar="NAME",
+              help="D features for the loss: b<res> (block outputs; b8 enters the 4x4 head), "
+                   "b4.conv or b4.fc (these mix the batch through minibatch-stddev).")
+@click.option("--w-reg", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Weight of a pull of the codes towards W (normalised distance from w_avg).")
+@click.option("--snap", default=1000, show_default=True, type=click.IntRange(min=0),
+              help="Iterations between checkpoints and rec grids (0: only at the end).")
+@click.option("--tick", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Iterations between lines in stats.jsonl and log.txt.")
+@click.option("--resume", metavar="latest|PATH",
+              help="Continue from the newest checkpoint in --outdir, or from an encoder file.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
+              help="DataLoader worker processes.")
+@click.option("--device", default="auto", show_default=True,
+              type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train.")
+@click.option("--cbase", type=click.IntRange(min=1), help="Encoder capacity: channel base [4096].")
+@click.option("--cmax", type=click.IntRange(min=1), help="Encoder capacity: max channels [256].")
+@click.option("-n", "--dry-run", is_flag=True, help="Print the resolved options and exit.")
+def train_encoder(dry_run: bool, **flags) -> None:
+    """Train an izif encoder (f-AnoGAN) for a frozen generator and discriminator.
+
+    Loss = mean (x - G(E(x)))^2 + kappa * mean (f(x) - f(G(E(x))))^2, f = D features.
+    Writes encoder-<iter>.safetensors (+ .state.pt), rec<iter>.png, stats.jsonl, log.txt and
+    encoder_options.json to --outdir.
+
+    \b
+    Example:
+      anostyle train-encoder --network network-snapshot-000200.safetensors \\
+        --data prepared/train.zip --outdir checkpointed --kimg 200
+    """
+    import dataclasses
+    import json
+
+    from anomaly.fit import FitOptions, fit_encoder
+
+    opts = FitOptions(**flags)
+    if dry_run:
+        click.echo(json.dumps({**dataclasses.asdict(opts), "total_iters": opts.total_iters()},
+                              indent=2))
+        return
+    click.echo(f"encoder: {fit_encoder(opts)}")
+
+
+@main.command("reconstruct")
+@click.option("--network", required=True, type=click.Path(), metavar="PKL|CKPT",
+              help="The GAN the encoder was trained for.")
+@click.option("--encoder", required=True, type=click.Path(), metavar="CKPT",
+              help="encoder-<iter>.safetensors from `anostyle train-encoder`.")
+@click.option("--source", required=True, type=click.Path(), metavar="DIR|ZIP",
+              help="Images: a prepared zip/folder or a plain folder of any-size images.")
+@click.option("--outdir", default="generated_img", show_default=True, type=click.Path(),
+              metavar="DIR", help="Where the reconstructions go (same names, as .png).")
+@click.option("--residual", is_flag=True,
+              help="Also write <name>_residual.png: |x - G(E(x))| in the inferno colour map, "
+                   "fixed scale (black 0 .. pale yellow >= 0.5 in [-1, 1] units).")
+@click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Images per forward pass.")
+@click.option("--device", default="auto", show_default=True,
+              type=click.Choice(["auto", "cpu", "cuda"]), help="Where to compute.")
+def reconstruct(**flags) -> None:
+    """Reconstruct images through the encoder and generator: x -> G(E(x)).
+
+    Images are center-cropped and resized to the network's resolution as `prepare` does.
+    Also writes reconstruction.csv (file, output, pixel MSE).
+
+    \b
+    Example:
+      anostyle reconstruct --network net.safetensors \\
+        --encoder checkpointed/encoder-012500.safetensors --source prepared/test.zip \\
+        --outdir generated_img --residual
+    """
+    from anomaly.reconstruct import ReconstructOptions, reconstruct_folder
+
+    summary = reconstruct_folder(ReconstructOptions(**flags))
+    for name, reason in summary.skipped:
+        click.echo(f"skipped {name}: {reason}", err=True)
+    click.echo(f"wrote {summary.written} reconstructions to {summary.outdir} (mean MSE "
+               f"{summary.mean_mse:.4g}); {summary.csv}")
+
+
+@main.command("project")
+@click.option("--network", required=True, type=click.Path(), metavar="PKL|CKPT",
+              help="GAN to project into (needs D unless --kappa 0).")
+@click.option("--source", required=True, type=click.Path(), metavar="DIR|ZIP",
+              help="Images: a prepared zip/folder or a plain folder of any-size images.")
+@click.option("--outdir", required=True, type=click.Path(), metavar="DIR",
+              help="Where projected images and projection.csv go.")
+@click.option("--steps", default=300, show_default=True, type=click.IntRange(min=0),
+              help="Adam steps per image.")
+@click.option("--encoder", type=click.Path(), metavar="CKPT",
+              help="Start from the encoder's code [start from w_avg].")
+@click.option("--lr", default=0.01, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Adam learning rate on the W+ codes.")
+@click.option("--kappa", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="Weight of the discriminator-feature term.")
+@click.option("--feature-layer", default="b8", show_default=True, metavar="NAME",
+              help="D features for the loss (see train-encoder --help).")
+@click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Images optimised together (each keeps its own code).")
+@click.option("--device", default="auto", show_default=True,
+              type=click.Choice(["auto", "cpu", "cuda"]), help="Where to compute.")
+def project(**flags) -> None:
+    """Project images into W+ by optimisation (AnoGAN-style): slow, sharp reference.
+
+    Minimises mean (x - G(w))^2 + kappa * mean (f(x) - f(G(w)))^2 per image; writes the images
+    (same names, .png) and projection.csv (final and initial loss per image).
+
+    \b
+    Example:
+      anostyle project --network net.safetensors \\
+        --encoder checkpointed/encoder-012500.safetensors --source some_images/ \\
+        --steps 300 --outdir projected
+    """
+    from anomaly.project import ProjectOptions, project_folder
+
+    summary = project_folder(ProjectOptions(**flags))
+    for name, reason in summary.skipped:
+        click.echo(f"skipped {name}: {reason}", err=True)
+    click.echo(f"projected {summary.written} images to {summary.outdir} (mean loss "
+               f"{summary.mean_initial_loss:.4g} -> {summary.mean_loss:.4g}); {summary.csv}")
+
+
+# ---- score / tsne ----------------------------------------------------------------------------
+
+@main.command("score")
+@click.option("--network", required=True, metavar="PKL|CKPT", help="Generator + discriminator file.")
+@click.option("--encoder", required=True, metavar="CKPT", help="Encoder from `train-encoder`.")
+@click.option("--data", "data", required=True, multiple=True, metavar="ZIP",
+              help="Prepared val.zip / test.zip (repeat the flag for several).")
+@click.option("--methods", show_default=True,
+              default="izif,sklearn:euclidean,sklearn:manhattan,sklearn:cosine,torch-euclidean,latent",
+              help="Comma-separated: izif, sklearn:<metric>, torch-euclidean, latent.")
+@click.option("--kappa", type=click.FloatRange(min=0),
+              help="Weight of the feature residual in izif [the encoder's training kappa].")
+@click.option("--feature-layer", help="D layer for izif features [the encoder's, e.g. b8].")
+@click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--heatmaps", metavar="DIR",
+              help="Also write residual heatmaps of the most anomalous test images here.")
+@click.option("--num-heatmaps", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--outdir", required=True, metavar="DIR", help="Where the .xlsx sheets go.")
+@click.option("--device", default="auto", show_default=True,
+              type=click.Choice(["auto", "cpu", "cuda"]))
+def score(data: tuple[str, ...], **kwargs) -> None:
+    """Anomaly scores of every image -> one Excel sheet per method (+ all_scores.xlsx).
+
+    Columns: score, label (0 normal, 1 anomaly), file, class, split. Higher is more anomalous.
+    """
+    from anomaly.scoring import ScoreOptions, score_datasets
+
+    written = score_datasets(ScoreOptions(data=tuple(data), **kwargs))
+    click.echo(f"wrote {len(written)} files to {kwargs['outdir']}"
+               + (f" and heatmaps to {kwargs['heatmaps']}" if kwargs["heatmaps"] else ""))
+
+
+@main.command("tsne")
+@click.option("--network", required=True, metavar="PKL|CKPT", help="Generator file.")
+@click.option("--encoder", required=True, metavar="CKPT", help="Encoder from `train-encoder`.")
+@click.option("--data", "data", required=True, multiple=True, metavar="ZIP",
+              help="Prepared zips to embed (repeat the flag for several).")
+@click.option("--outdir", default="graphics", show_default=True, metavar="DIR")
+@click.option("--perplexity", default=30.0, show_default=True, type=click.FloatRange(min=1))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-images", type=click.IntRange(min=5), help="Subsample above this many images.")
+@click.option("--device", default="auto", show_default=True,
+              type=click.Choice(["auto", "cpu", "cuda"]))
+def tsne(data: tuple[str, ...], **kwargs) -> None:
+    """t-SNE of the encoder's latent codes coloured by class: tsne.png + tsne.xlsx."""
+    from anomaly.scoring import TsneOptions, tsne_latents
+
+    written = tsne_latents(TsneOptions(data=tuple(data), **kwargs))
+    click.echo(f"wrote {written['plot']} and {written['sheet']}")

@@ -58,8 +58,8 @@ METHODS: dict[str, MethodSpec] = {
     "izif": MethodSpec(
         "izif", True, True, False,
         "f-AnoGAN izif score: pixel MSE + kappa * discriminator-feature MSE"),
-    "torch:euclidean": MethodSpec(
-        "torch:euclidean", True, False, False,
+    "torch-euclidean": MethodSpec(
+        "torch-euclidean", True, False, False,
         "Euclidean distance between the image and its reconstruction (torch)"),
     "latent": MethodSpec(
         "latent", False, False, True,
@@ -176,7 +176,7 @@ def parse_methods(text: str) -> list[str]:
             check_sklearn_metric(name.split(":", 1)[1])
         elif name not in METHODS:
             raise UserError(
-                f"Unknown scoring method '{name}' in --methods; use izif, torch:euclidean, "
+                f"Unknown scoring method '{name}' in --methods; use izif, torch-euclidean, "
                 f"latent or sklearn:<metric> with metric one of {', '.join(SKLEARN_METRICS)}.")
         if name not in methods:
             methods.append(name)

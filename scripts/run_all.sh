@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole pipeline, step by step. Override any setting from the environment (see settings.sh).
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+for step in 01_prepare_data 02_train_gan 03_train_encoder 04_reconstruct 05_score 06_tsne \
+            07_evaluate 08_report; do
+  bash "$here/$step.sh"
+done
+source "$here/settings.sh"
+echo "Done. Open $GRAPHICS/index.html; score sheets are in $SCORES."

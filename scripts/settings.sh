@@ -1,0 +1,51 @@
+# Shared defaults for the numbered scripts; every value can be overridden from the environment,
+# e.g.  KIMG=50 CFG=paper256 RES=256 bash scripts/02_train_gan.sh
+# The defaults run the demo on the embedded HAM10000 subset (data/demo).
+ROOT=${ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+SOURCE=${SOURCE:-$ROOT/data/demo/images}            # raw images (folder)
+LABELS=${LABELS:-$ROOT/data/demo/metadata.csv}      # metadata CSV ('' for class folders)
+ID_COLUMN=${ID_COLUMN:-image_id}
+LABEL_COLUMN=${LABEL_COLUMN:-dx}
+GROUP_COLUMN=${GROUP_COLUMN:-lesion_id}
+NORMAL=${NORMAL:-nv}                                # the normal class(es)
+ANOMALY=${ANOMALY:-mel}                             # the anomaly class evaluated by default
+RES=${RES:-64}                                      # training resolution (power of two)
+DATASET=${DATASET:-$ROOT/datasets/demo-$RES}        # prepared train/val/test zips
+RUNS=${RUNS:-$ROOT/training-runs}                   # GAN run folders
+CFG=${CFG:-cpu}                                     # --cfg preset
+KIMG=${KIMG:-2}                                     # GAN training length (thousands of images)
+RESUME=${RESUME-$ROOT/models/ham64-cpu/network.safetensors}  # '' trains from scratch
+GPUS=${GPUS:-1}
+DEVICE=${DEVICE:-auto}
+WORKERS=${WORKERS:-1}
+ENCODER_DIR=${ENCODER_DIR:-$ROOT/checkpointed}      # encoder checkpoints and grids
+ENCODER_KIMG=${ENCODER_KIMG:-3}                     # encoder training length
+RECON_DIR=${RECON_DIR:-$ROOT/generated_img}         # reconstructions
+SCORES=${SCORES:-$ROOT/scores}                      # Excel score sheets
+GRAPHICS=${GRAPHICS:-$ROOT/graphics}                # figures and index.html
+METHODS=${METHODS:-izif,sklearn:euclidean,sklearn:manhattan,sklearn:cosine,torch-euclidean,latent}
+BOOTSTRAP=${BOOTSTRAP:-1000}
+
+# The newest GAN snapshot (override with NETWORK=path/to/network.safetensors or an official .pkl).
+newest_network() {
+  if [ -n "${NETWORK:-}" ]; then echo "$NETWORK"; return; fi
+  local found
+  found=$(ls -t "$RUNS"/*/network-snapshot-*.safetensors 2>/dev/null | head -n 1 || true)
+  if [ -z "$found" ]; then
+    echo "no network snapshot in $RUNS: run scripts/02_train_gan.sh first or set NETWORK" >&2
+    exit 1
+  fi
+  echo "$found"
+}
+
+# The newest encoder checkpoint (override with ENCODER=path).
+newest_encoder() {
+  if [ -n "${ENCODER:-}" ]; then echo "$ENCODER"; return; fi
+  local found
+  found=$(ls -t "$ENCODER_DIR"/encoder-*.safetensors 2>/dev/null | head -n 1 || true)
+  if [ -z "$found" ]; then
+    echo "no encoder in $ENCODER_DIR: run scripts/03_train_encoder.sh first or set ENCODER" >&2
+    exit 1
+  fi
+  echo "$found"
+}
