@@ -1,0 +1,460 @@
+"""izif encoder training (Schlegl et al. 2019, "f-AnoGAN: Fast unsupervised anomaly detection with
+generative adversarial networks", Medical Image Analysis 54, Sec. 2.2.3, eq. 7):
+
+    L_izif(x) = 1/n   * ||x - G(E(x))||^2  +  kappa * 1/n_d * ||f(x) - f(G(E(x)))||^2
+              (+ w_reg * ||E(x) - w_avg||^2 / (n_w * s^2), an optional pull towards W; s^2 is
+                the mean squared spread of mapped latents around w_avg)
+
+G (G_ema when the file has it) and D stay frozen; only the encoder E learns, with Adam, on the
+normal training images only. f is D's activation at `feature_layer`. Snapshots are a pair
+`encoder-<iter>.state.pt` (written first) + `encoder-<iter>.safetensors`, both atomic, so a crash
+never leaves a newest checkpoint without its state; `--resume` continues the iteration count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from anomaly.encoder import LATENTS, Encoder, EncoderConfig
+from anomaly.encoder_io import (ENCODER_PREFIX, check_compatible, encoder_checkpoints,
+                                find_latest_encoder, load_encoder, load_frozen_networks,
+                                resolve_device, save_encoder, sha256_file, state_path)
+from anomaly.reconstruct import check_feature_layer, discriminator_features, reconstruct_batch
+from stylegan.checkpoint import load_training_state, save_training_state
+from stylegan.dataset import ImageDataset
+from stylegan.errors import UserError
+from stylegan.fileio import atomic_path, atomic_write_json
+from stylegan.imageutil import from_uint8, save_grid, to_uint8
+
+DEFAULT_KIMG = 200.0
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """Options of one encoder training run (`anostyle train-encoder`). Saved as
+    encoder_options.json."""
+
+    network: str
+    data: str
+    outdir: str
+    kimg: float | None = None  # training length in thousands of images (default DEFAULT_KIMG)
+    iters: int | None = None  # or in iterations; give at most one of kimg / iters
+    batch: int = 16
+    lr: float = 1e-3  # equalized-lr layers: StyleGAN-like rates (G/D use 2.5e-3)
+    kappa: float = 1.0  # weight of the discriminator-feature term
+    latent: str | None = None  # 'wplus' | 'w'; None: 'wplus', or the resumed encoder's
+    feature_layer: str = "b8"
+    w_reg: float = 0.0  # weight of the pull towards the W distribution
+    snap: int = 1000  # iterations between checkpoints (and reconstruction grids); 0: end only
+    tick: int = 100  # iterations between lines in stats.jsonl / log.txt
+    resume: str | None = None  # 'latest' or an encoder .safetensors
+    seed: int = 0
+    workers: int = 2
+    device: str = "auto"
+    cbase: int | None = None  # encoder capacity; None: EncoderConfig default or resumed
+    cmax: int | None = None
+    grid_size: int = 8  # training images shown in rec<iter>.png
+
+    def total_iters(self) -> int:
+        """The iteration at which training stops."""
+        if self.iters is not None:
+            return self.iters
+        kimg = DEFAULT_KIMG if self.kimg is None else self.kimg
+        return max(math.ceil(kimg * 1000 / self.batch), 1)
+
+
+@dataclass
+class _Run:
+    """Everything the loop reads and changes."""
+
+    opts: FitOptions
+    device: torch.device
+    G: torch.nn.Module
+    D: torch.nn.Module | None
+    E: Encoder
+    opt: torch.optim.Adam
+    dataset: ImageDataset
+    w_spread: float  # mean squared distance of mapped latents from w_avg (per element)
+    network_info: dict[str, Any]
+    log: "_Log"
+    iteration: int = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses (pure functions)
+
+
+def izif_loss(x: torch.Tensor, rec: torch.Tensor, feat: torch.Tensor | None,
+              feat_rec: torch.Tensor | None, *, kappa: float) -> dict[str, torch.Tensor]:
+    """Batch izif loss: {'image': mean (x - rec)^2, 'feature': mean (f - f_rec)^2, 'loss': sum}.
+
+    Equals the mean over the batch of anomaly.scores.izif_score for same-sized images.
+    """
+    assert x.shape == rec.shape, (x.shape, rec.shape)
+    image = (x - rec).square().mean()
+    if kappa == 0 or feat is None:
+        feature = torch.zeros_like(image)
+    else:
+        assert feat.shape == feat_rec.shape, (feat.shape, feat_rec.shape)
+        feature = (feat - feat_rec).square().mean()
+    return {"loss": image + kappa * feature, "image": image, "feature": feature}
+
+
+def w_reg_loss(ws: torch.Tensor, w_avg: torch.Tensor, w_spread: float) -> torch.Tensor:
+    """mean (ws - w_avg)^2 / w_spread: about 1 for codes as far from w_avg as mapped latents."""
+    assert ws.ndim == 3 and ws.shape[2] == w_avg.shape[0], (ws.shape, w_avg.shape)
+    return (ws - w_avg).square().mean() / w_spread
+
+
+@torch.no_grad()
+def estimate_w_spread(G: torch.nn.Module, *, n: int = 1000, seed: int = 0) -> float:
+    """Mean over elements of (mapping(z) - w_avg)^2 for n latents z (one-hot random classes
+    for conditional networks)."""
+    device = G.mapping.w_avg.device
+    rng = np.random.RandomState(seed)
+    z = torch.from_numpy(rng.randn(n, G.z_dim).astype(np.float32)).to(device)  # [n, z_dim]
+    c = None
+    if G.c_dim > 0:
+        c = torch.nn.functional.one_hot(torch.from_numpy(rng.randint(G.c_dim, size=n)),
+                                        G.c_dim).float().to(device)  # [n, c_dim]
+    ws = G.mapping(z, c)  # [n, K, D]
+    return max(float((ws[:, 0] - G.mapping.w_avg).square().mean()), 1e-8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+
+
+def fit_encoder(opts: FitOptions, *, echo: Callable[[str], None] | None = None) -> Path:
+    """Train an encoder by izif; returns the last checkpoint written."""
+    _validate(opts)
+    run = _setup(opts, echo=echo)
+    total = opts.total_iters()
+    if run.iteration >= total:
+        run.log(f"already at iteration {run.iteration} >= {total}; nothing to train")
+        return _latest_written(run)
+    _loop(run, total)
+    return _latest_written(run)
+
+
+def _validate(opts: FitOptions) -> None:
+    if opts.kimg is not None and opts.iters is not None:
+        raise UserError("give either --kimg or --iters, not both.")
+    if opts.latent is not None and opts.latent not in LATENTS:
+        raise UserError(f"--latent {opts.latent!r} is unknown; use one of {', '.join(LATENTS)}.")
+    checks = [(opts.batch >= 1, "--batch must be at least 1"),
+              (opts.lr > 0, "--lr must be positive"),
+              (opts.kappa >= 0, "--kappa must not be negative"),
+              (opts.w_reg >= 0, "--w-reg must not be negative"),
+              (opts.total_iters() >= 1, "--kimg/--iters must give at least one iteration")]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message + ".")
+
+
+def _setup(opts: FitOptions, *, echo) -> _Run:
+    outdir = Path(opts.outdir)
+    resume = _resume_path(opts, outdir)
+    device = resolve_device(opts.device)
+    torch.manual_seed(opts.seed)
+    G, D = load_frozen_networks(opts.network, device=device, need_D=opts.kappa > 0)
+    if D is not None and opts.kappa > 0:
+        check_feature_layer(D, opts.feature_layer)
+    dataset = ImageDataset(opts.data, use_labels=False)
+    if (dataset.resolution, dataset.num_channels) != (G.img_resolution, G.img_channels):
+        raise UserError(f"--data {opts.data} has {dataset.resolution} px images with "
+                        f"{dataset.num_channels} channels but --network {opts.network} makes "
+                        f"{G.img_resolution} px with {G.img_channels}; prepare the data at the "
+                        f"network's resolution.")
+    E, saved = _build_encoder(opts, G, resume, device)
+    opt = torch.optim.Adam(E.parameters(), lr=opts.lr, betas=(0.9, 0.999))
+    network_info = {"path": str(Path(opts.network).resolve()), "sha256": sha256_file(opts.network),
+                    "generator": _plain(dataclasses.asdict(G.cfg)) if hasattr(G, "cfg") else None}
+    log = _Log(outdir, echo)
+    run = _Run(opts, device, G, D, E, opt, dataset, estimate_w_spread(G, seed=opts.seed),
+               network_info, log)
+    if saved is not None:
+        _restore(run, resume, saved)
+    _write_options(run, resume)
+    log(f"network {opts.network}: {G.img_resolution} px, num_ws {G.num_ws}, w_dim {G.w_dim}; "
+        f"data {opts.data}: {len(dataset)} images; encoder {_count(E)} parameters "
+        f"({E.cfg.latent}); starting at iteration {run.iteration}")
+    return run
+
+
+def _resume_path(opts: FitOptions, outdir: Path) -> Path | None:
+    if opts.resume is None:
+        if encoder_checkpoints(outdir):
+            raise UserError(f"--outdir {outdir} already holds encoder checkpoints; pass "
+                            f"--resume latest to continue them or choose another --outdir.")
+        return None
+    if opts.resume == "latest":
+        return find_latest_encoder(outdir)
+    path = Path(opts.resume)
+    if not path.is_file():
+        raise UserError(f"--resume {path} does not exist; give an encoder-<iter>.safetensors "
+                        f"file or 'latest'.")
+    return path
+
+
+def _build_encoder(opts: FitOptions, G: torch.nn.Module, resume: Path | None,
+                   device: torch.device) -> tuple[Encoder, dict | None]:
+    """A new encoder (head at zero: it starts at G's w_avg), or the resumed one and its meta."""
+    if resume is None:
+        cfg = EncoderConfig(img_resolution=G.img_resolution, img_channels=G.img_channels,
+                            num_ws=G.num_ws, w_dim=G.w_dim, latent=opts.latent or "wplus",
+                            **_capacity(opts))
+        E = Encoder(cfg, w_avg=G.mapping.w_avg)
+        return E.to(device).train().requires_grad_(True), None
+    E, meta = load_encoder(resume, device=device)
+    check_compatible(E, G, encoder_path=resume, network_path=opts.network)
+    wanted = {"latent": opts.latent, "channel_base": opts.cbase, "channel_max": opts.cmax}
+    for field, value in wanted.items():
+        if value is not None and value != getattr(E.cfg, field):
+            raise UserError(f"--resume {resume} was trained with {field} "
+                            f"{getattr(E.cfg, field)!r}, not {value!r}; drop the flag or start "
+                            f"a new run in another --outdir.")
+    return E.train().requires_grad_(True), meta
+
+
+def _capacity(opts: FitOptions) -> dict[str, int]:
+    out = {}
+    if opts.cbase is not None:
+        out["channel_base"] = opts.cbase
+    if opts.cmax is not None:
+        out["channel_max"] = opts.cmax
+    return out
+
+
+def _restore(run: _Run, resume: Path, meta: dict) -> None:
+    state_file = state_path(resume)
+    run.iteration = int(meta.get("iter", 0))
+    if meta.get("network", {}).get("sha256") not in (None, run.network_info["sha256"]):
+        run.log(f"note: {resume} was trained against another network file "
+                f"({meta['network'].get('path')}); continuing against {run.opts.network}")
+    if not state_file.is_file():
+        run.log(f"note: {state_file.name} is missing; optimizer starts afresh at iteration "
+                f"{run.iteration}")
+        return
+    state = load_training_state(state_file)
+    run.opt.load_state_dict(state["optimizer"])
+    run.iteration = int(state["iter"])
+    _set_rng_state(state["rng"])
+    run.log(f"resumed {resume.name} with its optimizer state at iteration {run.iteration}")
+
+
+def _write_options(run: _Run, resume: Path | None) -> None:
+    info = {"options": dataclasses.asdict(run.opts), "total_iters": run.opts.total_iters(),
+            "encoder": dataclasses.asdict(run.E.cfg), "network": run.network_info,
+            "w_spread": run.w_spread, "resumed_from": None if resume is None else str(resume),
+            "start_iter": run.iteration}
+    atomic_write_json(Path(run.opts.outdir) / "encoder_options.json", info)
+    run.log.drop_stats_after(run.iteration)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def _loop(run: _Run, total: int) -> None:
+    opts = run.opts
+    batches = _batches(run)
+    grid = _grid_images(run)
+    sums: dict[str, float] = {}
+    count, tick_start = 0, time.time()
+    with tqdm(total=total, initial=run.iteration, desc="train-encoder", unit="it",
+              disable=None) as bar:
+        while run.iteration < total:
+            losses = _step(run, next(batches))
+            run.iteration += 1
+            count += 1
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + value
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses['loss']:.4g}")
+            done = run.iteration == total
+            if run.iteration % max(opts.tick, 1) == 0 or done:
+                run.log.stats(_record(run, sums, count, time.time() - tick_start))
+                sums, count, tick_start = {}, 0, time.time()
+            if (opts.snap and run.iteration % opts.snap == 0) or done:
+                _snapshot(run, grid)
+                tick_start = time.time()  # sec/iter leaves the snapshot time out
+
+
+def _step(run: _Run, x: torch.Tensor) -> dict[str, float]:
+    """One Adam step on the izif loss for a batch x [N, C, H, W] in [-1, 1]."""
+    opts, G, D = run.opts, run.G, run.D
+    ws, rec = reconstruct_batch(G, run.E, x)  # [N, K, D], [N, C, H, W]
+    feat = feat_rec = None
+    if opts.kappa > 0:
+        with torch.no_grad():
+            feat = discriminator_features(D, x, opts.feature_layer)
+        feat_rec = discriminator_features(D, rec, opts.feature_layer)
+    losses = izif_loss(x, rec, feat, feat_rec, kappa=opts.kappa)
+    total = losses["loss"]
+    if opts.w_reg > 0:
+        losses["w_reg"] = w_reg_loss(ws, G.mapping.w_avg, run.w_spread)
+        total = total + opts.w_reg * losses["w_reg"]
+        losses["loss"] = total
+    if not torch.isfinite(total):
+        message = (f"the encoder loss became {float(total.detach())} at iteration {run.iteration + 1}; "
+                   f"lower --lr (now {opts.lr:g}) or check --network and --data (the last "
+                   f"checkpoint in {opts.outdir} is kept).")
+        run.log(message)
+        raise UserError(message)
+    run.opt.zero_grad(set_to_none=True)
+    total.backward()
+    run.opt.step()
+    return {key: float(value.detach()) for key, value in losses.items()}
+
+
+def _record(run: _Run, sums: dict[str, float], count: int, seconds: float) -> dict[str, Any]:
+    record: dict[str, Any] = {"iter": run.iteration,
+                              "kimg": round(run.iteration * run.opts.batch / 1000, 3)}
+    names = {"loss": "loss", "image": "image_loss", "feature": "feature_loss", "w_reg": "w_reg"}
+    for key, label in names.items():
+        if key in sums:
+            record[label] = sums[key] / count
+    record["sec_per_iter"] = round(seconds / max(count, 1), 4)
+    record["timestamp"] = time.time()
+    return record
+
+
+def _batches(run: _Run) -> Iterator[torch.Tensor]:
+    """Endless shuffled batches [batch, C, H, W] in [-1, 1], continuing at run.iteration."""
+    sampler = _EndlessSampler(len(run.dataset), seed=run.opts.seed,
+                              start=run.iteration * run.opts.batch)
+    loader = torch.utils.data.DataLoader(run.dataset, batch_size=run.opts.batch, sampler=sampler,
+                                         num_workers=run.opts.workers,
+                                         pin_memory=run.device.type == "cuda")
+    for images, _labels in loader:
+        yield from_uint8(torch.as_tensor(images).to(run.device, non_blocking=True))
+
+
+class _EndlessSampler(torch.utils.data.Sampler):
+    """Indices of one seeded permutation per epoch, forever, starting `start` images in."""
+
+    def __init__(self, n: int, *, seed: int, start: int = 0):
+        self.n, self.seed, self.start = n, seed, start
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, skip = divmod(self.start, self.n)
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            yield from torch.randperm(self.n, generator=g)[skip:].tolist()
+            epoch, skip = epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Snapshots
+
+
+def _grid_images(run: _Run) -> torch.Tensor:
+    """A fixed set of training images, spread over the dataset: uint8 [n, C, H, W]."""
+    n = min(run.opts.grid_size, len(run.dataset))
+    index = np.unique(np.linspace(0, len(run.dataset) - 1, n).round().astype(int))
+    return torch.from_numpy(np.stack([run.dataset[int(i)][0] for i in index]))
+
+
+def _snapshot(run: _Run, grid: torch.Tensor) -> None:
+    outdir, it = Path(run.opts.outdir), run.iteration
+    stem = f"{ENCODER_PREFIX}{it:06d}"
+    state = {"optimizer": run.opt.state_dict(), "iter": it, "rng": _get_rng_state()}
+    # The state goes first: an encoder file without its state is never the newest complete pair.
+    save_training_state(outdir / f"{stem}.state.pt", state)
+    extra = {"iter": it, "kimg": it * run.opts.batch / 1000, "network": run.network_info,
+             "training_options": dataclasses.asdict(run.opts), "w_spread": run.w_spread}
+    save_encoder(outdir / f"{stem}.safetensors", run.E, extra=extra)
+    with torch.no_grad():
+        _ws, rec = reconstruct_batch(run.G, run.E, from_uint8(grid.to(run.device)))
+    reals = grid.permute(0, 2, 3, 1).numpy()  # [n, H, W, C]
+    save_grid(np.concatenate([reals, to_uint8(rec)]), outdir / f"rec{it:06d}.png",
+              cols=len(grid))
+    run.log(f"checkpoint {stem}.safetensors")
+
+
+def _latest_written(run: _Run) -> Path:
+    return encoder_checkpoints(run.opts.outdir)[-1]
+
+
+def _get_rng_state() -> dict[str, Any]:
+    """RNG states as plain tensors/ints/lists, loadable with torch.load(weights_only=True)."""
+    np_state = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    out = {"torch": torch.get_rng_state(),
+           "python": {"version": version, "internal": list(internal), "gauss": gauss},
+           "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                     "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                     "gauss": float(np_state[4])}}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    py = rng["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+    n = rng["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers
+
+
+class _Log:
+    """Console (above the progress bar) + log.txt; stats records also go to stats.jsonl."""
+
+    def __init__(self, outdir: Path, echo: Callable[[str], None] | None):
+        outdir.mkdir(parents=True, exist_ok=True)
+        self.outdir, self.echo = outdir, echo or tqdm.write
+
+    def __call__(self, message: str) -> None:
+        self.echo(message)
+        with open(self.outdir / "log.txt", "a", encoding="utf-8") as f:
+            f.write(message + "\n")
+
+    def stats(self, record: dict[str, Any]) -> None:
+        with open(self.outdir / "stats.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        self(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                        for k, v in record.items() if k != "timestamp"))
+
+    def drop_stats_after(self, iteration: int) -> None:
+        """On resume: forget records written after the checkpoint we continue from."""
+        path = self.outdir / "stats.jsonl"
+        if not path.is_file():
+            return
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("iter", 0) <= iteration]
+        if len(kept) != len(lines):
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _plain(value: Any) -> Any:
+    """Tuples -> lists, recursively, so JSON round trips compare equal."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,211 @@
+"""anomaly/fit.py and `anostyle train-encoder`: the izif loss by hand, training that measurably
+inverts a tiny generator, exact resume, NaN stop, run-folder files and one-sentence errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import anomaly.fit as fit_mod
+from anomaly.cli import main
+from anomaly.encoder_io import load_encoder, state_path
+from anomaly.fit import FitOptions, _EndlessSampler, fit_encoder, izif_loss, w_reg_loss
+from anomaly.scores import izif_score
+from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
+from encoder_helpers import sample_images, save_tiny_networks, tiny_networks, write_folder
+from stylegan.errors import UserError
+from stylegan.imageutil import from_uint8
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny G/D saved to a file and 'training images' sampled from G itself (so that a perfect
+    encoder exists), plus held-out samples."""
+    root = tmp_path_factory.mktemp("fit")
+    G, D = tiny_networks()
+    network = save_tiny_networks(root / "net.safetensors", G, D)
+    train = sample_images(G, 192, seed=1)
+    write_folder(root / "train", train)
+    return {"G": G, "D": D, "network": str(network), "data": str(root / "train"),
+            "train": train, "heldout": sample_images(G, 64, seed=2)}
+
+
+def options(setup, outdir, **overrides) -> FitOptions:
+    kwargs = dict(network=setup["network"], data=setup["data"], outdir=str(outdir), iters=4,
+                  batch=8, lr=2e-3, snap=0, tick=2, workers=0, device="cpu", cbase=256, cmax=32)
+    kwargs.update(overrides)
+    return FitOptions(**kwargs)
+
+
+def quiet(message: str) -> None:
+    pass
+
+
+def as_float(images_nhwc: np.ndarray) -> torch.Tensor:
+    return from_uint8(torch.from_numpy(images_nhwc.transpose(0, 3, 1, 2).copy()))
+
+
+def stats(outdir) -> list[dict]:
+    return [json.loads(line) for line in open(outdir / "stats.jsonl")]
+
+
+# ------------------------------------------------------------------ pure pieces
+
+
+def test_izif_loss_by_hand():
+    x = torch.zeros(2, 1, 2, 2)
+    rec = torch.full((2, 1, 2, 2), 0.5)  # every pixel off by 0.5 -> 0.25
+    feat = torch.tensor([[0.0, 1.0], [2.0, 2.0]])
+    feat_rec = torch.tensor([[0.0, 0.0], [0.0, 2.0]])  # squared errors 0, 1, 4, 0 -> mean 1.25
+    out = izif_loss(x, rec, feat, feat_rec, kappa=2.0)
+    assert float(out["image"]) == 0.25 and float(out["feature"]) == 1.25
+    assert float(out["loss"]) == 0.25 + 2 * 1.25
+    assert float(out["loss"]) == pytest.approx(float(izif_score(x, rec, feat, feat_rec,
+                                                                 kappa=2.0).mean()))
+    assert float(izif_loss(x, rec, None, None, kappa=0.0)["loss"]) == 0.25
+
+
+def test_w_reg_is_normalised_by_the_spread():
+    w_avg = torch.tensor([1.0, -1.0])
+    ws = torch.tensor([[[3.0, -1.0], [1.0, 1.0]]])  # squared offsets 4, 0, 0, 4 -> mean 2
+    assert float(w_reg_loss(ws, w_avg, 0.5)) == 4.0
+
+
+def test_sampler_continues_where_it_stopped():
+    full = _EndlessSampler(10, seed=3)
+    first_25 = [i for _, i in zip(range(25), iter(full))]
+    assert sorted(first_25[:10]) == list(range(10)) and sorted(first_25[10:20]) == list(range(10))
+    assert first_25[:10] != first_25[10:20]  # a new permutation per epoch
+    resumed = _EndlessSampler(10, seed=3, start=13)
+    assert [i for _, i in zip(range(12), iter(resumed))] == first_25[13:25]
+
+
+# ------------------------------------------------------------------ training
+
+
+def test_training_inverts_the_generator(setup, tmp_path):
+    """Reconstructions of the training images (and of held-out samples) end up much closer to
+    their inputs than G(w_avg), where the encoder starts, and than a random G sample; the loss
+    falls. An encoder that learned nothing would give exactly the G(w_avg) error and fail."""
+    out = tmp_path / "run"
+    last = fit_encoder(options(setup, out, iters=120, tick=20, snap=60), echo=quiet)
+    assert last.name == "encoder-000120.safetensors"
+    records = stats(out)
+    assert [r["iter"] for r in records] == [20, 40, 60, 80, 100, 120]
+    assert records[-1]["loss"] < 0.6 * records[0]["loss"]
+    assert all(r["loss"] == pytest.approx(r["image_loss"] + r["feature_loss"]) for r in records)
+    G = setup["G"]
+    E, extra = load_encoder(last)
+    assert extra["iter"] == 120 and extra["kimg"] == 120 * 8 / 1000
+    for images in (setup["train"], setup["heldout"]):
+        x = as_float(images)
+        with torch.no_grad():
+            rec = G.synthesis(E(x), noise_mode="const")
+            start = G.synthesis(G.mapping.w_avg.expand(1, G.num_ws, -1), noise_mode="const")
+        rec_mse = float((x - rec).square().mean())
+        start_mse = float((x - start).square().mean())
+        random_mse = float((x[: len(x) // 2] - x[len(x) // 2:]).square().mean())
+        assert rec_mse < 0.5 * start_mse and rec_mse < 0.5 * random_mse, \
+            (rec_mse, start_mse, random_mse)
+    for it in (60, 120):
+        assert state_path(out / f"encoder-{it:06d}.safetensors").is_file()
+        grid = Image.open(out / f"rec{it:06d}.png")
+        assert grid.size == (8 * 16, 2 * 16)  # 8 training images over their 8 reconstructions
+    reals = np.asarray(grid)[:16, :16]
+    assert np.array_equal(reals, setup["train"][0])  # the fixed set starts with image 0
+    info = json.loads((out / "encoder_options.json").read_text())
+    assert info["total_iters"] == 120 and info["encoder"]["channel_base"] == 256
+    assert info["network"]["generator"]["img_resolution"] == 16
+    assert len(info["network"]["sha256"]) == 64
+    assert "checkpoint encoder-000120.safetensors" in (out / "log.txt").read_text()
+
+
+def test_w_reg_keeps_codes_nearer_w_avg(setup, tmp_path):
+    x = as_float(setup["train"][:32])
+    spread = []
+    for weight in (0.0, 5.0):
+        last = fit_encoder(options(setup, tmp_path / f"reg{weight}", iters=30, w_reg=weight),
+                           echo=quiet)
+        E, _ = load_encoder(last)
+        with torch.no_grad():
+            spread.append(float((E(x) - setup["G"].mapping.w_avg).square().mean()))
+    assert spread[1] < 0.5 * spread[0], spread
+    assert "w_reg" in stats(tmp_path / "reg5.0")[0]
+
+
+def test_resume_continues_exactly(setup, tmp_path):
+    straight = fit_encoder(options(setup, tmp_path / "a", iters=8, snap=4), echo=quiet)
+    fit_encoder(options(setup, tmp_path / "b", iters=4, snap=4), echo=quiet)
+    with open(tmp_path / "b" / "stats.jsonl", "a") as f:  # a tick logged after the last snapshot
+        f.write(json.dumps({"iter": 6, "loss": 1.0}) + "\n")
+    resumed = fit_encoder(options(setup, tmp_path / "b", iters=8, snap=4, resume="latest"),
+                          echo=quiet)
+    assert resumed.name == straight.name == "encoder-000008.safetensors"
+    E_a, _ = load_encoder(straight)
+    E_b, _ = load_encoder(resumed)
+    for (name, a), (_, b) in zip(E_a.state_dict().items(), E_b.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert [r["iter"] for r in stats(tmp_path / "b")] == [2, 4, 6, 8]
+    assert [r["loss"] for r in stats(tmp_path / "b")] == [r["loss"] for r in stats(tmp_path / "a")]
+    with pytest.raises(UserError, match="trained with latent 'wplus', not 'w'"):
+        fit_encoder(options(setup, tmp_path / "b", iters=9, resume="latest", latent="w"))
+
+
+def test_nan_loss_stops_with_a_clear_message(setup, tmp_path, monkeypatch):
+    real = fit_mod.izif_loss
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        out = real(*args, **kwargs)
+        if len(calls) == 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(fit_mod, "izif_loss", poisoned)
+    with pytest.raises(UserError, match=r"the encoder loss became nan at iteration 3; lower --lr"):
+        fit_encoder(options(setup, tmp_path / "nan", iters=10, snap=2), echo=quiet)
+    assert [p.name for p in sorted((tmp_path / "nan").glob("encoder-*.safetensors"))] == \
+        ["encoder-000002.safetensors"]
+
+
+def test_setup_errors_are_one_sentence(setup, tmp_path):
+    with pytest.raises(UserError, match="--feature-layer 'b64' is not a layer of this "
+                                        "discriminator; choose one of b16, b8, b4.conv, b4.fc"):
+        fit_encoder(options(setup, tmp_path / "x", feature_layer="b64"))
+    with pytest.raises(UserError, match="give either --kimg or --iters, not both"):
+        fit_encoder(options(setup, tmp_path / "x", kimg=1.0))
+    big = tmp_path / "big"
+    write_folder(big, sample_images(tiny_networks(32)[0], 2, seed=0))
+    with pytest.raises(UserError, match="has 32 px images with 3 channels but --network"):
+        fit_encoder(options(setup, tmp_path / "x", data=str(big)))
+    fit_encoder(options(setup, tmp_path / "done", iters=1), echo=quiet)
+    with pytest.raises(UserError, match="already holds encoder checkpoints; pass --resume latest"):
+        fit_encoder(options(setup, tmp_path / "done", iters=2))
+    with pytest.raises(UserError, match="--resume latest found no encoder checkpoint"):
+        fit_encoder(options(setup, tmp_path / "fresh", resume="latest"))
+
+
+def test_cli_dry_run_and_a_short_run(setup, tmp_path):
+    runner = CliRunner()
+    base = ["train-encoder", "--network", setup["network"], "--data", setup["data"],
+            "--outdir", str(tmp_path / "cli"), "--batch", "16", "--device", "cpu",
+            "--workers", "0", "--cbase", "256", "--cmax", "32"]
+    result = runner.invoke(main, base + ["--kimg", "1", "--dry-run"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["total_iters"] == math.ceil(1000 / 16) == 63
+    assert not (tmp_path / "cli").exists()
+    result = runner.invoke(main, base + ["--iters", "2", "--tick", "1"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "encoder-000002.safetensors" in result.output
+    names = sorted(p.name for p in (tmp_path / "cli").iterdir())
+    assert names == ["encoder-000002.safetensors", "encoder-000002.state.pt",
+                     "encoder_options.json", "log.txt", "rec000002.png", "stats.jsonl"]
+    result = runner.invoke(main, base + ["--iters", "2", "--kimg", "1"])
+    assert result.exit_code == 1 and "give either --kimg or --iters, not both" in result.output
