@@ -299,8 +299,9 @@ def report(graphics_dir: str, title: str) -> None:
               help="DataLoader worker processes.")
 @click.option("--device", default="auto", show_default=True,
               type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train.")
-@click.option("--cbase", type=click.IntRange(min=1), help="Encoder capacity: channel base [4096].")
-@click.option("--cmax", type=click.IntRange(min=1), help="Encoder capacity: max channels [256].")
+@click.option("--cbase", type=click.IntRange(min=1),
+              help="Encoder channels at resolution r: min(cbase / r, cmax) [as D].")
+@click.option("--cmax", type=click.IntRange(min=1), help="Encoder max channels [as D].")
 @click.option("-n", "--dry-run", is_flag=True, help="Print the resolved options and exit.")
 def train_encoder(dry_run: bool, **flags) -> None:
     """Train an izif encoder (f-AnoGAN) for a frozen generator and discriminator.
@@ -456,3 +457,57 @@ def tsne(data: tuple[str, ...], **kwargs) -> None:
 
     written = tsne_latents(TsneOptions(data=tuple(data), **kwargs))
     click.echo(f"wrote {written['plot']} and {written['sheet']}")
+
+
+# ---- serve -----------------------------------------------------------------------------------
+
+@main.command("serve")
+@click.option("--network", required=True, type=click.Path(), metavar="PKL|CKPT",
+              help="The GAN the encoder was trained for (D is needed unless --kappa 0).")
+@click.option("--encoder", required=True, type=click.Path(), metavar="CKPT",
+              help="encoder-<iter>.safetensors from `anostyle train-encoder`.")
+@click.option("--summary", required=True, type=click.Path(), metavar="JSON",
+              help="graphics/summary.json from `anostyle evaluate`: the izif threshold.")
+@click.option("--scores", type=click.Path(), metavar="DIR",
+              help="Folder with izif.xlsx for the percentile among validation naevi "
+                   "[the scores folder summary.json records].")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback exposes the page (no login).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+              help="TCP port (0: any free port).")
+@click.option("--max-upload-mb", default=20.0, show_default=True,
+              type=click.FloatRange(0, 1024, min_open=True),
+              help="Largest request body (all images of one request together).")
+@click.option("--max-pixels", default=50_000_000, show_default=True,
+              type=click.IntRange(min=1), help="Largest width x height, read from the header.")
+@click.option("--max-files", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Images per request.")
+@click.option("--kappa", type=click.FloatRange(min=0),
+              help="Weight of the feature term [score.json's, else the encoder's training kappa].")
+@click.option("--feature-layer", metavar="NAME",
+              help="D layer of the izif features [score.json's, else the encoder's].")
+@click.option("--threads", type=click.IntRange(min=1), help="Torch CPU threads [min(4, cores)].")
+@click.option("--device", default="auto", show_default=True,
+              type=click.Choice(["auto", "cpu", "cuda"]), help="Where to compute.")
+def serve(**flags) -> None:
+    """Web page and JSON API that score uploaded images (izif, percentile, decision).
+
+    The model loads once; images are fitted like `prepare` does, scored in memory and never
+    stored. Open the printed address in a browser, or POST images from a script:
+
+    \b
+      curl -F image=@lesion.jpg -F image=@other.png http://127.0.0.1:8000/api/score
+    \b
+    Answers {"results": [{name, score, pixel_term, feature_term, percentile, decision,
+    threshold, threshold_rule, images: {input, reconstruction, residual}}, ...]} (PNG data
+    URLs; add ?images=false to leave them out). GET /healthz answers {"status": "ok"}.
+
+    \b
+    Example:
+      anostyle serve --network net.safetensors \\
+        --encoder checkpointed/encoder-012500.safetensors --summary graphics/summary.json
+    """
+    from anomaly.app.model import ServeOptions
+    from anomaly.app.server import run_server
+
+    run_server(ServeOptions(**flags), announce=click.echo)

@@ -62,7 +62,7 @@ class FitOptions:
     seed: int = 0
     workers: int = 2
     device: str = "auto"
-    cbase: int | None = None  # encoder capacity; None: EncoderConfig default or resumed
+    cbase: int | None = None  # encoder capacity; None: the discriminator's (or the resumed one's)
     cmax: int | None = None
     grid_size: int = 8  # training images shown in rec<iter>.png
 
@@ -177,7 +177,7 @@ def _setup(opts: FitOptions, *, echo) -> _Run:
                         f"{dataset.num_channels} channels but --network {opts.network} makes "
                         f"{G.img_resolution} px with {G.img_channels}; prepare the data at the "
                         f"network's resolution.")
-    E, saved = _build_encoder(opts, G, resume, device)
+    E, saved = _build_encoder(opts, G, D, resume, device)
     opt = torch.optim.Adam(E.parameters(), lr=opts.lr, betas=(0.9, 0.999))
     network_info = {"path": str(Path(opts.network).resolve()), "sha256": sha256_file(opts.network),
                     "generator": _plain(dataclasses.asdict(G.cfg)) if hasattr(G, "cfg") else None}
@@ -208,13 +208,13 @@ def _resume_path(opts: FitOptions, outdir: Path) -> Path | None:
     return path
 
 
-def _build_encoder(opts: FitOptions, G: torch.nn.Module, resume: Path | None,
-                   device: torch.device) -> tuple[Encoder, dict | None]:
+def _build_encoder(opts: FitOptions, G: torch.nn.Module, D: torch.nn.Module | None,
+                   resume: Path | None, device: torch.device) -> tuple[Encoder, dict | None]:
     """A new encoder (head at zero: it starts at G's w_avg), or the resumed one and its meta."""
     if resume is None:
         cfg = EncoderConfig(img_resolution=G.img_resolution, img_channels=G.img_channels,
                             num_ws=G.num_ws, w_dim=G.w_dim, latent=opts.latent or "wplus",
-                            **_capacity(opts))
+                            **_capacity(opts, G, D))
         E = Encoder(cfg, w_avg=G.mapping.w_avg)
         return E.to(device).train().requires_grad_(True), None
     E, meta = load_encoder(resume, device=device)
@@ -228,12 +228,17 @@ def _build_encoder(opts: FitOptions, G: torch.nn.Module, resume: Path | None,
     return E.train().requires_grad_(True), meta
 
 
-def _capacity(opts: FitOptions) -> dict[str, int]:
+def _capacity(opts: FitOptions, G: torch.nn.Module, D: torch.nn.Module | None
+              ) -> dict[str, int]:
+    """Encoder channels: the flags, else as wide as the discriminator (same block layout), else
+    as the generator, else EncoderConfig's defaults."""
+    like = D if D is not None else G
+    cfg = getattr(like, "cfg", None)
     out = {}
-    if opts.cbase is not None:
-        out["channel_base"] = opts.cbase
-    if opts.cmax is not None:
-        out["channel_max"] = opts.cmax
+    for field, flag in (("channel_base", opts.cbase), ("channel_max", opts.cmax)):
+        value = flag if flag is not None else getattr(cfg, field, None)
+        if value is not None:
+            out[field] = int(value)
     return out
 
 

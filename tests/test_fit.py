@@ -19,8 +19,10 @@ from anomaly.fit import FitOptions, _EndlessSampler, fit_encoder, izif_loss, w_r
 from anomaly.scores import izif_score
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
 from encoder_helpers import sample_images, save_tiny_networks, tiny_networks, write_folder
+from stylegan.checkpoint import save_networks
 from stylegan.errors import UserError
 from stylegan.imageutil import from_uint8
+from stylegan.networks import Discriminator, DiscriminatorConfig
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +126,21 @@ def test_training_inverts_the_generator(setup, tmp_path):
     assert info["network"]["generator"]["img_resolution"] == 16
     assert len(info["network"]["sha256"]) == 64
     assert "checkpoint encoder-000120.safetensors" in (out / "log.txt").read_text()
+
+
+def test_encoder_is_as_wide_as_the_discriminator_by_default(setup, tmp_path):
+    G = setup["G"]
+    D_narrow = Discriminator(DiscriminatorConfig(img_resolution=16, channel_base=128,
+                                                 channel_max=16))
+    network = save_networks(tmp_path / "narrow.safetensors", G=G, D=D_narrow, G_ema=G)
+    last = fit_encoder(options(setup, tmp_path / "run", network=str(network), iters=1,
+                               cbase=None, cmax=None), echo=quiet)
+    E, _ = load_encoder(last)
+    assert (E.cfg.channel_base, E.cfg.channel_max) == (128, 16)
+    assert E.fc.weight.shape == (16, 16 * 16)  # min(128 // 4, 16) channels at 4x4
+    last = fit_encoder(options(setup, tmp_path / "flags", network=str(network), iters=1,
+                               cbase=64, cmax=None), echo=quiet)
+    assert load_encoder(last)[0].cfg.channel_base == 64
 
 
 def test_w_reg_keeps_codes_nearer_w_avg(setup, tmp_path):
