@@ -6,4 +6,5 @@ network=$(newest_network)
 encoder=$(newest_encoder)
 echo "== 05 score: $METHODS -> $SCORES"
 anostyle score --network "$network" --encoder "$encoder" --data "$DATASET/val.zip" \
-  --data "$DATASET/test.zip" --methods "$METHODS" --outdir "$SCORES" --device "$DEVICE"
+  --data "$DATASET/test.zip" --methods "$METHODS" --outdir "$SCORES" \
+  --heatmaps "$GRAPHICS/heatmaps" --device "$DEVICE"

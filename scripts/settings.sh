@@ -2,6 +2,7 @@
 # e.g.  KIMG=50 CFG=paper256 RES=256 bash scripts/02_train_gan.sh
 # The defaults run the demo on the embedded HAM10000 subset (data/demo).
 ROOT=${ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+OUT=${OUT:-$ROOT}                                   # where every output folder goes
 SOURCE=${SOURCE:-$ROOT/data/demo/images}            # raw images (folder)
 LABELS=${LABELS:-$ROOT/data/demo/metadata.csv}      # metadata CSV ('' for class folders)
 ID_COLUMN=${ID_COLUMN:-image_id}
@@ -10,19 +11,19 @@ GROUP_COLUMN=${GROUP_COLUMN:-lesion_id}
 NORMAL=${NORMAL:-nv}                                # the normal class(es)
 ANOMALY=${ANOMALY:-mel}                             # the anomaly class evaluated by default
 RES=${RES:-64}                                      # training resolution (power of two)
-DATASET=${DATASET:-$ROOT/datasets/demo-$RES}        # prepared train/val/test zips
-RUNS=${RUNS:-$ROOT/training-runs}                   # GAN run folders
+DATASET=${DATASET:-$OUT/datasets/demo-$RES}        # prepared train/val/test zips
+RUNS=${RUNS:-$OUT/training-runs}                   # GAN run folders
 CFG=${CFG:-cpu}                                     # --cfg preset
 KIMG=${KIMG:-2}                                     # GAN training length (thousands of images)
 RESUME=${RESUME-$ROOT/models/ham64-cpu/network.safetensors}  # '' trains from scratch
 GPUS=${GPUS:-1}
 DEVICE=${DEVICE:-auto}
 WORKERS=${WORKERS:-1}
-ENCODER_DIR=${ENCODER_DIR:-$ROOT/checkpointed}      # encoder checkpoints and grids
+ENCODER_DIR=${ENCODER_DIR:-$OUT/checkpointed}      # encoder checkpoints and grids
 ENCODER_KIMG=${ENCODER_KIMG:-3}                     # encoder training length
-RECON_DIR=${RECON_DIR:-$ROOT/generated_img}         # reconstructions
-SCORES=${SCORES:-$ROOT/scores}                      # Excel score sheets
-GRAPHICS=${GRAPHICS:-$ROOT/graphics}                # figures and index.html
+RECON_DIR=${RECON_DIR:-$OUT/generated_img}         # reconstructions
+SCORES=${SCORES:-$OUT/scores}                      # Excel score sheets
+GRAPHICS=${GRAPHICS:-$OUT/graphics}                # figures and index.html
 METHODS=${METHODS:-izif,sklearn:euclidean,sklearn:manhattan,sklearn:cosine,torch-euclidean,latent}
 BOOTSTRAP=${BOOTSTRAP:-1000}
 
