@@ -13,6 +13,7 @@ never leaves a newest checkpoint without its state; `--resume` continues the ite
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -279,7 +280,7 @@ def _loop(run: _Run, total: int) -> None:
     sums: dict[str, float] = {}
     count, tick_start = 0, time.time()
     with tqdm(total=total, initial=run.iteration, desc="train-encoder", unit="it",
-              disable=None) as bar:
+              disable=None) as bar, contextlib.closing(batches):  # closing: stops the workers
         while run.iteration < total:
             losses = _step(run, next(batches))
             run.iteration += 1

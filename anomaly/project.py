@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from anomaly.encoder_io import (check_compatible, load_encoder, load_frozen_networks,
+                                resolve_device)
 from anomaly.reconstruct import (check_feature_layer, discriminator_features, encode,
                                  iterate_source, list_source, output_paths, write_csv)
 from stylegan.errors import UserError
@@ -100,9 +102,6 @@ def project_batch(G: torch.nn.Module, D: torch.nn.Module | None, x: torch.Tensor
 
 def project_folder(opts: ProjectOptions) -> ProjectSummary:
     """Project every image of `opts.source`; write the images (as PNG) and projection.csv."""
-    from anomaly.encoder_io import (check_compatible, load_encoder, load_frozen_networks,
-                                    resolve_device)
-
     _validate(opts)
     device = resolve_device(opts.device)
     source = list_source(opts.source)

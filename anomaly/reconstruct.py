@@ -23,7 +23,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from anomaly.encoder_io import (check_compatible, load_encoder, load_frozen_networks,
+                                resolve_device)
 from stylegan.errors import UserError
+from stylegan.fileio import atomic_write_bytes
 from stylegan.imageio import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, ImageRejected, decode
 from stylegan.imageutil import from_uint8, save_image, to_uint8
 from stylegan.prepare import fit_square
@@ -268,8 +271,6 @@ class ReconstructSummary:
 def load_encoder_and_generator(network: str, encoder: str, device: torch.device
                                ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(G, E) frozen on `device`, checked to fit each other."""
-    from anomaly.encoder_io import check_compatible, load_encoder, load_frozen_networks
-
     E, _meta = load_encoder(encoder, device=device)  # first: a wrong kind of file fails fast
     G, _D = load_frozen_networks(network, device=device, need_D=False)
     check_compatible(E, G, encoder_path=encoder, network_path=network)
@@ -278,8 +279,6 @@ def load_encoder_and_generator(network: str, encoder: str, device: torch.device
 
 def reconstruct_folder(opts: ReconstructOptions) -> ReconstructSummary:
     """Write G(E(x)) for every image of `opts.source` under its own name (as PNG) in outdir."""
-    from anomaly.encoder_io import resolve_device
-
     assert opts.batch >= 1, opts.batch
     device = resolve_device(opts.device)
     source = list_source(opts.source)
@@ -321,8 +320,6 @@ def _write_batch(rec: torch.Tensor, x: torch.Tensor, paths: list[Path], *,
 def write_csv(path: Path, header: list[str], rows: list[tuple]) -> Path:
     """Write a small CSV atomically; text cells starting with = + - @ get a leading ' so that
     spreadsheets show them as text, never as formulas."""
-    from stylegan.fileio import atomic_write_bytes
-
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
