@@ -507,7 +507,10 @@ def serve(**flags) -> None:
       anostyle serve --network net.safetensors \\
         --encoder checkpointed/encoder-012500.safetensors --summary graphics/summary.json
     """
-    from anomaly.app.model import ServeOptions
-    from anomaly.app.server import run_server
-
+    try:
+        from anomaly.app.model import ServeOptions
+        from anomaly.app.server import run_server
+    except ImportError as exc:  # the `web` extra is optional
+        raise UserError(f"`anostyle serve` needs the web packages (missing {exc.name}); install "
+                        f"them with: pip install 'anostyle[web]'.") from None
     run_server(ServeOptions(**flags), announce=click.echo)

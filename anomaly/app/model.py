@@ -1,0 +1,295 @@
+"""What `anostyle serve` computes for one uploaded image, without any web code.
+
+The score is f-AnoGAN's izif anomaly score (Schlegl et al. 2019, Medical Image Analysis 54,
+eq. 8-9): A(x) = 1/n ||x - G(E(x))||^2 + kappa * 1/n_d ||f(x) - f(G(E(x)))||^2, computed by
+anomaly.scores.izif_score on the image fitted to the network as `anostyle prepare` fits it.
+It is put in context twice:
+  percentile  the share (in %) of validation naevi (izif.xlsx rows with split 'val', label 0)
+              whose score is <= this score ("weak" percentile of rank);
+  decision    'anomalous' when score >= the izif threshold `anostyle evaluate` chose on the
+              validation split (summary.json, first izif row = primary comparison), else 'normal'.
+kappa and the feature layer follow the score sheet's score.json, else the encoder's training
+options, so that the score is on the scale of the sheet and of the threshold.
+
+Shape letters: C channels, H/W height/width (the network resolution).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from anomaly.reconstruct import (check_feature_layer, discriminator_features, reconstruct_batch,
+                                 residual_images)
+from anomaly.scores import izif_score
+from stylegan.errors import UserError
+from stylegan.imageio import MAX_PIXELS
+from stylegan.imageutil import from_uint8, to_uint8
+
+IZIF_SHEET = "izif.xlsx"
+SCORE_CONFIG = "score.json"
+DEFAULT_KAPPA, DEFAULT_LAYER = 1.0, "b8"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Options of `anostyle serve`."""
+
+    network: str
+    encoder: str
+    summary: str  # graphics/summary.json from `anostyle evaluate`
+    scores: str | None = None  # folder with izif.xlsx (or the sheet); None: summary's scores_dir
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_upload_mb: float = 20.0  # whole request body, all files together
+    max_pixels: int = 50_000_000  # width x height from the image header, before decoding
+    max_files: int = 16  # image parts per request
+    kappa: float | None = None  # None: score.json's, else the encoder's training kappa
+    feature_layer: str | None = None  # None: score.json's, else the encoder's
+    threads: int | None = None  # torch CPU threads; None: min(4, CPU count)
+    device: str = "auto"
+
+    def check(self) -> "ServeOptions":
+        """Refuse impossible limits with one sentence each; returns self."""
+        if not 0 < self.max_upload_mb <= 1024:
+            raise UserError(f"--max-upload-mb {self.max_upload_mb} is out of range; use a value "
+                            f"in (0, 1024], e.g. 20.")
+        if not 0 < self.max_pixels <= MAX_PIXELS:
+            raise UserError(f"--max-pixels {self.max_pixels} is out of range; use 1 to "
+                            f"{MAX_PIXELS} (the decoder's own limit).")
+        if self.max_files < 1:
+            raise UserError(f"--max-files {self.max_files} must be at least 1.")
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"--port {self.port} is not a TCP port; use 1-65535 (0: any free).")
+        return self
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The evaluation's izif threshold: score >= threshold is called anomalous."""
+
+    threshold: float
+    rule: str  # e.g. 'youden (val)', 'p95 (val)', 'fixed'
+    comparison: str  # e.g. 'nv vs mel'
+    source: str  # the summary.json it came from
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Validation naevi's izif scores (sorted) for the percentile, or why there are none."""
+
+    scores: np.ndarray | None  # float64 [M], ascending; None: percentile omitted
+    source: str | None  # the izif.xlsx read
+    note: str  # why the percentile is omitted ('' when it is not)
+    scored_with: dict[str, Any]  # kappa / feature_layer from score.json beside the sheet
+
+    @property
+    def count(self) -> int:
+        return 0 if self.scores is None else int(len(self.scores))
+
+    def percentile(self, score: float) -> float | None:
+        """100 * (number of reference scores <= score) / M; None without reference."""
+        if self.scores is None:
+            return None
+        return 100.0 * np.searchsorted(self.scores, score, side="right") / len(self.scores)
+
+
+def load_decision(path: str | os.PathLike) -> tuple[Decision, dict[str, Any]]:
+    """(the first izif row's threshold, the recorded evaluate options) from summary.json."""
+    path = Path(path)
+    fix = "give the graphics/summary.json that `anostyle evaluate` wrote"
+    if not path.is_file():
+        raise UserError(f"--summary {path} does not exist; {fix}.")
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"--summary {path} is not valid JSON ({exc}); {fix}.") from None
+    rows = body.get("rows") if isinstance(body, dict) else None
+    if not isinstance(rows, list):
+        raise UserError(f"--summary {path} has no 'rows' list; {fix}.")
+    izif = [r for r in rows if isinstance(r, dict) and r.get("method") == "izif"]
+    if not izif:
+        raise UserError(f"--summary {path} has no izif row; score with the izif method and run "
+                        f"`anostyle evaluate` again.")
+    threshold = izif[0].get("threshold")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+            or not math.isfinite(threshold):
+        raise UserError(f"--summary {path}: the izif threshold {threshold!r} is not a finite "
+                        f"number; run `anostyle evaluate` again.")
+    decision = Decision(float(threshold), str(izif[0].get("threshold_rule", "")),
+                        str(izif[0].get("comparison", "")), str(path))
+    options = body.get("options")
+    return decision, options if isinstance(options, dict) else {}
+
+
+def load_reference(scores: str | None, summary_options: dict[str, Any]) -> Reference:
+    """The validation naevi of izif.xlsx in `scores` (a folder or the sheet itself).
+
+    Without `scores` the folder recorded in summary.json (`options.scores_dir`) is tried; when
+    that holds no sheet, the percentile is omitted with a note instead of an error.
+    """
+    from anomaly.sheets import read_score_sheet  # openpyxl/pandas: only when serving
+
+    if scores is None:
+        recorded = summary_options.get("scores_dir")
+        if not recorded:
+            return Reference(None, None, "percentile omitted: summary.json records no scores "
+                                         "folder; pass --scores DIR", {})
+        sheet = Path(recorded) / IZIF_SHEET
+        if not sheet.is_file():
+            return Reference(None, None, f"percentile omitted: no {IZIF_SHEET} in {recorded} "
+                                         f"(the scores folder summary.json records); pass "
+                                         f"--scores DIR", {})
+    else:
+        sheet = Path(scores) / IZIF_SHEET if Path(scores).is_dir() else Path(scores)
+        if not sheet.is_file():
+            raise UserError(f"--scores {scores} holds no {IZIF_SHEET}; give the folder that "
+                            f"`anostyle score` wrote.")
+    df = read_score_sheet(sheet)
+    values = np.sort(df.loc[(df["split"] == "val") & (df["label"] == 0), "score"]
+                     .to_numpy(dtype=np.float64))  # [M]
+    scored_with = _score_config(sheet.parent / SCORE_CONFIG)
+    if len(values) == 0:
+        return Reference(None, str(sheet), f"percentile omitted: {sheet} has no validation "
+                                           f"naevi (split val, label 0); score val.zip too",
+                         scored_with)
+    return Reference(values, str(sheet), "", scored_with)
+
+
+def _score_config(path: Path) -> dict[str, Any]:
+    """kappa and feature_layer recorded by `anostyle score` (empty when absent or unreadable)."""
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    if not isinstance(body, dict):
+        return {}
+    return {k: body[k] for k in ("kappa", "feature_layer") if body.get(k) is not None}
+
+
+def resolve_izif(kappa: float | None, layer: str | None, *, scored_with: dict[str, Any],
+                 trained: dict[str, Any]) -> tuple[float, str, list[str]]:
+    """(kappa, feature layer, notes): the flag, else score.json's, else the encoder's, else
+    the defaults; a note when a flag differs from what the score sheet was scored with."""
+    notes = []
+    for flag, given, key in (("--kappa", kappa, "kappa"), ("--feature-layer", layer,
+                                                           "feature_layer")):
+        if given is not None and key in scored_with and given != scored_with[key]:
+            notes.append(f"{flag} {given} differs from the {scored_with[key]} the score sheet "
+                         f"was scored with: the percentile compares unlike scores")
+    kappa = kappa if kappa is not None else scored_with.get("kappa", trained.get("kappa"))
+    layer = layer or scored_with.get("feature_layer") or trained.get("feature_layer")
+    return (DEFAULT_KAPPA if kappa is None else float(kappa)), (layer or DEFAULT_LAYER), notes
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    """izif score of one fitted image and the pictures shown with it (uint8 [H, W, C])."""
+
+    score: float  # A_R + kappa * A_D
+    pixel_term: float  # A_R: mean squared pixel residual
+    feature_term: float  # A_D: mean squared feature residual (0 when kappa is 0)
+    image: np.ndarray  # the input as fitted
+    reconstruction: np.ndarray  # G(E(x))
+    residual: np.ndarray  # mean_c |x - G(E(x))| in the fixed-scale colour map, [H, W, 3]
+
+
+class IzifScorer:
+    """Frozen G, D, E on one device; call it with a fitted uint8 [C, H, W] image."""
+
+    def __init__(self, G: torch.nn.Module, D: torch.nn.Module | None, E: torch.nn.Module, *,
+                 kappa: float, feature_layer: str):
+        assert kappa >= 0, kappa
+        assert kappa == 0 or D is not None, "the feature term needs a discriminator"
+        if D is not None and kappa > 0:
+            check_feature_layer(D, feature_layer)
+        self.G, self.D, self.E = G, D, E
+        self.kappa, self.feature_layer = kappa, feature_layer
+        self.device = next(G.parameters()).device
+
+    @property
+    def resolution(self) -> int:
+        return self.G.img_resolution
+
+    @property
+    def channels(self) -> int:
+        return self.G.img_channels
+
+    @torch.no_grad()
+    def __call__(self, fitted: np.ndarray) -> ImageScore:
+        shape = (self.channels, self.resolution, self.resolution)
+        assert fitted.dtype == np.uint8 and fitted.shape == shape, (fitted.dtype, fitted.shape)
+        x = from_uint8(torch.from_numpy(fitted[None]).to(self.device))  # [1, C, H, W]
+        _ws, rec = reconstruct_batch(self.G, self.E, x)  # [1, C, H, W]
+        if self.kappa > 0:
+            feat = discriminator_features(self.D, x, self.feature_layer)
+            feat_rec = discriminator_features(self.D, rec, self.feature_layer)
+        else:
+            feat = feat_rec = torch.zeros(1, 1, device=self.device)
+        total = izif_score(x, rec, feat, feat_rec, kappa=self.kappa)  # [1]
+        pixel = izif_score(x, rec, feat, feat, kappa=0.0)  # [1]: A_R alone
+        feature = izif_score(x, x, feat, feat_rec, kappa=1.0)  # [1]: A_D alone
+        return ImageScore(float(total[0]), float(pixel[0]), float(feature[0]),
+                          np.ascontiguousarray(fitted.transpose(1, 2, 0)),
+                          to_uint8(rec)[0], residual_images(x, rec)[0])
+
+
+@dataclass(frozen=True)
+class ServeModel:
+    """Everything loaded once at start: the scorer, the threshold, the reference scores."""
+
+    scorer: IzifScorer
+    decision: Decision
+    reference: Reference
+    notes: tuple[str, ...] = ()
+
+    def judge(self, score: float) -> dict[str, Any]:
+        """Percentile among validation naevi and the decision at the evaluation threshold."""
+        ref = self.reference
+        return {
+            "percentile": ref.percentile(score),
+            "percentile_note": ref.note,
+            "reference_count": ref.count,
+            "decision": "anomalous" if score >= self.decision.threshold else "normal",
+            "threshold": self.decision.threshold,
+            "threshold_rule": self.decision.rule,
+            "comparison": self.decision.comparison,
+        }
+
+    def info(self) -> dict[str, Any]:
+        """What the page shows before any upload (no file-system paths)."""
+        s = self.scorer
+        return {"resolution": s.resolution, "channels": s.channels, "kappa": s.kappa,
+                "feature_layer": s.feature_layer, "threshold": self.decision.threshold,
+                "threshold_rule": self.decision.rule, "comparison": self.decision.comparison,
+                "reference_count": self.reference.count,
+                "percentile_note": self.reference.note, "notes": list(self.notes)}
+
+
+def load_serve_model(opts: ServeOptions) -> ServeModel:
+    """Load networks, threshold and reference once; bad files end in one-sentence UserErrors."""
+    from anomaly.encoder_io import (check_compatible, load_encoder, load_frozen_networks,
+                                    resolve_device)
+
+    device = resolve_device(opts.device)
+    decision, summary_options = load_decision(opts.summary)  # cheap checks before the networks
+    reference = load_reference(opts.scores, summary_options)
+    E, extra = load_encoder(opts.encoder, device=device)
+    kappa, layer, notes = resolve_izif(opts.kappa, opts.feature_layer,
+                                       scored_with=reference.scored_with,
+                                       trained=extra.get("training_options", {}))
+    G, D = load_frozen_networks(opts.network, device=device, need_D=kappa > 0)
+    check_compatible(E, G, encoder_path=opts.encoder, network_path=opts.network)
+    scorer = IzifScorer(G, D, E, kappa=kappa, feature_layer=layer)
+    return ServeModel(scorer, decision, reference, tuple(notes))

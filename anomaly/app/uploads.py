@@ -1,0 +1,210 @@
+"""Uploaded images for `anostyle serve`: multipart/form-data (RFC 7578) read in memory, limited.
+
+Limits, each checked as early as it can be:
+  body size    Content-Length before reading, then the bytes counted while streaming (a body
+               without Content-Length is cut off at the limit, not read to its end);
+  files        at most `max_files` parts, all in the field 'image', each with a file name;
+  pixels       width x height from the image header, before any pixel is decoded
+               (decompression bombs), then decoded by the project's one policy
+               (stylegan.imageio) and fitted as `anostyle prepare` fits (center crop, box resize).
+Nothing touches the file system: python-multipart's streaming parser hands each part's bytes to
+an in-memory buffer. A client's file name is kept only to be shown (cleaned of control
+characters); it never becomes a path, and not even its extension picks the decoder: the bytes do.
+Every refusal is an UploadError carrying an HTTP status (4xx) and one sentence for the user.
+"""
+
+from __future__ import annotations
+
+import io
+import unicodedata
+import warnings
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+import numpy as np
+from PIL import Image
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from anomaly.reconstruct import read_fitted
+from stylegan.imageio import ImageRejected
+
+FIELD = "image"
+UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")  # what PIL may identify an upload as
+MAX_NAME_CHARS = 200
+
+
+class UploadError(Exception):
+    """A request the server refuses: HTTP status (4xx) and a message for the user."""
+
+    def __init__(self, status: int, message: str):
+        assert 400 <= status < 500, status
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """Per-request limits (see the module docstring)."""
+
+    max_bytes: int
+    max_files: int
+    max_pixels: int
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded file: its display name (never a path) and its bytes."""
+
+    name: str
+    data: bytes
+
+
+def display_name(raw: bytes) -> str:
+    """A client's file name for display only: UTF-8 (or Latin-1), no control characters, at
+    most MAX_NAME_CHARS characters. Slashes stay: the name is never used as a path."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    text = "".join(ch for ch in text if unicodedata.category(ch)[0] != "C")
+    return text[:MAX_NAME_CHARS] or "unnamed"
+
+
+class _Parts:
+    """python-multipart callbacks that collect the 'image' file parts in memory."""
+
+    def __init__(self, max_files: int):
+        self.max_files = max_files
+        self.files: list[Upload] = []
+        self.ended = False
+        self._headers: dict[str, str] = {}
+        self._key, self._value = bytearray(), bytearray()
+        self._name, self._data = "", bytearray()
+
+    def callbacks(self) -> dict[str, Callable]:
+        return {"on_part_begin": self._part_begin, "on_header_field": self._header_field,
+                "on_header_value": self._header_value, "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished, "on_part_data": self._part_data,
+                "on_part_end": self._part_end, "on_end": self._end}
+
+    def _part_begin(self) -> None:
+        self._headers, self._data = {}, bytearray()
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._key += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _header_end(self) -> None:
+        self._headers[self._key.decode("latin-1").strip().lower()] = self._value.decode("latin-1")
+        self._key, self._value = bytearray(), bytearray()
+
+    def _headers_finished(self) -> None:
+        kind, params = parse_options_header(self._headers.get("content-disposition", ""))
+        field = params.get(b"name", b"").decode("latin-1")
+        if kind != b"form-data" or field != FIELD:
+            raise UploadError(400, f"Send the images in the multipart field '{FIELD}' "
+                                   f"(this request used the field '{field[:40]}').")
+        if b"filename" not in params:
+            raise UploadError(400, f"The field '{FIELD}' must hold a file, not a text value.")
+        if len(self.files) >= self.max_files:
+            raise UploadError(413, f"At most {self.max_files} images per request; send the "
+                                   f"others in another request.")
+        self._name = display_name(params[b"filename"])
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        self._data += data[start:end]
+
+    def _part_end(self) -> None:
+        self.files.append(Upload(self._name, bytes(self._data)))
+
+    def _end(self) -> None:
+        self.ended = True
+
+
+def _boundary(content_type: str | None) -> bytes:
+    """The multipart boundary of a Content-Type header, or an UploadError."""
+    if not content_type:
+        raise UploadError(400, f"Empty request: send one or more images as multipart/form-data "
+                               f"in the field '{FIELD}'.")
+    kind, params = parse_options_header(content_type)
+    if kind != b"multipart/form-data":
+        raise UploadError(415, f"Send the images as multipart/form-data in the field '{FIELD}', "
+                               f"not as {kind.decode('latin-1')[:60] or 'an unnamed type'}.")
+    if not params.get(b"boundary"):
+        raise UploadError(400, "The multipart/form-data request has no boundary parameter.")
+    return params[b"boundary"]
+
+
+def _too_large(limits: UploadLimits) -> UploadError:
+    return UploadError(413, f"The upload is larger than the server's limit of "
+                            f"{limits.max_bytes / 2**20:g} MB; send smaller or fewer images.")
+
+
+async def read_uploads(content_type: str | None, content_length: str | None,
+                       chunks: AsyncIterator[bytes], limits: UploadLimits) -> list[Upload]:
+    """The 'image' files of a multipart body, read from `chunks` without exceeding the limits."""
+    boundary = _boundary(content_type)
+    if content_length is not None:
+        if not content_length.strip().isdigit():
+            raise UploadError(400, "The Content-Length header is not a number.")
+        if int(content_length) > limits.max_bytes:
+            raise _too_large(limits)  # refused before one byte of the body is read
+    parts = _Parts(limits.max_files)
+    try:
+        parser = MultipartParser(boundary, parts.callbacks())
+        received = 0
+        async for chunk in chunks:
+            received += len(chunk)
+            if received > limits.max_bytes:
+                raise _too_large(limits)
+            parser.write(chunk)
+        parser.finalize()
+    except FormParserError as exc:
+        raise UploadError(400, f"The multipart/form-data body is malformed ({exc}).") from None
+    if received == 0:
+        raise UploadError(400, f"Empty request: the body holds no image in the field '{FIELD}'.")
+    if not parts.ended:
+        raise UploadError(400, "The multipart/form-data body is incomplete (no final "
+                               "boundary); send the whole file.")
+    if not parts.files:
+        raise UploadError(400, f"The request holds no file in the field '{FIELD}'.")
+    return parts.files
+
+
+def image_size(upload: Upload, *, max_pixels: int) -> tuple[int, int]:
+    """(width, height) read from the header alone; refuses non-images and too many pixels."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(upload.data), formats=UPLOAD_FORMATS) as img:
+                width, height = img.size
+        except Image.DecompressionBombError:  # PIL's own limit, far above any sane photo
+            raise UploadError(413, f"'{upload.name}' has more pixels than the server's limit of "
+                                   f"{max_pixels / 1e6:g} megapixels.") from None
+        except Image.UnidentifiedImageError:
+            raise UploadError(415, f"'{upload.name}' is not a PNG, JPEG, BMP or TIFF image."
+                              ) from None
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise UploadError(422, f"'{upload.name}' has a corrupt image header ({exc})."
+                              ) from None
+    if width * height > max_pixels:
+        raise UploadError(413, f"'{upload.name}' is {width}x{height} = "
+                               f"{width * height / 1e6:.1f} megapixels, over the server's limit "
+                               f"of {max_pixels / 1e6:g} megapixels.")
+    return width, height
+
+
+def fit_upload(upload: Upload, *, resolution: int, channels: int,
+               max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """(uint8 [C, H, W] fitted to the network, (width, height) of the upload)."""
+    if not upload.data:
+        raise UploadError(400, f"'{upload.name}' is an empty file (0 bytes); choose an image.")
+    size = image_size(upload, max_pixels=max_pixels)
+    try:  # a fixed name: the client's extension must not pick the decoder (e.g. '.dcm')
+        fitted = read_fitted(upload.data, "upload", resolution=resolution, channels=channels)
+    except ImageRejected as exc:
+        raise UploadError(422, f"'{upload.name}' cannot be used: {exc}.") from None
+    return fitted, size
