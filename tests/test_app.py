@@ -435,6 +435,7 @@ def test_display_names_are_cleaned():
     assert app_uploads.display_name(b"\xff.png") == "\xff.png"  # not UTF-8: Latin-1
     assert app_uploads.display_name(b"x" * 500) == "x" * app_uploads.MAX_NAME_CHARS
     assert app_uploads.display_name(b"\r\n") == "unnamed"
+    assert app_uploads.display_name(b"a%22b%0A%0dc.png") == 'a"bc.png'  # HTML form encoding
 
 
 # ----------------------------------------------------------------------------------------------

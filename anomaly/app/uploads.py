@@ -16,6 +16,7 @@ Every refusal is an UploadError carrying an HTTP status (4xx) and one sentence f
 from __future__ import annotations
 
 import io
+import re
 import unicodedata
 import warnings
 from dataclasses import dataclass
@@ -62,11 +63,16 @@ class Upload:
 
 def display_name(raw: bytes) -> str:
     """A client's file name for display only: UTF-8 (or Latin-1), no control characters, at
-    most MAX_NAME_CHARS characters. Slashes stay: the name is never used as a path."""
+    most MAX_NAME_CHARS characters. Slashes stay: the name is never used as a path.
+
+    Browsers send '"', CR and LF in file names as %22, %0D and %0A (HTML form-data encoding):
+    the quote is restored, the line breaks dropped.
+    """
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         text = raw.decode("latin-1")
+    text = re.sub("%0[ad]", "", text.replace("%22", '"'), flags=re.IGNORECASE)
     text = "".join(ch for ch in text if unicodedata.category(ch)[0] != "C")
     return text[:MAX_NAME_CHARS] or "unnamed"
 
