@@ -7,8 +7,11 @@ cmax 128, 128-d W) and the encoder `train-encoder` builds for it by default (as 
 
 The networks are random (speed does not depend on the weights). Projection time grows linearly
 with the number of steps (every step is the same computation), so it is timed for
-`--project-steps` steps and scaled to 300; the JSON says so. Prints one JSON object.
-Usage: `.venv/bin/python bench/encode.py [--train-iters 12] [--project-steps 30] [--threads N]`.
+`--project-steps` steps (default: all 300) and scaled to 300; the JSON says so. Prints one JSON
+object.
+Usage: `.venv/bin/python bench/encode.py [--train-iters 12] [--project-steps 300] [--threads N]`
+(on a busy 2-core machine `--threads 1` avoids OpenMP oversubscription, which slows these
+small networks many times).
 """
 
 from __future__ import annotations
@@ -74,7 +77,8 @@ def projection_rate(G: Generator, D: Discriminator, x: torch.Tensor, steps: int)
     return {"batch": len(x), "measured_steps": steps, "steps": PROJECT_STEPS,
             "sec_per_step": round(per_step, 4), "sec_per_batch_at_300_steps": round(seconds, 2),
             "images_per_s": round(len(x) / seconds, 4),
-            "note": f"timed for {steps} steps, scaled linearly to {PROJECT_STEPS}"}
+            "note": (f"timed for {steps} steps" if steps == PROJECT_STEPS else
+                     f"timed for {steps} steps, scaled linearly to {PROJECT_STEPS}")}
 
 
 def run(train_iters: int, project_steps: int) -> dict:
@@ -107,7 +111,7 @@ def run(train_iters: int, project_steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-iters", type=int, default=12)
-    parser.add_argument("--project-steps", type=int, default=30)
+    parser.add_argument("--project-steps", type=int, default=PROJECT_STEPS)
     parser.add_argument("--threads", type=int, help="torch threads [torch's default]")
     args = parser.parse_args()
     if args.threads:
