@@ -30,7 +30,6 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from anomaly.app import model as app_model
 from anomaly.app import server as app_server
 from anomaly.app import uploads as app_uploads
 from anomaly.app.model import (Reference, ServeModel, ServeOptions, load_decision,
@@ -295,7 +294,8 @@ def multipart(*parts: tuple[str, str | None, bytes], boundary: str = "XbOuNdArY"
 def png_with_header_size(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height but whose data holds a single row."""
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
             + chunk(b"IDAT", zlib.compress(b"\x00" * (1 + 3 * 8))) + chunk(b"IEND", b""))
@@ -344,7 +344,8 @@ def bad_requests(png: bytes) -> list[tuple[str, dict, int, str]]:
 def test_bad_inputs_answer_4xx_with_a_message(nets, client, monkeypatch):
     decoded = []
     real = app_uploads.read_fitted
-    monkeypatch.setattr(app_uploads, "read_fitted", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    monkeypatch.setattr(app_uploads, "read_fitted",
+                        lambda *a, **k: decoded.append(1) or real(*a, **k))
     for case, kwargs, status, message in bad_requests(nets["png"]):
         decoded.clear()
         response = client.post("/api/score", **kwargs)
@@ -354,6 +355,31 @@ def test_bad_inputs_answer_4xx_with_a_message(nets, client, monkeypatch):
             assert not decoded, f"{case}: pixels were decoded before the header check"
     ok = post_images(client, ("fine.png", nets["png"]))  # the server still works
     assert ok.status_code == 200
+
+
+def test_mangled_images_never_cause_a_server_error(nets, model, ham_dir):
+    """Truncated and bit-flipped PNG, JPEG, BMP and TIFF files: each 200 or 4xx, never 500."""
+    client = TestClient(client_for(model).app, raise_server_exceptions=False)
+    image = np.asarray(Image.open(sorted((ham_dir / "images").glob("*.jpg"))[0]))[:48, :64]
+    rng = np.random.default_rng(0)
+    statuses = set()
+    for kind in ("PNG", "JPEG", "BMP", "TIFF"):
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format=kind)
+        good = buf.getvalue()
+        variants = [good[:n] for n in (8, 30, len(good) // 3, len(good) - 5)]
+        for _ in range(8):
+            mangled = bytearray(good)
+            for at in rng.integers(0, min(len(good), 400), 4):  # headers live at the start
+                mangled[at] ^= int(rng.integers(1, 256))
+            variants.append(bytes(mangled))
+        for data in variants:
+            r = client.post("/api/score?images=false",
+                            files={"image": (f"m.{kind.lower()}", data)})
+            assert r.status_code == 200 or 400 <= r.status_code < 500, (kind, r.text)
+            assert r.status_code == 200 or r.json()["detail"].startswith("'m."), r.text
+            statuses.add(r.status_code)
+    assert {415, 422} <= statuses
 
 
 def test_pixel_and_size_limits_are_configurable(nets, model):

@@ -9,10 +9,8 @@ import io
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 from playwright.sync_api import sync_playwright
 

@@ -268,7 +268,7 @@ class ServeModel:
         }
 
     def info(self) -> dict[str, Any]:
-        """What the page shows before any upload (no file-system paths)."""
+        """What the page shows before any upload (GET /api/info)."""
         s = self.scorer
         return {"resolution": s.resolution, "channels": s.channels, "kappa": s.kappa,
                 "feature_layer": s.feature_layer, "threshold": self.decision.threshold,

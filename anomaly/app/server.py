@@ -165,6 +165,11 @@ def create_app(model: ServeModel, limits: UploadLimits, *,
     async def upload_error(_request: Request, exc: UploadError) -> JSONResponse:
         return JSONResponse({"detail": exc.message}, status_code=exc.status)
 
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, _exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": "Internal error of the server; see its log."},
+                            status_code=500)
+
     @app.get("/", response_class=HTMLResponse)
     def index() -> HTMLResponse:
         return HTMLResponse(page, headers={"content-security-policy": policy})

@@ -193,7 +193,7 @@ def image_size(upload: Upload, *, max_pixels: int) -> tuple[int, int]:
         except Image.UnidentifiedImageError:
             raise UploadError(415, f"'{upload.name}' is not a PNG, JPEG, BMP or TIFF image."
                               ) from None
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        except Exception as exc:  # noqa: BLE001 - crafted headers raise many types in PIL
             raise UploadError(422, f"'{upload.name}' has a corrupt image header ({exc})."
                               ) from None
     if width * height > max_pixels:
@@ -213,4 +213,7 @@ def fit_upload(upload: Upload, *, resolution: int, channels: int,
         fitted = read_fitted(upload.data, "upload", resolution=resolution, channels=channels)
     except ImageRejected as exc:
         raise UploadError(422, f"'{upload.name}' cannot be used: {exc}.") from None
+    except Exception as exc:  # noqa: BLE001 - a crafted file may break a decoder in any way
+        raise UploadError(422, f"'{upload.name}' cannot be decoded ({type(exc).__name__}: "
+                               f"{exc}).") from None
     return fitted, size
