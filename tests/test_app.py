@@ -32,10 +32,11 @@ from PIL import Image
 
 from anomaly.app import server as app_server
 from anomaly.app import uploads as app_uploads
-from anomaly.app.model import (Reference, ServeModel, ServeOptions, load_decision,
-                               load_reference, load_serve_model, resolve_izif)
+from anomaly.app.model import (Decision, IzifScorer, Reference, ServeModel, ServeOptions,
+                               load_decision, load_reference, load_serve_model, resolve_izif)
 from anomaly.app.server import BackgroundServer, create_app, upload_limits
 from anomaly.cli import main
+from anomaly.encoder import Encoder, EncoderConfig
 from anomaly.encoder_io import save_encoder
 from anomaly.evaluate import EvaluateOptions, write_summary
 from anomaly.reconstruct import (discriminator_features, read_fitted, reconstruct_batch,
@@ -47,6 +48,7 @@ from encoder_helpers import sample_images, save_tiny_networks, tiny_encoder, tin
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_write_json
 from stylegan.imageutil import from_uint8, to_uint8
+from stylegan.networks import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
 
 KAPPA, LAYER = 0.5, "b8"  # what score.json records; the encoder was trained with 2.0 / b16
 
@@ -200,6 +202,29 @@ def test_decision_is_score_at_or_above_threshold(nets, client, model):
         r = post_images(client_for(dataclasses.replace(model, decision=at)),
                         ("x.png", nets["png"])).json()["results"][0]
         assert (r["score"], r["threshold"], r["decision"]) == (s, threshold, decision)
+
+
+def test_gray_network_scores_colour_uploads_as_luma(ham_dir):
+    """A 1-channel network: the upload is decoded to luma as `prepare --channels 1` does."""
+    torch.manual_seed(0)
+    small = {"img_resolution": 16, "img_channels": 1, "channel_base": 256, "channel_max": 32}
+    G = Generator(GeneratorConfig(z_dim=16, w_dim=16, mapping_layers=2, **small)).eval()
+    D = Discriminator(DiscriminatorConfig(**small)).eval()
+    E = Encoder(EncoderConfig(num_ws=G.num_ws, w_dim=16, **small), w_avg=G.mapping.w_avg).eval()
+    model = ServeModel(IzifScorer(G, D, E, kappa=1.0, feature_layer="b8"),
+                       Decision(0.0, "fixed", "nv vs mel", "summary.json"),
+                       Reference(None, None, "no sheet", {}))
+    data = sorted((ham_dir / "images").glob("*.jpg"))[2].read_bytes()
+    (r,) = post_images(client_for(model), ("g.jpg", data)).json()["results"]
+    fitted = read_fitted(data, "g.jpg", resolution=16, channels=1)  # [1, 16, 16]
+    x = from_uint8(torch.from_numpy(fitted[None].copy()))
+    with torch.no_grad():
+        rec = G.synthesis(E(x), noise_mode="const")
+        feat, feat_rec = (discriminator_features(D, t, "b8") for t in (x, rec))
+    assert r["score"] == pytest.approx(float(izif_score(x, rec, feat, feat_rec)[0]), rel=1e-6)
+    assert np.array_equal(decode_data_url(r["images"]["input"]), fitted[0])  # a gray PNG
+    assert decode_data_url(r["images"]["residual"]).shape == (16, 16, 3)
+    assert r["decision"] == "anomalous" and r["percentile"] is None
 
 
 def test_percentile_counts_scores_at_or_below():

@@ -230,7 +230,7 @@ class IzifScorer:
     def __call__(self, fitted: np.ndarray) -> ImageScore:
         shape = (self.channels, self.resolution, self.resolution)
         assert fitted.dtype == np.uint8 and fitted.shape == shape, (fitted.dtype, fitted.shape)
-        x = from_uint8(torch.from_numpy(fitted[None]).to(self.device))  # [1, C, H, W]
+        x = from_uint8(torch.from_numpy(fitted[None].copy()).to(self.device))  # [1, C, H, W]
         _ws, rec = reconstruct_batch(self.G, self.E, x)  # [1, C, H, W]
         if self.kappa > 0:
             feat = discriminator_features(self.D, x, self.feature_layer)
