@@ -382,6 +382,7 @@ def test_bad_inputs_answer_4xx_with_a_message(nets, client, monkeypatch):
     assert ok.status_code == 200
 
 
+@pytest.mark.filterwarnings("ignore:.*:UserWarning")  # PIL's notes on the broken TIFF tags
 def test_mangled_images_never_cause_a_server_error(nets, model, ham_dir):
     """Truncated and bit-flipped PNG, JPEG, BMP and TIFF files: each 200 or 4xx, never 500."""
     client = TestClient(client_for(model).app, raise_server_exceptions=False)
