@@ -117,7 +117,7 @@ def style_mixing_ws(
     if float(torch.rand(())) >= prob:
         return ws
     mixed = mapping_fn(torch.randn_like(z), c)  # [N, K, D]
-    assert mixed.shape == ws.shape, f"mapping returned {tuple(mixed.shape)}, ws is {tuple(ws.shape)}"
+    assert mixed.shape == ws.shape, f"mapping gave {tuple(mixed.shape)}, ws is {tuple(ws.shape)}"
     return torch.cat([ws[:, :cutoff], mixed[:, cutoff:]], dim=1)  # [N, K, D]
 
 

@@ -54,7 +54,7 @@ def test_r1_penalty_linear_discriminator():
 
 
 def test_r1_penalty_quadratic_keeps_graph():
-    # logits_i = 0.5 * a * |x_i|^2 -> grad = a x_i, penalty = a^2 |x_i|^2; d penalty / d a = 2a|x|^2.
+    # logits_i = a |x_i|^2 / 2 -> grad = a x_i, penalty = a^2 |x_i|^2, d penalty / d a = 2a|x|^2.
     a = torch.tensor(3.0, requires_grad=True)
     x = torch.tensor([[[[1.0, 2.0]]], [[[0.0, -1.0]]]], requires_grad=True)  # [2, 1, 1, 2]
     logits = 0.5 * a * x.square().flatten(1).sum(dim=1)
