@@ -3,6 +3,9 @@
 set -euo pipefail
 source "$(dirname "$0")/settings.sh"
 network=$(newest_network)
-echo "== 03 train-encoder: $network -> $ENCODER_DIR ($ENCODER_KIMG kimg)"
-anostyle train-encoder --network "$network" --data "$DATASET/train.zip" --outdir "$ENCODER_DIR" \
-  --kimg "$ENCODER_KIMG" --workers "$WORKERS" --device "$DEVICE"
+outdir=$(encoder_run_dir "$network")
+resume_args=()  # a second run for the same network continues its encoder
+if ls "$outdir"/encoder-*.state.pt >/dev/null 2>&1; then resume_args=(--resume latest); fi
+echo "== 03 train-encoder: $network -> $outdir ($ENCODER_KIMG kimg)"
+anostyle train-encoder --network "$network" --data "$DATASET/train.zip" --outdir "$outdir" \
+  --kimg "$ENCODER_KIMG" --workers "$WORKERS" --device "$DEVICE" "${resume_args[@]}"

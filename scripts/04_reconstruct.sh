@@ -3,7 +3,7 @@
 set -euo pipefail
 source "$(dirname "$0")/settings.sh"
 network=$(newest_network)
-encoder=$(newest_encoder)
+encoder=$(newest_encoder "$network")
 echo "== 04 reconstruct: $DATASET/test.zip -> $RECON_DIR"
 anostyle reconstruct --network "$network" --encoder "$encoder" --source "$DATASET/test.zip" \
   --outdir "$RECON_DIR" --residual --device "$DEVICE"

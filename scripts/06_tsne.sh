@@ -3,7 +3,7 @@
 set -euo pipefail
 source "$(dirname "$0")/settings.sh"
 network=$(newest_network)
-encoder=$(newest_encoder)
+encoder=$(newest_encoder "$network")
 echo "== 06 tsne -> $GRAPHICS/tsne.png"
 anostyle tsne --network "$network" --encoder "$encoder" --data "$DATASET/val.zip" \
   --data "$DATASET/test.zip" --outdir "$GRAPHICS" --device "$DEVICE"

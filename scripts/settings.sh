@@ -39,11 +39,17 @@ newest_network() {
   echo "$found"
 }
 
-# The newest encoder checkpoint (override with ENCODER=path).
+# The encoder folder for a network: one per network snapshot, so runs never mix.
+encoder_run_dir() {
+  local network=$1
+  echo "$ENCODER_DIR/$(basename "$(dirname "$network")")-$(basename "$network" .safetensors)"
+}
+
+# The newest encoder checkpoint trained for a network (override with ENCODER=path).
 newest_encoder() {
   if [ -n "${ENCODER:-}" ]; then echo "$ENCODER"; return; fi
   local found
-  found=$(ls -t "$ENCODER_DIR"/encoder-*.safetensors 2>/dev/null | head -n 1 || true)
+  found=$(ls -t "$(encoder_run_dir "$1")"/encoder-*.safetensors 2>/dev/null | head -n 1 || true)
   if [ -z "$found" ]; then
     echo "no encoder in $ENCODER_DIR: run scripts/03_train_encoder.sh first or set ENCODER" >&2
     exit 1

@@ -1,0 +1,94 @@
+"""Scoring throughput and memory: `anostyle score` (every default method) over N images at 64 px
+with the `cpu` preset's networks and the default encoder, in a fresh process per size, so the
+peak RSS of scoring 1,000 and 10,000 images can be compared (streaming: it should not grow).
+
+Prints one JSON object. Usage: `.venv/bin/python bench/score.py [--sizes 1000,10000]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import zipfile
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from anomaly.encoder import Encoder, EncoderConfig
+from anomaly.encoder_io import save_encoder
+from stylegan.checkpoint import save_networks
+from stylegan.networks import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
+
+RES = 64
+
+
+def make_networks(folder: Path) -> tuple[Path, Path]:
+    torch.manual_seed(0)
+    G = Generator(GeneratorConfig(z_dim=128, w_dim=128, img_resolution=RES, mapping_layers=2,
+                                  channel_base=2048, channel_max=128))
+    D = Discriminator(DiscriminatorConfig(img_resolution=RES, channel_base=2048, channel_max=128))
+    network = save_networks(folder / "net.safetensors", G=G, D=D, G_ema=G)
+    E = Encoder(EncoderConfig(img_resolution=RES, img_channels=3, num_ws=G.num_ws, w_dim=G.w_dim),
+                w_avg=G.mapping.w_avg)
+    encoder = folder / "encoder-000001.safetensors"
+    save_encoder(encoder, E)
+    return network, encoder
+
+
+def make_zip(path: Path, n: int) -> Path:
+    """n distinct 64 px PNGs (random blocks upsampled: compressible, quick to decode)."""
+    rng = np.random.RandomState(1)
+    labels = []
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+        for i in range(n):
+            small = rng.randint(0, 256, (8, 8, 3), dtype=np.uint8)
+            img = np.kron(small, np.ones((RES // 8, RES // 8, 1), dtype=np.uint8))
+            buf = BytesIO()
+            Image.fromarray(img).save(buf, "PNG", compress_level=1)
+            zf.writestr(f"img{i:06d}.png", buf.getvalue())
+            labels.append([f"img{i:06d}.png", i % 2])
+        zf.writestr("dataset.json", json.dumps({"labels": labels}))
+    return path
+
+
+CHILD = """
+import json, resource, sys, time
+from anomaly.scoring import ScoreOptions, score_datasets
+net, enc, data, out = sys.argv[1:5]
+start = time.perf_counter()
+score_datasets(ScoreOptions(network=net, encoder=enc, data=(data,), outdir=out, batch=64,
+                            device="cpu"))
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds,
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1000,10000")
+    args = parser.parse_args()
+    out = {"benchmark": "score", "resolution": RES, "methods": "default (6)", "sizes": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        network, encoder = make_networks(tmp)
+        for n in (int(s) for s in args.sizes.split(",")):
+            data = make_zip(tmp / f"test{n}.zip", n)
+            res = subprocess.run([sys.executable, "-c", CHILD, str(network), str(encoder),
+                                  str(data), str(tmp / f"scores{n}")],
+                                 capture_output=True, text=True, check=True)
+            rec = json.loads(res.stdout.strip().splitlines()[-1])
+            out["sizes"][str(n)] = {"seconds": round(rec["seconds"], 1),
+                                    "images_per_second": round(n / rec["seconds"], 1),
+                                    "peak_rss_mib": round(rec["peak_rss_mib"], 1)}
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
