@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,8 @@ from anomaly.encoder_io import (ENCODER_PREFIX, check_compatible, encoder_checkp
                                 find_latest_encoder, load_encoder, load_frozen_networks,
                                 resolve_device, save_encoder, sha256_file, state_path)
 from anomaly.reconstruct import check_feature_layer, discriminator_features, reconstruct_batch
-from stylegan.checkpoint import load_training_state, save_training_state
+from stylegan.checkpoint import (load_training_state, restore_rng_state, rng_state,
+                                 save_training_state)
 from stylegan.dataset import ImageDataset
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_path, atomic_write_json
@@ -256,7 +256,7 @@ def _restore(run: _Run, resume: Path, meta: dict) -> None:
     state = load_training_state(state_file)
     run.opt.load_state_dict(state["optimizer"])
     run.iteration = int(state["iter"])
-    _set_rng_state(state["rng"])
+    restore_rng_state(state["rng"])
     run.log(f"resumed {resume.name} with its optimizer state at iteration {run.iteration}")
 
 
@@ -376,7 +376,7 @@ def _grid_images(run: _Run) -> torch.Tensor:
 def _snapshot(run: _Run, grid: torch.Tensor) -> None:
     outdir, it = Path(run.opts.outdir), run.iteration
     stem = f"{ENCODER_PREFIX}{it:06d}"
-    state = {"optimizer": run.opt.state_dict(), "iter": it, "rng": _get_rng_state()}
+    state = {"optimizer": run.opt.state_dict(), "iter": it, "rng": rng_state()}
     # The state goes first: an encoder file without its state is never the newest complete pair.
     save_training_state(outdir / f"{stem}.state.pt", state)
     extra = {"iter": it, "kimg": it * run.opts.batch / 1000, "network": run.network_info,
@@ -394,29 +394,8 @@ def _latest_written(run: _Run) -> Path:
     return encoder_checkpoints(run.opts.outdir)[-1]
 
 
-def _get_rng_state() -> dict[str, Any]:
-    """RNG states as plain tensors/ints/lists, loadable with torch.load(weights_only=True)."""
-    np_state = np.random.get_state()
-    version, internal, gauss = random.getstate()
-    out = {"torch": torch.get_rng_state(),
-           "python": {"version": version, "internal": list(internal), "gauss": gauss},
-           "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                     "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
-                     "gauss": float(np_state[4])}}
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
 
 
-def _set_rng_state(rng: dict[str, Any]) -> None:
-    torch.set_rng_state(rng["torch"])
-    py = rng["python"]
-    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
-    n = rng["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["gauss"]))
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 # ----------------------------------------------------------------------------------------------

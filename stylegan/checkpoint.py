@@ -18,9 +18,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -271,3 +273,30 @@ def load_training_state(path: str | os.PathLike) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 -- any failure is an unreadable file for the user
         raise UserError(f"{path.name} is not a readable training state ({exc}).") from None
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch (and CUDA) RNG states as plain tensors/ints/lists, loadable with
+    `torch.load(weights_only=True)`; put it into a training state to resume bit-exactly."""
+    np_state = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    out = {"torch": torch.get_rng_state(),
+           "python": {"version": version, "internal": list(internal), "gauss": gauss},
+           "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                     "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                     "gauss": float(np_state[4])}}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def restore_rng_state(rng: dict[str, Any]) -> None:
+    """Undo `rng_state`: set every generator back to the saved state."""
+    torch.set_rng_state(rng["torch"])
+    py = rng["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+    n = rng["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])

@@ -35,8 +35,8 @@ from tqdm import tqdm
 
 from stylegan import losses
 from stylegan.augment import AdaController, AugmentConfig, AugmentPipe
-from stylegan.checkpoint import (load_network, load_training_state, save_networks,
-                                 save_training_state)
+from stylegan.checkpoint import (load_network, load_training_state, restore_rng_state,
+                                 rng_state, save_networks, save_training_state)
 from stylegan.dataset import ImageDataset
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_write_json
@@ -187,7 +187,7 @@ def _run(opts: TrainOptions, env: Dist, resume_networks: dict | None) -> Path:
         log(f"dataset: {opts.data} ({len(dataset)} images, {dataset.resolution} px)")
         log(f"G: {_count(state.G)} parameters, D: {_count(state.D)}, num_ws {state.G.num_ws}")
     if resumed_rng is not None:
-        _set_rng_state(resumed_rng)
+        restore_rng_state(resumed_rng)
     _sync_replicas(state, env)
     reals = _real_batches(dataset, opts, env, start=state.cur_nimg)
     grid_z = _grid_latents(state.G, env.device)
@@ -417,7 +417,7 @@ def _save_snapshot(opts: TrainOptions, state: TrainState, grid_z: torch.Tensor, 
     training_state = {
         "opt_G": state.opt_G.state_dict(), "opt_D": state.opt_D.state_dict(),
         "pl_mean": state.pl_mean.detach().cpu(), "cur_nimg": state.cur_nimg,
-        "batch_idx": state.batch_idx, "rng": _get_rng_state(),
+        "batch_idx": state.batch_idx, "rng": rng_state(),
     }
     if state.ada is not None:
         training_state["ada"] = state.ada.state_dict()
@@ -502,26 +502,8 @@ def _seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(s)
 
 
-def _get_rng_state() -> dict:
-    np_state = np.random.get_state()
-    out = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                     "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
-                     "gauss": float(np_state[4])}}
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
 
 
-def _set_rng_state(rng: dict) -> None:
-    torch.set_rng_state(rng["torch"])
-    version, internal, gauss = rng["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = rng["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["gauss"]))
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def _sync_replicas(state: TrainState, env: Dist) -> None:
