@@ -5,6 +5,7 @@ then the architecture of a `--resume` file (adopted and reported, or refused wit
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ class Resolved:
 def resolve(flags: TrainFlags) -> Resolved:
     """Apply preset, flags and resume file; validate everything a run needs before it starts."""
     _check_ranges(flags)
+    flags = _under_torchrun(flags)
     dataset = ImageDataset(flags.data)
     res, channels = dataset.resolution, dataset.num_channels
     pre = preset(flags.cfg, resolution=res, gpus=flags.gpus)
@@ -95,6 +97,17 @@ def resolve(flags: TrainFlags) -> Resolved:
         device=flags.device, generator=G_cfg, discriminator=D_cfg,
         ada_kimg=100.0 if resume is not None else 500.0)  # official: react faster when resuming
     return Resolved(options=opts, overridden=overridden, resume_networks=networks)
+
+
+def _under_torchrun(flags: TrainFlags) -> TrainFlags:
+    """Under torchrun the processes already exist: their number replaces --gpus."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return flags
+    if flags.gpus not in (1, world):
+        raise UserError(f"--gpus {flags.gpus} disagrees with torchrun's {world} processes; "
+                        f"leave --gpus out under torchrun")
+    return dataclasses.replace(flags, gpus=world)
 
 
 def _pick(value, default):

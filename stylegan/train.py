@@ -148,7 +148,7 @@ def _spawned(rank: int, opts: TrainOptions, resume_networks: dict | None, init: 
 
 def _train_process(rank: int, world: int, opts: TrainOptions, resume_networks: dict | None, *,
                    init_method: str | None) -> Path:
-    device = _device(opts.device, rank)
+    device = _device(opts.device, int(os.environ.get("LOCAL_RANK", rank)))
     env = Dist(rank=rank, world=world, device=device)
     if world > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"

@@ -185,3 +185,21 @@ def test_replica_check_detects_a_difference():
     assert not torch.equal(train_mod.replica_fingerprint(a), train_mod.replica_fingerprint(b))
     b.load_state_dict(a.state_dict())
     assert torch.equal(train_mod.replica_fingerprint(a), train_mod.replica_fingerprint(b))
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tmp_path):
+    make_zip(tmp_path / "train.zip")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    anostyle = Path(sys.executable).parent / "anostyle"
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", str(anostyle), "train-gan",
+         "--outdir", str(tmp_path / "runs"), "--data", str(tmp_path / "train.zip"), "--cfg", "cpu",
+         "--batch", "4", "--cbase", "128", "--cmax", "16", "--kimg", "0.008", "--tick", "0.004",
+         "--snap", "1", "--workers", "0", "--device", "cpu"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = next((tmp_path / "runs").iterdir())
+    options = json.loads((run_dir / "training_options.json").read_text())
+    assert options["gpus"] == 2 and options["batch_gpu"] == 2
+    assert (run_dir / "log.txt").read_text().count("replicas identical across 2") == 2
