@@ -34,8 +34,9 @@ def make_networks(folder: Path) -> tuple[Path, Path]:
                                   channel_base=2048, channel_max=128))
     D = Discriminator(DiscriminatorConfig(img_resolution=RES, channel_base=2048, channel_max=128))
     network = save_networks(folder / "net.safetensors", G=G, D=D, G_ema=G)
-    E = Encoder(EncoderConfig(img_resolution=RES, img_channels=3, num_ws=G.num_ws, w_dim=G.w_dim),
-                w_avg=G.mapping.w_avg)
+    # As wide as D, which is what `anostyle train-encoder` builds by default.
+    E = Encoder(EncoderConfig(img_resolution=RES, img_channels=3, num_ws=G.num_ws, w_dim=G.w_dim,
+                              channel_base=2048, channel_max=128), w_avg=G.mapping.w_avg)
     encoder = folder / "encoder-000001.safetensors"
     save_encoder(encoder, E)
     return network, encoder
