@@ -21,6 +21,7 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
     try:
         yield tmp_path
         with open(tmp_path, "rb") as f:
@@ -41,6 +42,12 @@ def atomic_write_bytes(dest: str | os.PathLike, data: bytes) -> None:
 def atomic_write_json(dest: str | os.PathLike, obj: Any) -> None:
     """Write `obj` as indented JSON to `dest` atomically."""
     atomic_write_bytes(dest, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(path: Path) -> None:
