@@ -31,6 +31,17 @@ def main() -> None:
     """
 
 
+def device_option(help_text: str):
+    """--device auto|cpu|cuda, the same on every command that computes."""
+    return click.option("--device", default="auto", show_default=True,
+                        type=click.Choice(["auto", "cpu", "cuda"]), help=help_text)
+
+
+encoder_option = click.option(
+    "--encoder", required=True, type=click.Path(), metavar="CKPT",
+    help="encoder-<iter>.safetensors from `anostyle train-encoder`.")
+
+
 # Commands follow, one section each, in workflow order. Keep each command thin.
 
 
@@ -78,8 +89,7 @@ def main() -> None:
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
 @click.option("--fp32", default=False, show_default=True, type=bool, metavar="BOOL",
               help="Disable mixed precision (CUDA only; CPU always computes in float32).")
-@click.option("--device", default="auto", show_default=True,
-              type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train.")
+@device_option("Where to train.")
 @click.option("-n", "--dry-run", is_flag=True, help="Print the resolved options and exit.")
 def train_gan(dry_run: bool, **flags) -> None:
     """Train or fine-tune a StyleGAN2-ADA generator (flags as in the NVlabs tools).
@@ -297,8 +307,7 @@ def report(graphics_dir: str, title: str) -> None:
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
               help="DataLoader worker processes.")
-@click.option("--device", default="auto", show_default=True,
-              type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train.")
+@device_option("Where to train.")
 @click.option("--cbase", type=click.IntRange(min=1),
               help="Encoder channels at resolution r: min(cbase / r, cmax) [as D].")
 @click.option("--cmax", type=click.IntRange(min=1), help="Encoder max channels [as D].")
@@ -331,8 +340,7 @@ def train_encoder(dry_run: bool, **flags) -> None:
 @main.command("reconstruct")
 @click.option("--network", required=True, type=click.Path(), metavar="PKL|CKPT",
               help="The GAN the encoder was trained for.")
-@click.option("--encoder", required=True, type=click.Path(), metavar="CKPT",
-              help="encoder-<iter>.safetensors from `anostyle train-encoder`.")
+@encoder_option
 @click.option("--source", required=True, type=click.Path(), metavar="DIR|ZIP",
               help="Images: a prepared zip/folder or a plain folder of any-size images.")
 @click.option("--outdir", default="generated_img", show_default=True, type=click.Path(),
@@ -342,8 +350,7 @@ def train_encoder(dry_run: bool, **flags) -> None:
                    "fixed scale (black 0 .. pale yellow >= 0.5 in [-1, 1] units).")
 @click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1),
               help="Images per forward pass.")
-@click.option("--device", default="auto", show_default=True,
-              type=click.Choice(["auto", "cpu", "cuda"]), help="Where to compute.")
+@device_option("Where to compute.")
 def reconstruct(**flags) -> None:
     """Reconstruct images through the encoder and generator: x -> G(E(x)).
 
@@ -384,8 +391,7 @@ def reconstruct(**flags) -> None:
               help="D features for the loss (see train-encoder --help).")
 @click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1),
               help="Images optimised together (each keeps its own code).")
-@click.option("--device", default="auto", show_default=True,
-              type=click.Choice(["auto", "cpu", "cuda"]), help="Where to compute.")
+@device_option("Where to compute.")
 def project(**flags) -> None:
     """Project images into W+ by optimisation (AnoGAN-style): slow, sharp reference.
 
@@ -411,7 +417,7 @@ def project(**flags) -> None:
 
 @main.command("score")
 @click.option("--network", required=True, metavar="PKL|CKPT", help="Generator + discriminator file.")
-@click.option("--encoder", required=True, metavar="CKPT", help="Encoder from `train-encoder`.")
+@encoder_option
 @click.option("--data", "data", required=True, multiple=True, metavar="ZIP",
               help="Prepared val.zip / test.zip (repeat the flag for several).")
 @click.option("--methods", show_default=True,
@@ -425,8 +431,7 @@ def project(**flags) -> None:
               help="Also write residual heatmaps of the most anomalous test images here.")
 @click.option("--num-heatmaps", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--outdir", required=True, metavar="DIR", help="Where the .xlsx sheets go.")
-@click.option("--device", default="auto", show_default=True,
-              type=click.Choice(["auto", "cpu", "cuda"]))
+@device_option("Where to compute.")
 def score(data: tuple[str, ...], **kwargs) -> None:
     """Anomaly scores of every image -> one Excel sheet per method (+ all_scores.xlsx).
 
@@ -441,7 +446,7 @@ def score(data: tuple[str, ...], **kwargs) -> None:
 
 @main.command("tsne")
 @click.option("--network", required=True, metavar="PKL|CKPT", help="Generator file.")
-@click.option("--encoder", required=True, metavar="CKPT", help="Encoder from `train-encoder`.")
+@encoder_option
 @click.option("--data", "data", required=True, multiple=True, metavar="ZIP",
               help="Prepared zips to embed (repeat the flag for several).")
 @click.option("--outdir", default="graphics", show_default=True, metavar="DIR")
@@ -449,8 +454,7 @@ def score(data: tuple[str, ...], **kwargs) -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-images", type=click.IntRange(min=5), help="Subsample above this many images.")
-@click.option("--device", default="auto", show_default=True,
-              type=click.Choice(["auto", "cpu", "cuda"]))
+@device_option("Where to compute.")
 def tsne(data: tuple[str, ...], **kwargs) -> None:
     """t-SNE of the encoder's latent codes coloured by class: tsne.png + tsne.xlsx."""
     from anomaly.scoring import TsneOptions, tsne_latents
@@ -464,8 +468,7 @@ def tsne(data: tuple[str, ...], **kwargs) -> None:
 @main.command("serve")
 @click.option("--network", required=True, type=click.Path(), metavar="PKL|CKPT",
               help="The GAN the encoder was trained for (D is needed unless --kappa 0).")
-@click.option("--encoder", required=True, type=click.Path(), metavar="CKPT",
-              help="encoder-<iter>.safetensors from `anostyle train-encoder`.")
+@encoder_option
 @click.option("--summary", required=True, type=click.Path(), metavar="JSON",
               help="graphics/summary.json from `anostyle evaluate`: the izif threshold.")
 @click.option("--scores", type=click.Path(), metavar="DIR",
@@ -487,8 +490,7 @@ def tsne(data: tuple[str, ...], **kwargs) -> None:
 @click.option("--feature-layer", metavar="NAME",
               help="D layer of the izif features [score.json's, else the encoder's].")
 @click.option("--threads", type=click.IntRange(min=1), help="Torch CPU threads [min(4, cores)].")
-@click.option("--device", default="auto", show_default=True,
-              type=click.Choice(["auto", "cpu", "cuda"]), help="Where to compute.")
+@device_option("Where to compute.")
 def serve(**flags) -> None:
     """Web page and JSON API that score uploaded images (izif, percentile, decision).
 
