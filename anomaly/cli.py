@@ -77,6 +77,9 @@ encoder_option = click.option(
               help="Refuse a --resume file whose architecture differs from the flags.")
 @click.option("--mirror", default=False, show_default=True, type=bool, metavar="BOOL",
               help="Enable dataset x-flips.")
+@click.option("--rot90", default=False, show_default=True, type=bool, metavar="BOOL",
+              help="Enable dataset rotations by 90, 180 and 270 degrees (with --mirror: all 8 "
+                   "symmetries of the square; dermoscopy has no canonical orientation).")
 @click.option("--aug", default="ada", show_default=True, type=click.Choice(["ada", "fixed", "noaug"]),
               help="Augmentation mode.")
 @click.option("--p", default=0.2, show_default=True, type=click.FloatRange(0, 1),
@@ -138,6 +141,12 @@ def _comma_list(ctx: click.Context, param: click.Parameter, value: str | None) -
               help="How to make images square: crop the middle, stretch, or pad with black.")
 @click.option("--resize-filter", default="box", show_default=True,
               type=click.Choice(["box", "lanczos"]), help="Resampling filter (box is fast).")
+@click.option("--colour", default="none", show_default=True,
+              type=click.Choice(["none", "shades-of-gray"]),
+              help="Colour constancy after fitting: shades-of-gray removes the device's colour "
+                   "cast (Barata et al. 2015).")
+@click.option("--colour-p", default=6.0, show_default=True, type=click.FloatRange(1, 64),
+              help="Minkowski norm of shades-of-gray (1: grey world; large: max-RGB).")
 @click.option("--channels", default="3", show_default=True, type=click.Choice(["3", "1"]),
               help="3: RGB PNGs; 1: grayscale PNGs.")
 @click.option("--val", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True),
@@ -311,6 +320,10 @@ def report(graphics_dir: str, title: str) -> None:
 @click.option("--cbase", type=click.IntRange(min=1),
               help="Encoder channels at resolution r: min(cbase / r, cmax) [as D].")
 @click.option("--cmax", type=click.IntRange(min=1), help="Encoder max channels [as D].")
+@click.option("--mirror", default=False, show_default=True, type=bool, metavar="BOOL",
+              help="Train on x-flipped copies of the images too.")
+@click.option("--rot90", default=False, show_default=True, type=bool, metavar="BOOL",
+              help="Train on copies rotated by 90, 180 and 270 degrees too.")
 @click.option("-n", "--dry-run", is_flag=True, help="Print the resolved options and exit.")
 def train_encoder(dry_run: bool, **flags) -> None:
     """Train an izif encoder (f-AnoGAN) for a frozen generator and discriminator.

@@ -66,6 +66,8 @@ class FitOptions:
     cbase: int | None = None  # encoder capacity; None: the discriminator's (or the resumed one's)
     cmax: int | None = None
     grid_size: int = 8  # training images shown in rec<iter>.png
+    mirror: bool = False  # train on x-flipped copies too
+    rot90: bool = False  # and on copies rotated by 90/180/270 degrees
 
     def total_iters(self) -> int:
         """The iteration at which training stops."""
@@ -172,7 +174,7 @@ def _setup(opts: FitOptions, *, echo) -> _Run:
     G, D = load_frozen_networks(opts.network, device=device, need_D=opts.kappa > 0)
     if D is not None and opts.kappa > 0:
         check_feature_layer(D, opts.feature_layer)
-    dataset = ImageDataset(opts.data, use_labels=False)
+    dataset = ImageDataset(opts.data, use_labels=False, xflip=opts.mirror, rot90=opts.rot90)
     if (dataset.resolution, dataset.num_channels) != (G.img_resolution, G.img_channels):
         raise UserError(f"--data {opts.data} has {dataset.resolution} px images with "
                         f"{dataset.num_channels} channels but --network {opts.network} makes "

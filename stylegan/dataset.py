@@ -34,12 +34,14 @@ class ImageDataset(torch.utils.data.Dataset):
     """A prepared dataset (zip or folder). Item i -> (uint8 array [C, H, W], int label).
 
     xflip: double the length; items len/2.. are the mirrored (left-right) images.
+    rot90: four times the length; the k-th quarter (k = 0..3) holds the images rotated by
+        k * 90 degrees (after any mirror), so xflip + rot90 give all 8 symmetries of the square.
     max_size: keep a random subset of at most this many images (before xflip; `random_seed`).
     use_labels: read labels from dataset.json; if False, every label is 0 and label_dim is 0
         (what unconditional GAN training wants).
     """
 
-    def __init__(self, path: str | os.PathLike, *, xflip: bool = False,
+    def __init__(self, path: str | os.PathLike, *, xflip: bool = False, rot90: bool = False,
                  max_size: int | None = None, use_labels: bool = True, random_seed: int = 0):
         self.path = Path(path)
         self._zip: zipfile.ZipFile | None = None
@@ -54,9 +56,12 @@ class ImageDataset(torch.utils.data.Dataset):
         index = np.arange(len(raw_names))
         if max_size is not None and len(index) > max_size:
             index = np.sort(np.random.RandomState(random_seed).permutation(index)[:max_size])
-        self._raw_index = np.concatenate([index, index]) if xflip else index  # [len]
-        self._xflip = np.zeros(len(self._raw_index), dtype=bool)
-        self._xflip[len(index):] = xflip
+        flips = (False, True) if xflip else (False,)
+        turns = (0, 1, 2, 3) if rot90 else (0,)
+        variants = [(f, k) for k in turns for f in flips]  # identity first
+        self._raw_index = np.concatenate([index] * len(variants))  # [len]
+        self._xflip = np.repeat([f for f, _k in variants], len(index)).astype(bool)  # [len]
+        self._rot90 = np.repeat([k for _f, k in variants], len(index)).astype(np.int64)  # [len]
         self._raw_names = raw_names
         self.names = [raw_names[i] for i in self._raw_index]
         self.labels = raw_labels[self._raw_index].astype(np.int64)
@@ -76,8 +81,10 @@ class ImageDataset(torch.utils.data.Dataset):
                             f"({self.resolution}x{self.resolution}, {self.num_channels}); "
                             f"rebuild the dataset with `anostyle prepare`.")
         if self._xflip[i]:
-            image = np.ascontiguousarray(image[:, :, ::-1])
-        return image, int(self.labels[i])
+            image = image[:, :, ::-1]
+        if self._rot90[i]:
+            image = np.rot90(image, k=int(self._rot90[i]), axes=(1, 2))  # counter-clockwise
+        return np.ascontiguousarray(image), int(self.labels[i])
 
     def get_onehot(self, i: int) -> np.ndarray:
         """Label of item i as a float32 one-hot vector [label_dim] (empty when no labels)."""

@@ -40,6 +40,7 @@ class TrainFlags:
     resume: str | None = None
     strict_resume: bool = False
     mirror: bool = False
+    rot90: bool = False
     aug: str = "ada"
     p: float = 0.2
     target: float = 0.6
@@ -89,7 +90,7 @@ def resolve(flags: TrainFlags) -> Resolved:
         outdir=flags.outdir, data=flags.data, cfg=flags.cfg, gpus=flags.gpus, batch=batch,
         batch_gpu=batch_gpu, gamma=_pick(flags.gamma, pre.gamma), glr=_pick(flags.glr, pre.glr),
         dlr=_pick(flags.dlr, pre.dlr), kimg=flags.kimg, tick=flags.tick, snap=flags.snap,
-        workers=flags.workers, mirror=flags.mirror, aug=flags.aug, p=flags.p, target=flags.target,
+        workers=flags.workers, mirror=flags.mirror, rot90=flags.rot90, aug=flags.aug, p=flags.p, target=flags.target,
         freezed=flags.freezed, seed=flags.seed, fp32=fp32, ema_kimg=batch * 10 / 32
         if flags.cfg in ("auto", "stylegan2") else pre.ema_kimg, ema_rampup=pre.ema_rampup,
         pl_weight=pre.pl_weight, style_mixing=pre.style_mixing,

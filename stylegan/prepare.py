@@ -50,6 +50,7 @@ from stylegan.prepare_sources import SPLITS, Candidate, CsvSpec, Rejection, find
 
 TRANSFORMS = ("center-crop", "resize", "pad")
 RESIZE_FILTERS = {"box": Image.Resampling.BOX, "lanczos": Image.Resampling.LANCZOS}
+COLOUR_NORMS = ("none", "shades-of-gray")
 MANIFEST_COLUMNS = ("file", "source", "class", "label", "group", "split", "sha256")
 OUTPUT_NAMES = ("train.zip", "val.zip", "test.zip", "manifest.csv", "rejected.csv", "prepare.json")
 PNG_COMPRESS_LEVEL = 6  # zlib level (PIL default): 15% smaller than 3 for half the speed
@@ -71,6 +72,8 @@ class PrepareOptions:
     resolution: int = 256
     transform: str = "center-crop"  # 'center-crop' | 'resize' (stretch) | 'pad' (black)
     resize_filter: str = "box"  # 'box' (fast, JPEG DCT draft) | 'lanczos'
+    colour: str = "none"  # 'none' | 'shades-of-gray' (colour constancy after fitting)
+    colour_p: float = 6.0  # Minkowski norm of shades-of-gray (Barata et al. 2015: 6)
     channels: int = 3
     val: float = 0.1
     test: float = 0.2
@@ -131,6 +134,11 @@ def _validate(o: PrepareOptions) -> None:
     if o.transform not in TRANSFORMS or o.resize_filter not in RESIZE_FILTERS:
         raise UserError(f"--transform must be one of {', '.join(TRANSFORMS)} and --resize-filter "
                         f"one of {', '.join(RESIZE_FILTERS)}.")
+    if o.colour not in COLOUR_NORMS:
+        raise UserError(f"--colour must be one of {', '.join(COLOUR_NORMS)}.")
+    if not 1 <= o.colour_p <= 64:
+        raise UserError(f"--colour-p {o.colour_p} is out of range; use 1 (grey world) to 64, "
+                        f"e.g. 6.")
     if o.channels not in (1, 3):
         raise UserError(f"--channels {o.channels} is not 1 or 3.")
     if not (0 <= o.val < 1 and 0 <= o.test < 1 and o.val + o.test < 1):
@@ -271,7 +279,8 @@ def _decode_all(candidates: list[Candidate], rejected: list[Rejection], *, spool
     are rejected as a duplicate of the first (in sorted source order).
     """
     encode = partial(_encode_file, resolution=options.resolution, transform=options.transform,
-                     resize_filter=options.resize_filter, channels=options.channels)
+                     resize_filter=options.resize_filter, colour=options.colour,
+                     colour_p=options.colour_p, channels=options.channels)
     paths = [str(options.source / c.source) for c in candidates]
     first_seen: dict[str, str] = {}
     items = []
@@ -377,8 +386,33 @@ def fit_square(img: Image.Image, resolution: int, *, transform: str = "center-cr
     return img.resize((resolution, resolution), resample)
 
 
+def shades_of_gray(rgb: np.ndarray, p: float = 6.0) -> np.ndarray:
+    """Shades-of-Gray colour constancy (Finlayson & Trezzi 2004; p = 6 for dermoscopy as in
+    Barata et al. 2015, IEEE JBHI 19(3)): estimate the illuminant of each channel as the
+    Minkowski p-mean of its values, e_c = (mean I_c^p)^(1/p), and scale channel c by
+    |e| / (sqrt(3) e_c) so that the estimated illuminant becomes grey. uint8 [H, W, 3] ->
+    uint8 [H, W, 3]; black padding leaves the result unchanged (it scales every e_c alike).
+    """
+    assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3, (rgb.dtype, rgb.shape)
+    x = rgb.astype(np.float64)  # [H, W, 3]
+    illuminant = np.power(np.mean(np.power(x, p), axis=(0, 1)), 1.0 / p)  # [3]
+    if not np.all(illuminant > 0):  # a channel that is black everywhere: nothing to estimate
+        return rgb.copy()
+    gain = np.linalg.norm(illuminant) / (np.sqrt(3.0) * illuminant)  # [3]
+    return np.clip(np.rint(x * gain), 0, 255).astype(np.uint8)
+
+
+def normalise_colour(img: Image.Image, colour: str, p: float) -> Image.Image:
+    """Apply the colour normalisation `colour` (COLOUR_NORMS) to an RGB or L image."""
+    if colour == "none" or img.mode != "RGB":  # grey images carry no colour cast
+        return img
+    if colour == "shades-of-gray":
+        return Image.fromarray(shades_of_gray(np.asarray(img), p), mode="RGB")
+    raise ValueError(f"unknown colour normalisation {colour!r}")
+
+
 def _encode_file(path: str, *, resolution: int, transform: str, resize_filter: str,
-                 channels: int) -> tuple[bytes | None, str, str | None]:
+                 colour: str, colour_p: float, channels: int) -> tuple[bytes | None, str, str | None]:
     """Worker: (PNG bytes or None, sha256 of the file bytes, rejection reason or None)."""
     try:
         data = Path(path).read_bytes()
@@ -389,6 +423,7 @@ def _encode_file(path: str, *, resolution: int, transform: str, resize_filter: s
         draft = resolution if resize_filter == "box" else None
         img = decode(data, suffix=Path(path).suffix, channels=channels, draft_size=draft)
         img = fit_square(img, resolution, transform=transform, resize_filter=resize_filter)
+        img = normalise_colour(img, colour, colour_p)
         buffer = io.BytesIO()
         img.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     except ImageRejected as exc:

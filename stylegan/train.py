@@ -64,6 +64,7 @@ class TrainOptions:
     snap: int  # ticks between snapshots
     workers: int
     mirror: bool
+    rot90: bool
     aug: str  # 'ada' | 'fixed' | 'noaug'
     p: float  # initial (ada) or fixed augmentation probability
     target: float  # ADA target for E[sign(D(real))]
@@ -178,7 +179,7 @@ def _device(name: str, rank: int) -> torch.device:
 
 def _run(opts: TrainOptions, env: Dist, resume_networks: dict | None) -> Path:
     _seed_everything(opts.seed, env.rank)
-    dataset = ImageDataset(opts.data, xflip=opts.mirror)
+    dataset = ImageDataset(opts.data, xflip=opts.mirror, rot90=opts.rot90)
     state, resumed_rng = _build_state(opts, env, resume_networks)
     run_dir = _make_run_dir(opts) if env.main else Path()
     log = _Logger(run_dir if env.main else None)

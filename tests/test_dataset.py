@@ -157,3 +157,18 @@ def test_manifest_helpers(tmp_path):
         ("nv", 0), ("bcc", 1), ("df", 2), ("mel", 3)]
     with pytest.raises(UserError, match="manifest.csv does not exist"):
         read_manifest(tmp_path)
+
+
+def test_rot90_with_mirror_gives_the_eight_symmetries_of_the_square(tmp_path):
+    images = _images(2)
+    data = ImageDataset(_make_zip(tmp_path / "d.zip", images, [0, 1]), xflip=True, rot90=True)
+    assert len(data) == 16 and data.labels.tolist() == [0, 1] * 8
+    for i in range(2):
+        chw = images[i].transpose(2, 0, 1)
+        variants = [data[i + 2 * v][0] for v in range(8)]
+        expected = [np.rot90(f, k, axes=(1, 2)) for k in range(4) for f in (chw, chw[:, :, ::-1])]
+        for got, want in zip(variants, expected):
+            np.testing.assert_array_equal(got, want)
+        assert len({v.tobytes() for v in variants}) == 8  # random images: all 8 differ
+    # rotating by 90 degrees moves the top-left pixel to the bottom-left corner
+    np.testing.assert_array_equal(data[2 * 2][0][:, -1, 0], images[0][0, 0])

@@ -528,3 +528,21 @@ def test_real_ham10000_subset(ham_dir, tmp_path):
     assert all(len(s) == 1 for s in lesion_splits.values())
     test = ImageDataset(tmp_path / "out" / "test.zip")
     assert test.resolution == 16 and set(test.labels.tolist()) == set(range(7))
+
+
+def test_shades_of_gray_makes_the_illuminant_grey_and_keeps_neutral_images():
+    from stylegan.prepare import shades_of_gray
+    rng = np.random.default_rng(0)
+    grey = rng.integers(20, 200, size=(16, 16, 1)).repeat(3, axis=2).astype(np.uint8)
+    np.testing.assert_array_equal(shades_of_gray(grey), grey)  # already neutral
+    cast = np.clip(grey * np.array([1.0, 0.8, 0.6]), 0, 255).astype(np.uint8)  # a warm cast
+    out = shades_of_gray(cast, 6.0).astype(np.float64)
+    e = np.mean(out ** 6, axis=(0, 1)) ** (1 / 6)  # the illuminant estimate after correction
+    assert np.ptp(e) / e.mean() < 0.01, e  # grey to rounding
+    # gain by hand for one pixel: |e| / (sqrt(3) e_c)
+    e0 = np.mean(cast.astype(np.float64) ** 6, axis=(0, 1)) ** (1 / 6)
+    gain = np.linalg.norm(e0) / (np.sqrt(3) * e0)
+    np.testing.assert_array_equal(out[3, 5], np.clip(np.rint(cast[3, 5] * gain), 0, 255))
+    padded = np.zeros((32, 16, 3), np.uint8)
+    padded[8:24] = cast
+    np.testing.assert_array_equal(shades_of_gray(padded)[8:24], shades_of_gray(cast))
