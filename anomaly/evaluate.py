@@ -225,33 +225,34 @@ def paired_row(result: ComparisonResult, reference: ComparisonResult,
     res = metrics.paired_comparison(y, result.s[ia], reference.s[ib], groups,
                                     n=options.bootstrap, seed=options.seed)
     earns = bool(res.difference > 0 and res.p_value < ALPHA)
+    verdict = "" if result.method in BASELINES else "yes" if earns else "no"
     return {"vs_baseline": reference.method, "auc_diff": res.difference,
             "auc_diff_ci_low": res.ci_low, "auc_diff_ci_high": res.ci_high,
             "p_value": res.p_value, "paired_test": res.test, "n_paired": int(len(common)),
-            "earns_keep": "yes" if earns else "no"}
+            "earns_keep": verdict}
 
 
 # ------------------------------------------------------------------------------ subgroups
 
 
 def _subgroup_values(df: pd.DataFrame, column: str,
-                     edges: tuple[float, ...] | None) -> tuple[np.ndarray, str]:
-    """Subgroup label of each row and a description of the binning."""
+                     edges: tuple[float, ...] | None) -> tuple[np.ndarray, list[str], str]:
+    """Subgroup label of each row, the labels in display order, and how they were made."""
     raw = df[column]
     numeric = pd.to_numeric(raw, errors="coerce")
-    n_distinct = raw.dropna().nunique()
-    if edges is None and numeric.notna().sum() == raw.notna().sum() and n_distinct > 8:
-        edges = metrics.auto_edges(numeric.to_numpy(dtype=np.float64))
-        if not edges:
-            edges = None
+    if edges is None and numeric.notna().sum() == raw.notna().sum() \
+            and raw.dropna().nunique() > 8:
+        edges = metrics.auto_edges(numeric.to_numpy(dtype=np.float64)) or None
     if edges is not None:
         if numeric.notna().sum() == 0:
             raise UserError(f"--by {column}:... needs numbers, but column '{column}' holds text; "
                             f"drop the bin edges to group by its values.")
-        return metrics.bin_labels(numeric.to_numpy(dtype=np.float64), edges), \
+        labels = metrics.bin_labels(numeric.to_numpy(dtype=np.float64), edges)
+        order = list(metrics.bin_labels(np.r_[-np.inf, np.asarray(edges), np.nan], edges))
+        return labels, [v for v in dict.fromkeys(order) if v in set(labels)], \
             f"bins at {', '.join(f'{e:g}' for e in edges)}"
     text = raw.astype(str).where(raw.notna() & (raw.astype(str).str.strip() != ""), "missing")
-    return text.to_numpy(dtype=object), "values"
+    return text.to_numpy(dtype=object), sorted(set(text), key=str), "values"
 
 
 def _subgroup_row(method: str, y: np.ndarray, s: np.ndarray, groups, options, **label) -> dict:
@@ -268,7 +269,7 @@ def subgroup_rows(result: ComparisonResult, df: pd.DataFrame, spec: str,
     column, edges = metrics.parse_by(spec)
     comp = result.comparison
     rows = df[(df["split"] == options.split) & comp.mask(df)].reset_index(drop=True)
-    values, how = _subgroup_values(rows, column, edges)
+    values, order, how = _subgroup_values(rows, column, edges)
     y, s = comp.select(rows)
     groups = group_labels(rows)
     normal_name, anomaly_name = comp.normal, "+".join(comp.anomalies)
@@ -282,7 +283,7 @@ def subgroup_rows(result: ComparisonResult, df: pd.DataFrame, spec: str,
 
     out = [sub(np.ones(len(y), bool), value="(all)", scope="all",
                comparison=f"{normal_name} vs {anomaly_name}")]
-    for value in sorted(set(values), key=str):
+    for value in order:
         here = values == value
         out.append(sub(here | (y == 1), value=value, scope="normals",
                        comparison=f"{normal_name}[{column}={value}] vs {anomaly_name}"))
@@ -601,7 +602,8 @@ def format_summary(summary: Summary) -> str:
     for r in summary.table.to_dict("records"):
         paired = ""
         if isinstance(r.get("auc_diff"), float) and math.isfinite(r["auc_diff"]):
-            paired = f"{r['auc_diff']:+.3f}, p={r['p_value']:.3g} ({r['earns_keep']})"
+            paired = f"{r['auc_diff']:+.3f}, p={r['p_value']:.3g}"
+            paired += f" (earns its keep: {r['earns_keep']})" if r["earns_keep"] else ""
         lines.append(f"{r['method']:<18} {r['role'].split(' ')[0]:<12} {r['comparison']:<16} "
                      f"{r['auc']:.3f}{_ci_text(r):<18} {r['sensitivity']:>6.3f} "
                      f"{r['specificity']:>6.3f}  {paired}")

@@ -377,5 +377,5 @@ def bin_labels(values: np.ndarray, edges: Sequence[float]) -> np.ndarray:
              + [f">={fmt(edges[-1])}"])
     index = np.searchsorted(np.asarray(edges), values, side="right")
     out = np.array([names[i] for i in np.clip(index, 0, len(names) - 1)], dtype=object)
-    out[~np.isfinite(values)] = "missing"
+    out[np.isnan(values)] = "missing"
     return out

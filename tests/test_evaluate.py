@@ -245,6 +245,8 @@ def test_subgroups_restrict_the_normals(tmp_path):
         skm.roc_auc_score(young["class"] == "mel", young["score"]))
     stored = json.loads((tmp_path / "graphics" / "summary.json").read_text())
     assert len(stored["subgroups"]) == len(summary.subgroups)
+    ages = [r["value"] for r in stored["subgroups"] if r["by"] == "age" and r["scope"] != "both"]
+    assert ages == ["(all)", "<40", "[40, 60)", ">=60"]  # bins in their order
     with pytest.raises(UserError, match="--by localization: no score sheet has a column"):
         ev.evaluate_scores(_options(tmp_path, by=("localization",)))
 
