@@ -289,6 +289,31 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
     return values
 
 
+@main.command("evaluate-repeats")
+@click.option("--scores", "score_dirs", required=True, multiple=True, type=click.Path(),
+              metavar="DIR", help="Score folder of one repeat run (e.g. another seed); repeat.")
+@click.option("--outdir", default="graphics", show_default=True, type=click.Path(), metavar="DIR",
+              help="Where repeats.xlsx and repeats.json go.")
+@click.option("--normal-class", metavar="NAME", help="Normal class [the class labelled 0].")
+@click.option("--anomaly-class", metavar="NAME", help="Anomaly class [mel when present].")
+def evaluate_repeats(score_dirs: tuple[str, ...], outdir: str, normal_class: str | None,
+                     anomaly_class: str | None) -> None:
+    """Mean ± s.d. of each method's validation and test AUC over repeat runs.
+
+    \b
+    Example:
+      anostyle evaluate-repeats --scores run1/scores --scores run2/scores --outdir graphics
+    """
+    from pathlib import Path
+
+    from anomaly.evaluate import format_repeats, write_repeats
+
+    stats, files = write_repeats([Path(d) for d in score_dirs], Path(outdir),
+                                 normal_class=normal_class, anomaly_class=anomaly_class)
+    click.echo(format_repeats(stats))
+    click.echo(f"wrote {', '.join(str(f) for f in files)}")
+
+
 @main.command("report")
 @click.option("--graphics", "graphics_dir", default="graphics", show_default=True,
               type=click.Path(), metavar="DIR", help="Folder of figures (evaluate --outdir).")

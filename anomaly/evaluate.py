@@ -610,3 +610,65 @@ def format_summary(summary: Summary) -> str:
     lines += [f"note: {n}" for n in summary.notes]
     lines.append(f"wrote {len(summary.files)} files to {summary.files[-1].parent}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ repeat runs
+
+
+def repeat_table(score_dirs: list[Path], *, normal_class: str | None = None,
+                 anomaly_class: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per-run AUCs, mean ± s.d. per method) of the main comparison over repeat score folders.
+
+    Each folder is one repeat run (e.g. another seed); a method's validation and test AUC are
+    computed in every folder that has its sheet. s.d. uses ddof 1 (NaN for one run).
+    """
+    if len(score_dirs) < 1:
+        raise UserError("Give at least one --scores folder.")
+    runs = []
+    for folder in score_dirs:
+        if not Path(folder).is_dir():
+            raise UserError(f"--scores {folder} is not a folder; give the folders that "
+                            f"`anostyle score` wrote for each repeat run.")
+        frames = load_score_sheets(Path(folder))
+        normal = resolve_normal_class(frames, normal_class)
+        for method, df in frames.items():
+            main = build_comparisons(df, normal, anomaly_class, method=method)[0]
+            row = {"run": str(folder), "method": method, "comparison": main.name}
+            for split in ("val", "test"):
+                row[f"{split}_auc"] = metrics.roc_auc(*main.select(df[df["split"] == split]))
+            runs.append(row)
+    per_run = pd.DataFrame(runs)
+    stats = per_run.groupby(["method", "comparison"], sort=False).agg(
+        n_runs=("run", "size"), val_auc_mean=("val_auc", "mean"), val_auc_sd=("val_auc", "std"),
+        test_auc_mean=("test_auc", "mean"), test_auc_sd=("test_auc", "std")).reset_index()
+    stats = stats.sort_values("val_auc_mean", ascending=False, kind="stable")  # val decides order
+    return per_run, stats.reset_index(drop=True)
+
+
+def write_repeats(score_dirs: list[Path], outdir: Path, *, normal_class: str | None = None,
+                  anomaly_class: str | None = None) -> tuple[pd.DataFrame, list[Path]]:
+    """repeats.xlsx (summary, runs) and repeats.json in `outdir`; returns (summary, files)."""
+    per_run, stats = repeat_table(score_dirs, normal_class=normal_class,
+                                  anomaly_class=anomaly_class)
+    outdir = Path(outdir)
+    xlsx = sheets.write_frames({"repeats": stats, "runs": per_run}, outdir / "repeats.xlsx",
+                               float_format="0.0000")
+    json_path = outdir / "repeats.json"
+    atomic_write_json(json_path, {"score_dirs": [str(d) for d in score_dirs],
+                                  "summary": _records(stats), "runs": _records(per_run)})
+    return stats, [xlsx, json_path]
+
+
+def _mean_sd(row: dict, key: str) -> str:
+    """'mean ± s.d.' of a repeat-table entry (no s.d. for a single run)."""
+    mean, sd = row[f"{key}_mean"], row[f"{key}_sd"]
+    return f"{mean:.3f} ± {sd:.3f}" if math.isfinite(sd) else f"{mean:.3f}"
+
+
+def format_repeats(stats: pd.DataFrame) -> str:
+    """mean ± s.d. per method, ordered by validation AUC."""
+    lines = [f"{'method':<18} {'comparison':<16} {'runs':>4}  {'val AUC':<16} {'test AUC':<16}"]
+    for r in stats.to_dict("records"):
+        lines.append(f"{r['method']:<18} {r['comparison']:<16} {r['n_runs']:>4}  "
+                     f"{_mean_sd(r, 'val_auc'):<16} {_mean_sd(r, 'test_auc'):<16}")
+    return "\n".join(lines)

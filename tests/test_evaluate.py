@@ -336,3 +336,35 @@ def test_evaluate_command(tmp_path):
     assert bad.exit_code == 1 and "--threshold 'p99'" in bad.output and "Traceback" not in bad.output
     bad = CliRunner().invoke(main, args + ["--knn-k", "0"])
     assert bad.exit_code == 1 and "--knn-k '0'" in bad.output
+
+
+def test_evaluate_repeats_mean_and_sd(tmp_path):
+    from click.testing import CliRunner
+
+    from anomaly.cli import main
+
+    aucs = {}
+    for seed in range(3):
+        df = _lesions(seed)
+        _write(tmp_path / f"run{seed}", {"izif": df, "latent": df.assign(score=-df["score"])})
+        for split in ("val", "test"):
+            part = df[df["split"] == split]
+            aucs.setdefault(split, []).append(skm.roc_auc_score(part["class"] == "mel",
+                                                                part["score"]))
+    stats, files = ev.write_repeats([tmp_path / f"run{i}" / "scores" for i in range(3)],
+                                    tmp_path / "out")
+    row = stats.set_index("method").loc["izif"]
+    assert row["n_runs"] == 3 and stats.iloc[0]["method"] == "izif"  # ordered by val AUC
+    assert row["val_auc_mean"] == pytest.approx(np.mean(aucs["val"]))
+    assert row["test_auc_sd"] == pytest.approx(np.std(aucs["test"], ddof=1))
+    assert stats.set_index("method").loc["latent", "test_auc_mean"] == pytest.approx(
+        1 - np.mean(aucs["test"]))
+    assert all(f.is_file() for f in files)
+    args = ["evaluate-repeats", "--outdir", str(tmp_path / "cli")]
+    for i in range(3):
+        args += ["--scores", str(tmp_path / f"run{i}" / "scores")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "±" in result.output and "izif" in result.output.splitlines()[1]
+    bad = CliRunner().invoke(main, ["evaluate-repeats", "--scores", str(tmp_path / "nope")])
+    assert bad.exit_code == 1 and "is not a folder" in bad.output
