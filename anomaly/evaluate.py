@@ -306,8 +306,12 @@ def evaluate_scores(options: EvaluateOptions) -> Summary:
                                           anomaly_class=options.anomaly_class
                                           or DEFAULT_ANOMALY_CLASS)
     frames = load_score_sheets(options.scores_dir, split=options.split)
-    frames = share_columns(frames, SHARED_COLUMNS + tuple(metrics.parse_by(b)[0]
-                                                         for b in options.by))
+    shared = SHARED_COLUMNS + tuple(metrics.parse_by(b)[0] for b in options.by)
+    lacking = {m: [c for c in shared if c not in df.columns] for m, df in frames.items()}
+    frames = share_columns(frames, shared)
+    notes += [f"{m}.xlsx: column(s) {', '.join(c for c in cols if c in frames[m].columns)} "
+              f"taken from the other score sheets (matched by split and file)"
+              for m, cols in lacking.items() if any(c in frames[m].columns for c in cols)]
     _check_by(frames, options.by)
     normal = resolve_normal_class(frames, options.normal_class)
     comparisons = {m: build_comparisons(df, normal, options.anomaly_class, method=m,
