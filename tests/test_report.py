@@ -50,8 +50,8 @@ def graphics(tmp_path) -> Path:
     rows = [{"method": "izif", "comparison": f"nv vs {EVIL}", "auc": 0.9, "auc_ci_low": 0.8,
              "auc_ci_high": 0.95, "average_precision": 0.7, "threshold": 0.123456,
              "threshold_rule": "youden (val)", "sensitivity": 0.8, "specificity": 0.7,
-             "precision": 0.6, "f1": 0.65, "sens_at_95_spec": 0.4, "n_test_normal": 10,
-             "n_test_anomaly": 5},
+             "precision": 0.6, "f1": 0.65, "sens_at_val_spec": 0.4, "n_normal": 10,
+             "n_anomaly": 5},
             {"method": "knn-pixels", "comparison": f"nv vs {EVIL}", "auc": 0.6,
              "auc_ci_low": None, "auc_ci_high": None}]
     (g / "summary.json").write_text(json.dumps({"options": {"normal_class": EVIL},
