@@ -173,7 +173,7 @@ def prepare(channels: str, **flags) -> None:
         --id-column image_id --label-column dx --group-column lesion_id --normal nv \\
         --dest prepared --resolution 256
     """
-    from stylegan.prepare import PrepareOptions, format_summary, prepare_dataset
+    from anodata.prepare import PrepareOptions, format_summary, prepare_dataset
 
     options = PrepareOptions(channels=int(channels), **flags)
     summary = prepare_dataset(options)

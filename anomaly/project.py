@@ -22,8 +22,9 @@ from tqdm import tqdm
 
 from anomaly.encoder_io import (check_compatible, load_encoder, load_frozen_networks,
                                 resolve_device)
-from anomaly.reconstruct import (check_feature_layer, discriminator_features, encode,
-                                 iterate_source, list_source, output_paths, write_csv)
+from anodata.reader import iterate_source, list_source
+from anomaly.reconstruct import (check_feature_layer, discriminator_features, encode, output_paths,
+                                 write_csv)
 from stylegan.errors import UserError
 from stylegan.imageutil import from_uint8, save_image, to_uint8
 

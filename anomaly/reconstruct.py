@@ -3,7 +3,7 @@ G(E(x)) whose residual is the anomaly evidence), the discriminator features f(.)
 loss and score, and `anostyle reconstruct` (a folder or zip -> reconstructed PNGs, same names).
 
 Inputs may be a prepared zip/folder or a plain folder (or zip) of images of any size: every
-image is decoded with the project's one decoding policy (stylegan.imageio) and fitted to the
+image is decoded with the project's one decoding policy (anodata.imageio) and fitted to the
 network's resolution the way `anostyle prepare` does (center-crop to a square, box resize).
 
 Shape letters: N batch, C channels, H/W height/width, K number of style vectors, D w_dim.
@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -27,11 +24,8 @@ from anomaly.encoder_io import (check_compatible, load_encoder, load_frozen_netw
                                 resolve_device)
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_write_bytes
-from stylegan.imageio import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, ImageRejected, decode
+from anodata.reader import iterate_source, list_source
 from stylegan.imageutil import from_uint8, save_image, to_uint8
-from stylegan.prepare import fit_square
-
-SOURCE_EXTENSIONS = IMAGE_EXTENSIONS | DICOM_EXTENSIONS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,100 +93,7 @@ def _epilogue_features(D: torch.nn.Module, images: torch.Tensor, layer: str) -> 
 
 
 # ----------------------------------------------------------------------------------------------
-# Image sources: a folder or zip of images of any size -> fitted uint8 batches with names
-
-
-@dataclass(frozen=True)
-class SourceImages:
-    """The usable image files of a source (folder or zip), relative posix names, sorted."""
-
-    path: Path
-    names: tuple[str, ...]
-
-    @property
-    def is_zip(self) -> bool:
-        return self.path.is_file()
-
-
-def list_source(path: str | os.PathLike, *, flag: str = "--source") -> SourceImages:
-    """Every image file in a folder (recursively) or zip; missing or empty: a UserError."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{flag} {path} does not exist; give a folder or zip of images.")
-    if path.is_file():
-        try:
-            with zipfile.ZipFile(path) as zf:
-                names = zf.namelist()
-        except zipfile.BadZipFile:
-            raise UserError(f"{flag} {path} is neither a folder nor a zip file; give a folder "
-                            f"or zip of images.") from None
-    else:
-        names = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
-    names = sorted(n for n in names if _is_image_name(n))
-    if not names:
-        raise UserError(f"{flag} {path} contains no images ({', '.join(sorted(SOURCE_EXTENSIONS))}"
-                        f"); check the path.")
-    return SourceImages(path, tuple(names))
-
-
-def _is_image_name(name: str) -> bool:
-    parts = PurePosixPath(name).parts
-    return (PurePosixPath(name).suffix.lower() in SOURCE_EXTENSIONS and not name.endswith("/")
-            and bool(parts) and parts[0] != "__MACOSX"
-            and not any(p.startswith(".") and p not in (".", "..") for p in parts))
-
-
-class _Reader:
-    """Bytes of source files by name; a zip is opened once, in the process that reads."""
-
-    def __init__(self, source: SourceImages):
-        self.source = source
-        self.zip = zipfile.ZipFile(source.path) if source.is_zip else None
-
-    def __enter__(self) -> "_Reader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.zip is not None:
-            self.zip.close()
-
-    def read(self, name: str) -> bytes:
-        if self.zip is not None:
-            return self.zip.read(name)
-        return (self.source.path / name).read_bytes()
-
-
-def read_fitted(data: bytes, name: str, *, resolution: int, channels: int) -> np.ndarray:
-    """The encoded bytes of source file `name`, decoded and fitted: uint8 [C, H, W].
-
-    Raises ImageRejected for a file that is not a usable image.
-    """
-    img = decode(data, suffix=PurePosixPath(name).suffix, channels=channels,
-                 draft_size=resolution)
-    array = np.asarray(fit_square(img, resolution), dtype=np.uint8)  # [H, W] or [H, W, C]
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return np.ascontiguousarray(array.transpose(2, 0, 1))  # [C, H, W]
-
-
-def iterate_source(source: SourceImages, *, resolution: int, channels: int, batch: int,
-                   skipped: list[tuple[str, str]]) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """Batches (uint8 [N, C, H, W], names); unreadable files are appended to `skipped`."""
-    images, names = [], []
-    with _Reader(source) as reader:
-        for name in source.names:
-            try:
-                images.append(read_fitted(reader.read(name), name, resolution=resolution,
-                                          channels=channels))
-                names.append(name)
-            except ImageRejected as exc:
-                skipped.append((name, str(exc)))
-            if len(images) == batch:
-                yield torch.from_numpy(np.stack(images)), names
-                images, names = [], []
-    if images:
-        yield torch.from_numpy(np.stack(images)), names
-
+# Output names
 
 def output_name(name: str) -> PurePosixPath:
     """Relative output name for source file `name`: same folders and stem, `.png`.

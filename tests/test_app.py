@@ -39,8 +39,8 @@ from anomaly.cli import main
 from anomaly.encoder import Encoder, EncoderConfig
 from anomaly.encoder_io import save_encoder
 from anomaly.evaluate import EvaluateOptions, write_summary
-from anomaly.reconstruct import (discriminator_features, read_fitted, reconstruct_batch,
-                                 residual_images)
+from anodata.reader import read_fitted
+from anomaly.reconstruct import discriminator_features, reconstruct_batch, residual_images
 from anomaly.scores import izif_score
 from anomaly.sheets import write_score_sheet
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)

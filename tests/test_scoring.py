@@ -20,7 +20,7 @@ from anomaly.scores import izif_score
 from anomaly.sheets import read_score_sheet
 from encoder_helpers import sample_images, save_tiny_networks, tiny_encoder, tiny_networks, write_folder
 from stylegan.imageutil import from_uint8
-from stylegan.prepare import PrepareOptions, prepare_dataset
+from anodata.prepare import PrepareOptions, prepare_dataset
 
 
 @pytest.fixture(scope="module")

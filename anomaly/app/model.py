@@ -30,7 +30,7 @@ from anomaly.reconstruct import (check_feature_layer, discriminator_features, re
                                  residual_images)
 from anomaly.scores import izif_score
 from stylegan.errors import UserError
-from stylegan.imageio import MAX_PIXELS
+from anodata.imageio import MAX_PIXELS
 from stylegan.imageutil import from_uint8, to_uint8
 
 IZIF_SHEET = "izif.xlsx"

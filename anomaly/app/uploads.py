@@ -6,7 +6,7 @@ Limits, each checked as early as it can be:
   files        at most `max_files` parts, all in the field 'image', each with a file name;
   pixels       width x height from the image header, before any pixel is decoded
                (decompression bombs), then decoded by the project's one policy
-               (stylegan.imageio) and fitted as `anostyle prepare` fits (center crop, box resize).
+               (anodata.imageio) and fitted as `anostyle prepare` fits (center crop, box resize).
 Nothing touches the file system: python-multipart's streaming parser hands each part's bytes to
 an in-memory buffer. A client's file name is kept only to be shown (cleaned of control
 characters); it never becomes a path, and not even its extension picks the decoder: the bytes do.
@@ -27,8 +27,8 @@ from PIL import Image
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from anomaly.reconstruct import read_fitted
-from stylegan.imageio import ImageRejected
+from anodata.reader import read_fitted
+from anodata.imageio import ImageRejected
 
 FIELD = "image"
 UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")  # what PIL may identify an upload as

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from pathlib import PurePosixPath
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
@@ -27,10 +28,25 @@ from PIL import Image, ImageFile, ImageOps
 MAX_PIXELS = 100_000_000  # refuse images above 100 megapixels (checked on the header)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 DICOM_EXTENSIONS = frozenset({".dcm"})
+SOURCE_EXTENSIONS = IMAGE_EXTENSIONS | DICOM_EXTENSIONS  # raw inputs; prepared sets hold no DICOM
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _GRAY_MODES = frozenset({"1", "L", "LA", "I", "F"}) | _SIXTEEN_BIT_MODES
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+
+def is_hidden_part(part: str) -> bool:
+    """A path part that marks an entry to skip silently: dot-files/folders and macOS `__MACOSX`."""
+    return part.startswith(".") or part == "__MACOSX"
+
+
+def is_image_name(name: str, extensions: frozenset[str] = SOURCE_EXTENSIONS) -> bool:
+    """The one image-name rule for folders and zips: a file (not a folder entry) whose suffix is
+    in `extensions` and no part of whose relative posix path is hidden (`.x`, `._x`, `__MACOSX`)."""
+    parts = [p for p in name.split("/") if p not in ("", ".", "..")]
+    return (bool(parts) and not name.endswith("/")
+            and PurePosixPath(name).suffix.lower() in extensions
+            and not any(is_hidden_part(p) for p in parts))
 
 
 class ImageRejected(Exception):

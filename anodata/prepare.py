@@ -16,7 +16,7 @@ Conventions: `source` paths are relative to --source; `sha256` is the hash of th
 bytes (it also finds duplicates: the same bytes twice are kept once); labels 1..k are the
 non-normal classes sorted by name. Splits are grouped (one group, e.g. a HAM10000 lesion, never
 sits in two splits) and depend only on the inputs and --seed, never on --workers or the
-file-system order. Pixel handling (alpha, 16 bit, EXIF, ...) is described in stylegan/imageio.py.
+file-system order. Pixel handling (alpha, 16 bit, EXIF, ...) is described in anodata/imageio.py.
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from anodata.imageio import ImageRejected, decode
+from anodata.sources import SPLITS, Candidate, CsvSpec, Rejection, find_candidates
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_path
-from stylegan.imageio import ImageRejected, decode
-from stylegan.prepare_sources import SPLITS, Candidate, CsvSpec, Rejection, find_candidates
 
 TRANSFORMS = ("center-crop", "resize", "pad")
 RESIZE_FILTERS = {"box": Image.Resampling.BOX, "lanczos": Image.Resampling.LANCZOS}

@@ -19,10 +19,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from anodata.imageio import SOURCE_EXTENSIONS, is_hidden_part
 from stylegan.errors import UserError
-from stylegan.imageio import DICOM_EXTENSIONS, IMAGE_EXTENSIONS
 
-SOURCE_EXTENSIONS = IMAGE_EXTENSIONS | DICOM_EXTENSIONS
 SPLITS = ("train", "val", "test")
 SPLIT_FOLDER_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val",
                       "test": "test"}
@@ -74,12 +73,8 @@ def find_candidates(source: Path, *, csv_spec: CsvSpec | None = None,
 
 def has_split_folders(source: Path) -> bool:
     """Layout (b): every visible subfolder is a split folder (train, val/valid/validation, test)."""
-    subdirs = {p.name.lower() for p in source.iterdir() if p.is_dir() and not _hidden(p.name)}
+    subdirs = {p.name.lower() for p in source.iterdir() if p.is_dir() and not is_hidden_part(p.name)}
     return bool(subdirs) and subdirs <= set(SPLIT_FOLDER_NAMES)
-
-
-def _hidden(name: str) -> bool:
-    return name.startswith(".") or name == "__MACOSX"
 
 
 def _list_files(root: Path, *, exclude: Path | None) -> tuple[list[str], list[Rejection]]:
@@ -89,9 +84,9 @@ def _list_files(root: Path, *, exclude: Path | None) -> tuple[list[str], list[Re
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
         dirnames[:] = [d for d in dirnames
-                       if not _hidden(d) and (here / d).resolve() != exclude]
+                       if not is_hidden_part(d) and (here / d).resolve() != exclude]
         for name in filenames:
-            if _hidden(name):
+            if is_hidden_part(name):
                 continue
             rel = (here / name).relative_to(root).as_posix()
             if Path(name).suffix.lower() in SOURCE_EXTENSIONS:
