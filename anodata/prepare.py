@@ -40,17 +40,15 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
-from anodata.imageio import ImageRejected, decode
+from anodata.imageio import ImageRejected
+from anodata.policy import (COLOUR_NORMS, POLICY_KEY, RESIZE_FILTERS, TRANSFORMS, Preprocessing,
+                            fit_raw)
 from anodata.sources import SPLITS, Candidate, CsvSpec, Rejection, find_candidates
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_path
 
-TRANSFORMS = ("center-crop", "resize", "pad")
-RESIZE_FILTERS = {"box": Image.Resampling.BOX, "lanczos": Image.Resampling.LANCZOS}
-COLOUR_NORMS = ("none", "shades-of-gray")
 MANIFEST_COLUMNS = ("file", "source", "class", "label", "group", "split", "sha256")
 OUTPUT_NAMES = ("train.zip", "val.zip", "test.zip", "manifest.csv", "rejected.csv", "prepare.json")
 PNG_COMPRESS_LEVEL = 6  # zlib level (PIL default): 15% smaller than 3 for half the speed
@@ -69,12 +67,13 @@ class PrepareOptions:
     group_column: str | None = None  # e.g. lesion_id; None: each image is its own group
     onehot_columns: tuple[str, ...] = ()  # ISIC ground truth: one 0/1 column per class
     onehot_zero_class: str | None = None  # class of rows whose one-hot columns are all 0
-    resolution: int = 256
-    transform: str = "center-crop"  # 'center-crop' | 'resize' (stretch) | 'pad' (black)
-    resize_filter: str = "box"  # 'box' (fast, JPEG DCT draft) | 'lanczos'
-    colour: str = "none"  # 'none' | 'shades-of-gray' (colour constancy after fitting)
-    colour_p: float = 6.0  # Minkowski norm of shades-of-gray (Barata et al. 2015: 6)
-    channels: int = 3
+    # The preprocessing policy (anodata.policy.Preprocessing, whose defaults these are).
+    resolution: int = Preprocessing.resolution
+    transform: str = Preprocessing.transform
+    resize_filter: str = Preprocessing.resize_filter
+    colour: str = Preprocessing.colour
+    colour_p: float = Preprocessing.colour_p
+    channels: int = Preprocessing.channels
     val: float = 0.1
     test: float = 0.2
     seed: int = 0
@@ -93,6 +92,13 @@ class PrepareOptions:
                 value = (value,)
             object.__setattr__(self, name, tuple(v.strip() for v in value if v.strip()))
         _validate(self)
+
+    @property
+    def policy(self) -> Preprocessing:
+        """The preprocessing policy these options apply (recorded in prepare.json)."""
+        return Preprocessing(resolution=self.resolution, channels=self.channels,
+                             transform=self.transform, resize_filter=self.resize_filter,
+                             colour=self.colour, colour_p=self.colour_p)
 
 
 @dataclass(frozen=True)
@@ -278,9 +284,7 @@ def _decode_all(candidates: list[Candidate], rejected: list[Rejection], *, spool
     Files that cannot be used are rejected with their reason; the same source bytes seen again
     are rejected as a duplicate of the first (in sorted source order).
     """
-    encode = partial(_encode_file, resolution=options.resolution, transform=options.transform,
-                     resize_filter=options.resize_filter, colour=options.colour,
-                     colour_p=options.colour_p, channels=options.channels)
+    encode = partial(_encode_file, policy=options.policy)
     paths = [str(options.source / c.source) for c in candidates]
     first_seen: dict[str, str] = {}
     items = []
@@ -366,53 +370,7 @@ def split_group_sizes(sizes: list[int], *, val: float, test: float, train: bool)
 
 # ----------------------------------------------------------------------------- pixels
 
-def fit_square(img: Image.Image, resolution: int, *, transform: str = "center-crop",
-               resize_filter: str = "box") -> Image.Image:
-    """Make an image square (center-crop, stretch or pad with black) at resolution x resolution."""
-    resample = RESIZE_FILTERS[resize_filter]
-    width, height = img.size
-    if transform == "center-crop":
-        side = min(width, height)
-        left, top = (width - side) // 2, (height - side) // 2
-        return img.resize((resolution, resolution), resample,
-                          box=(left, top, left + side, top + side))
-    if transform == "pad":
-        side = max(width, height)
-        canvas = Image.new(img.mode, (side, side), 0)
-        canvas.paste(img, ((side - width) // 2, (side - height) // 2))
-        img = canvas
-    elif transform != "resize":
-        raise ValueError(f"unknown transform {transform!r}")
-    return img.resize((resolution, resolution), resample)
-
-
-def shades_of_gray(rgb: np.ndarray, p: float = 6.0) -> np.ndarray:
-    """Shades-of-Gray colour constancy (Finlayson & Trezzi 2004; p = 6 for dermoscopy as in
-    Barata et al. 2015, IEEE JBHI 19(3)): estimate the illuminant of each channel as the
-    Minkowski p-mean of its values, e_c = (mean I_c^p)^(1/p), and scale channel c by
-    |e| / (sqrt(3) e_c) so that the estimated illuminant becomes grey. uint8 [H, W, 3] ->
-    uint8 [H, W, 3]; black padding leaves the result unchanged (it scales every e_c alike).
-    """
-    assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3, (rgb.dtype, rgb.shape)
-    x = rgb.astype(np.float64)  # [H, W, 3]
-    illuminant = np.power(np.mean(np.power(x, p), axis=(0, 1)), 1.0 / p)  # [3]
-    if not np.all(illuminant > 0):  # a channel that is black everywhere: nothing to estimate
-        return rgb.copy()
-    gain = np.linalg.norm(illuminant) / (np.sqrt(3.0) * illuminant)  # [3]
-    return np.clip(np.rint(x * gain), 0, 255).astype(np.uint8)
-
-
-def normalise_colour(img: Image.Image, colour: str, p: float) -> Image.Image:
-    """Apply the colour normalisation `colour` (COLOUR_NORMS) to an RGB or L image."""
-    if colour == "none" or img.mode != "RGB":  # grey images carry no colour cast
-        return img
-    if colour == "shades-of-gray":
-        return Image.fromarray(shades_of_gray(np.asarray(img), p), mode="RGB")
-    raise ValueError(f"unknown colour normalisation {colour!r}")
-
-
-def _encode_file(path: str, *, resolution: int, transform: str, resize_filter: str,
-                 colour: str, colour_p: float, channels: int) -> tuple[bytes | None, str, str | None]:
+def _encode_file(path: str, *, policy: Preprocessing) -> tuple[bytes | None, str, str | None]:
     """Worker: (PNG bytes or None, sha256 of the file bytes, rejection reason or None)."""
     try:
         data = Path(path).read_bytes()
@@ -420,10 +378,7 @@ def _encode_file(path: str, *, resolution: int, transform: str, resize_filter: s
         return None, "", f"cannot read the file: {exc.strerror or exc}"
     sha = hashlib.sha256(data).hexdigest()  # of the source bytes: finds duplicate files
     try:
-        draft = resolution if resize_filter == "box" else None
-        img = decode(data, suffix=Path(path).suffix, channels=channels, draft_size=draft)
-        img = fit_square(img, resolution, transform=transform, resize_filter=resize_filter)
-        img = normalise_colour(img, colour, colour_p)
+        img = fit_raw(data, Path(path).suffix, policy)
         buffer = io.BytesIO()
         img.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     except ImageRejected as exc:
@@ -503,6 +458,7 @@ def _info(options: PrepareOptions, summary: PrepareSummary) -> dict:
             for k, v in dataclasses.asdict(options).items()}
     return {
         "options": opts,
+        POLICY_KEY: options.policy.to_dict(),
         "class_map": summary.class_map,
         "counts": summary.counts,
         "num_images": summary.num_images,

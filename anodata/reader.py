@@ -1,7 +1,7 @@
 """The one reader of raw images: folders and zips of images of any size, and uploaded bytes.
 
 Every file is decoded by anodata.imageio (one decoding policy) and fitted to a square the way
-`anostyle prepare` fits it (anodata.prepare.fit_square); which files count as images is
+`anostyle prepare` fits it (anodata.policy: the model's recorded preprocessing); which files count as images is
 anodata.imageio.is_image_name (one rule).
 
 Shape letters: N batch, C channels, H/W height/width.
@@ -18,8 +18,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from anodata.imageio import SOURCE_EXTENSIONS, ImageRejected, decode, is_image_name
-from anodata.prepare import fit_square
+from anodata.imageio import SOURCE_EXTENSIONS, ImageRejected, is_image_name
+from anodata.policy import Preprocessing, fit_array
 from stylegan.errors import UserError
 
 
@@ -77,28 +77,23 @@ class _Reader:
         return (self.source.path / name).read_bytes()
 
 
-def read_fitted(data: bytes, name: str, *, resolution: int, channels: int) -> np.ndarray:
-    """The encoded bytes of source file `name`, decoded and fitted: uint8 [C, H, W].
+def read_fitted(data: bytes, name: str, policy: Preprocessing) -> np.ndarray:
+    """The encoded bytes of source file `name` (or an upload), decoded and fitted by `policy`
+    exactly as `anostyle prepare` fits it: uint8 [C, H, W].
 
     Raises ImageRejected for a file that is not a usable image.
     """
-    img = decode(data, suffix=PurePosixPath(name).suffix, channels=channels,
-                 draft_size=resolution)
-    array = np.asarray(fit_square(img, resolution), dtype=np.uint8)  # [H, W] or [H, W, C]
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return np.ascontiguousarray(array.transpose(2, 0, 1))  # [C, H, W]
+    return fit_array(data, PurePosixPath(name).suffix, policy)
 
 
-def iterate_source(source: SourceImages, *, resolution: int, channels: int, batch: int,
+def iterate_source(source: SourceImages, *, policy: Preprocessing, batch: int,
                    skipped: list[tuple[str, str]]) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """Batches (uint8 [N, C, H, W], names); unreadable files are appended to `skipped`."""
     images, names = [], []
     with _Reader(source) as reader:
         for name in source.names:
             try:
-                images.append(read_fitted(reader.read(name), name, resolution=resolution,
-                                          channels=channels))
+                images.append(read_fitted(reader.read(name), name, policy))
                 names.append(name)
             except ImageRejected as exc:
                 skipped.append((name, str(exc)))

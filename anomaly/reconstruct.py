@@ -3,8 +3,9 @@ G(E(x)) whose residual is the anomaly evidence), the discriminator features f(.)
 loss and score, and `anostyle reconstruct` (a folder or zip -> reconstructed PNGs, same names).
 
 Inputs may be a prepared zip/folder or a plain folder (or zip) of images of any size: every
-image is decoded with the project's one decoding policy (anodata.imageio) and fitted to the
-network's resolution the way `anostyle prepare` does (center-crop to a square, box resize).
+image is read by anodata.reader and fitted by the model's recorded preprocessing policy, the way
+`anostyle prepare` fitted the training data. Reconstructions of a prepared split zip are named
+after their original images (manifest.csv), e.g. ISIC_0024307.png.
 
 Shape letters: N batch, C channels, H/W height/width, K number of style vectors, D w_dim.
 """
@@ -20,11 +21,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from anomaly.encoder_io import (check_compatible, load_encoder, load_frozen_networks,
-                                resolve_device)
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_write_bytes
-from anodata.reader import iterate_source, list_source
+from anodata.reader import SourceImages, iterate_source, list_source
 from stylegan.imageutil import from_uint8, save_image, to_uint8
 
 
@@ -108,13 +107,15 @@ def output_name(name: str) -> PurePosixPath:
     return PurePosixPath(*parts).with_suffix(".png")
 
 
-def output_paths(outdir: Path, names: tuple[str, ...]) -> dict[str, Path]:
-    """Source name -> output path inside `outdir`; two sources writing one file is a UserError."""
+def output_paths(outdir: Path, names: tuple[str, ...], *,
+                 renamed: dict[str, str] | None = None) -> dict[str, Path]:
+    """Source name -> output path inside `outdir` (`renamed[name]` where given, else the source's
+    own name as PNG); two sources writing one file is a UserError."""
     root = outdir.resolve()
     paths: dict[str, Path] = {}
     taken: dict[Path, str] = {}
     for name in names:
-        path = (root / output_name(name)).resolve()
+        path = (root / output_name((renamed or {}).get(name, name))).resolve()
         if root not in path.parents:
             raise UserError(f"source file {name!r} would be written outside {outdir}; rename it.")
         if path in taken:
@@ -169,32 +170,24 @@ class ReconstructSummary:
     csv: Path
 
 
-def load_encoder_and_generator(network: str, encoder: str, device: torch.device
-                               ) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(G, E) frozen on `device`, checked to fit each other."""
-    E, _meta = load_encoder(encoder, device=device)  # first: a wrong kind of file fails fast
-    G, _D = load_frozen_networks(network, device=device, need_D=False)
-    check_compatible(E, G, encoder_path=encoder, network_path=network)
-    return G, E
-
-
 def reconstruct_folder(opts: ReconstructOptions) -> ReconstructSummary:
-    """Write G(E(x)) for every image of `opts.source` under its own name (as PNG) in outdir."""
+    """Write G(E(x)) for every image of `opts.source` as PNG in outdir: under its original name
+    when the source is a prepared zip (manifest.csv beside it), else under its own name."""
+    from anomaly.model import AnoModel
+
     assert opts.batch >= 1, opts.batch
-    device = resolve_device(opts.device)
     source = list_source(opts.source)
-    G, E = load_encoder_and_generator(opts.network, opts.encoder, device)
+    model = AnoModel.load(opts.network, opts.encoder, device=opts.device, require_D=False)
     outdir = Path(opts.outdir)
-    paths = output_paths(outdir, source.names)
+    paths = output_paths(outdir, source.names, renamed=original_names(source))
     skipped: list[tuple[str, str]] = []
     rows = []
-    batches = iterate_source(source, resolution=G.img_resolution, channels=G.img_channels,
-                             batch=opts.batch, skipped=skipped)
+    batches = iterate_source(source, policy=model.policy, batch=opts.batch, skipped=skipped)
     with tqdm(total=len(source.names), desc="reconstruct", unit="img", disable=None) as bar:
         for images, names in batches:
-            x = from_uint8(images.to(device))  # [N, C, H, W]
+            x = from_uint8(images.to(model.device))  # [N, C, H, W]
             with torch.no_grad():
-                _ws, rec = reconstruct_batch(G, E, x)
+                _ws, rec = model.reconstruct(x)
             mse = (x - rec).square().flatten(1).mean(dim=1).tolist()  # [N]
             _write_batch(rec, x, [paths[n] for n in names], residual=opts.residual)
             rows += [(n, paths[n].relative_to(outdir.resolve()).as_posix(), m)
@@ -206,6 +199,35 @@ def reconstruct_folder(opts: ReconstructOptions) -> ReconstructSummary:
     csv_path = write_csv(outdir / "reconstruction.csv", ["file", "output", "mse"], rows)
     return ReconstructSummary(outdir, len(rows), tuple(skipped),
                               float(np.mean([r[2] for r in rows])), csv_path)
+
+
+def original_names(source: SourceImages) -> dict[str, str]:
+    """For a prepared split zip (`<dest>/{train,val,test}.zip` with manifest.csv beside it):
+    zip name -> '<original stem>.png' (e.g. ISIC_0024307.png). Two sources with one stem get
+    '_2', '_3', ... in the zip's (sorted) order. Empty for any other source."""
+    from stylegan.dataset import read_manifest
+
+    split = source.path.stem
+    if not source.is_zip or split not in ("train", "val", "test"):
+        return {}
+    try:
+        rows = {r["file"]: r for r in read_manifest(source.path) if r.get("split") == split}
+    except UserError:
+        return {}
+    out: dict[str, str] = {}
+    taken: set[str] = set()  # lower case: one file on case-insensitive file systems too
+    for name in source.names:
+        row = rows.get(name)
+        stem = PurePosixPath(row["source"].replace("\\", "/")).stem if row else ""
+        if not stem:
+            continue
+        candidate, k = f"{stem}.png", 1
+        while candidate.lower() in taken:
+            k += 1
+            candidate = f"{stem}_{k}.png"
+        taken.add(candidate.lower())
+        out[name] = candidate
+    return out
 
 
 def _write_batch(rec: torch.Tensor, x: torch.Tensor, paths: list[Path], *,

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from anodata.imageio import IMAGE_EXTENSIONS, is_image_name
+from anodata.policy import Preprocessing
 from anodata.reader import iterate_source, list_source, read_fitted
 
 
@@ -46,12 +47,12 @@ def test_folder_and_zip_give_the_same_batches(tmp_path):
         source = list_source(path)
         assert source.names == ("a.png", "sub/b.png")
         skipped: list = []
-        (images, names), = iterate_source(source, resolution=4, channels=3, batch=8,
+        (images, names), = iterate_source(source, policy=Preprocessing(resolution=4), batch=8,
                                           skipped=skipped)
         assert names == ["a.png", "sub/b.png"] and not skipped
         out.append(images.numpy())
     np.testing.assert_array_equal(out[0], out[1])
     assert out[0].shape == (2, 3, 4, 4) and out[0][0].max() == 10 and out[0][1].min() == 200
     # uploaded bytes go through the same function
-    np.testing.assert_array_equal(read_fitted(_png(10), "upload", resolution=4, channels=3),
+    np.testing.assert_array_equal(read_fitted(_png(10), "upload", Preprocessing(resolution=4)),
                                   out[0][0])
