@@ -7,16 +7,23 @@ lesion as HAM10000 asks (Tschandl et al. 2018, Sci. Data 5:180161: several image
 Writes into `dest`:
   train.zip, val.zip, test.zip   PNGs `NNNNN/imgNNNNNNNN.png` + dataset.json
                                  `{"labels": [[name, label], ...]}`, label 0 = normal; train.zip
-                                 holds normal images only (the GAN learns what normal looks like)
-  manifest.csv                   file,source,class,label,group,split,sha256 (one row per image)
+                                 holds normal images only (the GAN learns what normal looks like);
+                                 dataset.json also holds `"anostyle": {"images": {name: {"image":
+                                 original id, "group": group}}}` (NVlabs tools read `labels` only)
+  manifest.csv                   file,source,class,label,group,split,sha256 (one row per image),
+                                 then every other column of the --labels CSV (e.g. dx_type, age;
+                                 a name that clashes with these gets the prefix `meta_`)
   rejected.csv                   source,reason (every input left out, and why)
-  prepare.json                   options, class map {name: label}, counts, elapsed seconds
+  prepare.json                   options, policy, class map {name: label}, counts, how the splits
+                                 were made (and the groups new to --splits-from), elapsed seconds
 
 Conventions: `source` paths are relative to --source; `sha256` is the hash of the source file's
 bytes (it also finds duplicates: the same bytes twice are kept once); labels 1..k are the
 non-normal classes sorted by name. Splits are grouped (one group, e.g. a HAM10000 lesion, never
 sits in two splits) and depend only on the inputs and --seed, never on --workers or the
-file-system order. Pixel handling (alpha, 16 bit, EXIF, ...) is described in anodata/imageio.py.
+file-system order. Splits come from split folders (layout b), a split column of the CSV, an
+earlier run's manifest.csv or splits.csv (--splits-from: groups not in it are split by the seeded
+rule and reported), or else the seeded rule. Pixel handling (alpha, 16 bit, EXIF, ...) is described in anodata/imageio.py.
 """
 
 from __future__ import annotations
@@ -45,11 +52,14 @@ from tqdm import tqdm
 from anodata.imageio import ImageRejected
 from anodata.policy import (COLOUR_NORMS, POLICY_KEY, RESIZE_FILTERS, TRANSFORMS, Preprocessing,
                             fit_raw)
-from anodata.sources import SPLITS, Candidate, CsvSpec, Rejection, find_candidates
+from anodata.sources import (SPLITS, Candidate, CsvSpec, Rejection, find_candidates,
+                             normalise_split)
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_path
 
 MANIFEST_COLUMNS = ("file", "source", "class", "label", "group", "split", "sha256")
+META_PREFIX = "meta_"  # for a metadata column whose name clashes with MANIFEST_COLUMNS
+RECORDS_KEY = "anostyle"  # dataset.json key of the image records (NVlabs tools read "labels")
 OUTPUT_NAMES = ("train.zip", "val.zip", "test.zip", "manifest.csv", "rejected.csv", "prepare.json")
 PNG_COMPRESS_LEVEL = 6  # zlib level (PIL default): 15% smaller than 3 for half the speed
 
@@ -67,6 +77,9 @@ class PrepareOptions:
     group_column: str | None = None  # e.g. lesion_id; None: each image is its own group
     onehot_columns: tuple[str, ...] = ()  # ISIC ground truth: one 0/1 column per class
     onehot_zero_class: str | None = None  # class of rows whose one-hot columns are all 0
+    split_column: str | None = None  # CSV column with train/val/test per image
+    splits_from: Path | None = None  # an earlier manifest.csv or a splits.csv (group,split)
+    model: Path | None = None  # a model folder whose recorded policy these options must match
     # The preprocessing policy (anodata.policy.Preprocessing, whose defaults these are).
     resolution: int = Preprocessing.resolution
     transform: str = Preprocessing.transform
@@ -82,7 +95,7 @@ class PrepareOptions:
     strict: bool = False  # the CLI exits 1 when anything was rejected
 
     def __post_init__(self):
-        for name in ("source", "dest", "labels"):
+        for name in ("source", "dest", "labels", "splits_from", "model"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
@@ -110,6 +123,8 @@ class PrepareSummary:
     counts: dict[str, dict[str, int]]  # split -> class name -> number of images
     num_rejected: int
     elapsed_seconds: float
+    splits: str = "seeded"  # how the splits were made: seeded, folders, column or file
+    new_groups: tuple[str, ...] = ()  # --splits-from: groups not in the file (seeded rule)
 
     @property
     def num_images(self) -> int:
@@ -156,13 +171,26 @@ def _validate(o: PrepareOptions) -> None:
             o.workers is not None and o.workers < 1):
         raise UserError("--max-per-class and --workers must be at least 1.")
     _validate_csv_options(o)
+    _validate_split_options(o)
+
+
+def _validate_split_options(o: PrepareOptions) -> None:
+    if o.splits_from is not None and not o.splits_from.is_file():
+        raise UserError(f"--splits-from {o.splits_from} does not exist; give an earlier run's "
+                        f"manifest.csv or a splits.csv with columns group,split.")
+    if o.splits_from is not None and o.split_column is not None:
+        raise UserError("--splits-from and --split-column both set the splits; give one.")
+    if o.model is not None:
+        from anodata.modelpolicy import check_policy_matches
+        check_policy_matches(o.model, o.policy)
 
 
 def _validate_csv_options(o: PrepareOptions) -> None:
-    csv_flags = [o.id_column, o.label_column, o.group_column, o.onehot_zero_class]
+    csv_flags = [o.id_column, o.label_column, o.group_column, o.onehot_zero_class,
+                 o.split_column]
     if o.labels is None and (any(f is not None for f in csv_flags) or o.onehot_columns):
-        raise UserError("--id-column, --label-column, --group-column and --onehot-columns need "
-                        "--labels CSV.")
+        raise UserError("--id-column, --label-column, --group-column, --split-column and "
+                        "--onehot-columns need --labels CSV.")
     if o.labels is not None and (o.label_column is None) == (not o.onehot_columns):
         raise UserError(f"--labels {o.labels}: give exactly one of --label-column (e.g. dx) and "
                         f"--onehot-columns (e.g. MEL,NV,BCC).")
@@ -181,12 +209,18 @@ def prepare_dataset(options: PrepareOptions) -> PrepareSummary:
     start = time.perf_counter()
     csv_spec = None if options.labels is None else CsvSpec(
         options.labels, options.id_column, options.label_column, options.group_column,
-        options.onehot_columns, options.onehot_zero_class)
+        options.onehot_columns, options.onehot_zero_class, options.split_column)
+    known = None if options.splits_from is None else read_split_file(options.splits_from)
     candidates, rejected = find_candidates(options.source, csv_spec=csv_spec, exclude=options.dest)
     try:
         class_map = make_class_map(sorted({c.class_name for c in candidates}), options.normal,
                                    source=options.source)
         candidates = cap_per_class(candidates, options.max_per_class, seed=options.seed)
+        origin = _split_origin(candidates, options)
+        if known is not None:
+            candidates = apply_known_splits(candidates, known)
+        check_group_splits(candidates)
+        meta_columns = manifest_meta_columns(candidates)
         options.dest.mkdir(parents=True, exist_ok=True)
         with ExitStack() as outputs:
             tmp = {name: outputs.enter_context(atomic_path(options.dest / name))
@@ -198,10 +232,14 @@ def prepare_dataset(options: PrepareOptions) -> PrepareSummary:
                 items = assign_splits(items, class_map, rejected, val=options.val,
                                       test=options.test, seed=options.seed)
                 _check_usable(items, options)
-                rows = _write_zips(items, class_map, spool=spool, tmp=tmp)
+                rows = _write_zips(items, class_map, meta_columns, spool=spool, tmp=tmp)
+            new_groups = () if known is None else tuple(sorted(
+                {it.candidate.group for it in items} - set(known)))
             summary = PrepareSummary(options.dest, class_map, count_images(rows, class_map),
-                                     len(rejected), round(time.perf_counter() - start, 3))
-            _write_csv(tmp["manifest.csv"], MANIFEST_COLUMNS, rows)
+                                     len(rejected), round(time.perf_counter() - start, 3),
+                                     splits=origin, new_groups=new_groups)
+            _write_csv(tmp["manifest.csv"], MANIFEST_COLUMNS + tuple(meta_columns.values()),
+                       rows)
             _write_rejected(tmp["rejected.csv"], rejected)
             tmp["prepare.json"].write_text(json.dumps(_info(options, summary), indent=2) + "\n")
     except UserError:
@@ -304,6 +342,61 @@ def _decode_all(candidates: list[Candidate], rejected: list[Rejection], *, spool
 
 # ----------------------------------------------------------------------------- splits
 
+def read_split_file(path: Path) -> dict[str, str]:
+    """group -> split from an earlier run's manifest.csv or a splits.csv (columns group, split;
+    split values train/val/test, any case)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in ("group", "split") if c not in (reader.fieldnames or [])]
+            if missing:
+                raise UserError(f"--splits-from {path} has no column {', '.join(missing)}; give "
+                                f"an earlier run's manifest.csv or a CSV with columns group,split.")
+            rows = [(reader.line_num, row["group"] or "", row["split"] or "") for row in reader]
+    except UnicodeDecodeError:
+        raise UserError(f"--splits-from {path} is not UTF-8 text; save it as UTF-8 CSV.") from None
+    known: dict[str, str] = {}
+    for line, group, value in rows:
+        group, split = group.strip(), normalise_split(value)
+        if not group or split is None:
+            raise UserError(f"--splits-from {path} line {line}: group {group!r} with split "
+                            f"{value!r}; every row needs a group and one of train, val, test.")
+        if known.setdefault(group, split) != split:
+            raise UserError(f"--splits-from {path} puts group {group} in both {known[group]} and "
+                            f"{split} (line {line}); a group belongs to one split.")
+    return known
+
+
+def _split_origin(candidates: list[Candidate], options: PrepareOptions) -> str:
+    """How the splits are made: 'file' (--splits-from), 'column' (--split-column), 'folders'
+    (layout b) or 'seeded' (the seeded grouped rule)."""
+    if options.splits_from is not None:
+        if any(c.split is not None for c in candidates):
+            raise UserError(f"--splits-from {options.splits_from}: {options.source} has "
+                            f"train/val/test folders, which already give the splits; use one.")
+        return "file"
+    if options.split_column is not None:
+        return "column"
+    return "folders" if any(c.split is not None for c in candidates) else "seeded"
+
+
+def apply_known_splits(candidates: list[Candidate], known: dict[str, str]) -> list[Candidate]:
+    """Candidates whose group is in `known` get its split; the others stay free (seeded rule)."""
+    return [c if c.group not in known else dataclasses.replace(c, split=known[c.group])
+            for c in candidates]
+
+
+def check_group_splits(candidates: list[Candidate]) -> None:
+    """Refuse a group whose images were given different splits (e.g. by a split column)."""
+    given: dict[str, str] = {}
+    for c in candidates:
+        if c.split is None:
+            continue
+        first = given.setdefault(c.group, c.split)
+        if first != c.split:
+            raise UserError(f"Group {c.group} has images in both {first} and {c.split} (e.g. "
+                            f"{c.source}); give all images of a group (lesion) one split.")
+
 def assign_splits(items: list[_Item], class_map: dict[str, int], rejected: list[Rejection], *,
                   val: float, test: float, seed: int) -> list[_Item]:
     """Give every item a split; sorted by (split, source). Given splits (layout b) are kept.
@@ -395,10 +488,31 @@ def _zip_entry(name: str) -> zipfile.ZipInfo:
     return zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
 
 
-def _write_zips(items: list[_Item], class_map: dict[str, int], *, spool,
-                tmp: dict[str, Path]) -> list[dict[str, str]]:
-    """Copy every item's PNG from the spool into tmp["{split}.zip"]; return manifest rows."""
+def manifest_meta_columns(candidates: list[Candidate]) -> dict[str, str]:
+    """CSV metadata column -> its manifest column name (a clash with MANIFEST_COLUMNS, or with
+    an earlier name, gets META_PREFIX), in CSV order."""
+    names: dict[str, str] = {}
+    for c in candidates:
+        for column, _ in c.meta:
+            if column not in names:
+                name = column
+                while name in MANIFEST_COLUMNS or name in names.values():
+                    name = META_PREFIX + name
+                names[column] = name
+    return names
+
+
+def original_id(source: str) -> str:
+    """The original image id of a source path: its file stem (e.g. ISIC_0024307)."""
+    return Path(source).stem
+
+
+def _write_zips(items: list[_Item], class_map: dict[str, int], meta_columns: dict[str, str], *,
+                spool, tmp: dict[str, Path]) -> list[dict[str, str]]:
+    """Copy every item's PNG from the spool into tmp["{split}.zip"], with dataset.json (labels
+    and image records); return the manifest rows."""
     labels: dict[str, list[list]] = {split: [] for split in SPLITS}
+    records: dict[str, dict[str, dict[str, str]]] = {split: {} for split in SPLITS}
     rows = []
     with ExitStack() as stack:
         zips = {split: stack.enter_context(zipfile.ZipFile(tmp[f"{split}.zip"], "w",
@@ -411,12 +525,14 @@ def _write_zips(items: list[_Item], class_map: dict[str, int], *, spool,
             spool.seek(it.offset)
             zips[it.split].writestr(_zip_entry(name), spool.read(it.length))
             labels[it.split].append([name, class_map[c.class_name]])
-            rows.append({"file": name, "source": c.source, "class": c.class_name,
-                         "label": class_map[c.class_name], "group": c.group,
-                         "split": it.split, "sha256": it.sha256})
+            records[it.split][name] = {"image": original_id(c.source), "group": c.group}
+            row = {"file": name, "source": c.source, "class": c.class_name,
+                   "label": class_map[c.class_name], "group": c.group,
+                   "split": it.split, "sha256": it.sha256}
+            rows.append(row | {meta_columns[k]: v for k, v in c.meta})
         for split in SPLITS:
-            labels_json = json.dumps({"labels": labels[split]}, indent=0)
-            zips[split].writestr(_zip_entry("dataset.json"), labels_json)
+            body = {"labels": labels[split], RECORDS_KEY: {"images": records[split]}}
+            zips[split].writestr(_zip_entry("dataset.json"), json.dumps(body, indent=0))
     return rows
 
 
@@ -463,6 +579,9 @@ def _info(options: PrepareOptions, summary: PrepareSummary) -> dict:
         "counts": summary.counts,
         "num_images": summary.num_images,
         "num_rejected": summary.num_rejected,
+        "splits": {"made_by": summary.splits,
+                   "num_new_groups": len(summary.new_groups),
+                   "new_groups": list(summary.new_groups)},
         "elapsed_seconds": summary.elapsed_seconds,
         "conventions": {
             "source": "path relative to options.source",
@@ -470,6 +589,10 @@ def _info(options: PrepareOptions, summary: PrepareSummary) -> dict:
             "alpha": "composited on black",
             "16-bit": "value >> 8",
             "zip_names": "{split}.zip with NNNNN/imgNNNNNNNN.png and dataset.json",
+            "image_records": "dataset.json anostyle.images: {zip name: {image, group}}",
+            "splits.made_by": "seeded (--seed rule), folders (train/val/test folders), column "
+                              "(--split-column) or file (--splits-from; new_groups: groups not "
+                              "in the file, split by the seeded rule)",
         },
     }
 
@@ -484,6 +607,10 @@ def format_summary(summary: PrepareSummary) -> str:
         lines.append(f"{name:<{width}}  {summary.class_map[name]:>5}  {counts}")
     totals = "  ".join(f"{sum(summary.counts[s].values()):>6}" for s in SPLITS)
     lines.append(f"{'total':<{width}}  {'':>5}  {totals}")
+    if summary.splits == "file":
+        lines.append(f"{len(summary.new_groups)} groups were not in --splits-from and were split "
+                     f"by the seeded rule" + (" (listed in prepare.json)"
+                                              if summary.new_groups else ""))
     lines.append(f"{summary.num_images} images written to {summary.dest} in "
                  f"{summary.elapsed_seconds:.1f} s; {summary.num_rejected} inputs rejected"
                  + (f" (see {summary.dest / 'rejected.csv'})" if summary.num_rejected else ""))

@@ -4,8 +4,10 @@ Three layouts:
   (a) `SOURCE/<class>/**/*`                       class folders;
   (b) `SOURCE/{train,val,test}/<class>/**/*`      class folders inside given splits (kept);
   (c) `SOURCE/**/*` + a metadata CSV              an id column (file name, file stem or relative
-      path), a label column (HAM10000: `dx`) or one-hot columns (ISIC: `MEL,NV,...`), and an
-      optional group column (HAM10000: `lesion_id`) so that one lesion never sits in two splits.
+      path), a label column (HAM10000: `dx`) or one-hot columns (ISIC: `MEL,NV,...`), an
+      optional group column (HAM10000: `lesion_id`) so that one lesion never sits in two splits,
+      and an optional split column (train/val/test, e.g. an official split). Every other
+      column (HAM10000: `dx_type, age, sex, localization`) travels with its image as metadata.
 
 Every input that cannot be used becomes a `Rejection` (source, reason) instead of an error.
 Paths are kept relative to SOURCE, in posix form, and lists are sorted so that everything
@@ -35,7 +37,8 @@ class Candidate:
     source: str  # path relative to the source folder (posix)
     class_name: str
     group: str  # images of one group (lesion) always share a split
-    split: str | None = None  # given by layout (b), else None
+    split: str | None = None  # given by layout (b) or a split column, else None
+    meta: tuple[tuple[str, str], ...] = ()  # (column, value): the CSV row's other columns
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,24 @@ class CsvSpec:
     group_column: str | None = None
     onehot_columns: tuple[str, ...] = ()
     onehot_zero_class: str | None = None  # class of rows whose one-hot columns are all 0
+    split_column: str | None = None  # train/val/test per row (e.g. the official ISIC split)
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    """One usable row of the metadata CSV."""
+
+    line: int
+    image_id: str
+    class_name: str
+    group: str  # '' without a group column
+    split: str | None  # from the split column, normalised to train/val/test
+    meta: tuple[tuple[str, str], ...]  # every column not used above, in CSV order
+
+
+def normalise_split(value: str) -> str | None:
+    """'Train', 'valid', 'VALIDATION', ... -> 'train', 'val', ...; None for anything else."""
+    return SPLIT_FOLDER_NAMES.get(value.strip().lower())
 
 
 def find_candidates(source: Path, *, csv_spec: CsvSpec | None = None,
@@ -135,7 +156,8 @@ def _match_csv(files: list[str], spec: CsvSpec,
     by_key = _index_files(files)
     used: dict[str, str] = {}  # file -> id of the row that took it
     found = []
-    for line, image_id, class_name, group in rows:
+    for row in rows:
+        line, image_id = row.line, row.image_id
         matches = by_key.get(image_id, [])
         if not matches:
             rejected.append(Rejection(image_id, f"{spec.path.name} line {line}: no image file "
@@ -146,7 +168,8 @@ def _match_csv(files: list[str], spec: CsvSpec,
                                              f"{matches[0]}"))
             used[other] = image_id
         used[matches[0]] = image_id
-        found.append(Candidate(matches[0], class_name, group=group or image_id))
+        found.append(Candidate(matches[0], row.class_name, group=row.group or image_id,
+                               split=row.split, meta=row.meta))
     rejected += [Rejection(rel, f"no row for this image in {spec.path.name}")
                  for rel in files if rel not in used]
     return found, rejected
@@ -165,13 +188,16 @@ def _index_files(files: list[str]) -> dict[str, list[str]]:
     return index
 
 
-def read_label_rows(spec: CsvSpec) -> tuple[list[tuple[int, str, str, str]], list[Rejection]]:
-    """(line, id, class, group) for every usable CSV row, and the rejected rows."""
+def read_label_rows(spec: CsvSpec) -> tuple[list[LabelRow], list[Rejection]]:
+    """Every usable CSV row, and the rejected rows; a bad split value is a UserError."""
     try:
         with open(spec.path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             header = list(reader.fieldnames or [])
             id_column = _check_columns(spec, header)
+            used = {id_column, spec.label_column, spec.group_column, spec.split_column,
+                    *spec.onehot_columns}
+            meta_columns = [c for c in header if c not in used]
             raw_rows = [(reader.line_num, row) for row in reader]
     except UnicodeDecodeError:
         raise UserError(f"--labels {spec.path} is not UTF-8 text; save it as UTF-8 CSV.") from None
@@ -191,7 +217,9 @@ def read_label_rows(spec: CsvSpec) -> tuple[list[tuple[int, str, str, str]], lis
             rejected.append(Rejection(image_id, f"{where}: {problem}"))
         else:
             seen[image_id] = line
-            rows.append((line, image_id, class_name, group))
+            meta = tuple((c, (row.get(c) or "").strip()) for c in meta_columns)
+            rows.append(LabelRow(line, image_id, class_name, group,
+                                 _row_split(row, spec, where), meta))
     return rows, rejected
 
 
@@ -204,12 +232,26 @@ def _check_columns(spec: CsvSpec, header: list[str]) -> str:
             raise UserError(f"--labels {spec.path} has none of the columns "
                             f"{', '.join(ID_COLUMN_DEFAULTS)}; name the image id column with "
                             f"--id-column (columns: {', '.join(header)}).")
-    wanted = [id_column, spec.label_column, spec.group_column, *spec.onehot_columns]
+    wanted = [id_column, spec.label_column, spec.group_column, spec.split_column,
+              *spec.onehot_columns]
     missing = [c for c in wanted if c is not None and c not in header]
     if missing:
         raise UserError(f"--labels {spec.path} has no column {', '.join(missing)}; "
                         f"its columns are: {', '.join(header)}.")
     return id_column
+
+
+def _row_split(row: dict[str, str], spec: CsvSpec, where: str) -> str | None:
+    """The row's split from the split column (None without one); other values: UserError."""
+    if spec.split_column is None:
+        return None
+    value = (row.get(spec.split_column) or "").strip()
+    split = normalise_split(value)
+    if split is None:
+        raise UserError(f"{where}: --split-column {spec.split_column} is {value!r}, not one of "
+                        f"train, val (or valid, validation) and test; fix the value or "
+                        f"leave out --split-column.")
+    return split
 
 
 def _row_class(row: dict[str, str], spec: CsvSpec) -> tuple[str, str | None]:
