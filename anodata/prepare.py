@@ -399,7 +399,8 @@ def check_group_splits(candidates: list[Candidate]) -> None:
 
 def assign_splits(items: list[_Item], class_map: dict[str, int], rejected: list[Rejection], *,
                   val: float, test: float, seed: int) -> list[_Item]:
-    """Give every item a split; sorted by (split, source). Given splits (layout b) are kept.
+    """Give every item a split; sorted by (split, source). Given splits (split folders, a split
+    column or --splits-from) are kept; an abnormal image given train is rejected.
 
     Normal groups go to train/val/test by the fractions; groups with any abnormal image go to
     val/test only, in the same val:test ratio. Each class is split on its own (stratified), its
