@@ -130,6 +130,15 @@ def _comma_list(ctx: click.Context, param: click.Parameter, value: str | None) -
               help="CSV one-hot class columns instead of --label-column (e.g. MEL,NV,BCC).")
 @click.option("--onehot-zero-class", metavar="NAME",
               help="Class of rows whose one-hot columns are all 0 (e.g. nevus for ISIC 2017).")
+@click.option("--split-column", metavar="C",
+              help="CSV column with each image's split: train, val or test (e.g. an official "
+                   "split) [seeded grouped split].")
+@click.option("--splits-from", type=click.Path(), metavar="CSV",
+              help="Reproduce an earlier split: its manifest.csv or a splits.csv (group,split); "
+                   "groups not in it are split by the seeded rule and reported.")
+@click.option("--model", type=click.Path(), metavar="DIR",
+              help="Prepare with the preprocessing recorded by this model folder (e.g. "
+                   "models/ham64-cpu); its splits.csv is applied only with --splits-from.")
 @click.option("--normal", required=True, callback=_comma_list, metavar="CLASS[,CLASS]",
               help="Normal class(es): label 0, the only ones in train.zip (e.g. nv).")
 @click.option("--dest", required=True, type=click.Path(), metavar="DIR",
@@ -160,7 +169,7 @@ def _comma_list(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--workers", type=click.IntRange(min=1), metavar="N",
               help="Decoding processes [number of CPUs].")
 @click.option("--strict", is_flag=True, help="Exit with status 1 if any input was rejected.")
-def prepare(channels: str, **flags) -> None:
+def prepare(channels: str, model: str | None, **flags) -> None:
     """Build NVlabs-compatible train/val/test zips from raw dermoscopy images.
 
     train.zip holds normal images only (label 0); val.zip and test.zip hold every class
@@ -172,10 +181,26 @@ def prepare(channels: str, **flags) -> None:
       anostyle prepare --source ham10000/images --labels ham10000/HAM10000_metadata.csv \\
         --id-column image_id --label-column dx --group-column lesion_id --normal nv \\
         --dest prepared --resolution 256
-    """
-    from stylegan.prepare import PrepareOptions, format_summary, prepare_dataset
 
-    options = PrepareOptions(channels=int(channels), **flags)
+    With --model DIR the resolution, transform, filter and colour settings are the model's
+    (a flag that contradicts them is refused).
+    """
+    from click.core import ParameterSource
+
+    from anodata.prepare import PrepareOptions, format_summary, prepare_dataset
+
+    flags["channels"] = int(channels)
+    if model is not None:
+        from anodata.modelpolicy import POLICY_FIELDS, policy_for_model
+
+        ctx = click.get_current_context()
+        given = {k: flags[k] for k in POLICY_FIELDS
+                 if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
+        found = policy_for_model(model, given)
+        flags.update(found.policy.to_dict())
+        if found.note:
+            click.echo(f"note: --model {model}: {found.note}", err=True)
+    options = PrepareOptions(model=model, **flags)
     summary = prepare_dataset(options)
     click.echo(format_summary(summary))
     if options.strict and summary.num_rejected:

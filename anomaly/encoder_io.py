@@ -1,4 +1,4 @@
-"""Encoder checkpoints and the setup shared by `train-encoder`, `reconstruct` and `project`.
+"""Encoder checkpoints and the checks that pair an encoder with its network.
 
 An encoder checkpoint is ONE `.safetensors` file laid out like the network checkpoints of
 stylegan.checkpoint: the encoder's tensors (including its `w_avg` buffer) plus, in the safetensors
@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from anomaly.encoder import Encoder, EncoderConfig
 from stylegan.checkpoint import FORMAT as NETWORK_FORMAT
-from stylegan.checkpoint import config_from_dict, load_network
+from stylegan.checkpoint import config_from_dict
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_path
 from stylegan.legacy import load_tensors
@@ -112,37 +112,7 @@ def find_latest_encoder(outdir: str | os.PathLike) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
-# Networks and devices
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' | 'cpu' | 'cuda' -> a torch device (auto: CUDA when available)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is available; use "
-                        "--device cpu.")
-    return torch.device(name)
-
-
-def load_frozen_networks(path: str | os.PathLike, *, device: torch.device, need_D: bool
-                         ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-    """(G, D) from a network file, frozen and in eval mode; G is G_ema when the file has it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--network {path} does not exist; give a network-snapshot .pkl or "
-                        f".safetensors file.")
-    nets = load_network(path)
-    G = nets.get("G_ema") if nets.get("G_ema") is not None else nets.get("G")
-    D = nets.get("D")
-    if G is None:
-        raise UserError(f"--network {path} holds no generator; give a snapshot with G or G_ema.")
-    if need_D and D is None:
-        raise UserError(f"--network {path} holds no discriminator, which the feature loss needs; "
-                        f"give a full training snapshot or pass --kappa 0.")
-    G = G.to(device).eval().requires_grad_(False)
-    D = None if D is None else D.to(device).eval().requires_grad_(False)
-    return G, D
+# Encoder and network together
 
 
 def check_compatible(E: Encoder, G: torch.nn.Module, *, encoder_path: str | os.PathLike,

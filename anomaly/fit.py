@@ -26,17 +26,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from anodata.policy import POLICY_KEY, Preprocessing, read_prepared_policy
 from anomaly.encoder import LATENTS, Encoder, EncoderConfig
 from anomaly.encoder_io import (ENCODER_PREFIX, check_compatible, encoder_checkpoints,
-                                find_latest_encoder, load_encoder, load_frozen_networks,
-                                resolve_device, save_encoder, sha256_file, state_path)
-from anomaly.reconstruct import check_feature_layer, discriminator_features, reconstruct_batch
+                                find_latest_encoder, load_encoder, save_encoder, sha256_file, state_path)
+from anomaly.model import AnoModel
+from anomaly.reconstruct import discriminator_features, reconstruct_batch
 from stylegan.checkpoint import (load_training_state, restore_rng_state, rng_state,
                                  save_training_state)
 from stylegan.dataset import ImageDataset
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_path, atomic_write_json
 from stylegan.imageutil import from_uint8, save_grid, to_uint8
+from stylegan.runtime import EndlessSampler, RunLog
 
 DEFAULT_KIMG = 200.0
 
@@ -92,6 +94,7 @@ class _Run:
     network_info: dict[str, Any]
     log: "_Log"
     iteration: int = 0
+    policy: dict | None = None  # preprocessing of the training data, recorded in checkpoints
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,11 +172,10 @@ def _validate(opts: FitOptions) -> None:
 def _setup(opts: FitOptions, *, echo) -> _Run:
     outdir = Path(opts.outdir)
     resume = _resume_path(opts, outdir)
-    device = resolve_device(opts.device)
     torch.manual_seed(opts.seed)
-    G, D = load_frozen_networks(opts.network, device=device, need_D=opts.kappa > 0)
-    if D is not None and opts.kappa > 0:
-        check_feature_layer(D, opts.feature_layer)
+    model = AnoModel.load(opts.network, None, device=opts.device, kappa=opts.kappa,
+                          feature_layer=opts.feature_layer, require_D=opts.kappa > 0)
+    G, D, device = model.G, model.D, model.device
     dataset = ImageDataset(opts.data, use_labels=False, xflip=opts.mirror, rot90=opts.rot90)
     if (dataset.resolution, dataset.num_channels) != (G.img_resolution, G.img_channels):
         raise UserError(f"--data {opts.data} has {dataset.resolution} px images with "
@@ -184,9 +186,10 @@ def _setup(opts: FitOptions, *, echo) -> _Run:
     opt = torch.optim.Adam(E.parameters(), lr=opts.lr, betas=(0.9, 0.999))
     network_info = {"path": str(Path(opts.network).resolve()), "sha256": sha256_file(opts.network),
                     "generator": _plain(dataclasses.asdict(G.cfg)) if hasattr(G, "cfg") else None}
+    policy = training_policy(opts.data, model)
     log = _Log(outdir, echo)
     run = _Run(opts, device, G, D, E, opt, dataset, estimate_w_spread(G, seed=opts.seed),
-               network_info, log)
+               network_info, log, policy=None if policy is None else policy.to_dict())
     if saved is not None:
         _restore(run, resume, saved)
     _write_options(run, resume)
@@ -194,6 +197,15 @@ def _setup(opts: FitOptions, *, echo) -> _Run:
         f"data {opts.data}: {len(dataset)} images; encoder {_count(E)} parameters "
         f"({E.cfg.latent}); starting at iteration {run.iteration}")
     return run
+
+
+def training_policy(data: str, model: AnoModel) -> Preprocessing | None:
+    """The preprocessing of the training data (its prepare.json), else the network's recorded
+    one, else None (a dataset made elsewhere, for an official pickle)."""
+    policy = read_prepared_policy(data)
+    if policy is None:
+        return model.recorded_policy
+    return policy.at(model.resolution, model.channels)
 
 
 def _resume_path(opts: FitOptions, outdir: Path) -> Path | None:
@@ -341,27 +353,13 @@ def _record(run: _Run, sums: dict[str, float], count: int, seconds: float) -> di
 
 def _batches(run: _Run) -> Iterator[torch.Tensor]:
     """Endless shuffled batches [batch, C, H, W] in [-1, 1], continuing at run.iteration."""
-    sampler = _EndlessSampler(len(run.dataset), seed=run.opts.seed,
-                              start=run.iteration * run.opts.batch)
+    sampler = EndlessSampler(len(run.dataset), seed=run.opts.seed,
+                             start=run.iteration * run.opts.batch, seed_stride=1_000_003)
     loader = torch.utils.data.DataLoader(run.dataset, batch_size=run.opts.batch, sampler=sampler,
                                          num_workers=run.opts.workers,
                                          pin_memory=run.device.type == "cuda")
     for images, _labels in loader:
         yield from_uint8(torch.as_tensor(images).to(run.device, non_blocking=True))
-
-
-class _EndlessSampler(torch.utils.data.Sampler):
-    """Indices of one seeded permutation per epoch, forever, starting `start` images in."""
-
-    def __init__(self, n: int, *, seed: int, start: int = 0):
-        self.n, self.seed, self.start = n, seed, start
-
-    def __iter__(self) -> Iterator[int]:
-        epoch, skip = divmod(self.start, self.n)
-        while True:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            yield from torch.randperm(self.n, generator=g)[skip:].tolist()
-            epoch, skip = epoch + 1, 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,7 +380,8 @@ def _snapshot(run: _Run, grid: torch.Tensor) -> None:
     # The state goes first: an encoder file without its state is never the newest complete pair.
     save_training_state(outdir / f"{stem}.state.pt", state)
     extra = {"iter": it, "kimg": it * run.opts.batch / 1000, "network": run.network_info,
-             "training_options": dataclasses.asdict(run.opts), "w_spread": run.w_spread}
+             "training_options": dataclasses.asdict(run.opts), "w_spread": run.w_spread,
+             POLICY_KEY: run.policy}
     save_encoder(outdir / f"{stem}.safetensors", run.E, extra=extra)
     with torch.no_grad():
         _ws, rec = reconstruct_batch(run.G, run.E, from_uint8(grid.to(run.device)))
@@ -404,23 +403,8 @@ def _latest_written(run: _Run) -> Path:
 # Small helpers
 
 
-class _Log:
-    """Console (above the progress bar) + log.txt; stats records also go to stats.jsonl."""
-
-    def __init__(self, outdir: Path, echo: Callable[[str], None] | None):
-        outdir.mkdir(parents=True, exist_ok=True)
-        self.outdir, self.echo = outdir, echo or tqdm.write
-
-    def __call__(self, message: str) -> None:
-        self.echo(message)
-        with open(self.outdir / "log.txt", "a", encoding="utf-8") as f:
-            f.write(message + "\n")
-
-    def stats(self, record: dict[str, Any]) -> None:
-        with open(self.outdir / "stats.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        self(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                        for k, v in record.items() if k != "timestamp"))
+class _Log(RunLog):
+    """The shared run log; on resume it forgets stats written after the resumed checkpoint."""
 
     def drop_stats_after(self, iteration: int) -> None:
         """On resume: forget records written after the checkpoint we continue from."""

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from anomaly.encoder_io import (check_compatible, load_encoder, load_frozen_networks,
-                                resolve_device)
-from anomaly.reconstruct import (check_feature_layer, discriminator_features, encode,
-                                 iterate_source, list_source, output_paths, write_csv)
+from anodata.reader import iterate_source, list_source
+from anomaly.model import AnoModel
+from anomaly.reconstruct import (discriminator_features, encode, output_paths,
+                                 write_csv)
 from stylegan.errors import UserError
 from stylegan.imageutil import from_uint8, save_image, to_uint8
 
@@ -103,25 +103,19 @@ def project_batch(G: torch.nn.Module, D: torch.nn.Module | None, x: torch.Tensor
 def project_folder(opts: ProjectOptions) -> ProjectSummary:
     """Project every image of `opts.source`; write the images (as PNG) and projection.csv."""
     _validate(opts)
-    device = resolve_device(opts.device)
     source = list_source(opts.source)
-    E = None
-    if opts.encoder is not None:
-        E, _meta = load_encoder(opts.encoder, device=device)
-    G, D = load_frozen_networks(opts.network, device=device, need_D=opts.kappa > 0)
-    if E is not None:
-        check_compatible(E, G, encoder_path=opts.encoder, network_path=opts.network)
-    if opts.kappa > 0:
-        check_feature_layer(D, opts.feature_layer)
+    model = AnoModel.load(opts.network, opts.encoder, device=opts.device, kappa=opts.kappa,
+                          feature_layer=opts.feature_layer, require_D=opts.kappa > 0)
+    G, D, E = model.G, model.D, model.E
     outdir = Path(opts.outdir)
     paths = output_paths(outdir, source.names)
     skipped: list[tuple[str, str]] = []
     rows = []
-    batches = iterate_source(source, resolution=G.img_resolution, channels=G.img_channels,
-                             batch=opts.batch, skipped=skipped)
+    batches = iterate_source(source, policy=model.policy, batch=opts.batch, skipped=skipped)
     with tqdm(total=len(source.names), desc="project", unit="img", disable=None) as bar:
         for images, names in batches:
-            rows += _project_and_write(opts, G, D, E, images.to(device), names, paths, outdir, bar)
+            rows += _project_and_write(opts, G, D, E, images.to(model.device), names, paths, outdir,
+                                      bar)
             bar.update(len(names))
     if not rows:
         raise UserError(f"--source {opts.source} holds no readable image "

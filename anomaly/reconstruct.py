@@ -3,8 +3,9 @@ G(E(x)) whose residual is the anomaly evidence), the discriminator features f(.)
 loss and score, and `anostyle reconstruct` (a folder or zip -> reconstructed PNGs, same names).
 
 Inputs may be a prepared zip/folder or a plain folder (or zip) of images of any size: every
-image is decoded with the project's one decoding policy (stylegan.imageio) and fitted to the
-network's resolution the way `anostyle prepare` does (center-crop to a square, box resize).
+image is read by anodata.reader and fitted by the model's recorded preprocessing policy, the way
+`anostyle prepare` fitted the training data. Reconstructions of a prepared split zip are named
+after their original images (manifest.csv), e.g. ISIC_0024307.png.
 
 Shape letters: N batch, C channels, H/W height/width, K number of style vectors, D w_dim.
 """
@@ -13,25 +14,17 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterator
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from anomaly.encoder_io import (check_compatible, load_encoder, load_frozen_networks,
-                                resolve_device)
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_write_bytes
-from stylegan.imageio import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, ImageRejected, decode
+from anodata.reader import SourceImages, iterate_source, list_source
 from stylegan.imageutil import from_uint8, save_image, to_uint8
-from stylegan.prepare import fit_square
-
-SOURCE_EXTENSIONS = IMAGE_EXTENSIONS | DICOM_EXTENSIONS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,100 +92,7 @@ def _epilogue_features(D: torch.nn.Module, images: torch.Tensor, layer: str) -> 
 
 
 # ----------------------------------------------------------------------------------------------
-# Image sources: a folder or zip of images of any size -> fitted uint8 batches with names
-
-
-@dataclass(frozen=True)
-class SourceImages:
-    """The usable image files of a source (folder or zip), relative posix names, sorted."""
-
-    path: Path
-    names: tuple[str, ...]
-
-    @property
-    def is_zip(self) -> bool:
-        return self.path.is_file()
-
-
-def list_source(path: str | os.PathLike, *, flag: str = "--source") -> SourceImages:
-    """Every image file in a folder (recursively) or zip; missing or empty: a UserError."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{flag} {path} does not exist; give a folder or zip of images.")
-    if path.is_file():
-        try:
-            with zipfile.ZipFile(path) as zf:
-                names = zf.namelist()
-        except zipfile.BadZipFile:
-            raise UserError(f"{flag} {path} is neither a folder nor a zip file; give a folder "
-                            f"or zip of images.") from None
-    else:
-        names = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
-    names = sorted(n for n in names if _is_image_name(n))
-    if not names:
-        raise UserError(f"{flag} {path} contains no images ({', '.join(sorted(SOURCE_EXTENSIONS))}"
-                        f"); check the path.")
-    return SourceImages(path, tuple(names))
-
-
-def _is_image_name(name: str) -> bool:
-    parts = PurePosixPath(name).parts
-    return (PurePosixPath(name).suffix.lower() in SOURCE_EXTENSIONS and not name.endswith("/")
-            and bool(parts) and parts[0] != "__MACOSX"
-            and not any(p.startswith(".") and p not in (".", "..") for p in parts))
-
-
-class _Reader:
-    """Bytes of source files by name; a zip is opened once, in the process that reads."""
-
-    def __init__(self, source: SourceImages):
-        self.source = source
-        self.zip = zipfile.ZipFile(source.path) if source.is_zip else None
-
-    def __enter__(self) -> "_Reader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.zip is not None:
-            self.zip.close()
-
-    def read(self, name: str) -> bytes:
-        if self.zip is not None:
-            return self.zip.read(name)
-        return (self.source.path / name).read_bytes()
-
-
-def read_fitted(data: bytes, name: str, *, resolution: int, channels: int) -> np.ndarray:
-    """The encoded bytes of source file `name`, decoded and fitted: uint8 [C, H, W].
-
-    Raises ImageRejected for a file that is not a usable image.
-    """
-    img = decode(data, suffix=PurePosixPath(name).suffix, channels=channels,
-                 draft_size=resolution)
-    array = np.asarray(fit_square(img, resolution), dtype=np.uint8)  # [H, W] or [H, W, C]
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return np.ascontiguousarray(array.transpose(2, 0, 1))  # [C, H, W]
-
-
-def iterate_source(source: SourceImages, *, resolution: int, channels: int, batch: int,
-                   skipped: list[tuple[str, str]]) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """Batches (uint8 [N, C, H, W], names); unreadable files are appended to `skipped`."""
-    images, names = [], []
-    with _Reader(source) as reader:
-        for name in source.names:
-            try:
-                images.append(read_fitted(reader.read(name), name, resolution=resolution,
-                                          channels=channels))
-                names.append(name)
-            except ImageRejected as exc:
-                skipped.append((name, str(exc)))
-            if len(images) == batch:
-                yield torch.from_numpy(np.stack(images)), names
-                images, names = [], []
-    if images:
-        yield torch.from_numpy(np.stack(images)), names
-
+# Output names
 
 def output_name(name: str) -> PurePosixPath:
     """Relative output name for source file `name`: same folders and stem, `.png`.
@@ -207,13 +107,15 @@ def output_name(name: str) -> PurePosixPath:
     return PurePosixPath(*parts).with_suffix(".png")
 
 
-def output_paths(outdir: Path, names: tuple[str, ...]) -> dict[str, Path]:
-    """Source name -> output path inside `outdir`; two sources writing one file is a UserError."""
+def output_paths(outdir: Path, names: tuple[str, ...], *,
+                 renamed: dict[str, str] | None = None) -> dict[str, Path]:
+    """Source name -> output path inside `outdir` (`renamed[name]` where given, else the source's
+    own name as PNG); two sources writing one file is a UserError."""
     root = outdir.resolve()
     paths: dict[str, Path] = {}
     taken: dict[Path, str] = {}
     for name in names:
-        path = (root / output_name(name)).resolve()
+        path = (root / output_name((renamed or {}).get(name, name))).resolve()
         if root not in path.parents:
             raise UserError(f"source file {name!r} would be written outside {outdir}; rename it.")
         if path in taken:
@@ -268,32 +170,24 @@ class ReconstructSummary:
     csv: Path
 
 
-def load_encoder_and_generator(network: str, encoder: str, device: torch.device
-                               ) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(G, E) frozen on `device`, checked to fit each other."""
-    E, _meta = load_encoder(encoder, device=device)  # first: a wrong kind of file fails fast
-    G, _D = load_frozen_networks(network, device=device, need_D=False)
-    check_compatible(E, G, encoder_path=encoder, network_path=network)
-    return G, E
-
-
 def reconstruct_folder(opts: ReconstructOptions) -> ReconstructSummary:
-    """Write G(E(x)) for every image of `opts.source` under its own name (as PNG) in outdir."""
+    """Write G(E(x)) for every image of `opts.source` as PNG in outdir: under its original name
+    when the source is a prepared zip (manifest.csv beside it), else under its own name."""
+    from anomaly.model import AnoModel
+
     assert opts.batch >= 1, opts.batch
-    device = resolve_device(opts.device)
     source = list_source(opts.source)
-    G, E = load_encoder_and_generator(opts.network, opts.encoder, device)
+    model = AnoModel.load(opts.network, opts.encoder, device=opts.device, require_D=False)
     outdir = Path(opts.outdir)
-    paths = output_paths(outdir, source.names)
+    paths = output_paths(outdir, source.names, renamed=original_names(source))
     skipped: list[tuple[str, str]] = []
     rows = []
-    batches = iterate_source(source, resolution=G.img_resolution, channels=G.img_channels,
-                             batch=opts.batch, skipped=skipped)
+    batches = iterate_source(source, policy=model.policy, batch=opts.batch, skipped=skipped)
     with tqdm(total=len(source.names), desc="reconstruct", unit="img", disable=None) as bar:
         for images, names in batches:
-            x = from_uint8(images.to(device))  # [N, C, H, W]
+            x = from_uint8(images.to(model.device))  # [N, C, H, W]
             with torch.no_grad():
-                _ws, rec = reconstruct_batch(G, E, x)
+                _ws, rec = model.reconstruct(x)
             mse = (x - rec).square().flatten(1).mean(dim=1).tolist()  # [N]
             _write_batch(rec, x, [paths[n] for n in names], residual=opts.residual)
             rows += [(n, paths[n].relative_to(outdir.resolve()).as_posix(), m)
@@ -305,6 +199,35 @@ def reconstruct_folder(opts: ReconstructOptions) -> ReconstructSummary:
     csv_path = write_csv(outdir / "reconstruction.csv", ["file", "output", "mse"], rows)
     return ReconstructSummary(outdir, len(rows), tuple(skipped),
                               float(np.mean([r[2] for r in rows])), csv_path)
+
+
+def original_names(source: SourceImages) -> dict[str, str]:
+    """For a prepared split zip (`<dest>/{train,val,test}.zip` with manifest.csv beside it):
+    zip name -> '<original stem>.png' (e.g. ISIC_0024307.png). Two sources with one stem get
+    '_2', '_3', ... in the zip's (sorted) order. Empty for any other source."""
+    from stylegan.dataset import read_manifest
+
+    split = source.path.stem
+    if not source.is_zip or split not in ("train", "val", "test"):
+        return {}
+    try:
+        rows = {r["file"]: r for r in read_manifest(source.path) if r.get("split") == split}
+    except UserError:
+        return {}
+    out: dict[str, str] = {}
+    taken: set[str] = set()  # lower case: one file on case-insensitive file systems too
+    for name in source.names:
+        row = rows.get(name)
+        stem = PurePosixPath(row["source"].replace("\\", "/")).stem if row else ""
+        if not stem:
+            continue
+        candidate, k = f"{stem}.png", 1
+        while candidate.lower() in taken:
+            k += 1
+            candidate = f"{stem}_{k}.png"
+        taken.add(candidate.lower())
+        out[name] = candidate
+    return out
 
 
 def _write_batch(rec: torch.Tensor, x: torch.Tensor, paths: list[Path], *,

@@ -136,6 +136,39 @@ def sklearn_distance(
     return out
 
 
+def _fast_pixel_distance(a: torch.Tensor, b: torch.Tensor, metric: str) -> torch.Tensor | None:
+    """The scikit-learn metric `metric` between rows of a and b (float64 [N, M]), vectorised;
+    None for a metric without a fast form here. Same definitions as scikit-learn/scipy."""
+    d = a - b  # [N, M]
+    if metric in ("euclidean", "l2", "minkowski"):  # minkowski: scikit-learn's default p = 2
+        return d.square().sum(dim=1).sqrt()
+    if metric in ("manhattan", "cityblock", "l1"):
+        return d.abs().sum(dim=1)
+    if metric == "sqeuclidean":
+        return d.square().sum(dim=1)
+    if metric == "chebyshev":
+        return d.abs().amax(dim=1)
+    if metric == "cosine":  # paired_cosine_distances: 0.5 ||a/|a| - b/|b|||^2, zero rows stay 0
+        def unit(v: torch.Tensor) -> torch.Tensor:
+            norm = v.norm(dim=1, keepdim=True)
+            return v / torch.where(norm == 0, torch.ones_like(norm), norm)
+        return 0.5 * (unit(a) - unit(b)).square().sum(dim=1)
+    return None
+
+
+def pixel_distance(x: torch.Tensor, x_rec: torch.Tensor, metric: str) -> np.ndarray:
+    """`sklearn_distance` computed in float64 torch on the images' device where a vectorised
+    form exists (the common metrics; checked against scikit-learn in the tests), else by
+    scikit-learn itself. Returns float64 [N]."""
+    check_sklearn_metric(metric)
+    _check_pair(x, x_rec, "images")
+    a, b = x.detach().flatten(1).double(), x_rec.detach().flatten(1).double()  # [N, M]
+    fast = _fast_pixel_distance(a, b, metric)
+    if fast is None:
+        return sklearn_distance(a.cpu(), b.cpu(), metric)
+    return fast.cpu().numpy()
+
+
 def torch_euclidean(x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
     """Euclidean distance between each flattened image and its reconstruction. Returns [N].
 
@@ -202,6 +235,7 @@ class ScoreTable:
         self.methods = tuple(methods)
         self._scores: dict[str, list[np.ndarray]] = {m: [] for m in self.methods}
         self._rows: dict[str, list] = {"file": [], "class": [], "split": [], "label": []}
+        self._meta: dict[str, dict[int, str]] = {}  # column -> row index -> value (in order seen)
 
     def __len__(self) -> int:
         return len(self._rows["file"])
@@ -209,9 +243,14 @@ class ScoreTable:
     def add(
         self, scores: dict[str, torch.Tensor | np.ndarray], *, files: Sequence[str],
         classes: Sequence[str], splits: Sequence[str], labels: Sequence[int],
+        meta: Sequence[dict[str, str]] | None = None,
     ) -> None:
-        """Append one batch: `scores[method]` is [B] for every method of the table."""
+        """Append one batch: `scores[method]` is [B] for every method of the table; `meta[i]`
+        holds row i's descriptive columns (e.g. image, group, metadata), strings."""
         n = len(files)
+        meta = [{} for _ in range(n)] if meta is None else list(meta)
+        if len(meta) != n:
+            raise ValueError("meta must have one dict per file")
         if not (len(classes) == len(splits) == len(labels) == n):
             raise ValueError("files, classes, splits and labels must have the same length")
         if set(scores) != set(self.methods):
@@ -227,13 +266,22 @@ class ScoreTable:
         self._rows["class"].extend(str(c) for c in classes)
         self._rows["split"].extend(str(s) for s in splits)
         self._rows["label"].extend(int(label != 0) for label in labels)
+        start = len(self._rows["file"]) - n
+        for i, row in enumerate(meta):
+            for key, value in row.items():
+                if key in self._rows or key == "score":
+                    raise ValueError(f"meta column {key!r} clashes with a standard column")
+                self._meta.setdefault(key, {})[start + i] = str(value)
 
     def frame(self, method: str) -> pd.DataFrame:
-        """Columns score, label (0 normal, 1 anomaly), file, class, split."""
+        """Columns score, label (0 normal, 1 anomaly), file, class, split, then the meta
+        columns in the order first seen (empty where a row has none)."""
         parts = self._scores[method]
         score = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float64)
-        return pd.DataFrame({"score": score, **{k: list(v) for k, v in self._rows.items()}},
-                            columns=["score", "label", "file", "class", "split"]).astype(
+        meta = {k: [v.get(i, "") for i in range(len(self))] for k, v in self._meta.items()}
+        return pd.DataFrame({"score": score, **{k: list(v) for k, v in self._rows.items()},
+                             **meta},
+                            columns=["score", "label", "file", "class", "split", *meta]).astype(
             {"label": "int64"})
 
     def frames(self) -> dict[str, pd.DataFrame]:

@@ -1,5 +1,7 @@
 """`anostyle score` and `anostyle tsne`: run images through encoder, generator and discriminator
-in batches and turn them into score sheets, residual heatmaps and a latent t-SNE.
+in batches (anomaly.model.AnoModel) and turn them into score sheets, residual heatmaps and a
+latent t-SNE. Sheets carry each image's original name (`image`), lesion (`group`) and the
+manifest's metadata columns.
 
 Memory does not grow with the number of images: each batch is scored and dropped; only the
 scores (and, for t-SNE, the latent codes) are kept. The izif score uses the kappa and the
@@ -11,17 +13,16 @@ from __future__ import annotations
 import heapq
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from anomaly.encoder_io import check_compatible, load_encoder, load_frozen_networks, resolve_device
-from anomaly.reconstruct import check_feature_layer, discriminator_features, reconstruct_batch
-from anomaly.scores import (METHODS, ScoreTable, izif_score, latent_distance, method_filename,
-                            parse_methods, sklearn_distance, torch_euclidean)
+from anodata.prepare import MANIFEST_COLUMNS
+from anomaly.model import DEFAULT_METHODS, AnoModel, Forward
+from anomaly.scores import METHODS, ScoreTable, method_filename, parse_methods
 from anomaly.sheets import config_dict, write_all_scores, write_score_sheet
 from stylegan.dataset import ImageDataset, iterate_batches, read_manifest
 from stylegan.errors import UserError
@@ -37,7 +38,7 @@ class ScoreOptions:
     encoder: str
     data: tuple[str, ...]
     outdir: str
-    methods: str = "izif,sklearn:euclidean,sklearn:manhattan,sklearn:cosine,torch-euclidean,latent"
+    methods: str = DEFAULT_METHODS
     kappa: float | None = None  # None: the kappa the encoder was trained with
     feature_layer: str | None = None  # None: the encoder's training feature layer
     batch: int = 64
@@ -46,30 +47,33 @@ class ScoreOptions:
     device: str = "auto"
 
 
-@dataclass
-class _Networks:
-    G: torch.nn.Module
-    D: torch.nn.Module | None
-    E: torch.nn.Module
-    kappa: float
-    feature_layer: str
-    device: torch.device
-
-
 @dataclass(frozen=True)
 class _Rows:
-    """Per-file descriptions of one dataset: class name and split, from manifest.csv."""
+    """Per-file descriptions of one dataset from manifest.csv: class name, split and the
+    descriptive columns of the sheets (image = original file stem, group, metadata columns)."""
 
     classes: dict[str, str]
     splits: dict[str, str]
     default_split: str
+    meta: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def describe(self, names: list[str], labels: list[int]) -> tuple[list, list, list]:
+        """(classes, splits, meta dicts) of a batch's files."""
+        return ([self.classes.get(n, str(int(lab))) for n, lab in zip(names, labels)],
+                [self.splits.get(n, self.default_split) for n in names],
+                [self.meta.get(n, {}) for n in names])
 
 
 def score_datasets(opts: ScoreOptions) -> dict[str, Path]:
-    """Score every image of `opts.data`; write one sheet per method + all_scores.xlsx."""
+    """Score every image of `opts.data`; write one sheet per method + all_scores.xlsx.
+
+    Every method comes from ONE forward pass of E, G (and D when a method needs features) per
+    batch; only the scores (and the k worst images for heatmaps) are kept.
+    """
     methods = parse_methods(opts.methods)
-    nets = _load(opts.network, opts.encoder, device=opts.device, need_D=_needs_features(methods),
-                 kappa=opts.kappa, feature_layer=opts.feature_layer)
+    model = AnoModel.load(opts.network, opts.encoder, device=opts.device, kappa=opts.kappa,
+                          feature_layer=opts.feature_layer,
+                          require_D=any(METHODS[m].needs_features for m in methods))
     datasets = [_open_dataset(path) for path in opts.data]
     table = ScoreTable(methods)
     worst = _WorstImages(opts.num_heatmaps if opts.heatmaps else 0)
@@ -78,59 +82,18 @@ def score_datasets(opts: ScoreOptions) -> dict[str, Path]:
     with tqdm(total=total, unit="img", desc="score", disable=None) as bar:
         for dataset, rows in datasets:
             for images, labels, names in iterate_batches(dataset, opts.batch):
-                scores, extras = _score_batch(nets, images, methods)
-                splits = [rows.splits.get(n, rows.default_split) for n in names]
+                out = model.forward_for(images, methods)
+                scores = model.score_forward(out, methods)
+                classes, splits, meta = rows.describe(names, labels.tolist())
                 table.add(scores, files=names, splits=splits, labels=labels.tolist(),
-                          classes=[rows.classes.get(n, str(int(lab))) for n, lab in
-                                   zip(names, labels.tolist())])
-                worst.offer(scores.get("izif", scores[methods[0]]), names, splits, images,
-                            extras)
+                          classes=classes, meta=meta)
+                worst.offer(scores.get("izif", scores[methods[0]]), names, splits, images, out,
+                            titles=[m.get("image") or n for m, n in zip(meta, names)])
                 bar.update(len(names))
-    written = _write_outputs(opts, table, nets, time.time() - start)
+    written = _write_outputs(opts, table, model, time.time() - start)
     if opts.heatmaps:
-        written.update(worst.save(Path(opts.heatmaps), nets))
+        written.update(worst.save(Path(opts.heatmaps), model))
     return written
-
-
-def _needs_features(methods: list[str]) -> bool:
-    return any(METHODS[m].needs_features for m in methods)
-
-
-@torch.no_grad()
-def _score_batch(nets: _Networks, images_u8: torch.Tensor, methods: list[str]):
-    x = from_uint8(images_u8.to(nets.device))  # [N, C, H, W]
-    ws, rec = reconstruct_batch(nets.G, nets.E, x)  # [N, K, D], [N, C, H, W]
-    feat = feat_rec = None
-    if _needs_features(methods):
-        feat = discriminator_features(nets.D, x, nets.feature_layer)
-        feat_rec = discriminator_features(nets.D, rec, nets.feature_layer)
-    scores: dict[str, torch.Tensor | np.ndarray] = {}
-    for method in methods:
-        if method == "izif":
-            scores[method] = izif_score(x, rec, feat, feat_rec, kappa=nets.kappa)
-        elif method.startswith("sklearn:"):
-            scores[method] = sklearn_distance(x.cpu(), rec.cpu(), method.split(":", 1)[1])
-        elif method == "torch-euclidean":
-            scores[method] = torch_euclidean(x, rec)
-        elif method == "latent":
-            scores[method] = latent_distance(ws, nets.G.mapping.w_avg)
-        else:  # parse_methods accepted it, so a new method lacks its line here
-            raise AssertionError(f"no scoring rule for {method}")
-    return scores, {"x": x, "rec": rec, "feat": feat, "feat_rec": feat_rec}
-
-
-def _load(network: str, encoder: str, *, device: str, need_D: bool, kappa: float | None,
-          feature_layer: str | None) -> _Networks:
-    dev = resolve_device(device)
-    G, D = load_frozen_networks(network, device=dev, need_D=need_D)
-    E, extra = load_encoder(encoder, device=dev)
-    check_compatible(E, G, encoder_path=encoder, network_path=network)
-    trained = extra.get("training_options", {})
-    kappa = float(trained.get("kappa", 1.0)) if kappa is None else kappa
-    layer = feature_layer or trained.get("feature_layer", "b8")
-    if D is not None:
-        check_feature_layer(D, layer)
-    return _Networks(G=G, D=D, E=E, kappa=kappa, feature_layer=layer, device=dev)
 
 
 def _open_dataset(path: str) -> tuple[ImageDataset, _Rows]:
@@ -144,10 +107,21 @@ def _open_dataset(path: str) -> tuple[ImageDataset, _Rows]:
     except UserError:  # a dataset not made by `anostyle prepare`: labels only
         manifest = []
     return dataset, _Rows(classes={r["file"]: r["class"] for r in manifest},
-                          splits={r["file"]: r["split"] for r in manifest}, default_split=split)
+                          splits={r["file"]: r["split"] for r in manifest}, default_split=split,
+                          meta={r["file"]: manifest_meta(r) for r in manifest})
 
 
-def _write_outputs(opts: ScoreOptions, table: ScoreTable, nets: _Networks,
+def manifest_meta(row: dict[str, str]) -> dict[str, str]:
+    """A manifest row's descriptive columns for the sheets: `image` (the source file's stem,
+    e.g. ISIC_0024307), `group` (lesion id), then every non-standard manifest column."""
+    meta = {"image": PurePosixPath(row.get("source", "").replace("\\", "/")).stem,
+            "group": row.get("group", "")}
+    meta.update({k: (v or "") for k, v in row.items()
+                 if k not in MANIFEST_COLUMNS and k is not None and k not in meta})
+    return meta
+
+
+def _write_outputs(opts: ScoreOptions, table: ScoreTable, model: AnoModel,
                    seconds: float) -> dict[str, Path]:
     outdir = Path(opts.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -157,7 +131,7 @@ def _write_outputs(opts: ScoreOptions, table: ScoreTable, nets: _Networks,
     written["all"] = write_all_scores(frames, outdir / "all_scores.xlsx")
     prepared = {str(Path(p).resolve().parent) for p in opts.data}
     atomic_write_json(outdir / "score.json", {
-        "options": config_dict(opts), "kappa": nets.kappa, "feature_layer": nets.feature_layer,
+        "options": config_dict(opts), "kappa": model.kappa, "feature_layer": model.feature_layer,
         "prepared": prepared.pop() if len(prepared) == 1 else None,
         "images": len(table), "seconds": round(seconds, 2),
         "images_per_second": round(len(table) / max(seconds, 1e-9), 2)})
@@ -168,7 +142,7 @@ def _write_outputs(opts: ScoreOptions, table: ScoreTable, nets: _Networks,
 @dataclass(order=True)
 class _Entry:
     score: float
-    name: str = field(compare=False)
+    name: str = field(compare=False)  # the original image name where known (else the file)
     image: np.ndarray = field(compare=False)  # uint8 [H, W, C]
     rec: np.ndarray = field(compare=False)  # uint8 [H, W, C]
     x: torch.Tensor = field(compare=False)  # [C, H, W] in [-1, 1]
@@ -183,27 +157,26 @@ class _WorstImages:
     def __init__(self, k: int):
         self.k, self.heap = k, []
 
-    def offer(self, scores, names, splits, images_u8, extras) -> None:
+    def offer(self, scores, names, splits, images_u8, out: Forward, *, titles) -> None:
         if self.k == 0:
             return
         values = np.asarray(scores.detach().cpu() if torch.is_tensor(scores) else scores)
         rgb = images_u8.permute(0, 2, 3, 1).numpy()  # [N, H, W, C]
-        rec = to_uint8(extras["rec"])
-        for i, (value, name, split) in enumerate(zip(values.tolist(), names, splits)):
+        rec = to_uint8(out.rec)
+        for i, (value, title, split) in enumerate(zip(values.tolist(), titles, splits)):
             if split != "test" or (len(self.heap) == self.k and value <= self.heap[0].score):
                 continue
-            feats = [None if extras[k] is None else extras[k][i].cpu() for k in
-                     ("feat", "feat_rec")]
-            entry = _Entry(value, name, rgb[i], rec[i], extras["x"][i].cpu(),
-                           extras["rec"][i].cpu(), *feats)
+            feats = [None if f is None else f[i].cpu() for f in (out.feat, out.feat_rec)]
+            entry = _Entry(value, title, rgb[i], rec[i], out.x[i].cpu(), out.rec[i].cpu(),
+                           *feats)
             (heapq.heapreplace if len(self.heap) == self.k else heapq.heappush)(self.heap, entry)
 
-    def save(self, folder: Path, nets: _Networks) -> dict[str, Path]:
+    def save(self, folder: Path, model: AnoModel) -> dict[str, Path]:
         from anomaly.heatmap import residual_map, save_heatmap_panel, upsample_feature_residual
 
         written = {}
         for rank, e in enumerate(sorted(self.heap, reverse=True), start=1):
-            stem = f"{rank:02d}_{Path(e.name).stem}"
+            stem = f"{rank:02d}_{_safe_stem(e.name)}"
             path = folder / f"{stem}_image_residual.png"
             save_heatmap_panel(path, _squeeze(e.image), _squeeze(e.rec),
                                residual_map(e.x, e.x_rec),
@@ -213,9 +186,15 @@ class _WorstImages:
                 path = folder / f"{stem}_feature_residual.png"
                 heat = upsample_feature_residual(e.feat, e.feat_rec, e.image.shape[0])
                 save_heatmap_panel(path, _squeeze(e.image), _squeeze(e.rec), heat,
-                                   f"#{rank} {e.name}: D features {nets.feature_layer}")
+                                   f"#{rank} {e.name}: D features {model.feature_layer}")
                 written[path.name] = path
         return written
+
+
+def _safe_stem(name: str) -> str:
+    """A file-name-safe stem of an image name (its last path part, odd characters as '_')."""
+    stem = PurePosixPath(name.replace("\\", "/")).stem or "image"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)
 
 
 def _squeeze(image_hwc: np.ndarray) -> np.ndarray:
@@ -245,15 +224,15 @@ def tsne_latents(opts: TsneOptions) -> dict[str, Path]:
     """Encode every image, embed the codes with t-SNE, write tsne.png, tsne.xlsx, tsne.json."""
     from anomaly.tsne import plot_tsne, tsne_embedding, write_tsne_sheet
 
-    nets = _load(opts.network, opts.encoder, device=opts.device, need_D=False, kappa=0.0,
-                 feature_layer=None)
+    model = AnoModel.load(opts.network, opts.encoder, device=opts.device, require_D=False)
     codes, files, classes, splits = [], [], [], []
     for dataset, rows in (_open_dataset(p) for p in opts.data):
-        for ws, labels, names in _encode_all(nets, dataset, opts.batch):
+        for ws, labels, names in _encode_all(model, dataset, opts.batch):
             codes.append(ws.reshape(len(ws), -1).cpu().numpy())  # [N, K*D]
             files += names
-            classes += [rows.classes.get(n, str(int(lab))) for n, lab in zip(names, labels)]
-            splits += [rows.splits.get(n, rows.default_split) for n in names]
+            batch_classes, batch_splits, _meta = rows.describe(names, labels)
+            classes += batch_classes
+            splits += batch_splits
     latents = np.concatenate(codes)
     keep = _subsample(len(latents), opts.max_images)
     coords = tsne_embedding(latents[keep], perplexity=opts.perplexity, seed=opts.seed)
@@ -269,11 +248,11 @@ def tsne_latents(opts: TsneOptions) -> dict[str, Path]:
 
 
 @torch.no_grad()
-def _encode_all(nets: _Networks, dataset: ImageDataset,
+def _encode_all(model: AnoModel, dataset: ImageDataset,
                 batch: int) -> Iterator[tuple[torch.Tensor, list[int], list[str]]]:
     for images, labels, names in tqdm(iterate_batches(dataset, batch), desc="encode",
                                       total=-(-len(dataset) // batch), disable=None):
-        yield nets.E(from_uint8(images.to(nets.device))), labels.tolist(), names
+        yield model.encode(from_uint8(images.to(model.device))), labels.tolist(), names
 
 
 def _subsample(n: int, limit: int | None) -> np.ndarray:

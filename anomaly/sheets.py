@@ -153,7 +153,22 @@ def all_scores_frame(dfs: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     if merged is None:
         return pd.DataFrame(columns=list(ID_COLUMNS))
     merged["label"] = merged["label"].astype("int64")
-    return merged.loc[:, list(ID_COLUMNS) + list(dfs)]
+    extra = _descriptive_columns(dfs)  # image, group, metadata: one value per (split, file)
+    merged = merged.loc[:, list(ID_COLUMNS) + list(dfs)]
+    if extra is not None:
+        merged = merged.merge(extra, on=["split", "file"], how="left")
+        merged = merged.loc[:, list(ID_COLUMNS) + list(extra.columns[2:]) + list(dfs)]
+    return merged
+
+
+def _descriptive_columns(dfs: Mapping[str, pd.DataFrame]) -> pd.DataFrame | None:
+    """(split, file, extra columns...) from the score tables' extra columns, first table first."""
+    parts = [df.loc[:, ["split", "file", *[c for c in df.columns if c not in SCORE_COLUMNS]]]
+             for df in dfs.values() if any(c not in SCORE_COLUMNS for c in df.columns)]
+    if not parts:
+        return None
+    out = pd.concat(parts, ignore_index=True).drop_duplicates(["split", "file"], keep="first")
+    return out.fillna("")
 
 
 def write_all_scores(dfs: Mapping[str, pd.DataFrame], path: str | os.PathLike) -> Path:

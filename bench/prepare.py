@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from stylegan.prepare import PrepareOptions, prepare_dataset
+from anodata.prepare import PrepareOptions, prepare_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_HAM = REPO.parent / "shared" / "data" / "ham10000"

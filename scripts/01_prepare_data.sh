@@ -8,5 +8,9 @@ if [ -n "$LABELS" ]; then
   label_args=(--labels "$LABELS" --id-column "$ID_COLUMN" --label-column "$LABEL_COLUMN"
               --group-column "$GROUP_COLUMN")
 fi
-anostyle prepare --source "$SOURCE" "${label_args[@]}" --normal "$NORMAL" --dest "$DATASET" \
-  --resolution "$RES" --seed 0
+split_args=()
+if [ -n "$SPLITS_FROM" ]; then
+  split_args=(--splits-from "$SPLITS_FROM")
+fi
+anostyle prepare --source "$SOURCE" "${label_args[@]}" "${split_args[@]}" --normal "$NORMAL" \
+  --dest "$DATASET" --resolution "$RES" --seed 0

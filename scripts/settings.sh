@@ -8,6 +8,10 @@ LABELS=${LABELS:-$ROOT/data/demo/metadata.csv}      # metadata CSV ('' for class
 ID_COLUMN=${ID_COLUMN:-image_id}
 LABEL_COLUMN=${LABEL_COLUMN:-dx}
 GROUP_COLUMN=${GROUP_COLUMN:-lesion_id}
+# An earlier split to reproduce (manifest.csv or splits.csv with group,split; '' for the seeded
+# split). The default is the shipped model's split, so that demo val/test never holds a lesion
+# the model was trained on.
+SPLITS_FROM=${SPLITS_FROM-$ROOT/models/ham64-cpu/splits.csv}
 NORMAL=${NORMAL:-nv}                                # the normal class(es)
 ANOMALY=${ANOMALY:-mel}                             # the anomaly class evaluated by default
 RES=${RES:-64}                                      # training resolution (power of two)

@@ -2,7 +2,7 @@
 
 The format is the one NVlabs' stylegan2-ada-pytorch `dataset_tool.py` writes (Karras et al. 2020,
 "Training Generative Adversarial Networks with Limited Data"), so datasets made by either tool load
-here: image files (any of `stylegan.imageio.IMAGE_EXTENSIONS`, at any depth) and
+here: image files (any of `anodata.imageio.IMAGE_EXTENSIONS`, at any depth) and
 `dataset.json` = `{"labels": [[relative_name, int_label], ...]}` or `{"labels": null}`.
 `anostyle prepare` writes `{train,val,test}.zip` in this format with label 0 = normal.
 
@@ -25,7 +25,10 @@ import torch
 from PIL import Image
 
 from stylegan.errors import UserError
-from stylegan.imageio import IMAGE_EXTENSIONS, ImageRejected, channels_of_mode, open_image, to_8bit
+# The one decoder and image-name rule of the data package; anodata.imageio is a leaf module
+# (numpy and PIL only), so stylegan <-> anodata has no import cycle.
+from anodata.imageio import (IMAGE_EXTENSIONS, ImageRejected, channels_of_mode, is_image_name,
+                             open_image, to_8bit)
 
 DATASET_JSON = "dataset.json"
 
@@ -149,7 +152,7 @@ class ImageDataset(torch.utils.data.Dataset):
         else:
             names = [p.relative_to(self.path).as_posix() for p in self.path.rglob("*")
                      if p.is_file()]
-        names = sorted(n for n in names if _is_image_name(n))
+        names = sorted(n for n in names if is_image_name(n, IMAGE_EXTENSIONS))
         if not names:
             raise UserError(f"Dataset {self.path} contains no images "
                             f"({', '.join(sorted(IMAGE_EXTENSIONS))}); check the path or rebuild "
@@ -221,13 +224,6 @@ class ImageDataset(torch.utils.data.Dataset):
         if array.ndim == 2:
             array = array[:, :, None]
         return np.ascontiguousarray(array.transpose(2, 0, 1))  # [C, H, W]
-
-
-def _is_image_name(name: str) -> bool:
-    """An image file name, not a folder entry nor a macOS resource fork (`__MACOSX/`, `._x`)."""
-    parts = name.split("/")
-    return (Path(name).suffix.lower() in IMAGE_EXTENSIONS and not name.endswith("/")
-            and parts[0] != "__MACOSX" and not parts[-1].startswith("._"))
 
 
 class _Named(torch.utils.data.Dataset):

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from stylegan.checkpoint import load_network
 from stylegan.errors import UserError
+from stylegan.runtime import resolve_device
 from stylegan.imageutil import save_grid, save_image, to_uint8
 from stylegan.networks import NOISE_MODES, Generator, z_from_seed
 
@@ -75,17 +76,6 @@ def synthesize(G: Generator, seeds: list[int], *, truncation_psi: float = 1.0,
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seeds[0])
         return G(z, c, truncation_psi=truncation_psi, noise_mode=noise_mode)
-
-
-def resolve_device(name: str) -> torch.device:
-    """'cpu' | 'cuda' | 'cuda:N' -> device; a missing GPU is a UserError."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA GPU is visible; use --device cpu.")
-    return device
 
 
 def generate_images(network: str | os.PathLike, seeds: list[int], outdir: str | os.PathLike, *,

@@ -5,6 +5,7 @@ then the architecture of a `--resume` file (adopted and reported, or refused wit
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,8 +97,25 @@ def resolve(flags: TrainFlags) -> Resolved:
         pl_weight=pre.pl_weight, style_mixing=pre.style_mixing,
         resume=None if resume is None else str(resume), strict_resume=flags.strict_resume,
         device=flags.device, generator=G_cfg, discriminator=D_cfg,
-        ada_kimg=100.0 if resume is not None else 500.0)  # official: react faster when resuming
+        ada_kimg=100.0 if resume is not None else 500.0,  # official: react faster when resuming
+        preprocessing=recorded_preprocessing(flags.data))
     return Resolved(options=opts, overridden=overridden, resume_networks=networks)
+
+
+def recorded_preprocessing(data: str) -> dict | None:
+    """The `preprocessing` object of prepare.json beside a prepared zip/folder, as an opaque dict
+    (the data package owns its meaning); None when there is none."""
+    path = Path(data)
+    info = (path.parent if path.suffix.lower() == ".zip" or path.is_file() else path) / \
+        "prepare.json"
+    try:
+        body = json.loads(info.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{info} is not readable JSON ({exc}); prepare the data again.") from None
+    policy = body.get("preprocessing") if isinstance(body, dict) else None
+    return policy if isinstance(policy, dict) else None
 
 
 def _under_torchrun(flags: TrainFlags) -> TrainFlags:

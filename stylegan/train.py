@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import os
 import random
@@ -42,6 +41,7 @@ from stylegan.errors import UserError
 from stylegan.fileio import atomic_write_json
 from stylegan.imageutil import from_uint8, save_grid, to_uint8
 from stylegan.networks import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
+from stylegan.runtime import EndlessSampler, RunLog, resolve_device
 
 SNAPSHOT_PREFIX = "network-snapshot-"
 
@@ -86,6 +86,9 @@ class TrainOptions:
     pl_decay: float = 0.01
     ada_interval: int = 4
     ada_kimg: float = 500.0
+    # The data's preprocessing policy (prepare.json beside --data), carried opaquely into every
+    # snapshot so that raw images are later fitted the same way; None when the data records none.
+    preprocessing: dict | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -149,7 +152,7 @@ def _spawned(rank: int, opts: TrainOptions, resume_networks: dict | None, init: 
 
 def _train_process(rank: int, world: int, opts: TrainOptions, resume_networks: dict | None, *,
                    init_method: str | None) -> Path:
-    device = _device(opts.device, int(os.environ.get("LOCAL_RANK", rank)))
+    device = resolve_device(opts.device, rank=int(os.environ.get("LOCAL_RANK", rank)))
     env = Dist(rank=rank, world=world, device=device)
     if world > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -159,22 +162,6 @@ def _train_process(rank: int, world: int, opts: TrainOptions, resume_networks: d
     finally:
         if world > 1:
             dist.destroy_process_group()
-
-
-def _device(name: str, rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for but no CUDA device is available; "
-                            "use --device cpu")
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-        return torch.device("cuda", rank % torch.cuda.device_count())
-    return torch.device(name)
-
-
-# ----------------------------------------------------------------------------------------------
-# The loop
 
 
 def _run(opts: TrainOptions, env: Dist, resume_networks: dict | None) -> Path:
@@ -427,7 +414,8 @@ def _save_snapshot(opts: TrainOptions, state: TrainState, grid_z: torch.Tensor, 
     augment_p = float(state.augment.p) if state.augment is not None else 0.0
     save_networks(f"{stem}.safetensors", G=state.G, D=state.D, G_ema=state.G_ema,
                   extra={"kimg": state.cur_nimg / 1000, "cur_nimg": state.cur_nimg,
-                         "augment_p": augment_p, "training_options": opts.to_json()})
+                         "augment_p": augment_p, "training_options": opts.to_json(),
+                         "preprocessing": opts.preprocessing})
     _save_fakes(state.G_ema, grid_z, run_dir / f"fakes{tag}.png")
     log(f"snapshot {stem.name}.safetensors")
 
@@ -471,7 +459,7 @@ def _save_reals_grid(dataset: ImageDataset, run_dir: Path, n: int = 32) -> None:
 def _real_batches(dataset: ImageDataset, opts: TrainOptions, env: Dist, *,
                   start: int) -> Iterator[torch.Tensor]:
     """Endless float batches [batch_gpu, C, H, W] in [-1, 1] for this process."""
-    sampler = _InfiniteSampler(len(dataset), rank=env.rank, world=env.world, seed=opts.seed,
+    sampler = EndlessSampler(len(dataset), rank=env.rank, world=env.world, seed=opts.seed,
                                start=start // env.world)
     loader = torch.utils.data.DataLoader(dataset, batch_size=opts.batch_gpu, sampler=sampler,
                                          num_workers=opts.workers, drop_last=True,
@@ -479,21 +467,6 @@ def _real_batches(dataset: ImageDataset, opts: TrainOptions, env: Dist, *,
                                          persistent_workers=opts.workers > 0)
     for images, _labels in loader:
         yield from_uint8(torch.as_tensor(images).to(env.device, non_blocking=True))
-
-
-class _InfiniteSampler(torch.utils.data.Sampler):
-    """Endless shuffled indices, one epoch after another, sharded across processes."""
-
-    def __init__(self, n: int, *, rank: int, world: int, seed: int, start: int = 0):
-        self.n, self.rank, self.world, self.seed, self.start = n, rank, world, seed, start
-
-    def __iter__(self) -> Iterator[int]:
-        epoch, skip = divmod(self.start, max(self.n // self.world, 1))
-        while True:
-            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-            order = torch.randperm(self.n, generator=g)[self.rank::self.world].tolist()
-            yield from order[skip:]
-            skip, epoch = 0, epoch + 1
 
 
 def _seed_everything(seed: int, rank: int) -> None:
@@ -589,28 +562,15 @@ def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-class _Logger:
-    """Prints to the console (above the progress bar) and appends to log.txt / stats.jsonl."""
+class _Logger(RunLog):
+    """The shared run log (console + log.txt + stats.jsonl), plus TensorBoard when installed."""
 
     def __init__(self, run_dir: Path | None):
-        self.run_dir = run_dir
+        super().__init__(run_dir)
         self.tb = _tensorboard(run_dir) if run_dir is not None else None
 
-    def __call__(self, message: str) -> None:
-        if self.run_dir is None:
-            return
-        tqdm.write(message)
-        with open(self.run_dir / "log.txt", "a") as f:
-            f.write(message + "\n")
-
     def tick(self, record: dict) -> None:
-        if self.run_dir is None:
-            return
-        parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in
-                 record.items() if k != "timestamp"]
-        self(" | ".join(parts))
-        with open(self.run_dir / "stats.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.stats(record)
         if self.tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "kimg":

@@ -32,15 +32,17 @@ from PIL import Image
 
 from anomaly.app import server as app_server
 from anomaly.app import uploads as app_uploads
+from anodata.policy import Preprocessing
 from anomaly.app.model import (Decision, IzifScorer, Reference, ServeModel, ServeOptions,
-                               load_decision, load_reference, load_serve_model, resolve_izif)
+                               load_decision, load_reference, load_serve_model)
+from anomaly.model import AnoModel, resolve_izif
 from anomaly.app.server import BackgroundServer, create_app, upload_limits
 from anomaly.cli import main
 from anomaly.encoder import Encoder, EncoderConfig
 from anomaly.encoder_io import save_encoder
 from anomaly.evaluate import EvaluateOptions, write_summary
-from anomaly.reconstruct import (discriminator_features, read_fitted, reconstruct_batch,
-                                 residual_images)
+from anodata.reader import read_fitted
+from anomaly.reconstruct import discriminator_features, reconstruct_batch, residual_images
 from anomaly.scores import izif_score
 from anomaly.sheets import write_score_sheet
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
@@ -62,7 +64,8 @@ def png_bytes(image_hwc: np.ndarray) -> bytes:
 def direct_izif(nets: dict, data: bytes) -> dict:
     """The izif score computed with the library functions, as `anostyle score` does."""
     G, D, E = nets["G"], nets["D"], nets["E"]
-    fitted = read_fitted(data, "x.png", resolution=G.img_resolution, channels=G.img_channels)
+    fitted = read_fitted(data, "x.png", Preprocessing(resolution=G.img_resolution,
+                                                      channels=G.img_channels))
     x = from_uint8(torch.from_numpy(fitted[None]))
     with torch.no_grad():
         _ws, rec = reconstruct_batch(G, E, x)
@@ -211,12 +214,13 @@ def test_gray_network_scores_colour_uploads_as_luma(ham_dir):
     G = Generator(GeneratorConfig(z_dim=16, w_dim=16, mapping_layers=2, **small)).eval()
     D = Discriminator(DiscriminatorConfig(**small)).eval()
     E = Encoder(EncoderConfig(num_ws=G.num_ws, w_dim=16, **small), w_avg=G.mapping.w_avg).eval()
-    model = ServeModel(IzifScorer(G, D, E, kappa=1.0, feature_layer="b8"),
+    model = ServeModel(IzifScorer(AnoModel(G, D, E, kappa=1.0, feature_layer="b8",
+                                           policy=Preprocessing())),
                        Decision(0.0, "fixed", "nv vs mel", "summary.json"),
                        Reference(None, None, "no sheet", {}))
     data = sorted((ham_dir / "images").glob("*.jpg"))[2].read_bytes()
     (r,) = post_images(client_for(model), ("g.jpg", data)).json()["results"]
-    fitted = read_fitted(data, "g.jpg", resolution=16, channels=1)  # [1, 16, 16]
+    fitted = read_fitted(data, "g.jpg", Preprocessing(resolution=16, channels=1))  # [1, 16, 16]
     x = from_uint8(torch.from_numpy(fitted[None].copy()))
     with torch.no_grad():
         rec = G.synthesis(E(x), noise_mode="const")

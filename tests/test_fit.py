@@ -15,7 +15,8 @@ from PIL import Image
 import anomaly.fit as fit_mod
 from anomaly.cli import main
 from anomaly.encoder_io import load_encoder, state_path
-from anomaly.fit import FitOptions, _EndlessSampler, fit_encoder, izif_loss, w_reg_loss
+from stylegan.runtime import EndlessSampler
+from anomaly.fit import FitOptions, fit_encoder, izif_loss, w_reg_loss
 from anomaly.scores import izif_score
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
 from encoder_helpers import sample_images, save_tiny_networks, tiny_networks, write_folder
@@ -80,11 +81,11 @@ def test_w_reg_is_normalised_by_the_spread():
 
 
 def test_sampler_continues_where_it_stopped():
-    full = _EndlessSampler(10, seed=3)
+    full = EndlessSampler(10, seed=3, seed_stride=1_000_003)
     first_25 = [i for _, i in zip(range(25), iter(full))]
     assert sorted(first_25[:10]) == list(range(10)) and sorted(first_25[10:20]) == list(range(10))
     assert first_25[:10] != first_25[10:20]  # a new permutation per epoch
-    resumed = _EndlessSampler(10, seed=3, start=13)
+    resumed = EndlessSampler(10, seed=3, start=13, seed_stride=1_000_003)
     assert [i for _, i in zip(range(12), iter(resumed))] == first_25[13:25]
 
 

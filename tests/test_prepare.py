@@ -17,11 +17,12 @@ from click.testing import CliRunner
 from PIL import Image
 
 from anomaly.cli import main
-from stylegan import prepare as prepare_module
+from anodata import prepare as prepare_module
 from stylegan.dataset import ImageDataset
 from stylegan.errors import UserError
-from stylegan.imageio import ImageRejected, decode, open_image, to_8bit
-from stylegan.prepare import (MANIFEST_COLUMNS, PrepareOptions, fit_square, prepare_dataset,
+from anodata.imageio import ImageRejected, decode, open_image, to_8bit
+from anodata.policy import fit_square
+from anodata.prepare import (MANIFEST_COLUMNS, PrepareOptions, prepare_dataset,
                               split_group_sizes)
 
 # ----------------------------------------------------------------------------- fixtures
@@ -531,7 +532,7 @@ def test_real_ham10000_subset(ham_dir, tmp_path):
 
 
 def test_shades_of_gray_makes_the_illuminant_grey_and_keeps_neutral_images():
-    from stylegan.prepare import shades_of_gray
+    from anodata.policy import shades_of_gray
     rng = np.random.default_rng(0)
     grey = rng.integers(20, 200, size=(16, 16, 1)).repeat(3, axis=2).astype(np.uint8)
     np.testing.assert_array_equal(shades_of_gray(grey), grey)  # already neutral

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import zipfile
 from io import BytesIO
@@ -20,7 +21,7 @@ from anomaly.scores import izif_score
 from anomaly.sheets import read_score_sheet
 from encoder_helpers import sample_images, save_tiny_networks, tiny_encoder, tiny_networks, write_folder
 from stylegan.imageutil import from_uint8
-from stylegan.prepare import PrepareOptions, prepare_dataset
+from anodata.prepare import PrepareOptions, prepare_dataset
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +89,17 @@ def test_score_writes_sheets_with_values_equal_to_the_library(setup):
     info = json.loads((out / "score.json").read_text())
     assert Path(info["prepared"]) == p.resolve() and info["kappa"] == 0.5
     assert info["images"] == n_val + n_test
-    worst = izif[izif["split"] == "test"].nlargest(3, "score")["file"].tolist()
+    # traceability: the original image (source stem) and group of every row, from manifest.csv
+    with open(p / "manifest.csv", newline="") as f:
+        manifest = {(r["split"], r["file"]): r for r in csv.DictReader(f)}
+    assert list(izif.columns[5:7]) == ["image", "group"]
+    for _i, r in izif.iterrows():
+        m = manifest[r["split"], r["file"]]
+        assert r["image"] == Path(m["source"]).stem and str(r["group"]) == m["group"]
+    worst = izif[izif["split"] == "test"].nlargest(3, "score")["image"].tolist()
     panels = sorted(heat.glob("*.png"))
     assert len(panels) == 6  # image and feature residual for each of the 3 worst test images
-    assert Path(worst[0]).stem in panels[0].name and panels[0].name.startswith("01_")
+    assert panels[0].name.startswith(f"01_{worst[0]}_")  # named after the original image
 
 
 def test_tsne_writes_plot_and_sheet(setup):

@@ -65,9 +65,12 @@ def test_all_scores_side_by_side(tmp_path):
     c = a.iloc[:2].assign(score=[7.0, 8.0])  # a method that scored fewer images
     path = sheets.write_all_scores({"izif": a, "latent": b, "knn-pixels": c}, tmp_path / "all.xlsx")
     df = pd.read_excel(path)
-    assert list(df.columns) == ["file", "class", "split", "label", "izif", "latent", "knn-pixels"]
+    # descriptive columns (image, group, metadata; here 'extra') follow the id columns
+    assert list(df.columns) == ["file", "class", "split", "label", "extra", "izif", "latent",
+                                "knn-pixels"]
     assert len(df) == 4
     row = df.set_index("file").loc["b.png"]
+    assert row["extra"] == 2
     assert row["izif"] == 0.9 and row["latent"] == 9.0 and row["knn-pixels"] == 8.0
     assert df["knn-pixels"].isna().sum() == 2
 

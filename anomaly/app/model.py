@@ -9,7 +9,8 @@ It is put in context twice:
   decision    'anomalous' when score >= the izif threshold `anostyle evaluate` chose on the
               validation split (summary.json, first izif row = primary comparison), else 'normal'.
 kappa and the feature layer follow the score sheet's score.json, else the encoder's training
-options, so that the score is on the scale of the sheet and of the threshold.
+options (anomaly.model.resolve_izif), so that the score is on the scale of the sheet and of the
+threshold; uploads are fitted by the model's recorded preprocessing policy.
 
 Shape letters: C channels, H/W height/width (the network resolution).
 """
@@ -26,16 +27,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from anomaly.reconstruct import (check_feature_layer, discriminator_features, reconstruct_batch,
-                                 residual_images)
+from anodata.imageio import MAX_PIXELS
+from anodata.policy import Preprocessing
+from anomaly.model import AnoModel
+from anomaly.reconstruct import residual_images
 from anomaly.scores import izif_score
 from stylegan.errors import UserError
-from stylegan.imageio import MAX_PIXELS
-from stylegan.imageutil import from_uint8, to_uint8
+from stylegan.imageutil import to_uint8
 
 IZIF_SHEET = "izif.xlsx"
 SCORE_CONFIG = "score.json"
-DEFAULT_KAPPA, DEFAULT_LAYER = 1.0, "b8"
 
 
 @dataclass(frozen=True)
@@ -174,21 +175,6 @@ def _score_config(path: Path) -> dict[str, Any]:
     return {k: body[k] for k in ("kappa", "feature_layer") if body.get(k) is not None}
 
 
-def resolve_izif(kappa: float | None, layer: str | None, *, scored_with: dict[str, Any],
-                 trained: dict[str, Any]) -> tuple[float, str, list[str]]:
-    """(kappa, feature layer, notes): the flag, else score.json's, else the encoder's, else
-    the defaults; a note when a flag differs from what the score sheet was scored with."""
-    notes = []
-    for flag, given, key in (("--kappa", kappa, "kappa"), ("--feature-layer", layer,
-                                                           "feature_layer")):
-        if given is not None and key in scored_with and given != scored_with[key]:
-            notes.append(f"{flag} {given} differs from the {scored_with[key]} the score sheet "
-                         f"was scored with: the percentile compares unlike scores")
-    kappa = kappa if kappa is not None else scored_with.get("kappa", trained.get("kappa"))
-    layer = layer or scored_with.get("feature_layer") or trained.get("feature_layer")
-    return (DEFAULT_KAPPA if kappa is None else float(kappa)), (layer or DEFAULT_LAYER), notes
-
-
 # ----------------------------------------------------------------------------------------------
 # Scoring
 
@@ -206,41 +192,38 @@ class ImageScore:
 
 
 class IzifScorer:
-    """Frozen G, D, E on one device; call it with a fitted uint8 [C, H, W] image."""
+    """The inference model as `serve` uses it: call it with a fitted uint8 [C, H, W] image."""
 
-    def __init__(self, G: torch.nn.Module, D: torch.nn.Module | None, E: torch.nn.Module, *,
-                 kappa: float, feature_layer: str):
-        assert kappa >= 0, kappa
-        assert kappa == 0 or D is not None, "the feature term needs a discriminator"
-        if D is not None and kappa > 0:
-            check_feature_layer(D, feature_layer)
-        self.G, self.D, self.E = G, D, E
-        self.kappa, self.feature_layer = kappa, feature_layer
-        self.device = next(G.parameters()).device
+    def __init__(self, model: AnoModel):
+        self.model = model
+        self.kappa, self.feature_layer = model.kappa, model.feature_layer
 
     @property
     def resolution(self) -> int:
-        return self.G.img_resolution
+        return self.model.resolution
 
     @property
     def channels(self) -> int:
-        return self.G.img_channels
+        return self.model.channels
+
+    @property
+    def policy(self) -> Preprocessing:
+        """The preprocessing the model was trained with (uploads are fitted by it)."""
+        return self.model.policy
 
     @torch.no_grad()
     def __call__(self, fitted: np.ndarray) -> ImageScore:
         shape = (self.channels, self.resolution, self.resolution)
         assert fitted.dtype == np.uint8 and fitted.shape == shape, (fitted.dtype, fitted.shape)
-        x = from_uint8(torch.from_numpy(fitted[None].copy()).to(self.device))  # [1, C, H, W]
-        _ws, rec = reconstruct_batch(self.G, self.E, x)  # [1, C, H, W]
-        if self.kappa > 0:
-            feat = discriminator_features(self.D, x, self.feature_layer)
-            feat_rec = discriminator_features(self.D, rec, self.feature_layer)
-        else:
-            feat = feat_rec = torch.zeros(1, 1, device=self.device)
-        total = izif_score(x, rec, feat, feat_rec, kappa=self.kappa)  # [1]
+        out = self.model.forward_for(torch.from_numpy(fitted[None].copy()), ["izif"])
+        x, rec = out.x, out.rec  # [1, C, H, W] each
+        feat, feat_rec = out.feat, out.feat_rec
+        if feat is None:  # kappa 0
+            feat = feat_rec = torch.zeros(1, 1, device=x.device)
+        total = float(self.model.score_forward(out, ["izif"])["izif"][0])
         pixel = izif_score(x, rec, feat, feat, kappa=0.0)  # [1]: A_R alone
         feature = izif_score(x, x, feat, feat_rec, kappa=1.0)  # [1]: A_D alone
-        return ImageScore(float(total[0]), float(pixel[0]), float(feature[0]),
+        return ImageScore(total, float(pixel[0]), float(feature[0]),
                           np.ascontiguousarray(fitted.transpose(1, 2, 0)),
                           to_uint8(rec)[0], residual_images(x, rec)[0])
 
@@ -279,17 +262,12 @@ class ServeModel:
 
 def load_serve_model(opts: ServeOptions) -> ServeModel:
     """Load networks, threshold and reference once; bad files end in one-sentence UserErrors."""
-    from anomaly.encoder_io import (check_compatible, load_encoder, load_frozen_networks,
-                                    resolve_device)
-
-    device = resolve_device(opts.device)
     decision, summary_options = load_decision(opts.summary)  # cheap checks before the networks
     reference = load_reference(opts.scores, summary_options)
-    E, extra = load_encoder(opts.encoder, device=device)
-    kappa, layer, notes = resolve_izif(opts.kappa, opts.feature_layer,
-                                       scored_with=reference.scored_with,
-                                       trained=extra.get("training_options", {}))
-    G, D = load_frozen_networks(opts.network, device=device, need_D=kappa > 0)
-    check_compatible(E, G, encoder_path=opts.encoder, network_path=opts.network)
-    scorer = IzifScorer(G, D, E, kappa=kappa, feature_layer=layer)
-    return ServeModel(scorer, decision, reference, tuple(notes))
+    model = AnoModel.load(opts.network, opts.encoder, device=opts.device, kappa=opts.kappa,
+                          feature_layer=opts.feature_layer, scored_with=reference.scored_with,
+                          require_D=False)
+    if model.kappa > 0 and model.D is None:
+        raise UserError(f"--network {opts.network} holds no discriminator, which the feature "
+                        f"loss needs; give a full training snapshot or pass --kappa 0.")
+    return ServeModel(IzifScorer(model), decision, reference, model.notes)

@@ -127,8 +127,7 @@ class Inference:
         fitted = []
         for upload in uploads:  # all checked before any inference: all or nothing
             with self.decoding:
-                fitted.append(fit_upload(upload, resolution=scorer.resolution,
-                                         channels=scorer.channels,
+                fitted.append(fit_upload(upload, policy=scorer.policy,
                                          max_pixels=self.limits.max_pixels))
         with self.lock:
             scores = [scorer(image) for image, _size in fitted]

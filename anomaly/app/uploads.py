@@ -6,7 +6,8 @@ Limits, each checked as early as it can be:
   files        at most `max_files` parts, all in the field 'image', each with a file name;
   pixels       width x height from the image header, before any pixel is decoded
                (decompression bombs), then decoded by the project's one policy
-               (stylegan.imageio) and fitted as `anostyle prepare` fits (center crop, box resize).
+               (anodata.imageio) and fitted by the model's recorded preprocessing policy
+               (as `anostyle prepare` fitted its data).
 Nothing touches the file system: python-multipart's streaming parser hands each part's bytes to
 an in-memory buffer. A client's file name is kept only to be shown (cleaned of control
 characters); it never becomes a path, and not even its extension picks the decoder: the bytes do.
@@ -27,8 +28,9 @@ from PIL import Image
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from anomaly.reconstruct import read_fitted
-from stylegan.imageio import ImageRejected
+from anodata.policy import Preprocessing
+from anodata.reader import read_fitted
+from anodata.imageio import ImageRejected
 
 FIELD = "image"
 UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")  # what PIL may identify an upload as
@@ -203,14 +205,15 @@ def image_size(upload: Upload, *, max_pixels: int) -> tuple[int, int]:
     return width, height
 
 
-def fit_upload(upload: Upload, *, resolution: int, channels: int,
+def fit_upload(upload: Upload, *, policy: Preprocessing,
                max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """(uint8 [C, H, W] fitted to the network, (width, height) of the upload)."""
+    """(uint8 [C, H, W] fitted by the model's preprocessing policy, (width, height) of the
+    upload)."""
     if not upload.data:
         raise UploadError(400, f"'{upload.name}' is an empty file (0 bytes); choose an image.")
     size = image_size(upload, max_pixels=max_pixels)
     try:  # a fixed name: the client's extension must not pick the decoder (e.g. '.dcm')
-        fitted = read_fitted(upload.data, "upload", resolution=resolution, channels=channels)
+        fitted = read_fitted(upload.data, "upload", policy)
     except ImageRejected as exc:
         raise UploadError(422, f"'{upload.name}' cannot be used: {exc}.") from None
     except Exception as exc:  # noqa: BLE001 - a crafted file may break a decoder in any way

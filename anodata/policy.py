@@ -1,0 +1,178 @@
+"""The preprocessing policy: how a raw image becomes a square training image.
+
+`anostyle prepare` records it in prepare.json (key `preprocessing`); `train-gan` carries it into
+every network snapshot (as an opaque dict, stylegan never imports this module) and
+`train-encoder` into every encoder checkpoint. Whatever fits a raw image later (reconstruct,
+score of raw folders, serve, the Python API) applies exactly the policy its model recorded, with
+`fit_raw`, which is the very code prepare runs on each file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from anodata.imageio import decode
+from stylegan.errors import UserError
+
+TRANSFORMS = ("center-crop", "resize", "pad")
+RESIZE_FILTERS = {"box": Image.Resampling.BOX, "lanczos": Image.Resampling.LANCZOS}
+COLOUR_NORMS = ("none", "shades-of-gray")
+POLICY_KEY = "preprocessing"  # key in prepare.json and in checkpoint metadata
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What was done to every image of a dataset (and must be done to any raw image later)."""
+
+    resolution: int = 256
+    channels: int = 3
+    transform: str = "center-crop"  # 'center-crop' | 'resize' (stretch) | 'pad' (black)
+    resize_filter: str = "box"  # 'box' (fast, JPEG DCT draft) | 'lanczos'
+    colour: str = "none"  # 'none' | 'shades-of-gray' (colour constancy after fitting)
+    colour_p: float = 6.0  # Minkowski norm of shades-of-gray (Barata et al. 2015: 6)
+
+    def __post_init__(self):
+        checks = [(self.transform in TRANSFORMS, f"transform {self.transform!r} is not one of "
+                                                 f"{', '.join(TRANSFORMS)}"),
+                  (self.resize_filter in RESIZE_FILTERS,
+                   f"resize_filter {self.resize_filter!r} is not one of "
+                   f"{', '.join(RESIZE_FILTERS)}"),
+                  (self.colour in COLOUR_NORMS, f"colour {self.colour!r} is not one of "
+                                                f"{', '.join(COLOUR_NORMS)}"),
+                  (self.channels in (1, 3), f"channels {self.channels} is not 1 or 3"),
+                  (self.resolution >= 1, f"resolution {self.resolution} is not positive"),
+                  (self.colour_p >= 1, f"colour_p {self.colour_p} is below 1")]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"The preprocessing policy is invalid: {message}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Any, *, source: str) -> "Preprocessing":
+        """A policy from its recorded dict; unknown or mistyped fields are a UserError."""
+        if not isinstance(values, dict):
+            raise UserError(f"{source} records a preprocessing policy that is not a JSON object.")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise UserError(f"{source} records unknown preprocessing fields {unknown}; it was "
+                            f"written by a newer AnoStyle.")
+        try:
+            return cls(**{k: (float(v) if k == "colour_p" else v) for k, v in values.items()})
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"{source} records an unreadable preprocessing policy ({exc}).") \
+                from None
+
+    def at(self, resolution: int, channels: int) -> "Preprocessing":
+        """This policy at another resolution/channel count (a network's, when they differ)."""
+        return dataclasses.replace(self, resolution=resolution, channels=channels)
+
+
+def fit_square(img: Image.Image, resolution: int, *, transform: str = "center-crop",
+               resize_filter: str = "box") -> Image.Image:
+    """Make an image square (center-crop, stretch or pad with black) at resolution x resolution."""
+    resample = RESIZE_FILTERS[resize_filter]
+    width, height = img.size
+    if transform == "center-crop":
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        return img.resize((resolution, resolution), resample,
+                          box=(left, top, left + side, top + side))
+    if transform == "pad":
+        side = max(width, height)
+        canvas = Image.new(img.mode, (side, side), 0)
+        canvas.paste(img, ((side - width) // 2, (side - height) // 2))
+        img = canvas
+    elif transform != "resize":
+        raise ValueError(f"unknown transform {transform!r}")
+    return img.resize((resolution, resolution), resample)
+
+
+def shades_of_gray(rgb: np.ndarray, p: float = 6.0) -> np.ndarray:
+    """Shades-of-Gray colour constancy (Finlayson & Trezzi 2004; p = 6 for dermoscopy as in
+    Barata et al. 2015, IEEE JBHI 19(3)): estimate the illuminant of each channel as the
+    Minkowski p-mean of its values, e_c = (mean I_c^p)^(1/p), and scale channel c by
+    |e| / (sqrt(3) e_c) so that the estimated illuminant becomes grey. uint8 [H, W, 3] ->
+    uint8 [H, W, 3]; black padding leaves the result unchanged (it scales every e_c alike).
+    """
+    assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3, (rgb.dtype, rgb.shape)
+    x = rgb.astype(np.float64)  # [H, W, 3]
+    illuminant = np.power(np.mean(np.power(x, p), axis=(0, 1)), 1.0 / p)  # [3]
+    if not np.all(illuminant > 0):  # a channel that is black everywhere: nothing to estimate
+        return rgb.copy()
+    gain = np.linalg.norm(illuminant) / (np.sqrt(3.0) * illuminant)  # [3]
+    return np.clip(np.rint(x * gain), 0, 255).astype(np.uint8)
+
+
+def normalise_colour(img: Image.Image, colour: str, p: float) -> Image.Image:
+    """Apply the colour normalisation `colour` (COLOUR_NORMS) to an RGB or L image."""
+    if colour == "none" or img.mode != "RGB":  # grey images carry no colour cast
+        return img
+    if colour == "shades-of-gray":
+        return Image.fromarray(shades_of_gray(np.asarray(img), p), mode="RGB")
+    raise ValueError(f"unknown colour normalisation {colour!r}")
+
+
+def fit_raw(data: bytes, suffix: str, policy: Preprocessing) -> Image.Image:
+    """Encoded bytes of a raw file -> the fitted 8-bit PIL image, exactly as prepare makes it.
+
+    Raises anodata.imageio.ImageRejected for a file that is not a usable image.
+    """
+    draft = policy.resolution if policy.resize_filter == "box" else None
+    img = decode(data, suffix=suffix, channels=policy.channels, draft_size=draft)
+    img = fit_square(img, policy.resolution, transform=policy.transform,
+                     resize_filter=policy.resize_filter)
+    return normalise_colour(img, policy.colour, policy.colour_p)
+
+
+def fit_array(data: bytes, suffix: str, policy: Preprocessing) -> np.ndarray:
+    """`fit_raw` as uint8 [C, H, W] (what a prepared zip's lossless PNG holds)."""
+    array = np.array(fit_raw(data, suffix, policy), dtype=np.uint8)  # [H, W] or [H, W, C]
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return np.ascontiguousarray(array.transpose(2, 0, 1))  # [C, H, W]
+
+
+def read_prepared_policy(dataset: str | os.PathLike) -> Preprocessing | None:
+    """The policy recorded in prepare.json beside a prepared zip/folder (None when absent or
+    written before policies were recorded: then its options are read, as prepare used them)."""
+    info = read_prepare_json(dataset)
+    if info is None:
+        return None
+    source = str(_prepare_json_path(dataset))
+    if POLICY_KEY in info:
+        return Preprocessing.from_dict(info[POLICY_KEY], source=source)
+    options = info.get("options")
+    if not isinstance(options, dict):
+        return None
+    names = {f.name for f in dataclasses.fields(Preprocessing)}
+    return Preprocessing.from_dict({k: v for k, v in options.items() if k in names},
+                                   source=source)
+
+
+def read_prepare_json(dataset: str | os.PathLike) -> dict | None:
+    """prepare.json beside `dataset` (a zip or folder) as a dict, or None when there is none."""
+    path = _prepare_json_path(dataset)
+    if not path.is_file():
+        return None
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); prepare the data again.") from None
+    return body if isinstance(body, dict) else None
+
+
+def _prepare_json_path(dataset: str | os.PathLike) -> Path:
+    path = Path(dataset)
+    folder = path.parent if path.is_file() or path.suffix == ".zip" else path
+    return folder / "prepare.json"

@@ -1,0 +1,278 @@
+"""The one inference model: generator G, discriminator D, encoder E, the izif settings and the
+preprocessing policy, loaded once by `AnoModel.load` for every command and the Python API.
+
+    model = AnoModel.load(network="network.safetensors", encoder="encoder-001000.safetensors")
+    scores = model.score(PIL.Image.open("ISIC_0024307.jpg"))    # {'izif': array([...])}
+
+izif (Schlegl et al. 2019, f-AnoGAN, eq. 8-9) weighs the discriminator-feature term by kappa at
+one D layer. ONE place decides kappa and that layer (`resolve_izif`): the explicit argument,
+else the score configuration recorded with a score sheet (serve), else the encoder's training
+options, else the defaults. The policy is the encoder's, else the network's, else the defaults
+(with a warning when a raw image is fitted: e.g. an official NVlabs pickle records none).
+
+Shape letters: N batch, C channels, H/W height/width, K number of style vectors, D w_dim.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from anodata.imageio import to_8bit
+from anodata.policy import POLICY_KEY, Preprocessing, fit_array, fit_square, normalise_colour
+from anomaly.encoder import Encoder
+from anomaly.encoder_io import check_compatible, load_encoder
+from anomaly.reconstruct import check_feature_layer, discriminator_features
+from stylegan.runtime import resolve_device
+from anomaly.scores import (METHODS, izif_score, latent_distance, parse_methods, pixel_distance,
+                            torch_euclidean)
+from stylegan.checkpoint import load_network
+from stylegan.errors import UserError
+from stylegan.imageutil import from_uint8
+
+DEFAULT_KAPPA, DEFAULT_LAYER = 1.0, "b8"
+DEFAULT_METHODS = "izif,sklearn:euclidean,sklearn:manhattan,sklearn:cosine,torch-euclidean,latent"
+
+
+def resolve_izif(kappa: float | None, layer: str | None, *, scored_with: dict[str, Any],
+                 trained: dict[str, Any]) -> tuple[float, str, list[str]]:
+    """(kappa, feature layer, notes): the argument, else the score sheet's (score.json), else
+    the encoder's training options, else the defaults; a note when an argument differs from
+    what the score sheet was scored with."""
+    notes = []
+    for flag, given, key in (("--kappa", kappa, "kappa"),
+                             ("--feature-layer", layer, "feature_layer")):
+        if given is not None and key in scored_with and given != scored_with[key]:
+            notes.append(f"{flag} {given} differs from the {scored_with[key]} the score sheet "
+                         f"was scored with: the percentile compares unlike scores")
+    kappa = kappa if kappa is not None else scored_with.get("kappa", trained.get("kappa"))
+    layer = layer or scored_with.get("feature_layer") or trained.get("feature_layer")
+    return (DEFAULT_KAPPA if kappa is None else float(kappa)), (layer or DEFAULT_LAYER), notes
+
+
+@dataclass
+class Forward:
+    """One forward pass of a batch: everything any score method needs."""
+
+    x: torch.Tensor  # [N, C, H, W] in [-1, 1]
+    ws: torch.Tensor | None  # [N, K, D] (None without encoder)
+    rec: torch.Tensor | None  # [N, C, H, W] G(E(x))
+    feat: torch.Tensor | None  # D features of x (None when no method needs them)
+    feat_rec: torch.Tensor | None  # D features of G(E(x))
+
+
+class AnoModel:
+    """Frozen G, D, E on one device with their izif settings and preprocessing policy."""
+
+    def __init__(self, G: torch.nn.Module, D: torch.nn.Module | None, E: Encoder | None, *,
+                 kappa: float = DEFAULT_KAPPA, feature_layer: str = DEFAULT_LAYER,
+                 policy: Preprocessing | None = None, notes: Sequence[str] = (),
+                 network: str | None = None, encoder: str | None = None):
+        assert kappa >= 0, kappa
+        self.G, self.D, self.E = G, D, E
+        self.kappa, self.feature_layer = float(kappa), feature_layer
+        self.policy_recorded = policy is not None
+        self._policy = (policy or Preprocessing()).at(G.img_resolution, G.img_channels)
+        self.notes = tuple(notes)
+        self.network, self.encoder = network, encoder
+        self.device = next(G.parameters()).device
+        if D is not None and self.kappa > 0:
+            check_feature_layer(D, feature_layer)
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, network: str | os.PathLike, encoder: str | os.PathLike | None = None, *,
+             device: str | torch.device = "auto", kappa: float | None = None,
+             feature_layer: str | None = None, scored_with: dict[str, Any] | None = None,
+             require_D: bool = True) -> "AnoModel":
+        """Load and check the networks (and encoder); every command builds its model here.
+
+        `require_D=False` accepts a network file without discriminator (then no method that
+        needs D features can run). kappa / feature layer: see `resolve_izif`.
+        """
+        dev = device if isinstance(device, torch.device) else resolve_device(device)
+        E, extra = (None, {}) if encoder is None else load_encoder(encoder, device=dev)
+        G, D, net_extra = load_networks(network, device=dev, require_D=require_D)
+        if E is not None:
+            check_compatible(E, G, encoder_path=encoder, network_path=network)
+        kappa, layer, notes = resolve_izif(kappa, feature_layer, scored_with=scored_with or {},
+                                           trained=extra.get("training_options", {}))
+        policy = _recorded_policy(extra, net_extra)
+        return cls(G, D, E, kappa=kappa, feature_layer=layer, policy=policy, notes=notes,
+                   network=str(network), encoder=None if encoder is None else str(encoder))
+
+    # ------------------------------------------------------------------ shapes and policy
+
+    @property
+    def policy(self) -> Preprocessing:
+        """How raw images are fitted: the recorded policy, else the defaults (with a warning,
+        printed once per model, e.g. for an official NVlabs pickle)."""
+        if not self.policy_recorded and not getattr(self, "_warned", False):
+            self._warned = True
+            warnings.warn(f"neither {self.encoder or 'the encoder'} nor {self.network} records "
+                          f"the preprocessing it was trained with; raw images are fitted with "
+                          f"the defaults (center crop, box filter, no colour normalisation)",
+                          stacklevel=2)
+        return self._policy
+
+    @property
+    def recorded_policy(self) -> Preprocessing | None:
+        """The recorded policy (at the network's resolution), or None; never warns."""
+        return self._policy if self.policy_recorded else None
+
+    @property
+    def resolution(self) -> int:
+        return self.G.img_resolution
+
+    @property
+    def channels(self) -> int:
+        return self.G.img_channels
+
+    # ------------------------------------------------------------------ images
+
+    def fit(self, image: Image.Image | bytes | str | os.PathLike) -> np.ndarray:
+        """A raw image (PIL image, encoded bytes or a file path) -> uint8 [C, H, W], fitted by
+        exactly the model's recorded preprocessing policy."""
+        if isinstance(image, (str, os.PathLike)):
+            path = Path(image)
+            return fit_array(path.read_bytes(), path.suffix, self.policy)
+        if isinstance(image, (bytes, bytearray)):
+            return fit_array(bytes(image), "", self.policy)
+        if isinstance(image, Image.Image):
+            p = self.policy
+            img = fit_square(to_8bit(image, p.channels), p.resolution, transform=p.transform,
+                             resize_filter=p.resize_filter)
+            array = np.array(normalise_colour(img, p.colour, p.colour_p), dtype=np.uint8)
+            array = array[:, :, None] if array.ndim == 2 else array  # [H, W, C]
+            return np.ascontiguousarray(array.transpose(2, 0, 1))  # [C, H, W]
+        raise TypeError(f"cannot fit a {type(image).__name__}; give a PIL image, bytes or a path")
+
+    def batch(self, images) -> torch.Tensor:
+        """Fitted uint8 [N, C, H, W] (tensor or array) or raw image(s) -> uint8 tensor on device."""
+        if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:
+            out = torch.as_tensor(images)
+        else:
+            raw = images if isinstance(images, (list, tuple)) else [images]
+            out = torch.from_numpy(np.stack([self.fit(img) for img in raw]))
+        shape = (self.channels, self.resolution, self.resolution)
+        assert out.dtype == torch.uint8 and tuple(out.shape[1:]) == shape, \
+            f"images must be uint8 [N, {shape}], got {out.dtype} {tuple(out.shape)}"
+        return out.to(self.device)
+
+    # ------------------------------------------------------------------ networks
+
+    def _need_encoder(self) -> Encoder:
+        if self.E is None:
+            raise UserError("This needs an encoder; load the model with encoder=... "
+                            "(--encoder).")
+        return self.E
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [N, C, H, W] in [-1, 1] -> codes ws [N, K, D]."""
+        E = self._need_encoder()
+        assert x.ndim == 4 and x.shape[1:] == (E.img_channels, E.img_resolution,
+                                               E.img_resolution), tuple(x.shape)
+        return E(x)
+
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images [N, C, H, W] in [-1, 1] -> (ws [N, K, D], G(E(x)) [N, C, H, W]).
+
+        Gradients flow unless the caller wraps the call in torch.no_grad() (training needs them).
+        """
+        ws = self.encode(x)
+        return ws, self.G.synthesis(ws, noise_mode="const")
+
+    def features(self, x: torch.Tensor, layer: str | None = None) -> torch.Tensor:
+        """Discriminator features of images [N, C, H, W] at `layer` (default: the model's)."""
+        if self.D is None:
+            raise UserError(f"{self.network} holds no discriminator, which the feature term "
+                            f"needs; give a full training snapshot or use kappa 0.")
+        return discriminator_features(self.D, x, layer or self.feature_layer)
+
+    @torch.no_grad()
+    def forward(self, images_u8: torch.Tensor, *, features: bool = True) -> Forward:
+        """ONE pass of E, G (and D on both, when `features`) over a fitted uint8 batch."""
+        x = from_uint8(images_u8.to(self.device))  # [N, C, H, W]
+        ws, rec = self.reconstruct(x)
+        feat = feat_rec = None
+        if features:
+            feat, feat_rec = self.features(x), self.features(rec)
+        return Forward(x, ws, rec, feat, feat_rec)
+
+    # ------------------------------------------------------------------ scores
+
+    def score(self, images, methods: str | Sequence[str] = "izif") -> dict[str, np.ndarray]:
+        """Anomaly scores (higher = more anomalous) of raw or fitted images: {method: [N]}."""
+        methods = parse_methods(methods) if isinstance(methods, str) else list(methods)
+        return {m: np.asarray(v, dtype=np.float64)
+                for m, v in self.score_forward(self.forward_for(self.batch(images), methods),
+                                               methods).items()}
+
+    def forward_for(self, images_u8: torch.Tensor, methods: Sequence[str]) -> Forward:
+        """The forward pass `methods` need (D only when one of them uses features)."""
+        needs_features = any(METHODS[m].needs_features for m in methods) and self.kappa > 0
+        return self.forward(images_u8, features=needs_features)
+
+    def score_forward(self, out: Forward, methods: Sequence[str]) -> dict[str, np.ndarray]:
+        """Every method of `methods` from one forward pass: {method: float64 [N]}."""
+        scores: dict[str, np.ndarray] = {}
+        for method in methods:
+            if method == "izif":
+                feat, feat_rec = out.feat, out.feat_rec
+                if feat is None:  # kappa 0: the feature term vanishes
+                    feat = feat_rec = torch.zeros(len(out.x), 1, device=out.x.device)
+                value = izif_score(out.x, out.rec, feat, feat_rec, kappa=self.kappa)
+            elif method.startswith("sklearn:"):
+                value = pixel_distance(out.x, out.rec, method.split(":", 1)[1])
+            elif method == "torch-euclidean":
+                value = torch_euclidean(out.x, out.rec)
+            elif method == "latent":
+                value = latent_distance(out.ws, self.G.mapping.w_avg)
+            else:  # parse_methods accepted it, so a new method lacks its line here
+                raise AssertionError(f"no scoring rule for {method}")
+            if isinstance(value, torch.Tensor):
+                value = value.detach().cpu().numpy()
+            scores[method] = np.asarray(value, dtype=np.float64)
+        return scores
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading helpers
+
+
+def load_networks(path: str | os.PathLike, *, device: torch.device, require_D: bool
+                  ) -> tuple[torch.nn.Module, torch.nn.Module | None, dict[str, Any]]:
+    """(G, D, extra) from a network file, frozen, eval mode; G is G_ema when the file has it;
+    `extra` is the checkpoint's recorded extra dict ({} for official pickles)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--network {path} does not exist; give a network-snapshot .pkl or "
+                        f".safetensors file.")
+    nets = load_network(path)
+    G = nets.get("G_ema") if nets.get("G_ema") is not None else nets.get("G")
+    D = nets.get("D")
+    if G is None:
+        raise UserError(f"--network {path} holds no generator; give a snapshot with G or G_ema.")
+    if require_D and D is None:
+        raise UserError(f"--network {path} holds no discriminator, which the feature loss needs; "
+                        f"give a full training snapshot or pass --kappa 0.")
+    G = G.to(device).eval().requires_grad_(False)
+    D = None if D is None else D.to(device).eval().requires_grad_(False)
+    extra = (nets.get("meta") or {}).get("extra") or {}
+    return G, D, extra if isinstance(extra, dict) else {}
+
+
+def _recorded_policy(encoder_extra: dict, network_extra: dict) -> Preprocessing | None:
+    """The encoder's recorded policy, else the network's, else None."""
+    for extra, what in ((encoder_extra, "the encoder"), (network_extra, "the network")):
+        if extra.get(POLICY_KEY) is not None:
+            return Preprocessing.from_dict(extra[POLICY_KEY], source=what)
+    return None
