@@ -3,6 +3,9 @@ one library function. Mistakes a user can fix (`UserError`) end in one sentence,
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+
 import click
 
 from stylegan.errors import UserError
@@ -37,6 +40,46 @@ def device_option(help_text: str):
                         type=click.Choice(["auto", "cpu", "cuda"]), help=help_text)
 
 
+class _ConfigOption(click.Option):
+    """A click option whose default is the default of the same-named field of a config dataclass
+    (written once, there). The dataclass is imported only when the default is needed (the
+    command's --help or a run), so that `anostyle --help` stays light."""
+
+    def __init__(self, *args, config: str, **kwargs):
+        self._config = config  # "module:Class"
+        super().__init__(*args, default=None, show_default=True, **kwargs)
+
+    @property
+    def default(self):
+        module, cls = self._config.split(":")
+        fields = dataclasses.fields(getattr(importlib.import_module(module), cls))
+        (field,) = [f for f in fields if f.name == self.name]
+        assert field.default is not dataclasses.MISSING, f"{self._config}.{self.name}"
+        return field.default
+
+    @default.setter
+    def default(self, _value) -> None:  # click's constructor assigns it; the field decides
+        pass
+
+
+def config_option(config: str):
+    """Option factory for one config dataclass ("module:Class"): `@opt("--batch", type=...)`
+    takes its default from the field `batch`."""
+    def option(*param_decls: str, **kwargs):
+        return click.option(*param_decls, cls=_ConfigOption, config=config, **kwargs)
+    return option
+
+
+_gan = config_option("stylegan.options:TrainFlags")
+_prep = config_option("anodata.prepare:PrepareOptions")
+_fit = config_option("anomaly.fit:FitOptions")
+_rec = config_option("anomaly.reconstruct:ReconstructOptions")
+_proj = config_option("anomaly.project:ProjectOptions")
+_score = config_option("anomaly.scoring:ScoreOptions")
+_tsne = config_option("anomaly.scoring:TsneOptions")
+_serve = config_option("anomaly.app.model:ServeOptions")
+
+
 encoder_option = click.option(
     "--encoder", required=True, type=click.Path(), metavar="CKPT",
     help="encoder-<iter>.safetensors from `anostyle train-encoder`.")
@@ -50,10 +93,9 @@ encoder_option = click.option(
 @main.command("train-gan")
 @click.option("--outdir", required=True, metavar="DIR", help="Where to make the run folder.")
 @click.option("--data", required=True, metavar="[ZIP|DIR]", help="Training data (train.zip).")
-@click.option("--cfg", default="auto", show_default=True,
-              type=click.Choice(["stylegan2", "paper256", "auto", "cpu"]),
+@_gan("--cfg", type=click.Choice(["stylegan2", "paper256", "auto", "cpu"]),
               help="Preset; explicit flags override it. 'cpu': small 64 px net for 2 CPU cores.")
-@click.option("--gpus", default=1, show_default=True, type=click.IntRange(min=1),
+@_gan("--gpus", type=click.IntRange(min=1),
               help="Number of processes (GPUs; on CPU, gloo processes).")
 @click.option("--batch", type=click.IntRange(min=1), help="Total batch size [preset].")
 @click.option("--batch-gpu", type=click.IntRange(min=1), help="Batch per process [batch/gpus].")
@@ -63,34 +105,34 @@ encoder_option = click.option(
 @click.option("--dlr", type=click.FloatRange(min=0), help="D learning rate [preset].")
 @click.option("--cbase", type=click.IntRange(min=1), help="Capacity multiplier [preset].")
 @click.option("--cmax", type=click.IntRange(min=1), help="Max. feature maps [preset].")
-@click.option("--kimg", default=25000, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@_gan("--kimg", type=click.FloatRange(min=0, min_open=True),
               help="Total training length in thousands of images.")
-@click.option("--tick", default=4, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@_gan("--tick", type=click.FloatRange(min=0, min_open=True),
               help="How often to print progress, in kimg.")
-@click.option("--snap", default=50, show_default=True, type=click.IntRange(min=0),
+@_gan("--snap", type=click.IntRange(min=0),
               help="How often to save snapshots, in ticks (0: only at the end).")
-@click.option("--workers", default=3, show_default=True, type=click.IntRange(min=0),
+@_gan("--workers", type=click.IntRange(min=0),
               help="DataLoader worker processes.")
 @click.option("--resume", metavar="[PKL|CKPT|latest]",
               help="Resume or fine-tune from an official .pkl, our snapshot, or 'latest' in --outdir.")
 @click.option("--strict-resume", is_flag=True,
               help="Refuse a --resume file whose architecture differs from the flags.")
-@click.option("--mirror", default=False, show_default=True, type=bool, metavar="BOOL",
+@_gan("--mirror", type=bool, metavar="BOOL",
               help="Enable dataset x-flips.")
-@click.option("--rot90", default=False, show_default=True, type=bool, metavar="BOOL",
+@_gan("--rot90", type=bool, metavar="BOOL",
               help="Enable dataset rotations by 90, 180 and 270 degrees (with --mirror: all 8 "
                    "symmetries of the square; dermoscopy has no canonical orientation).")
-@click.option("--aug", default="ada", show_default=True, type=click.Choice(["ada", "fixed", "noaug"]),
+@_gan("--aug", type=click.Choice(["ada", "fixed", "noaug"]),
               help="Augmentation mode.")
-@click.option("--p", default=0.2, show_default=True, type=click.FloatRange(0, 1),
+@_gan("--p", type=click.FloatRange(0, 1),
               help="Augmentation probability for --aug=fixed (ada starts at 0 and adapts).")
-@click.option("--target", default=0.6, show_default=True, type=click.FloatRange(0, 1),
+@_gan("--target", type=click.FloatRange(0, 1),
               help="Target value for --aug=ada.")
-@click.option("--freezed", default=0, show_default=True, type=click.IntRange(min=0),
+@_gan("--freezed", type=click.IntRange(min=0),
               help="Freeze the first N layers of D.")
 @click.option("--mbstd-group", type=click.IntRange(min=1), help="Minibatch std group size [preset].")
-@click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
-@click.option("--fp32", default=False, show_default=True, type=bool, metavar="BOOL",
+@_gan("--seed", type=int, help="Random seed.")
+@_gan("--fp32", type=bool, metavar="BOOL",
               help="Disable mixed precision (CUDA only; CPU always computes in float32).")
 @device_option("Where to train.")
 @click.option("-n", "--dry-run", is_flag=True, help="Print the resolved options and exit.")
@@ -143,26 +185,23 @@ def _comma_list(ctx: click.Context, param: click.Parameter, value: str | None) -
               help="Normal class(es): label 0, the only ones in train.zip (e.g. nv).")
 @click.option("--dest", required=True, type=click.Path(), metavar="DIR",
               help="Output folder for train/val/test.zip, manifest.csv, rejected.csv.")
-@click.option("--resolution", default=256, show_default=True, type=int,
+@_prep("--resolution", type=int,
               help="Output size in pixels (a power of two).")
-@click.option("--transform", default="center-crop", show_default=True,
-              type=click.Choice(["center-crop", "resize", "pad"]),
+@_prep("--transform", type=click.Choice(["center-crop", "resize", "pad"]),
               help="How to make images square: crop the middle, stretch, or pad with black.")
-@click.option("--resize-filter", default="box", show_default=True,
-              type=click.Choice(["box", "lanczos"]), help="Resampling filter (box is fast).")
-@click.option("--colour", default="none", show_default=True,
-              type=click.Choice(["none", "shades-of-gray"]),
+@_prep("--resize-filter", type=click.Choice(["box", "lanczos"]), help="Resampling filter (box is fast).")
+@_prep("--colour", type=click.Choice(["none", "shades-of-gray"]),
               help="Colour constancy after fitting: shades-of-gray removes the device's colour "
                    "cast (Barata et al. 2015).")
-@click.option("--colour-p", default=6.0, show_default=True, type=click.FloatRange(1, 64),
+@_prep("--colour-p", type=click.FloatRange(1, 64),
               help="Minkowski norm of shades-of-gray (1: grey world; large: max-RGB).")
 @click.option("--channels", default="3", show_default=True, type=click.Choice(["3", "1"]),
               help="3: RGB PNGs; 1: grayscale PNGs.")
-@click.option("--val", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+@_prep("--val", type=click.FloatRange(0, 1, max_open=True),
               help="Fraction of the normal images for val (abnormal: val:test ratio).")
-@click.option("--test", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+@_prep("--test", type=click.FloatRange(0, 1, max_open=True),
               help="Fraction of the normal images for test.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1),
+@_prep("--seed", type=click.IntRange(0, 2**32 - 1),
               help="Seed of the grouped random split.")
 @click.option("--max-per-class", type=click.IntRange(min=1), metavar="N",
               help="Use at most N images per class (whole groups, seeded) [all].")
@@ -374,35 +413,35 @@ def report(graphics_dir: str, title: str) -> None:
 @click.option("--kimg", type=click.FloatRange(min=0, min_open=True),
               help="Training length in thousands of images [200].")
 @click.option("--iters", type=click.IntRange(min=1), help="Training length in iterations.")
-@click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1),
+@_fit("--batch", type=click.IntRange(min=1),
               help="Images per iteration.")
-@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@_fit("--lr", type=click.FloatRange(min=0, min_open=True),
               help="Adam learning rate (equalized-lr layers, as in StyleGAN).")
-@click.option("--kappa", default=1.0, show_default=True, type=click.FloatRange(min=0),
+@_fit("--kappa", type=click.FloatRange(min=0),
               help="Weight of the discriminator-feature term (0: pixels only, no D needed).")
 @click.option("--latent", type=click.Choice(["wplus", "w"]),
               help="Predict W+ (one code per layer) or one W [wplus, or the resumed encoder's].")
-@click.option("--feature-layer", default="b8", show_default=True, metavar="NAME",
+@_fit("--feature-layer", type=str, metavar="NAME",
               help="D features for the loss: b<res> (block outputs; b8 enters the 4x4 head), "
                    "b4.conv or b4.fc (these mix the batch through minibatch-stddev).")
-@click.option("--w-reg", default=0.0, show_default=True, type=click.FloatRange(min=0),
+@_fit("--w-reg", type=click.FloatRange(min=0),
               help="Weight of a pull of the codes towards W (normalised distance from w_avg).")
-@click.option("--snap", default=1000, show_default=True, type=click.IntRange(min=0),
+@_fit("--snap", type=click.IntRange(min=0),
               help="Iterations between checkpoints and rec grids (0: only at the end).")
-@click.option("--tick", default=100, show_default=True, type=click.IntRange(min=1),
+@_fit("--tick", type=click.IntRange(min=1),
               help="Iterations between lines in stats.jsonl and log.txt.")
 @click.option("--resume", metavar="latest|PATH",
               help="Continue from the newest checkpoint in --outdir, or from an encoder file.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
+@_fit("--seed", type=int, help="Random seed.")
+@_fit("--workers", type=click.IntRange(min=0),
               help="DataLoader worker processes.")
 @device_option("Where to train.")
 @click.option("--cbase", type=click.IntRange(min=1),
               help="Encoder channels at resolution r: min(cbase / r, cmax) [as D].")
 @click.option("--cmax", type=click.IntRange(min=1), help="Encoder max channels [as D].")
-@click.option("--mirror", default=False, show_default=True, type=bool, metavar="BOOL",
+@_fit("--mirror", type=bool, metavar="BOOL",
               help="Train on x-flipped copies of the images too.")
-@click.option("--rot90", default=False, show_default=True, type=bool, metavar="BOOL",
+@_fit("--rot90", type=bool, metavar="BOOL",
               help="Train on copies rotated by 90, 180 and 270 degrees too.")
 @click.option("-n", "--dry-run", is_flag=True, help="Print the resolved options and exit.")
 def train_encoder(dry_run: bool, **flags) -> None:
@@ -441,13 +480,14 @@ def train_encoder(dry_run: bool, **flags) -> None:
 @click.option("--residual", is_flag=True,
               help="Also write <name>_residual.png: |x - G(E(x))| in the inferno colour map, "
                    "fixed scale (black 0 .. pale yellow >= 0.5 in [-1, 1] units).")
-@click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1),
+@_rec("--batch", type=click.IntRange(min=1),
               help="Images per forward pass.")
 @device_option("Where to compute.")
 def reconstruct(**flags) -> None:
     """Reconstruct images through the encoder and generator: x -> G(E(x)).
 
-    Images are center-cropped and resized to the network's resolution as `prepare` does.
+    Raw images are fitted by the model's recorded preprocessing (as `prepare` fitted the
+    training data); a prepared zip's reconstructions are named after their original images.
     Also writes reconstruction.csv (file, output, pixel MSE).
 
     \b
@@ -472,17 +512,17 @@ def reconstruct(**flags) -> None:
               help="Images: a prepared zip/folder or a plain folder of any-size images.")
 @click.option("--outdir", required=True, type=click.Path(), metavar="DIR",
               help="Where projected images and projection.csv go.")
-@click.option("--steps", default=300, show_default=True, type=click.IntRange(min=0),
+@_proj("--steps", type=click.IntRange(min=0),
               help="Adam steps per image.")
 @click.option("--encoder", type=click.Path(), metavar="CKPT",
               help="Start from the encoder's code [start from w_avg].")
-@click.option("--lr", default=0.01, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@_proj("--lr", type=click.FloatRange(min=0, min_open=True),
               help="Adam learning rate on the W+ codes.")
-@click.option("--kappa", default=1.0, show_default=True, type=click.FloatRange(min=0),
+@_proj("--kappa", type=click.FloatRange(min=0),
               help="Weight of the discriminator-feature term.")
-@click.option("--feature-layer", default="b8", show_default=True, metavar="NAME",
+@_proj("--feature-layer", type=str, metavar="NAME",
               help="D features for the loss (see train-encoder --help).")
-@click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1),
+@_proj("--batch", type=click.IntRange(min=1),
               help="Images optimised together (each keeps its own code).")
 @device_option("Where to compute.")
 def project(**flags) -> None:
@@ -513,16 +553,14 @@ def project(**flags) -> None:
 @encoder_option
 @click.option("--data", "data", required=True, multiple=True, metavar="ZIP",
               help="Prepared val.zip / test.zip (repeat the flag for several).")
-@click.option("--methods", show_default=True,
-              default="izif,sklearn:euclidean,sklearn:manhattan,sklearn:cosine,torch-euclidean,latent",
-              help="Comma-separated: izif, sklearn:<metric>, torch-euclidean, latent.")
+@_score("--methods", type=str, help="Comma-separated: izif, sklearn:<metric>, torch-euclidean, latent.")
 @click.option("--kappa", type=click.FloatRange(min=0),
               help="Weight of the feature residual in izif [the encoder's training kappa].")
 @click.option("--feature-layer", help="D layer for izif features [the encoder's, e.g. b8].")
-@click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1))
+@_score("--batch", type=click.IntRange(min=1))
 @click.option("--heatmaps", metavar="DIR",
               help="Also write residual heatmaps of the most anomalous test images here.")
-@click.option("--num-heatmaps", default=8, show_default=True, type=click.IntRange(min=1))
+@_score("--num-heatmaps", type=click.IntRange(min=1))
 @click.option("--outdir", required=True, metavar="DIR", help="Where the .xlsx sheets go.")
 @device_option("Where to compute.")
 def score(data: tuple[str, ...], **kwargs) -> None:
@@ -543,9 +581,9 @@ def score(data: tuple[str, ...], **kwargs) -> None:
 @click.option("--data", "data", required=True, multiple=True, metavar="ZIP",
               help="Prepared zips to embed (repeat the flag for several).")
 @click.option("--outdir", default="graphics", show_default=True, metavar="DIR")
-@click.option("--perplexity", default=30.0, show_default=True, type=click.FloatRange(min=1))
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1))
+@_tsne("--perplexity", type=click.FloatRange(min=1))
+@_tsne("--seed", type=int)
+@_tsne("--batch", type=click.IntRange(min=1))
 @click.option("--max-images", type=click.IntRange(min=5), help="Subsample above this many images.")
 @device_option("Where to compute.")
 def tsne(data: tuple[str, ...], **kwargs) -> None:
@@ -567,16 +605,13 @@ def tsne(data: tuple[str, ...], **kwargs) -> None:
 @click.option("--scores", type=click.Path(), metavar="DIR",
               help="Folder with izif.xlsx for the percentile among validation naevi "
                    "[the scores folder summary.json records].")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on; anything but loopback exposes the page (no login).")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+@_serve("--host", type=str, help="Address to listen on; anything but loopback exposes the page (no login).")
+@_serve("--port", type=click.IntRange(0, 65535),
               help="TCP port (0: any free port).")
-@click.option("--max-upload-mb", default=20.0, show_default=True,
-              type=click.FloatRange(0, 1024, min_open=True),
+@_serve("--max-upload-mb", type=click.FloatRange(0, 1024, min_open=True),
               help="Largest request body (all images of one request together).")
-@click.option("--max-pixels", default=50_000_000, show_default=True,
-              type=click.IntRange(min=1), help="Largest width x height, read from the header.")
-@click.option("--max-files", default=16, show_default=True, type=click.IntRange(min=1),
+@_serve("--max-pixels", type=click.IntRange(min=1), help="Largest width x height, read from the header.")
+@_serve("--max-files", type=click.IntRange(min=1),
               help="Images per request.")
 @click.option("--kappa", type=click.FloatRange(min=0),
               help="Weight of the feature term [score.json's, else the encoder's training kappa].")

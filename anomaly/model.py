@@ -29,7 +29,8 @@ from anodata.imageio import to_8bit
 from anodata.policy import POLICY_KEY, Preprocessing, fit_array, fit_square, normalise_colour
 from anomaly.encoder import Encoder
 from anomaly.encoder_io import check_compatible, load_encoder
-from anomaly.reconstruct import check_feature_layer, discriminator_features
+from anomaly.reconstruct import (check_feature_layer, discriminator_features, encode,
+                                 reconstruct_batch)
 from stylegan.runtime import resolve_device
 from anomaly.scores import (METHODS, izif_score, latent_distance, parse_methods, pixel_distance,
                             torch_euclidean)
@@ -177,18 +178,14 @@ class AnoModel:
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images [N, C, H, W] in [-1, 1] -> codes ws [N, K, D]."""
-        E = self._need_encoder()
-        assert x.ndim == 4 and x.shape[1:] == (E.img_channels, E.img_resolution,
-                                               E.img_resolution), tuple(x.shape)
-        return E(x)
+        return encode(self._need_encoder(), x)
 
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images [N, C, H, W] in [-1, 1] -> (ws [N, K, D], G(E(x)) [N, C, H, W]).
 
         Gradients flow unless the caller wraps the call in torch.no_grad() (training needs them).
         """
-        ws = self.encode(x)
-        return ws, self.G.synthesis(ws, noise_mode="const")
+        return reconstruct_batch(self.G, self._need_encoder(), x)
 
     def features(self, x: torch.Tensor, layer: str | None = None) -> torch.Tensor:
         """Discriminator features of images [N, C, H, W] at `layer` (default: the model's)."""
@@ -203,8 +200,10 @@ class AnoModel:
         x = from_uint8(images_u8.to(self.device))  # [N, C, H, W]
         ws, rec = self.reconstruct(x)
         feat = feat_rec = None
-        if features:
+        if features and self.feature_layer.startswith("b4."):  # minibatch stddev mixes a batch
             feat, feat_rec = self.features(x), self.features(rec)
+        elif features:  # 'b{res}' features are per image: x and G(E(x)) in one D pass
+            feat, feat_rec = self.features(torch.cat([x, rec])).split(len(x))
         return Forward(x, ws, rec, feat, feat_rec)
 
     # ------------------------------------------------------------------ scores

@@ -25,7 +25,7 @@ from openpyxl.styles import Font, PatternFill
 from openpyxl.utils import get_column_letter
 
 from stylegan.errors import UserError
-from stylegan.fileio import atomic_path, atomic_write_json
+from stylegan.fileio import atomic_path
 
 SCORE_COLUMNS = ("score", "label", "file", "class", "split")
 ID_COLUMNS = ("file", "class", "split", "label")
@@ -216,11 +216,3 @@ def config_dict(config: Any) -> dict[str, Any]:
     """A frozen dataclass config as a JSON-ready dict (paths become strings)."""
     assert dataclasses.is_dataclass(config), "expected a dataclass instance"
     return _jsonable(dataclasses.asdict(config))
-
-
-def write_config_json(directory: str | os.PathLike, config: Any, *,
-                      name: str = "config.json") -> Path:
-    """Write a dataclass config as JSON into `directory` (atomic); returns the file path."""
-    path = Path(directory) / name
-    atomic_write_json(path, config_dict(config))
-    return path

@@ -1,4 +1,5 @@
-"""Scoring throughput and memory: `anostyle score` (every default method) over N images at 64 px
+"""Scoring throughput and memory: `anostyle score` (every default method: izif + the distances,
+all from one forward pass per batch, on 2 threads) over N images at 64 px
 with the `cpu` preset's networks and the default encoder, in a fresh process per size, so the
 peak RSS of scoring 1,000 and 10,000 images can be compared (streaming: it should not grow).
 
@@ -22,6 +23,7 @@ from PIL import Image
 
 from anomaly.encoder import Encoder, EncoderConfig
 from anomaly.encoder_io import save_encoder
+from anomaly.model import DEFAULT_METHODS
 from stylegan.checkpoint import save_networks
 from stylegan.networks import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
 
@@ -60,11 +62,13 @@ def make_zip(path: Path, n: int) -> Path:
 
 CHILD = """
 import json, resource, sys, time
+import torch
 from anomaly.scoring import ScoreOptions, score_datasets
-net, enc, data, out = sys.argv[1:5]
+net, enc, data, out, methods = sys.argv[1:6]
+torch.set_num_threads(2)
 start = time.perf_counter()
 score_datasets(ScoreOptions(network=net, encoder=enc, data=(data,), outdir=out, batch=64,
-                            device="cpu"))
+                            device="cpu", methods=methods))
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -74,15 +78,18 @@ print(json.dumps({"seconds": seconds,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,10000")
+    parser.add_argument("--methods", default=DEFAULT_METHODS,
+                        help="izif + the distance methods (all six) by default")
     args = parser.parse_args()
-    out = {"benchmark": "score", "resolution": RES, "methods": "default (6)", "sizes": {}}
+    out = {"benchmark": "score", "resolution": RES, "methods": args.methods, "threads": 2,
+           "sizes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         network, encoder = make_networks(tmp)
         for n in (int(s) for s in args.sizes.split(",")):
             data = make_zip(tmp / f"test{n}.zip", n)
             res = subprocess.run([sys.executable, "-c", CHILD, str(network), str(encoder),
-                                  str(data), str(tmp / f"scores{n}")],
+                                  str(data), str(tmp / f"scores{n}"), args.methods],
                                  capture_output=True, text=True, check=True)
             rec = json.loads(res.stdout.strip().splitlines()[-1])
             out["sizes"][str(n)] = {"seconds": round(rec["seconds"], 1),

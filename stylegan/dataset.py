@@ -89,13 +89,6 @@ class ImageDataset(torch.utils.data.Dataset):
             image = np.rot90(image, k=int(self._rot90[i]), axes=(1, 2))  # counter-clockwise
         return np.ascontiguousarray(image), int(self.labels[i])
 
-    def get_onehot(self, i: int) -> np.ndarray:
-        """Label of item i as a float32 one-hot vector [label_dim] (empty when no labels)."""
-        onehot = np.zeros(self.label_dim, dtype=np.float32)
-        if self.label_dim:
-            onehot[self.labels[i]] = 1
-        return onehot
-
     def __repr__(self) -> str:
         return (f"ImageDataset({str(self.path)!r}, len={len(self)}, resolution={self.resolution}, "
                 f"num_channels={self.num_channels}, label_dim={self.label_dim})")
@@ -268,17 +261,3 @@ def read_manifest(dest_dir: str | os.PathLike) -> list[dict[str, str]]:
                         f"train.zip, val.zip and test.zip.")
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
-
-
-def class_names_from_manifest(dest_dir: str | os.PathLike) -> dict[str, int]:
-    """Original class name -> label (0 = normal; several names may share label 0), by label.
-
-    Uses the full class map of `prepare.json` when present, else the classes in manifest.csv.
-    """
-    info_path = _dest_folder(dest_dir) / "prepare.json"
-    if info_path.is_file():
-        class_map = json.loads(info_path.read_text())["class_map"]
-        classes = {str(name): int(label) for name, label in class_map.items()}
-    else:
-        classes = {row["class"]: int(row["label"]) for row in read_manifest(dest_dir)}
-    return dict(sorted(classes.items(), key=lambda item: (item[1], item[0])))

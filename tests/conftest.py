@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: paths to the shared data and small helpers."""
+"""Shared pytest fixtures: the real photos shipped in data/demo/."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_HAM = REPO.parent / "shared" / "data" / "ham10000"
+DEMO = REPO / "data" / "demo"  # 500 real HAM10000 photos (400 nv, 100 mel) + metadata.csv
 
 
 @pytest.fixture(scope="session")
 def ham_dir() -> Path:
-    """The real HAM10000 folder from ../shared/data (skips the test when it is absent)."""
-    if not (SHARED_HAM / "HAM10000_metadata.csv").is_file():
-        pytest.skip(f"{SHARED_HAM} is not present")
-    return SHARED_HAM
+    """data/demo: real HAM10000 JPEGs in images/ and their metadata.csv (ships with the repo)."""
+    assert (DEMO / "metadata.csv").is_file(), f"{DEMO} is missing; it ships with the repository"
+    return DEMO

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stylegan.dataset import (ImageDataset, class_names_from_manifest, iterate_batches,
+from stylegan.dataset import (ImageDataset, iterate_batches,
                               read_manifest)
 from stylegan.errors import UserError
 
@@ -44,7 +44,7 @@ def _make_zip(path: Path, images: list[np.ndarray], labels: list[int] | None, *,
     return path
 
 
-def test_zip_items_labels_and_onehot(tmp_path):
+def test_zip_items_and_labels(tmp_path):
     images = _images(5)
     data = ImageDataset(_make_zip(tmp_path / "d.zip", images, [0, 2, 1, 0, 2]))
     assert len(data) == 5 and data.resolution == 8 and data.num_channels == 3
@@ -54,10 +54,9 @@ def test_zip_items_labels_and_onehot(tmp_path):
     image, label = data[1]
     assert image.dtype == np.uint8 and image.shape == (3, 8, 8) and label == 2
     np.testing.assert_array_equal(image, images[1].transpose(2, 0, 1))
-    np.testing.assert_array_equal(data.get_onehot(1), [0, 0, 1])
     unlabeled = ImageDataset(tmp_path / "d.zip", use_labels=False)
     assert unlabeled.label_dim == 0 and not unlabeled.has_labels
-    assert unlabeled.labels.tolist() == [0] * 5 and unlabeled.get_onehot(1).shape == (0,)
+    assert unlabeled.labels.tolist() == [0] * 5
 
 
 def test_xflip_doubles_and_mirrors(tmp_path):
@@ -150,11 +149,6 @@ def test_manifest_helpers(tmp_path):
         "a.png,x/a.jpg,nv,0,g1,train,00\nb.png,x/b.jpg,mel,2,g2,test,11\n"
         "c.png,x/c.jpg,bcc,1,g3,val,22\n")
     assert [r["class"] for r in read_manifest(dest / "test.zip")] == ["nv", "mel", "bcc"]
-    assert class_names_from_manifest(dest) == {"nv": 0, "bcc": 1, "mel": 2}
-    (dest / "prepare.json").write_text(json.dumps(
-        {"class_map": {"nv": 0, "df": 2, "bcc": 1, "mel": 3}}))
-    assert list(class_names_from_manifest(dest).items()) == [
-        ("nv", 0), ("bcc", 1), ("df", 2), ("mel", 3)]
     with pytest.raises(UserError, match="manifest.csv does not exist"):
         read_manifest(tmp_path)
 

@@ -97,15 +97,15 @@ def test_read_validation_names_file_and_columns(tmp_path):
         sheets.read_score_sheet(tmp_path / "labels.xlsx")
 
 
-def test_write_config_json(tmp_path):
+def test_config_dict_is_json_ready():
     @dataclasses.dataclass(frozen=True)
     class Cfg:
         path: Path
         kappa: float = 1.0
         methods: tuple[str, ...] = ("izif",)
 
-    out = sheets.write_config_json(tmp_path, Cfg(Path("/data/x")), name="score.json")
-    assert json.loads(out.read_text()) == {"path": "/data/x", "kappa": 1.0, "methods": ["izif"]}
+    out = sheets.config_dict(Cfg(Path("/data/x")))
+    assert json.loads(json.dumps(out)) == {"path": "/data/x", "kappa": 1.0, "methods": ["izif"]}
 
 
 def test_number_formats(tmp_path):

@@ -1,0 +1,33 @@
+"""Option defaults are written once: in the config dataclasses, which the click options read."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+import pytest
+
+from anomaly.cli import _ConfigOption, main
+
+COMMANDS = {
+    "train-gan": "stylegan.options:TrainFlags", "prepare": "anodata.prepare:PrepareOptions",
+    "train-encoder": "anomaly.fit:FitOptions", "reconstruct": "anomaly.reconstruct:ReconstructOptions",
+    "project": "anomaly.project:ProjectOptions", "score": "anomaly.scoring:ScoreOptions",
+    "tsne": "anomaly.scoring:TsneOptions", "serve": "anomaly.app.model:ServeOptions",
+}
+# Written in the click option on purpose: a string Choice for an int field, and the device
+# option shared by every command.
+EXEMPT = {("prepare", "channels"), *((c, "device") for c in COMMANDS)}
+
+
+@pytest.mark.parametrize("command, config", COMMANDS.items())
+def test_every_defaulted_field_is_read_from_its_dataclass(command, config):
+    module, cls = config.split(":")
+    fields = {f.name: f for f in dataclasses.fields(getattr(importlib.import_module(module), cls))}
+    for param in main.commands[command].params:
+        field = fields.get(param.name)
+        if field is None or field.default in (dataclasses.MISSING, None, False, ()) \
+                or (command, param.name) in EXEMPT or getattr(param, "is_flag", False):
+            continue
+        assert isinstance(param, _ConfigOption), f"{command} --{param.name} writes its default twice"
+        assert param.default == field.default
