@@ -43,6 +43,7 @@ FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
 _CONFIG_TYPES = {"G": GeneratorConfig, "G_ema": GeneratorConfig, "D": DiscriminatorConfig}
 _MODULE_TYPES = {"G": Generator, "G_ema": Generator, "D": Discriminator}
+_MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses longer headers
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,15 +150,23 @@ def load_networks(path: str | os.PathLike, *, device: str | torch.device = "cpu"
 
 
 def _sniff(path: Path) -> str:
-    """'pickle' | 'safetensors' | 'zip' | 'unknown', from the first bytes."""
+    """'safetensors' | 'pickle' | 'zip' | 'unknown', from the first bytes.
+
+    Safetensors is judged first and by its whole structure (u64 little-endian header length,
+    plausible for the file size, then '{'): its first byte is that length mod 256, which is the
+    pickle opcode 0x80 for one header length in 256.
+    """
     with open(path, "rb") as f:
         head = f.read(9)
+        size = os.fstat(f.fileno()).st_size
+    if len(head) == 9 and head[8:9] == b"{":
+        header_len = int.from_bytes(head[:8], "little")
+        if 2 <= header_len <= min(size - 8, _MAX_HEADER_BYTES):
+            return "safetensors"
     if head.startswith(b"\x80"):
         return "pickle"
     if head.startswith(b"PK"):
         return "zip"
-    if len(head) == 9 and head[8:9] == b"{":  # u64 little-endian header size, then JSON
-        return "safetensors"
     return "unknown"
 
 
