@@ -59,3 +59,64 @@ def test_a_checkpoint_with_header_length_128_mod_256_loads(tmp_path):
         pytest.fail("no padding gave a header length of 128 mod 256")
     nets = load_network(path)
     assert torch.equal(nets["G_ema"].mapping.w_avg, sources["G_ema"].mapping.w_avg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Item 1: damaged weights are refused at load
+
+
+def test_network_with_a_nan_weight_is_refused(tmp_path):
+    from safetensors import safe_open
+
+    sources = make_sources()
+    path = save_networks(tmp_path / "net", **sources)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    name = next(k for k in tensors if k.startswith("D.") and tensors[k].is_floating_point())
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(UserError, match=rf"non-finite weights \(NaN or infinity\) in {name}"):
+        load_network(path)
+
+
+def test_encoder_with_a_random_tail_is_refused(tmp_path):
+    """The reported case: the tail of an encoder file overwritten with random bytes."""
+    import numpy as np
+    from encoder_helpers import tiny_encoder, tiny_networks
+
+    from anomaly.encoder_io import load_encoder, save_encoder
+
+    G, _D = tiny_networks()
+    path = tmp_path / "encoder.safetensors"
+    save_encoder(path, tiny_encoder(G))
+    data = bytearray(path.read_bytes())
+    tail = 4096
+    data[-tail:] = np.random.default_rng(0).integers(0, 256, tail, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="non-finite weights"):
+        load_encoder(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Item 2: an encoder is paired with the network it was trained for
+
+
+def test_pairing_by_network_sha256(tmp_path):
+    from anomaly.encoder_io import check_pairing, sha256_file
+
+    (tmp_path / "a.safetensors").write_bytes(b"network a")
+    (tmp_path / "b.safetensors").write_bytes(b"network b")
+    extra = {"network": {"path": str(tmp_path / "a.safetensors"),
+                         "sha256": sha256_file(tmp_path / "a.safetensors")}}
+    assert check_pairing(extra, tmp_path / "a.safetensors", allow_mismatch=False) is None
+    with pytest.raises(UserError) as refused:
+        check_pairing(extra, tmp_path / "b.safetensors", allow_mismatch=False,
+                      encoder_path="enc.safetensors")
+    message = str(refused.value)
+    assert message.count(". ") == 0 and message.endswith("--allow-mismatch to score anyway.")
+    assert "a.safetensors" in message and extra["network"]["sha256"][:12] in message
+    warning = check_pairing(extra, tmp_path / "b.safetensors", allow_mismatch=True)
+    assert warning.startswith("--allow-mismatch: ") and "not comparable" in warning
+    old = check_pairing({}, tmp_path / "b.safetensors", allow_mismatch=False)
+    assert "records no network sha256" in old  # older encoders: a warning, not a refusal

@@ -55,6 +55,7 @@ class ServeOptions:
     feature_layer: str | None = None  # None: score.json's, else the encoder's
     threads: int | None = None  # torch CPU threads; None: min(4, CPU count)
     device: str = "auto"
+    allow_mismatch: bool = False  # serve an encoder trained for another network (with a note)
 
     def check(self) -> "ServeOptions":
         """Refuse impossible limits with one sentence each; returns self."""
@@ -279,8 +280,8 @@ class ServeModel:
 
 def load_serve_model(opts: ServeOptions) -> ServeModel:
     """Load networks, threshold and reference once; bad files end in one-sentence UserErrors."""
-    from anomaly.encoder_io import (check_compatible, load_encoder, load_frozen_networks,
-                                    resolve_device)
+    from anomaly.encoder_io import (check_compatible, check_pairing, load_encoder,
+                                    load_frozen_networks, resolve_device)
 
     device = resolve_device(opts.device)
     decision, summary_options = load_decision(opts.summary)  # cheap checks before the networks
@@ -291,5 +292,7 @@ def load_serve_model(opts: ServeOptions) -> ServeModel:
                                        trained=extra.get("training_options", {}))
     G, D = load_frozen_networks(opts.network, device=device, need_D=kappa > 0)
     check_compatible(E, G, encoder_path=opts.encoder, network_path=opts.network)
+    notes.append(check_pairing(extra, opts.network, allow_mismatch=opts.allow_mismatch,
+                               encoder_path=opts.encoder))
     scorer = IzifScorer(G, D, E, kappa=kappa, feature_layer=layer)
-    return ServeModel(scorer, decision, reference, tuple(notes))
+    return ServeModel(scorer, decision, reference, tuple(n for n in notes if n))
