@@ -488,14 +488,34 @@ def tsne(data: tuple[str, ...], **kwargs) -> None:
               help="Folder with izif.xlsx for the percentile among validation naevi "
                    "[the scores folder summary.json records].")
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on; anything but loopback exposes the page (no login).")
+              help="Address to listen on; anything but loopback needs --token or --no-auth.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
               help="TCP port (0: any free port).")
+@click.option("--token", metavar="TEXT",
+              help="Login token (>= 16 characters) [ANOSTYLE_TOKEN]: the API wants "
+                   "'Authorization: Bearer TOKEN', the page a login form.")
+@click.option("--no-auth", is_flag=True,
+              help="Serve off loopback without a login (behind a firewall or a proxy's login).")
+@click.option("--allowed-hosts", metavar="NAMES",
+              help="Comma-separated Host names clients use ('*': any) [loopback names on "
+                   "loopback, else this machine's names].")
+@click.option("--proxy", metavar="ADDRS",
+              help="Address(es) of a reverse proxy whose X-Forwarded-Proto/-For are trusted.")
+@click.option("--header-timeout", default=10.0, show_default=True,
+              type=click.FloatRange(0, min_open=True),
+              help="Seconds a client has to send its request headers.")
+@click.option("--request-timeout", default=60.0, show_default=True,
+              type=click.FloatRange(0, min_open=True),
+              help="Seconds for one request's upload, decoding and scoring (408/503 after).")
 @click.option("--max-upload-mb", default=20.0, show_default=True,
               type=click.FloatRange(0, 1024, min_open=True),
               help="Largest request body (all images of one request together).")
-@click.option("--max-pixels", default=50_000_000, show_default=True,
-              type=click.IntRange(min=1), help="Largest width x height, read from the header.")
+@click.option("--max-pixels", default=24_000_000, show_default=True,
+              type=click.IntRange(min=1),
+              help="Largest width x height, read from the header (6000 x 4000 dermoscopy).")
+@click.option("--max-decoded-mb", default=256.0, show_default=True,
+              type=click.FloatRange(0, min_open=True),
+              help="Decoded image bytes per request (width x height x bytes per pixel, summed).")
 @click.option("--max-files", default=16, show_default=True, type=click.IntRange(min=1),
               help="Images per request.")
 @click.option("--kappa", type=click.FloatRange(min=0),
@@ -503,8 +523,11 @@ def tsne(data: tuple[str, ...], **kwargs) -> None:
 @click.option("--feature-layer", metavar="NAME",
               help="D layer of the izif features [score.json's, else the encoder's].")
 @click.option("--threads", type=click.IntRange(min=1), help="Torch CPU threads [min(4, cores)].")
+@click.option("--allow-mismatch", is_flag=True,
+              help="Serve an encoder trained for another network file (a warning in answers).")
 @device_option("Where to compute.")
-def serve(**flags) -> None:
+def serve(token, no_auth, allowed_hosts, proxy, header_timeout, request_timeout, max_decoded_mb,
+          **flags) -> None:
     """Web page and JSON API that score uploaded images (izif, percentile, decision).
 
     The model loads once; images are fitted like `prepare` does, scored in memory and never
@@ -513,9 +536,10 @@ def serve(**flags) -> None:
     \b
       curl -F image=@lesion.jpg -F image=@other.png http://127.0.0.1:8000/api/score
     \b
-    Answers {"results": [{name, score, pixel_term, feature_term, percentile, decision,
-    threshold, threshold_rule, images: {input, reconstruction, residual}}, ...]} (PNG data
-    URLs; add ?images=false to leave them out). GET /healthz answers {"status": "ok"}.
+    Answers {"results": [{name, model, score, pixel_term, feature_term, percentile, decision,
+    threshold, threshold_rule, warnings, images: {input, reconstruction, residual}}, ...]}
+    (PNG data URLs; add ?images=false to leave them out). GET /healthz answers
+    {"status": "ok"}. Off loopback, give a token (curl -H "Authorization: Bearer $TOKEN").
 
     \b
     Example:
@@ -524,8 +548,12 @@ def serve(**flags) -> None:
     """
     try:
         from anomaly.app.model import ServeOptions
-        from anomaly.app.server import run_server
+        from anomaly.app.server import AccessOptions, run_server
     except ImportError as exc:  # the `web` extra is optional
         raise UserError(f"`anostyle serve` needs the web packages (missing {exc.name}); install "
                         f"them with: pip install 'anostyle[web]'.") from None
-    run_server(ServeOptions(**flags), announce=click.echo)
+    hosts = tuple(h.strip() for h in (allowed_hosts or "").split(",") if h.strip())
+    access = AccessOptions(token=token, no_auth=no_auth, allowed_hosts=hosts, proxy=proxy,
+                           header_timeout=header_timeout, request_timeout=request_timeout,
+                           max_decoded_mb=max_decoded_mb)
+    run_server(ServeOptions(**flags), access, announce=click.echo)

@@ -177,18 +177,19 @@ def check_pairing(encoder_extra: dict[str, Any], network_path: str | os.PathLike
     when `allow_mismatch` lets a different network through; refuses a mismatch otherwise.
     """
     recorded = (encoder_extra.get("network") or {}).get("sha256")
+    encoder, network = Path(encoder_path).name, Path(network_path).name  # no folders in answers
     if not recorded:
-        return (f"--encoder {encoder_path} records no network sha256 (trained by an older "
-                f"AnoStyle), so its pairing with --network {network_path} is not checked")
+        return (f"--encoder {encoder} records no network sha256 (trained by an older "
+                f"AnoStyle), so its pairing with --network {network} is not checked")
     actual = sha256_file(network_path)
     if actual == recorded:
         return None
     trained_with = Path(str(encoder_extra["network"].get("path", "?"))).name
     if allow_mismatch:
-        return (f"--allow-mismatch: --encoder {encoder_path} was trained for another network "
-                f"({trained_with}, sha256 {recorded[:12]}) than --network {network_path} "
+        return (f"--allow-mismatch: --encoder {encoder} was trained for another network "
+                f"({trained_with}, sha256 {recorded[:12]}) than --network {network} "
                 f"(sha256 {actual[:12]}); its scores are not comparable")
-    raise UserError(f"--encoder {encoder_path} was trained for another network ({trained_with}, "
-                    f"sha256 {recorded[:12]}) than --network {network_path} (sha256 "
+    raise UserError(f"--encoder {encoder} was trained for another network ({trained_with}, "
+                    f"sha256 {recorded[:12]}) than --network {network} (sha256 "
                     f"{actual[:12]}); give the network it was trained with, or pass "
                     f"--allow-mismatch to score anyway.")

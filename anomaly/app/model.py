@@ -49,7 +49,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     max_upload_mb: float = 20.0  # whole request body, all files together
-    max_pixels: int = 50_000_000  # width x height from the image header, before decoding
+    max_pixels: int = 24_000_000  # width x height from the header: 6000 x 4000 dermoscopy
     max_files: int = 16  # image parts per request
     kappa: float | None = None  # None: score.json's, else the encoder's training kappa
     feature_layer: str | None = None  # None: score.json's, else the encoder's
