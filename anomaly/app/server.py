@@ -380,11 +380,13 @@ def create_app(model: ServeModel, limits: UploadLimits, *,
 
     @app.exception_handler(UploadError)
     async def upload_error(_request: Request, exc: UploadError) -> JSONResponse:
-        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+        # close: the rest of a refused body (a slow or oversized upload) is never read
+        return JSONResponse({"detail": exc.message}, status_code=exc.status,
+                            headers={"connection": "close"})
 
     @app.exception_handler(Refusal)
     async def refusal(_request: Request, exc: Refusal) -> JSONResponse:
-        headers = {"retry-after": "10"} if exc.status == 503 else None
+        headers = {"connection": "close", **({"retry-after": "10"} if exc.status == 503 else {})}
         return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
