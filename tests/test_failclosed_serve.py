@@ -5,9 +5,14 @@ one sentence."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
+import re
+import shutil
 import socket
+import subprocess
 import threading
 import time
 
@@ -337,3 +342,33 @@ def test_decode_budget_bounds_bytes_in_flight():
         with pytest.raises(TimeoutError):
             with budget.hold(20, deadline=time.monotonic() + 0.1):
                 pass
+
+
+# ----------------------------------------------------------------------------------------------
+# The page's CSV of a batch (run in node: the page's own functions)
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_page_csv_of_a_batch():
+    page = app_server.page_and_policy()[0]
+    script = re.search(r"<script>(.*?)</script>", page, flags=re.DOTALL).group(1)
+    functions = "".join(re.search(rf"(function {name}\(.*?\n}}\n)", script, flags=re.DOTALL)
+                        .group(1) for name in ("csvField", "csvTable"))
+    columns = re.search(r"(const CSV_COLUMNS = \[.*?\];)", script, flags=re.DOTALL).group(1)
+    rows = [{"file": 'lesion "1", left.jpg', "result": {
+                "model": "net + enc", "score": 0.25, "pixel_term": 0.2, "feature_term": 0.1,
+                "percentile": 87.5, "decision": "anomalous", "threshold": 0.2,
+                "threshold_rule": "youden (val)", "comparison": "nv vs mel"}},
+            {"file": "=HYPERLINK(1).png", "error": "'=HYPERLINK(1).png' is not a PNG, JPEG, "
+                                                  "BMP or TIFF image."}]
+    program = (columns + functions + "process.stdout.write(csvTable(" + json.dumps(rows)
+               + "));")
+    out = subprocess.run(["node", "-e", program], capture_output=True, text=True, timeout=30,
+                         check=True).stdout
+    parsed = list(csv.reader(io.StringIO(out)))
+    assert parsed[0] == ["file", "model", "score", "pixel_term", "feature_term", "percentile",
+                         "decision", "threshold", "threshold_rule", "comparison", "error"]
+    assert parsed[1] == ['lesion "1", left.jpg', "net + enc", "0.25", "0.2", "0.1", "87.5",
+                         "anomalous", "0.2", "youden (val)", "nv vs mel", ""]
+    assert parsed[2][0] == "'=HYPERLINK(1).png" and parsed[2][2] == ""
+    assert parsed[2][10] == "'=HYPERLINK(1).png' is not a PNG, JPEG, BMP or TIFF image."
