@@ -213,9 +213,9 @@ def run_from_flags(flags: TrainFlags, *, dry_run: bool = False, echo=print) -> P
     resolved = resolve(flags)
     for note in resolved.overridden:
         echo(f"resume file decides the architecture: {note}")
+    if dry_run:
+        echo(json.dumps(resolved.options.to_json(), indent=2))  # JSON only: scripts read it
+        return None
     for warning in resolved.warnings:
         echo(warning)
-    if dry_run:
-        echo(json.dumps(resolved.options.to_json(), indent=2))
-        return None
     return train(resolved.options, resume_networks=resolved.resume_networks)

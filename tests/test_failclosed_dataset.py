@@ -52,15 +52,19 @@ def test_good_labels_still_load(tmp_path):
     assert len(unlabelled) == 2  # train-gan ignores labels
 
 
-def test_train_gan_on_one_image_warns(tmp_path):
+def test_train_gan_on_one_image_warns(tmp_path, monkeypatch):
+    import stylegan.train
+
     data = write_zip(tmp_path / "one.zip", None, names=("only.png",))
     (tmp_path / "one.zip").unlink()
     with zipfile.ZipFile(tmp_path / "one.zip", "w") as z:
         with z.open("only.png", "w") as f:
             Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(f, format="PNG")
-    echoed = []
+    echoed, trained = [], []
+    monkeypatch.setattr(stylegan.train, "train", lambda opts, **kw: trained.append(opts))
     run_from_flags(TrainFlags(outdir=str(tmp_path / "runs"), data=data, cfg="cpu"),
-                   dry_run=True, echo=echoed.append)
+                   echo=echoed.append)
+    assert len(trained) == 1  # it warns, then trains as asked
     warning = next(line for line in echoed if line.startswith("warning:"))
     assert "holds only 1 image;" in warning
     assert few_images_warning(5000, "x.zip") == ()
