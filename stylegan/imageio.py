@@ -59,7 +59,7 @@ def open_image(data: bytes, *, draft_size: int | None = None) -> Image.Image:
             if draft_size is not None and img.format == "JPEG":
                 img.draft(None, (draft_size, draft_size))
             img.load()
-            img = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of every image
         except ImageRejected:
             raise
         except Image.DecompressionBombError as exc:
@@ -119,27 +119,33 @@ def to_8bit(img: Image.Image, channels: int | None = None) -> Image.Image:
 def _sixteen_to_8bit(img: Image.Image) -> Image.Image:
     """Gray 16-bit (or 32-bit integer holding 16-bit values) -> 'L' by value >> 8.
 
-    Shifted in blocks of rows: no full-size wide-integer copy (a 49-megapixel 16-bit image once
-    took ~1 GB here).
+    Converted in strips of rows pasted into the result: no full-size array copy (a 49-megapixel
+    16-bit image once took ~1 GB here).
     """
-    values = np.asarray(img)  # [H, W] uint16 (any byte order) or int32 for mode 'I'
-    if values.dtype.kind == "i" and values.size and (values.min() < 0 or values.max() > 65535):
-        raise ImageRejected(f"integer pixel values {values.min()}..{values.max()} do not fit "
-                            f"16 bits; save the image as 8- or 16-bit PNG")
-    out = np.empty(values.shape, dtype=np.uint8)  # [H, W]
-    for top in range(0, values.shape[0], _ROW_BLOCK):
-        out[top:top + _ROW_BLOCK] = values[top:top + _ROW_BLOCK] >> 8
-    return Image.fromarray(out, mode="L")
+    if img.mode == "I":
+        low, high = img.getextrema()
+        if low < 0 or high > 65535:
+            raise ImageRejected(f"integer pixel values {low}..{high} do not fit 16 bits; save "
+                                f"the image as 8- or 16-bit PNG")
+    out = Image.new("L", img.size)
+    for top in range(0, img.height, _ROW_BLOCK):
+        strip = np.asarray(img.crop((0, top, img.width, min(top + _ROW_BLOCK, img.height))))
+        out.paste(Image.fromarray((strip >> 8).astype(np.uint8), mode="L"), (0, top))
+    return out
 
 
 def _composite_on_black(img: Image.Image) -> Image.Image:
-    """Any image with alpha -> 'RGB' composited on black: round(color * alpha / 255)."""
-    rgba = np.asarray(img if img.mode == "RGBA" else img.convert("RGBA"))  # [H, W, 4] uint8
-    out = np.empty(rgba.shape[:2] + (3,), dtype=np.uint8)  # [H, W, 3]
-    for top in range(0, rgba.shape[0], _ROW_BLOCK):  # uint32 temporaries for a block only
-        block = rgba[top:top + _ROW_BLOCK].astype(np.uint32)
-        out[top:top + _ROW_BLOCK] = (block[..., :3] * block[..., 3:] + 127) // 255
-    return Image.fromarray(out, mode="RGB")
+    """Any image with alpha -> 'RGB' composited on black: round(color * alpha / 255).
+
+    In strips of rows pasted into the result, so no full-size array is ever built."""
+    out = Image.new("RGB", img.size)
+    for top in range(0, img.height, _ROW_BLOCK):
+        strip = img.crop((0, top, img.width, min(top + _ROW_BLOCK, img.height)))  # keeps palette
+        block = np.asarray(strip if strip.mode == "RGBA" else strip.convert("RGBA"))
+        block = block.astype(np.uint32)  # [rows, W, 4]
+        rgb = ((block[..., :3] * block[..., 3:] + 127) // 255).astype(np.uint8)
+        out.paste(Image.fromarray(rgb, mode="RGB"), (0, top))
+    return out
 
 
 def decode_dicom(data: bytes) -> Image.Image:

@@ -372,3 +372,22 @@ def test_page_csv_of_a_batch():
                          "anomalous", "0.2", "youden (val)", "nv vs mel", ""]
     assert parsed[2][0] == "'=HYPERLINK(1).png" and parsed[2][2] == ""
     assert parsed[2][10] == "'=HYPERLINK(1).png' is not a PNG, JPEG, BMP or TIFF image."
+
+
+def test_image_over_the_decode_budget_is_refused_from_its_header(nets, model, monkeypatch):  # noqa: F811
+    """16 megapixels with transparency would need ~198 MiB to decode, over the 183 MiB budget
+    of the default 24-megapixel limit: refused before decoding (its PNG is ~60 kB)."""
+    from PIL import Image
+    import io
+
+    decoded = []
+    real = app_uploads.read_fitted
+    monkeypatch.setattr(app_uploads, "read_fitted",
+                        lambda *a, **k: decoded.append(1) or real(*a, **k))
+    buf = io.BytesIO()
+    Image.new("RGBA", (4000, 4000)).save(buf, format="PNG")
+    r = post_images(client_for(model), ("clear.png", buf.getvalue()))
+    assert r.status_code == 413 and not decoded
+    assert r.json()["detail"].startswith("'clear.png' would need about 198 MB of memory to "
+                                         "decode (4000x4000 with transparency or 16-bit colour), "
+                                         "over the server's budget of 183 MB")

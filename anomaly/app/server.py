@@ -37,7 +37,8 @@ Fail closed, off loopback too:
                the body within --request-timeout, and decoding + scoring within what is left of
                it (503 after);
   memory       decoded bytes per request (--max-decoded-mb) and decoding memory across requests
-               (uploads.DecodeBudget, about 16 bytes x --max-pixels) are bounded.
+               (uploads.DecodeBudget: 8 bytes x --max-pixels) are bounded; an image that
+               would need more (e.g. 24 megapixels with transparency) is refused.
 Inference runs under one lock (one image at a time through the networks); decoding runs outside
 it, in the DecodeBudget.
 """
@@ -69,12 +70,13 @@ from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from anomaly.app.model import ServeModel, ServeOptions, load_serve_model
-from anomaly.app.uploads import (WORK_BYTES_PER_PIXEL, DecodeBudget, Upload, UploadError,
-                                 UploadLimits, fit_upload, read_headers, read_uploads)
+from anomaly.app.uploads import (DecodeBudget, Upload, UploadError, UploadLimits, fit_upload,
+                                 read_headers, read_uploads)
 from stylegan.errors import UserError
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
-SMALL_DECODE = 2**20 * WORK_BYTES_PER_PIXEL  # up to 1 megapixel: the small-image decode lane
+DECODE_BYTES_PER_PIXEL = 8  # decoding budget: 8 bytes x --max-pixels (192 MB at 24 MP)
+SMALL_DECODE = 16 * 2**20  # images estimated below this decode in a lane of their own
 SESSION_COOKIE = "anostyle_session"
 MIN_TOKEN_CHARS = 16
 LOGIN_BODY_BYTES = 4096
@@ -163,13 +165,21 @@ class Inference:
         self.model, self.limits = model, limits
         self.model_name, self.timeout = model_name, timeout
         self.lock = threading.Lock()
-        capacity = max(limits.max_pixels * WORK_BYTES_PER_PIXEL, SMALL_DECODE)
+        capacity = max(limits.max_pixels * DECODE_BYTES_PER_PIXEL, SMALL_DECODE)
         self.budget = DecodeBudget(capacity, small=SMALL_DECODE)
 
     def __call__(self, uploads: Sequence[Upload], *, images: bool, deadline: float
                  ) -> list[dict]:
         scorer = self.model.scorer
         headers = read_headers(list(uploads), self.limits, draft_size=scorer.resolution)
+        for upload, header in zip(uploads, headers):
+            if not self.budget.admits(header.work_bytes):
+                raise UploadError(413, f"'{upload.name}' would need about "
+                                       f"{header.work_bytes / 2**20:.0f} MB of memory to decode "
+                                       f"({header.width}x{header.height} with transparency or "
+                                       f"16-bit colour), over the server's budget of "
+                                       f"{self.budget.capacity / 2**20:.0f} MB; send it as JPEG "
+                                       f"or as an 8-bit PNG without transparency.")
         fitted = []
         for upload, header in zip(uploads, headers):  # all checked before any inference
             try:
@@ -591,6 +601,21 @@ def uvicorn_server(app, *, log_level: str = "info", header_timeout: float = 10.0
     return uvicorn.Server(config)
 
 
+def return_freed_memory(threshold: int = 1 << 20) -> bool:
+    """glibc only: serve every allocation of `threshold` bytes or more with mmap, so that a
+    decoded image's buffers go back to the system when freed. glibc's default threshold grows
+    to 32 MB after the first large free, after which decoded images land in (per-thread) heap
+    arenas that stay resident. Returns False where mallopt is unavailable."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def run_server(opts: ServeOptions, access: AccessOptions | None = None, *,
                announce: Callable[[str], None] = print) -> None:
     """Load the model once, then serve until interrupted (Ctrl-C)."""
@@ -599,6 +624,7 @@ def run_server(opts: ServeOptions, access: AccessOptions | None = None, *,
     opts = opts.check()
     access = (access or AccessOptions()).resolve(opts.host)
     torch.set_num_threads(opts.threads or min(4, os.cpu_count() or 1))
+    return_freed_memory()
     model = load_serve_model(opts)
     hosts = access.allowed_hosts or default_hosts(opts.host)
     app = create_app(model, upload_limits(opts, access), allowed_hosts=hosts,
