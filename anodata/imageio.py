@@ -33,6 +33,7 @@ SOURCE_EXTENSIONS = IMAGE_EXTENSIONS | DICOM_EXTENSIONS  # raw inputs; prepared 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _GRAY_MODES = frozenset({"1", "L", "LA", "I", "F"}) | _SIXTEEN_BIT_MODES
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_ROW_BLOCK = 256  # rows converted at once by the 16-bit and alpha paths (bounds temporaries)
 
 
 def is_hidden_part(part: str) -> bool:
@@ -74,7 +75,7 @@ def open_image(data: bytes, *, draft_size: int | None = None) -> Image.Image:
             if draft_size is not None and img.format == "JPEG":
                 img.draft(None, (draft_size, draft_size))
             img.load()
-            img = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of every image
         except ImageRejected:
             raise
         except Image.DecompressionBombError as exc:
@@ -132,20 +133,35 @@ def to_8bit(img: Image.Image, channels: int | None = None) -> Image.Image:
 
 
 def _sixteen_to_8bit(img: Image.Image) -> Image.Image:
-    """Gray 16-bit (or 32-bit integer holding 16-bit values) -> 'L' by value >> 8."""
-    values = np.asarray(img).astype(np.int64)  # [H, W]; I;16B arrives big-endian, astype fixes it
-    if values.size and (values.min() < 0 or values.max() > 65535):
-        raise ImageRejected(f"integer pixel values {values.min()}..{values.max()} do not fit "
-                            f"16 bits; save the image as 8- or 16-bit PNG")
-    return Image.fromarray((values >> 8).astype(np.uint8), mode="L")
+    """Gray 16-bit (or 32-bit integer holding 16-bit values) -> 'L' by value >> 8.
+
+    Converted in strips of rows pasted into the result: no full-size array copy (a 49-megapixel
+    16-bit image once took ~1 GB here).
+    """
+    if img.mode == "I":
+        low, high = img.getextrema()
+        if low < 0 or high > 65535:
+            raise ImageRejected(f"integer pixel values {low}..{high} do not fit 16 bits; save "
+                                f"the image as 8- or 16-bit PNG")
+    out = Image.new("L", img.size)
+    for top in range(0, img.height, _ROW_BLOCK):
+        strip = np.asarray(img.crop((0, top, img.width, min(top + _ROW_BLOCK, img.height))))
+        out.paste(Image.fromarray((strip >> 8).astype(np.uint8), mode="L"), (0, top))
+    return out
 
 
 def _composite_on_black(img: Image.Image) -> Image.Image:
-    """Any image with alpha -> 'RGB' composited on black: round(color * alpha / 255)."""
-    rgba = np.asarray(img.convert("RGBA")).astype(np.uint32)  # [H, W, 4]
-    alpha = rgba[..., 3:]
-    rgb = (rgba[..., :3] * alpha + 127) // 255  # [H, W, 3], rounded to nearest
-    return Image.fromarray(rgb.astype(np.uint8), mode="RGB")
+    """Any image with alpha -> 'RGB' composited on black: round(color * alpha / 255).
+
+    In strips of rows pasted into the result, so no full-size array is ever built."""
+    out = Image.new("RGB", img.size)
+    for top in range(0, img.height, _ROW_BLOCK):
+        strip = img.crop((0, top, img.width, min(top + _ROW_BLOCK, img.height)))  # keeps palette
+        block = np.asarray(strip if strip.mode == "RGBA" else strip.convert("RGBA"))
+        block = block.astype(np.uint32)  # [rows, W, 4]
+        rgb = ((block[..., :3] * block[..., 3:] + 127) // 255).astype(np.uint8)
+        out.paste(Image.fromarray(rgb, mode="RGB"), (0, top))
+    return out
 
 
 def decode_dicom(data: bytes) -> Image.Image:

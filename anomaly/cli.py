@@ -605,12 +605,32 @@ def tsne(data: tuple[str, ...], **kwargs) -> None:
 @click.option("--scores", type=click.Path(), metavar="DIR",
               help="Folder with izif.xlsx for the percentile among validation naevi "
                    "[the scores folder summary.json records].")
-@_serve("--host", type=str, help="Address to listen on; anything but loopback exposes the page (no login).")
-@_serve("--port", type=click.IntRange(0, 65535),
-              help="TCP port (0: any free port).")
+@_serve("--host", type=str,
+        help="Address to listen on; anything but loopback needs --token or --no-auth.")
+@_serve("--port", type=click.IntRange(0, 65535), help="TCP port (0: any free port).")
+@click.option("--token", metavar="TEXT",
+              help="Login token (>= 16 characters) [ANOSTYLE_TOKEN]: the API wants "
+                   "'Authorization: Bearer TOKEN', the page a login form.")
+@click.option("--no-auth", is_flag=True,
+              help="Serve off loopback without a login (behind a firewall or a proxy's login).")
+@click.option("--allowed-hosts", metavar="NAMES",
+              help="Comma-separated Host names clients use ('*': any) [loopback names on "
+                   "loopback, else this machine's names].")
+@click.option("--proxy", metavar="ADDRS",
+              help="Address(es) of a reverse proxy whose X-Forwarded-Proto/-For are trusted.")
+# The access defaults live in anomaly.app.server.AccessOptions (which needs the web extra, so
+# --help must not import it): an option left out keeps the dataclass default.
+@click.option("--header-timeout", type=click.FloatRange(0, min_open=True),
+              help="Seconds a client has to send its request headers [10].")
+@click.option("--request-timeout", type=click.FloatRange(0, min_open=True),
+              help="Seconds for one request's upload, decoding and scoring (408/503 after) [60].")
 @_serve("--max-upload-mb", type=click.FloatRange(0, 1024, min_open=True),
-              help="Largest request body (all images of one request together).")
-@_serve("--max-pixels", type=click.IntRange(min=1), help="Largest width x height, read from the header.")
+        help="Largest request body (all images of one request together).")
+@_serve("--max-pixels", type=click.IntRange(min=1),
+        help="Largest width x height, read from the header (6000 x 4000 dermoscopy).")
+@click.option("--max-decoded-mb", type=click.FloatRange(0, min_open=True),
+              help="Decoded image bytes per request (width x height x bytes per pixel, "
+                   "summed) [256].")
 @_serve("--max-files", type=click.IntRange(min=1),
               help="Images per request.")
 @click.option("--kappa", type=click.FloatRange(min=0),
@@ -618,8 +638,11 @@ def tsne(data: tuple[str, ...], **kwargs) -> None:
 @click.option("--feature-layer", metavar="NAME",
               help="D layer of the izif features [score.json's, else the encoder's].")
 @click.option("--threads", type=click.IntRange(min=1), help="Torch CPU threads [min(4, cores)].")
+@click.option("--allow-mismatch", is_flag=True,
+              help="Serve an encoder trained for another network file (a warning in answers).")
 @device_option("Where to compute.")
-def serve(**flags) -> None:
+def serve(token, no_auth, allowed_hosts, proxy, header_timeout, request_timeout, max_decoded_mb,
+          **flags) -> None:
     """Web page and JSON API that score uploaded images (izif, percentile, decision).
 
     The model loads once; images are fitted like `prepare` does, scored in memory and never
@@ -628,9 +651,10 @@ def serve(**flags) -> None:
     \b
       curl -F image=@lesion.jpg -F image=@other.png http://127.0.0.1:8000/api/score
     \b
-    Answers {"results": [{name, score, pixel_term, feature_term, percentile, decision,
-    threshold, threshold_rule, images: {input, reconstruction, residual}}, ...]} (PNG data
-    URLs; add ?images=false to leave them out). GET /healthz answers {"status": "ok"}.
+    Answers {"results": [{name, model, score, pixel_term, feature_term, percentile, decision,
+    threshold, threshold_rule, warnings, images: {input, reconstruction, residual}}, ...]}
+    (PNG data URLs; add ?images=false to leave them out). GET /healthz answers
+    {"status": "ok"}. Off loopback, give a token (curl -H "Authorization: Bearer $TOKEN").
 
     \b
     Example:
@@ -639,8 +663,13 @@ def serve(**flags) -> None:
     """
     try:
         from anomaly.app.model import ServeOptions
-        from anomaly.app.server import run_server
+        from anomaly.app.server import AccessOptions, run_server
     except ImportError as exc:  # the `web` extra is optional
         raise UserError(f"`anostyle serve` needs the web packages (missing {exc.name}); install "
                         f"them with: pip install 'anostyle[web]'.") from None
-    run_server(ServeOptions(**flags), announce=click.echo)
+    hosts = tuple(h.strip() for h in (allowed_hosts or "").split(",") if h.strip())
+    given = {"header_timeout": header_timeout, "request_timeout": request_timeout,
+             "max_decoded_mb": max_decoded_mb}
+    access = AccessOptions(token=token, no_auth=no_auth, allowed_hosts=hosts, proxy=proxy,
+                           **{k: v for k, v in given.items() if v is not None})
+    run_server(ServeOptions(**flags), access, announce=click.echo)

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from anomaly.encoder import Encoder, EncoderConfig
 from stylegan.checkpoint import FORMAT as NETWORK_FORMAT
-from stylegan.checkpoint import config_from_dict
+from stylegan.checkpoint import check_finite, config_from_dict
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_path
 from stylegan.legacy import load_tensors
@@ -85,7 +85,9 @@ def load_encoder(path: str | os.PathLike, *, device: str | torch.device = "cpu"
                         f"{metadata['format_version']}); upgrade AnoStyle to read it.")
     body = json.loads(metadata["anostyle"])
     cfg = config_from_dict(EncoderConfig, body["config"], source=str(path))
-    E = load_tensors(Encoder(cfg), load_file(str(path), device="cpu"), what=f"{path} (encoder)")
+    tensors = load_file(str(path), device="cpu")
+    check_finite(tensors, what=f"--encoder {path}")
+    E = load_tensors(Encoder(cfg), tensors, what=f"{path} (encoder)")
     return E.to(device).eval().requires_grad_(False), body.get("extra", {})
 
 
@@ -134,3 +136,30 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def check_pairing(encoder_extra: dict[str, Any], network_path: str | os.PathLike, *,
+                  allow_mismatch: bool, encoder_path: str | os.PathLike = "the encoder"
+                  ) -> str | None:
+    """Compare the network sha256 an encoder recorded in training with the network file's.
+
+    Returns None when they match, a warning when the encoder records none (older encoders) or
+    when `allow_mismatch` lets a different network through; refuses a mismatch otherwise.
+    """
+    recorded = (encoder_extra.get("network") or {}).get("sha256")
+    encoder, network = Path(encoder_path).name, Path(network_path).name  # no folders in answers
+    if not recorded:
+        return (f"--encoder {encoder} records no network sha256 (trained by an older "
+                f"AnoStyle), so its pairing with --network {network} is not checked")
+    actual = sha256_file(network_path)
+    if actual == recorded:
+        return None
+    trained_with = Path(str(encoder_extra["network"].get("path", "?"))).name
+    if allow_mismatch:
+        return (f"--allow-mismatch: --encoder {encoder} was trained for another network "
+                f"({trained_with}, sha256 {recorded[:12]}) than --network {network} "
+                f"(sha256 {actual[:12]}); its scores are not comparable")
+    raise UserError(f"--encoder {encoder} was trained for another network ({trained_with}, "
+                    f"sha256 {recorded[:12]}) than --network {network} (sha256 "
+                    f"{actual[:12]}); give the network it was trained with, or pass "
+                    f"--allow-mismatch to score anyway.")

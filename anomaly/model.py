@@ -28,7 +28,7 @@ from PIL import Image
 from anodata.imageio import to_8bit
 from anodata.policy import POLICY_KEY, Preprocessing, fit_array, fit_square, normalise_colour
 from anomaly.encoder import Encoder
-from anomaly.encoder_io import check_compatible, load_encoder
+from anomaly.encoder_io import check_compatible, check_pairing, load_encoder
 from anomaly.reconstruct import (check_feature_layer, discriminator_features, encode,
                                  reconstruct_batch)
 from stylegan.runtime import resolve_device
@@ -93,19 +93,24 @@ class AnoModel:
     def load(cls, network: str | os.PathLike, encoder: str | os.PathLike | None = None, *,
              device: str | torch.device = "auto", kappa: float | None = None,
              feature_layer: str | None = None, scored_with: dict[str, Any] | None = None,
-             require_D: bool = True) -> "AnoModel":
+             require_D: bool = True, allow_mismatch: bool = False) -> "AnoModel":
         """Load and check the networks (and encoder); every command builds its model here.
 
         `require_D=False` accepts a network file without discriminator (then no method that
-        needs D features can run). kappa / feature layer: see `resolve_izif`.
+        needs D features can run). kappa / feature layer: see `resolve_izif`. An encoder
+        trained for another network file is refused unless `allow_mismatch` (then noted).
         """
         dev = device if isinstance(device, torch.device) else resolve_device(device)
         E, extra = (None, {}) if encoder is None else load_encoder(encoder, device=dev)
         G, D, net_extra = load_networks(network, device=dev, require_D=require_D)
-        if E is not None:
-            check_compatible(E, G, encoder_path=encoder, network_path=network)
         kappa, layer, notes = resolve_izif(kappa, feature_layer, scored_with=scored_with or {},
                                            trained=extra.get("training_options", {}))
+        if E is not None:
+            check_compatible(E, G, encoder_path=encoder, network_path=network)
+            pairing = check_pairing(extra, network, allow_mismatch=allow_mismatch,
+                                    encoder_path=encoder)
+            if pairing:
+                notes.append(pairing)
         policy = _recorded_policy(extra, net_extra)
         return cls(G, D, E, kappa=kappa, feature_layer=layer, policy=policy, notes=notes,
                    network=str(network), encoder=None if encoder is None else str(encoder))

@@ -8,7 +8,15 @@ generated 200x150 PNG) and gets the full answer, three PNG data URLs included. R
 bounded (`--requests`, default 100 per concurrency level) and go to 127.0.0.1 only. Reports
 p50/p95 latency and requests/s at concurrency 1 and `--concurrency` (default 8), with the
 server's torch threads. Prints one JSON object.
+
+`--attack` instead starts the real `anostyle serve` command (default limits) in a subprocess per
+scenario and reports the server process's peak resident memory (VmHWM from /proc) while it is
+sent decompression-amplifying PNGs: `--attack-requests` (2) concurrent requests of
+`--attack-files` (2) files each, and how long a normal request takes meanwhile. Scenarios: the
+issue's 7000x7000 all-zero 16-bit PNG (95 KB; over the 24-megapixel default, refused from its
+header), and the worst the defaults admit: 6000x4000 all-zero 16-bit gray and 8-bit RGBA PNGs.
 Usage: `.venv/bin/python bench/serve.py [--requests 100] [--concurrency 8] [--threads 2]`
+       `.venv/bin/python bench/serve.py --attack`
 """
 
 from __future__ import annotations
@@ -19,7 +27,11 @@ import io
 import json
 import os
 import platform
+import re
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -123,15 +135,133 @@ def run(requests: int, concurrency: int) -> dict:
             "results": levels}
 
 
+# ----------------------------------------------------------------------------------------------
+# Memory under decompression-amplifying uploads
+
+
+def zero_png(mode: str, width: int, height: int) -> bytes:
+    """An all-zero PNG (compresses to a few hundred bytes per megapixel)."""
+    buf = io.BytesIO()
+    Image.new(mode, (width, height)).save(buf, format="PNG", compress_level=9)
+    return buf.getvalue()
+
+
+def multipart_body(files: list[tuple[str, bytes]]) -> bytes:
+    body = b""
+    for name, data in files:
+        body += (b'--BENCH\r\nContent-Disposition: form-data; name="image"; filename="'
+                 + name.encode() + b'"\r\nContent-Type: image/png\r\n\r\n' + data + b"\r\n")
+    return body + b"--BENCH--\r\n"
+
+
+def proc_memory(pid: int) -> dict:
+    """VmRSS and VmHWM (peak) of a process, in MB, from /proc."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = round(int(value.split()[0]) / 1024, 1)
+    return fields
+
+
+def post_detail(port: int, body: bytes) -> tuple[int, float, str]:
+    """(status, seconds, detail or '') of one POST /api/score?images=false."""
+    start = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    try:
+        conn.request("POST", "/api/score?images=false", body=body,
+                     headers={"content-type": "multipart/form-data; boundary=BENCH"})
+        response = conn.getresponse()
+        payload = json.loads(response.read() or b"{}")
+        return response.status, time.perf_counter() - start, str(payload.get("detail", ""))
+    finally:
+        conn.close()
+
+
+def start_server(opts: ServeOptions, *, threads: int) -> tuple[subprocess.Popen, int]:
+    """`anostyle serve` on a free loopback port in a subprocess; (process, port)."""
+    code = "from anomaly.cli import main; main()"
+    cmd = [sys.executable, "-c", code, "serve", "--network", opts.network, "--encoder",
+           opts.encoder, "--summary", opts.summary, "--port", "0", "--device", "cpu",
+           "--threads", str(threads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        found = re.search(r"serving http://127\.0\.0\.1:(\d+)/", line)
+        if found:
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+            port = int(found.group(1))
+            for _ in range(300):  # the socket listens once uvicorn runs
+                try:
+                    http.client.HTTPConnection("127.0.0.1", port, timeout=5).request(
+                        "GET", "/healthz")
+                    return proc, port
+                except ConnectionRefusedError:
+                    time.sleep(0.1)
+    raise RuntimeError(f"the server did not start (exit {proc.wait()})")
+
+
+def attack(opts: ServeOptions, name: str, png: bytes, *, requests: int, files: int,
+           normal: bytes, threads: int) -> dict:
+    """Peak memory of a fresh server while `requests` concurrent requests of `files` copies of
+    `png` run, and the latency of a normal request sent 0.2 s after them."""
+    proc, port = start_server(opts, threads=threads)
+    try:
+        post_detail(port, normal)  # warm-up: the model has run once
+        before = proc_memory(proc.pid)
+        body = multipart_body([(f"{name}-{i}.png", png) for i in range(files)])
+        start = time.perf_counter()
+        with ThreadPoolExecutor(requests + 1) as pool:
+            attacks = [pool.submit(post_detail, port, body) for _ in range(requests)]
+            time.sleep(0.2)
+            normal_answer = pool.submit(post_detail, port, normal).result()
+            answers = [a.result() for a in attacks]
+        seconds = time.perf_counter() - start
+        after = proc_memory(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return {"scenario": name, "png_bytes": len(png), "requests": requests, "files": files,
+            "statuses": [status for status, _s, _d in answers],
+            "detail": sorted({detail for _st, _s, detail in answers if detail}),
+            "seconds": round(seconds, 2), "rss_before_mb": before["VmRSS"],
+            "peak_rss_mb": after["VmHWM"], "rss_after_mb": after["VmRSS"],
+            "normal_request": {"status": normal_answer[0],
+                               "seconds": round(normal_answer[1], 3)}}
+
+
+def run_attack(requests: int, files: int, threads: int) -> dict:
+    name, data = upload_image()
+    normal = multipart_body([(name, data)])
+    scenarios = [("7000x7000 16-bit gray", zero_png("I;16", 7000, 7000)),
+                 ("6000x4000 16-bit gray", zero_png("I;16", 6000, 4000)),
+                 ("6000x4000 8-bit RGBA", zero_png("RGBA", 6000, 4000))]
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = build_model_files(Path(tmp))
+        results = [attack(opts, label, png, requests=requests, files=files, normal=normal,
+                          threads=threads) for label, png in scenarios]
+    return {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "load_avg": os.getloadavg(), "server": "anostyle serve, default limits, subprocess",
+            "target_peak_rss_mb": 600, "results": results}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=100, help="requests per level")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--threads", type=int, help="torch threads [min(4, cores), as serve]")
+    parser.add_argument("--attack", action="store_true",
+                        help="peak server memory under amplifying PNGs instead of latency")
+    parser.add_argument("--attack-requests", type=int, default=2)
+    parser.add_argument("--attack-files", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads or min(4, os.cpu_count() or 1))
+    threads = args.threads or min(4, os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     start = time.perf_counter()
-    results = run(args.requests, args.concurrency)
+    if args.attack:
+        results = run_attack(args.attack_requests, args.attack_files, threads)
+    else:
+        results = run(args.requests, args.concurrency)
     results["bench_seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(results, indent=2))
 

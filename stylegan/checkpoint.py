@@ -43,6 +43,7 @@ FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
 _CONFIG_TYPES = {"G": GeneratorConfig, "G_ema": GeneratorConfig, "D": DiscriminatorConfig}
 _MODULE_TYPES = {"G": Generator, "G_ema": Generator, "D": Discriminator}
+_MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses longer headers
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,6 +119,16 @@ def config_from_dict(cls: type, values: dict, *, source: str = "the checkpoint")
     return cls(**kwargs)
 
 
+def check_finite(tensors: dict[str, torch.Tensor], *, what: str) -> None:
+    """Refuse weights holding NaN or infinity: a damaged file must fail at load, not score."""
+    bad = [name for name, t in tensors.items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise UserError(f"{what} holds non-finite weights (NaN or infinity) in {bad[0]}"
+                        f"{f' and {len(bad) - 1} more tensors' if len(bad) > 1 else ''}; the "
+                        f"file is damaged: copy it again or use another snapshot.")
+
+
 def load_networks(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> dict:
     """Read an AnoStyle checkpoint -> {'G', 'D', 'G_ema' (modules in eval mode or None), 'meta'}.
 
@@ -127,6 +138,7 @@ def load_networks(path: str | os.PathLike, *, device: str | torch.device = "cpu"
     metadata = read_metadata(path)
     body = _check_format(path, metadata)
     tensors = load_file(str(path), device="cpu")
+    check_finite(tensors, what=path.name)
     configs = body.get("configs", {})
     stray = sorted({name.split(".", 1)[0] for name in tensors} - set(configs))
     if stray:
@@ -149,15 +161,23 @@ def load_networks(path: str | os.PathLike, *, device: str | torch.device = "cpu"
 
 
 def _sniff(path: Path) -> str:
-    """'pickle' | 'safetensors' | 'zip' | 'unknown', from the first bytes."""
+    """'safetensors' | 'pickle' | 'zip' | 'unknown', from the first bytes.
+
+    Safetensors is judged first and by its whole structure (u64 little-endian header length,
+    plausible for the file size, then '{'): its first byte is that length mod 256, which is the
+    pickle opcode 0x80 for one header length in 256.
+    """
     with open(path, "rb") as f:
         head = f.read(9)
+        size = os.fstat(f.fileno()).st_size
+    if len(head) == 9 and head[8:9] == b"{":
+        header_len = int.from_bytes(head[:8], "little")
+        if 2 <= header_len <= min(size - 8, _MAX_HEADER_BYTES):
+            return "safetensors"
     if head.startswith(b"\x80"):
         return "pickle"
     if head.startswith(b"PK"):
         return "zip"
-    if len(head) == 9 and head[8:9] == b"{":  # u64 little-endian header size, then JSON
-        return "safetensors"
     return "unknown"
 
 
@@ -176,6 +196,8 @@ def load_network(path: str | os.PathLike, *, device: str | torch.device = "cpu")
     if kind == "pickle":
         out = load_network_pkl(path)
         for key in NETWORK_KEYS:
+            if out[key] is not None:
+                check_finite(out[key].state_dict(), what=f"{path.name} ({key})")
             out[key] = None if out[key] is None else out[key].to(device)
         out["meta"] = dict(format="nvlabs-pickle", source=path.name)
         return out

@@ -164,16 +164,44 @@ class ImageDataset(torch.utils.data.Dataset):
         pairs = raw.get("labels") if isinstance(raw, dict) else None
         if pairs is None:
             return None
-        by_name = {str(name).replace("\\", "/"): label for name, label in pairs}
+        by_name = self._label_pairs(pairs)
         missing = [n for n in names if n not in by_name]
         if missing:
             raise UserError(f"{self._where(DATASET_JSON)} has no label for {missing[0]} "
                             f"({len(missing)} images without label); rebuild the dataset.")
+        absent = sorted(set(by_name) - set(names))
+        if absent:
+            raise UserError(f"{self._where(DATASET_JSON)} lists {len(absent)} image"
+                            f"{'s' * (len(absent) != 1)} that the dataset does not hold (first: "
+                            f"{absent[0][:120]}); rebuild the dataset with `anostyle prepare`.")
         labels = [by_name[n] for n in names]
         if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in labels):
             raise UserError(f"{self._where(DATASET_JSON)} holds labels that are not non-negative "
                             f"integers; AnoStyle needs class indices (0 = normal).")
         return np.asarray(labels, dtype=np.int64)
+
+    def _label_pairs(self, pairs: object) -> dict[str, object]:
+        """dataset.json's labels as {relative name: label}; a wrong shape, a name leaving the
+        dataset or a name given twice is one sentence."""
+        where = self._where(DATASET_JSON)
+        fix = 'it must be {"labels": [["relative/name.png", 0], ...]} or {"labels": null}'
+        if not isinstance(pairs, list):
+            raise UserError(f"{where} has 'labels' of type {type(pairs).__name__}; {fix}.")
+        by_name: dict[str, object] = {}
+        for pair in pairs:
+            if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)):
+                raise UserError(f"{where} has the label entry {json.dumps(pair)[:80]}, not a "
+                                f"[name, label] pair; {fix}.")
+            name = pair[0].replace("\\", "/")
+            parts = name.split("/")
+            if name.startswith("/") or ".." in parts or (parts and parts[0].endswith(":")):
+                raise UserError(f"{where} names {name[:120]!r}, which lies outside the dataset; "
+                                f"rebuild the dataset with `anostyle prepare`.")
+            if name in by_name:
+                raise UserError(f"{where} lists {name[:120]} twice; rebuild the dataset with "
+                                f"`anostyle prepare`.")
+            by_name[name] = pair[1]
+        return by_name
 
     # ---------------------------------------------------------------- pixels
 

@@ -59,6 +59,7 @@ class Resolved:
     options: TrainOptions
     overridden: tuple[str, ...]
     resume_networks: dict[str, Any] | None
+    warnings: tuple[str, ...] = ()  # e.g. too few images to learn a distribution
 
 
 def resolve(flags: TrainFlags) -> Resolved:
@@ -99,7 +100,8 @@ def resolve(flags: TrainFlags) -> Resolved:
         device=flags.device, generator=G_cfg, discriminator=D_cfg,
         ada_kimg=100.0 if resume is not None else 500.0,  # official: react faster when resuming
         preprocessing=recorded_preprocessing(flags.data))
-    return Resolved(options=opts, overridden=overridden, resume_networks=networks)
+    return Resolved(options=opts, overridden=overridden, resume_networks=networks,
+                    warnings=few_images_warning(len(dataset), flags.data))
 
 
 def recorded_preprocessing(data: str) -> dict | None:
@@ -204,6 +206,18 @@ def _adopt_resume_architecture(path: Path, G_cfg: GeneratorConfig, D_cfg: Discri
     return networks, G_new, D_new, tuple(notes)
 
 
+FEW_IMAGES = 100  # below this a GAN can only memorise its data (ADA's smallest sets are ~1k)
+
+
+def few_images_warning(count: int, data: str) -> tuple[str, ...]:
+    """A warning when a dataset is too small to learn a distribution from."""
+    if count >= FEW_IMAGES:
+        return ()
+    return (f"warning: {data} holds only {count} image{'s' * (count != 1)}; a GAN needs "
+            f"hundreds to thousands (ADA's smallest sets have ~1000) and will memorise these, "
+            f"so its scores will not generalise",)
+
+
 def _flag_hint(field: str) -> str:
     return f" (overrides {_FLAG_OF[field]})" if field in _FLAG_OF else ""
 
@@ -218,6 +232,8 @@ def run_from_flags(flags: TrainFlags, *, dry_run: bool = False, echo=print) -> P
     for note in resolved.overridden:
         echo(f"resume file decides the architecture: {note}")
     if dry_run:
-        echo(json.dumps(resolved.options.to_json(), indent=2))
+        echo(json.dumps(resolved.options.to_json(), indent=2))  # JSON only: scripts read it
         return None
+    for warning in resolved.warnings:
+        echo(warning)
     return train(resolved.options, resume_networks=resolved.resume_networks)

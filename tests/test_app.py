@@ -39,7 +39,7 @@ from anomaly.model import AnoModel, resolve_izif
 from anomaly.app.server import BackgroundServer, create_app, upload_limits
 from anomaly.cli import main
 from anomaly.encoder import Encoder, EncoderConfig
-from anomaly.encoder_io import save_encoder
+from anomaly.encoder_io import save_encoder, sha256_file
 from anomaly.evaluate import EvaluateOptions, write_summary
 from anodata.reader import read_fitted
 from anomaly.reconstruct import discriminator_features, reconstruct_batch, residual_images
@@ -96,7 +96,9 @@ def nets(tmp_path_factory):
     E.eval()
     network = save_tiny_networks(root / "net.safetensors", G, D)
     encoder = root / "encoder-000010.safetensors"
-    save_encoder(encoder, E, extra={"training_options": {"kappa": 2.0, "feature_layer": "b16"}})
+    save_encoder(encoder, E, extra={"training_options": {"kappa": 2.0, "feature_layer": "b16"},
+                                    "network": {"path": str(network),
+                                                "sha256": sha256_file(network)}})
     out = {"G": G, "D": D, "E": E, "network": str(network), "encoder": str(encoder), "root": root}
     out["png"] = png_bytes(sample_images(G, 1, seed=11)[0])
     s = direct_izif(out, out["png"])["score"]
@@ -356,7 +358,7 @@ def bad_requests(png: bytes) -> list[tuple[str, dict, int, str]]:
         ("header over the pixel limit", {"files": {"image": ("big.png",
                                                              png_with_header_size(10000, 10000),
                                                              "image/png")}}, 413,
-         "10000x10000 = 100.0 megapixels, over the server's limit of 50 megapixels"),
+         "10000x10000 = 100.0 megapixels, over the server's limit of 24 megapixels"),
         ("decompression bomb", {"files": {"image": ("bomb.png",
                                                     png_with_header_size(100000, 100000),
                                                     "image/png")}}, 413,
@@ -518,7 +520,7 @@ def test_page_policy_and_routes(client):
     assert client.get("/api/score").status_code == 405
     info = client.get("/api/info").json()
     assert (info["max_upload_bytes"], info["max_files"], info["max_pixels"]) == \
-        (20 * 2**20, 16, 50_000_000)
+        (20 * 2**20, 16, 24_000_000)
     assert info["field"] == "image" and info["kappa"] == KAPPA and "/" not in json.dumps(
         {k: v for k, v in info.items() if k != "threshold_rule"})  # no file-system paths
 

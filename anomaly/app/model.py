@@ -50,12 +50,13 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     max_upload_mb: float = 20.0  # whole request body, all files together
-    max_pixels: int = 50_000_000  # width x height from the image header, before decoding
+    max_pixels: int = 24_000_000  # width x height from the header: 6000 x 4000 dermoscopy
     max_files: int = 16  # image parts per request
     kappa: float | None = None  # None: score.json's, else the encoder's training kappa
     feature_layer: str | None = None  # None: score.json's, else the encoder's
     threads: int | None = None  # torch CPU threads; None: min(4, CPU count)
     device: str = "auto"
+    allow_mismatch: bool = False  # serve an encoder trained for another network (with a note)
 
     def check(self) -> "ServeOptions":
         """Refuse impossible limits with one sentence each; returns self."""
@@ -266,7 +267,7 @@ def load_serve_model(opts: ServeOptions) -> ServeModel:
     reference = load_reference(opts.scores, summary_options)
     model = AnoModel.load(opts.network, opts.encoder, device=opts.device, kappa=opts.kappa,
                           feature_layer=opts.feature_layer, scored_with=reference.scored_with,
-                          require_D=False)
+                          require_D=False, allow_mismatch=opts.allow_mismatch)
     if model.kappa > 0 and model.D is None:
         raise UserError(f"--network {opts.network} holds no discriminator, which the feature "
                         f"loss needs; give a full training snapshot or pass --kappa 0.")

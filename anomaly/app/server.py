@@ -11,45 +11,75 @@ client does not exercise the streaming path.
 
 Routes (nothing else is served; no static folder, no directory listing, no API docs page):
   GET  /            the page (page.html: inline CSS/JS, no external resources)
-  GET  /healthz     {"status": "ok"} for monitoring
-  GET  /api/info    model resolution, kappa, feature layer, threshold and rule, upload limits
+  GET  /healthz     {"status": "ok"} for monitoring (needs no token)
+  GET  /login       with a token: a form that sets the session cookie (POST /login)
+  GET  /api/info    model name and resolution, kappa, feature layer, threshold and rule, limits
   POST /api/score   multipart/form-data, one or more files in the field 'image' (repeat the
                     field for several; at most --max-files). Answers {"results": [one object
-                    per file, in order]} with name, width, height, resolution, score,
-                    pixel_term, feature_term, kappa, feature_layer, percentile,
-                    percentile_note, reference_count, decision, threshold, threshold_rule,
-                    comparison, and images {input, reconstruction, residual} as PNG data URLs
-                    (left out with ?images=false). A request is all or nothing: one bad file
-                    answers a 4xx {"detail": message naming the file} and scores nothing.
-Inference runs under one lock (one image at a time through the networks); decoding runs in
-at most two threads at once, outside the lock.
+                    per file, in order]} with name (the client's file name), model, width,
+                    height, resolution, score, pixel_term, feature_term, kappa, feature_layer,
+                    percentile, percentile_note, reference_count, decision, threshold,
+                    threshold_rule, comparison, warnings, and images {input, reconstruction,
+                    residual} as PNG data URLs (left out with ?images=false). A request is all
+                    or nothing: one bad file answers a 4xx {"detail": one sentence naming the
+                    file} and scores nothing; a score that is not a finite number is a 500,
+                    never a decision.
+
+Fail closed, off loopback too:
+  login        with a token (--token / ANOSTYLE_TOKEN; required off loopback unless --no-auth),
+               every route but /healthz and /login needs 'Authorization: Bearer <token>' or the
+               session cookie the login form sets (HttpOnly, SameSite=Strict); comparisons are
+               constant-time;
+  Host         only the names in --allowed-hosts (loopback names when bound to loopback), against
+               DNS rebinding; a POST's Origin must be this scheme://host exactly (so an https page
+               cannot post to an http server, nor another site to this one);
+  time         request headers within --header-timeout (a connection that drips them is closed),
+               the body within --request-timeout, and decoding + scoring within what is left of
+               it (503 after);
+  memory       decoded bytes per request (--max-decoded-mb) and decoding memory across requests
+               (uploads.DecodeBudget: 8 bytes x --max-pixels) are bounded; an image that
+               would need more (e.g. 24 megapixels with transparency) is refused.
+Inference runs under one lock (one image at a time through the networks); decoding runs outside
+it, in the DecodeBudget.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
+import hmac
 import io
+import math
 import os
 import re
 import socket
 import threading
+import time
+from dataclasses import dataclass
 from importlib import resources
 from typing import Callable, Sequence
+from urllib.parse import parse_qs
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from PIL import Image
-from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from anomaly.app.model import ServeModel, ServeOptions, load_serve_model
-from anomaly.app.uploads import Upload, UploadError, UploadLimits, fit_upload, read_uploads
+from anomaly.app.uploads import (DecodeBudget, Upload, UploadError, UploadLimits, fit_upload,
+                                 read_headers, read_uploads)
 from stylegan.errors import UserError
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
-DECODE_THREADS = 2
+DECODE_BYTES_PER_PIXEL = 8  # decoding budget: 8 bytes x --max-pixels (192 MB at 24 MP)
+SMALL_DECODE = 16 * 2**20  # images estimated below this decode in a lane of their own
+SESSION_COOKIE = "anostyle_session"
+MIN_TOKEN_CHARS = 16
+LOGIN_BODY_BYTES = 4096
 CONNECTION_LIMIT = 64  # uvicorn answers 503 beyond this many open connections + tasks
 SECURITY_HEADERS = (  # on every response; the page replaces the CSP with its own
     ("content-security-policy", "default-src 'none'; frame-ancestors 'none'"),
@@ -113,56 +143,273 @@ def png_data_url(image_hwc: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+class Refusal(Exception):
+    """A request the server cannot answer with a result (5xx): status and one sentence."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def _time_limit(seconds: float) -> Refusal:
+    return Refusal(503, f"Scoring took longer than the server's limit of {seconds:g} s (a busy "
+                        f"server or large images); try again with fewer or smaller images.")
+
+
 class Inference:
-    """Fits and scores uploads: decoding in at most DECODE_THREADS threads, networks under
-    one lock."""
+    """Fits and scores uploads: decoding within a DecodeBudget, networks under one lock, the
+    whole request before a monotonic deadline."""
 
-    def __init__(self, model: ServeModel, limits: UploadLimits):
+    def __init__(self, model: ServeModel, limits: UploadLimits, *, model_name: str,
+                 timeout: float):
         self.model, self.limits = model, limits
+        self.model_name, self.timeout = model_name, timeout
         self.lock = threading.Lock()
-        self.decoding = threading.BoundedSemaphore(DECODE_THREADS)
+        capacity = max(limits.max_pixels * DECODE_BYTES_PER_PIXEL, SMALL_DECODE)
+        self.budget = DecodeBudget(capacity, small=SMALL_DECODE)
 
-    def __call__(self, uploads: Sequence[Upload], *, images: bool) -> list[dict]:
+    def __call__(self, uploads: Sequence[Upload], *, images: bool, deadline: float
+                 ) -> list[dict]:
         scorer = self.model.scorer
+        headers = read_headers(list(uploads), self.limits, draft_size=scorer.resolution)
+        for upload, header in zip(uploads, headers):
+            if not self.budget.admits(header.work_bytes):
+                raise UploadError(413, f"'{upload.name}' would need about "
+                                       f"{header.work_bytes / 2**20:.0f} MB of memory to decode "
+                                       f"({header.width}x{header.height} with transparency or "
+                                       f"16-bit colour), over the server's budget of "
+                                       f"{self.budget.capacity / 2**20:.0f} MB; send it as JPEG "
+                                       f"or as an 8-bit PNG without transparency.")
         fitted = []
-        for upload in uploads:  # all checked before any inference: all or nothing
-            with self.decoding:
-                fitted.append(fit_upload(upload, policy=scorer.policy,
-                                         max_pixels=self.limits.max_pixels))
-        with self.lock:
-            scores = [scorer(image) for image, _size in fitted]
-        results = []
-        for upload, (_image, (width, height)), s in zip(uploads, fitted, scores):
-            result = {"name": upload.name, "width": width, "height": height,
-                      "resolution": scorer.resolution, "score": s.score,
-                      "pixel_term": s.pixel_term, "feature_term": s.feature_term,
-                      "kappa": scorer.kappa, "feature_layer": scorer.feature_layer,
-                      **self.model.judge(s.score)}
-            if images:
-                result["images"] = {"input": png_data_url(s.image),
-                                    "reconstruction": png_data_url(s.reconstruction),
-                                    "residual": png_data_url(s.residual)}
-            results.append(result)
-        return results
+        for upload, header in zip(uploads, headers):  # all checked before any inference
+            try:
+                with self.budget.hold(header.work_bytes, deadline=deadline):
+                    fitted.append(fit_upload(upload, policy=scorer.policy,
+                                             max_pixels=self.limits.max_pixels))
+            except TimeoutError:
+                raise _time_limit(self.timeout) from None
+        if not self.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise _time_limit(self.timeout)
+        try:
+            scores = []
+            for upload, (image, _size) in zip(uploads, fitted):
+                if time.monotonic() > deadline:
+                    raise _time_limit(self.timeout)
+                scores.append(checked_score(scorer(image), upload.name))
+        finally:
+            self.lock.release()
+        return [self.result(upload, size, s, images=images)
+                for upload, (_image, size), s in zip(uploads, fitted, scores)]
+
+    def result(self, upload: Upload, size: tuple[int, int], s, *, images: bool) -> dict:
+        scorer = self.model.scorer
+        result = {"name": upload.name, "model": self.model_name, "width": size[0],
+                  "height": size[1], "resolution": scorer.resolution, "score": s.score,
+                  "pixel_term": s.pixel_term, "feature_term": s.feature_term,
+                  "kappa": scorer.kappa, "feature_layer": scorer.feature_layer,
+                  **self.model.judge(s.score), "warnings": list(self.model.notes)}
+        if images:
+            result["images"] = {"input": png_data_url(s.image),
+                                "reconstruction": png_data_url(s.reconstruction),
+                                "residual": png_data_url(s.residual)}
+        return result
 
 
-def _same_origin(origin: str | None, host: str | None) -> bool:
-    """True unless the browser says the request comes from another site (CSRF)."""
+def checked_score(s, name: str):
+    """`s` when its score and both terms are finite numbers; a Refusal (500) otherwise: a
+    detector that cannot score must never answer 'normal'."""
+    if all(math.isfinite(v) for v in (s.score, s.pixel_term, s.feature_term)):
+        return s
+    raise Refusal(500, f"The model gave a non-finite score for '{name}', so it gives no "
+                       f"decision; its network or encoder file is damaged: tell the operator "
+                       f"of this server.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Login, Host names, Origin
+
+
+def host_name(host: str | None) -> str:
+    """'Example.org:8000' -> 'example.org'; '[::1]:80' -> '[::1]'."""
+    host = (host or "").strip().lower()
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def same_origin(origin: str | None, host: str | None, scheme: str) -> bool:
+    """True unless the browser says the request comes from another origin (CSRF): the Origin
+    must be exactly `scheme`://`host`, so an https page cannot post to an http server."""
     if origin is None:
         return True  # not a browser, or a same-origin GET
-    return host is not None and origin.split("://", 1)[-1].rstrip("/").lower() == host.lower()
+    return host is not None and origin.rstrip("/").lower() == f"{scheme}://{host}".lower()
+
+
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()
+
+
+class Login:
+    """The token and the session value derived from it; constant-time checks."""
+
+    def __init__(self, token: str):
+        self._token = _digest(token)
+        self.session = hmac.new(token.encode(), b"anostyle-session", "sha256").hexdigest()
+
+    def token_ok(self, given: str) -> bool:
+        return hmac.compare_digest(_digest(given), self._token)
+
+    def session_ok(self, given: str) -> bool:
+        return hmac.compare_digest(_digest(given), _digest(self.session))
+
+    def allows(self, headers: dict[str, str]) -> bool:
+        scheme, _, value = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and value and self.token_ok(value.strip()):
+            return True
+        for part in headers.get("cookie", "").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == SESSION_COOKIE and self.session_ok(value):
+                return True
+        return False
+
+
+async def _send_json(send, status: int, detail: str, extra_headers=()) -> None:
+    body = JSONResponse({"detail": detail}).body
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()), *extra_headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Gate:
+    """ASGI middleware: Host names, then the token (except for /healthz and /login)."""
+
+    OPEN_PATHS = ("/healthz", "/login")
+
+    def __init__(self, app, *, login: Login | None, allowed_hosts: Sequence[str] | None):
+        self.app, self.login = app, login
+        self.allowed = None if allowed_hosts is None else {host_name(h) for h in allowed_hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers", [])}
+        host = host_name(headers.get("host"))
+        if self.allowed is not None and "*" not in self.allowed and host not in self.allowed:
+            return await _send_json(send, 400, f"This server does not answer to the host name "
+                                               f"'{host[:80]}'; use one of its allowed names "
+                                               f"(--allowed-hosts).")
+        if self.login is None or scope["path"] in self.OPEN_PATHS \
+                or self.login.allows(headers):
+            return await self.app(scope, receive, send)
+        if scope["method"] in ("GET", "HEAD") and scope["path"] == "/":
+            response = RedirectResponse("login", status_code=303)
+            return await response(scope, receive, send)
+        await _send_json(send, 401, "This server needs its token: send 'Authorization: Bearer "
+                                    "<token>', or log in on its page.",
+                         [(b"www-authenticate", b'Bearer realm="anostyle"')])
+
+
+LOGIN_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="referrer" content="no-referrer">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>AnoStyle - log in</title></head>
+<body><h1>AnoStyle</h1><p>{message}</p>
+<form method="post" action="login"><label>Token <input name="token" type="password"
+autocomplete="current-password" autofocus required></label> <button>Log in</button></form>
+</body></html>
+"""
+LOGIN_POLICY = ("default-src 'none'; form-action 'self'; base-uri 'none'; "
+                "frame-ancestors 'none'")
+
+
+def login_routes(app: FastAPI, login: Login, *, timeout: float) -> None:
+    """GET /login (the form) and POST /login (token -> session cookie, redirect to the page)."""
+
+    def form(message: str, status: int) -> HTMLResponse:
+        return HTMLResponse(LOGIN_PAGE.format(message=message), status_code=status,
+                            headers={"content-security-policy": LOGIN_POLICY})
+
+    @app.get("/login", response_class=HTMLResponse)
+    def login_form() -> HTMLResponse:
+        return form("This server needs its token.", 200)
+
+    @app.post("/login")
+    async def login_post(request: Request):
+        if not same_origin(request.headers.get("origin"), request.headers.get("host"),
+                           request.url.scheme):
+            raise UploadError(403, "Cross-site logins are refused; use the page of this server.")
+        body = b""
+        try:
+            async with asyncio.timeout(timeout):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > LOGIN_BODY_BYTES:
+                        raise UploadError(413, "The login form is too large.")
+        except TimeoutError:
+            raise UploadError(408, f"The login form did not arrive within {timeout:g} s."
+                              ) from None
+        given = parse_qs(body.decode("latin-1")).get("token", [""])[0]
+        if not login.token_ok(given):
+            await asyncio.sleep(0.5)  # slows guessing down
+            return form("Wrong token; try again.", 401)
+        response = RedirectResponse("./", status_code=303)
+        response.set_cookie(SESSION_COOKIE, login.session, httponly=True, samesite="strict",
+                            secure=request.url.scheme == "https", path="/")
+        return response
+
+
+# ----------------------------------------------------------------------------------------------
+# The application
+
+
+def _flag(value: str, name: str) -> bool:
+    """A boolean query parameter: true/false, 1/0, yes/no; anything else one sentence."""
+    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    if value.lower() not in words:
+        raise UploadError(400, f"The query parameter '{name}' must be true or false, not "
+                               f"'{value[:40]}'.")
+    return words[value.lower()]
 
 
 def create_app(model: ServeModel, limits: UploadLimits, *,
-               allowed_hosts: Sequence[str] | None = None) -> FastAPI:
-    """The ASGI application. `allowed_hosts`: Host header names accepted (None: any)."""
+               allowed_hosts: Sequence[str] | None = None, token: str | None = None,
+               request_timeout: float = 60.0, model_name: str = "AnoStyle model") -> FastAPI:
+    """The ASGI application.
+
+    allowed_hosts: Host header names accepted (None: any; '*' in it: any).
+    token: the login token (None: no login). request_timeout: seconds for the body, decoding
+    and scoring of one request.
+    """
     app = FastAPI(title="AnoStyle", docs_url=None, redoc_url=None, openapi_url=None)
     page, policy = page_and_policy()
-    inference = Inference(model, limits)
+    inference = Inference(model, limits, model_name=model_name, timeout=request_timeout)
+    login = None if token is None else Login(token)
 
     @app.exception_handler(UploadError)
     async def upload_error(_request: Request, exc: UploadError) -> JSONResponse:
-        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+        # close: the rest of a refused body (a slow or oversized upload) is never read
+        return JSONResponse({"detail": exc.message}, status_code=exc.status,
+                            headers={"connection": "close"})
+
+    @app.exception_handler(Refusal)
+    async def refusal(_request: Request, exc: Refusal) -> JSONResponse:
+        headers = {"connection": "close", **({"retry-after": "10"} if exc.status == 503 else {})}
+        return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "body"))
+        return JSONResponse({"detail": f"The request's {where or 'input'} is invalid "
+                                       f"({first.get('msg', 'unknown reason')})."},
+                            status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def internal_error(_request: Request, _exc: Exception) -> JSONResponse:
@@ -179,20 +426,33 @@ def create_app(model: ServeModel, limits: UploadLimits, *,
 
     @app.get("/api/info")
     def info() -> dict:
-        return {**model.info(), "field": "image", "max_upload_bytes": limits.max_bytes,
-                "max_files": limits.max_files, "max_pixels": limits.max_pixels}
+        return {**model.info(), "model": model_name, "field": "image",
+                "max_upload_bytes": limits.max_bytes, "max_files": limits.max_files,
+                "max_pixels": limits.max_pixels, "max_decoded_bytes": limits.max_decoded_bytes,
+                "request_timeout": request_timeout}
 
     @app.post("/api/score")
-    async def score(request: Request, images: bool = True) -> dict:
-        if not _same_origin(request.headers.get("origin"), request.headers.get("host")):
+    async def score(request: Request, images: str = "true") -> dict:
+        deadline = time.monotonic() + request_timeout
+        want_images = _flag(images, "images")
+        if not same_origin(request.headers.get("origin"), request.headers.get("host"),
+                           request.url.scheme):
             raise UploadError(403, "Cross-site uploads are refused; use the page of this server.")
-        uploads = await read_uploads(request.headers.get("content-type"),
-                                     request.headers.get("content-length"), request.stream(),
-                                     limits)
-        return {"results": await run_in_threadpool(inference, uploads, images=images)}
+        try:
+            async with asyncio.timeout(request_timeout):
+                uploads = await read_uploads(request.headers.get("content-type"),
+                                             request.headers.get("content-length"),
+                                             request.stream(), limits)
+        except TimeoutError:
+            raise UploadError(408, f"The upload did not arrive within the server's limit of "
+                                   f"{request_timeout:g} s; send it again over a faster "
+                                   f"connection, or fewer images at once.") from None
+        return {"results": await run_in_threadpool(inference, uploads, images=want_images,
+                                                   deadline=deadline)}
 
-    if allowed_hosts is not None:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+    if login is not None:
+        login_routes(app, login, timeout=request_timeout)
+    app.add_middleware(Gate, login=login, allowed_hosts=allowed_hosts)
     app.add_middleware(SecurityHeaders)
     return app
 
@@ -201,9 +461,63 @@ def create_app(model: ServeModel, limits: UploadLimits, *,
 # Starting the server
 
 
-def upload_limits(opts: ServeOptions) -> UploadLimits:
+@dataclass(frozen=True)
+class AccessOptions:
+    """How `anostyle serve` faces the network: login, Host names, proxy, time and memory."""
+
+    token: str | None = None  # None: ANOSTYLE_TOKEN, else no login (loopback or no_auth only)
+    no_auth: bool = False  # serve off loopback without a login, explicitly
+    allowed_hosts: tuple[str, ...] = ()  # () : loopback names, or this machine's names
+    proxy: str | None = None  # address(es) of a reverse proxy whose X-Forwarded-* are trusted
+    header_timeout: float = 10.0  # s to send the request line and headers
+    request_timeout: float = 60.0  # s for the body, decoding and scoring of one request
+    max_decoded_mb: float = 256.0  # decoded image bytes per request
+
+    def resolve(self, host: str, *, environ=os.environ) -> "AccessOptions":
+        """The token from ANOSTYLE_TOKEN when not given; refuses an exposed server without one
+        and short tokens, each with one sentence."""
+        token = self.token if self.token is not None else (environ.get("ANOSTYLE_TOKEN") or None)
+        if token is not None and len(token) < MIN_TOKEN_CHARS:
+            raise UserError(f"the token has {len(token)} characters; use at least "
+                            f"{MIN_TOKEN_CHARS}, e.g. from: python -c \"import secrets; "
+                            f"print(secrets.token_urlsafe())\".")
+        if token is not None and self.no_auth:
+            raise UserError("--no-auth and a token (--token or ANOSTYLE_TOKEN) contradict each "
+                            "other; give one of them.")
+        if host not in LOOPBACK_NAMES and token is None and not self.no_auth:
+            raise UserError(f"--host {host} exposes the page to other machines, so it needs a "
+                            f"login: give --token (or set ANOSTYLE_TOKEN), or pass --no-auth to "
+                            f"serve without one.")
+        for name, value in (("--header-timeout", self.header_timeout),
+                            ("--request-timeout", self.request_timeout),
+                            ("--max-decoded-mb", self.max_decoded_mb)):
+            if not 0 < value < 1e6:
+                raise UserError(f"{name} {value} is out of range; give a positive number.")
+        return AccessOptions(token, self.no_auth, self.allowed_hosts, self.proxy,
+                             self.header_timeout, self.request_timeout, self.max_decoded_mb)
+
+
+def upload_limits(opts: ServeOptions, access: AccessOptions | None = None) -> UploadLimits:
+    access = access or AccessOptions()
     return UploadLimits(max_bytes=int(opts.max_upload_mb * 2**20), max_files=opts.max_files,
-                        max_pixels=opts.max_pixels)
+                        max_pixels=opts.max_pixels,
+                        max_decoded_bytes=int(access.max_decoded_mb * 2**20))
+
+
+def default_hosts(host: str) -> tuple[str, ...]:
+    """Host names accepted when --allowed-hosts is not given: loopback names when bound to
+    loopback, else this machine's name, its full name and the bound address (if specific)."""
+    if host in LOOPBACK_NAMES:
+        return LOOPBACK_NAMES
+    names = {socket.gethostname(), socket.getfqdn()}
+    if host not in ("0.0.0.0", "::", "[::]", ""):
+        names.add(host)
+    return tuple(sorted(n.lower() for n in names if n)) + LOOPBACK_NAMES
+
+
+def model_name(opts: ServeOptions) -> str:
+    """The name answers carry: the network and encoder file names."""
+    return f"{os.path.basename(opts.network)} + {os.path.basename(opts.encoder)}"
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -220,26 +534,101 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def uvicorn_server(app, *, log_level: str = "info"):
-    """A uvicorn Server for `app` (HTTP/1.1 via h11, no websockets, no lifespan events)."""
+def header_timeout_protocol(seconds: float):
+    """uvicorn's h11 protocol with a limit on the time to send the request line and headers:
+    a connection that has not finished them `seconds` after it opened (or after its previous
+    response) gets a 408 and is closed. uvicorn itself only limits idle keep-alive time."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def _arm_header_timer(self) -> None:
+            self._header_timer = self.loop.call_later(seconds, self._headers_too_slow)
+
+        def _cancel_header_timer(self) -> None:
+            timer = getattr(self, "_header_timer", None)
+            if timer is not None:
+                timer.cancel()
+                self._header_timer = None
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # the request head has arrived
+                self._cancel_header_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self._cancel_header_timer()
+                self._arm_header_timer()  # the next request on this connection
+
+        def connection_lost(self, exc) -> None:
+            self._cancel_header_timer()
+            super().connection_lost(exc)
+
+        def _headers_too_slow(self) -> None:
+            self._header_timer = None
+            if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+                return
+            body = (b'{"detail":"The request headers did not arrive within the server\'s '
+                    b'limit of %g s."}' % seconds)
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: "
+                                 b"application/json\r\nconnection: close\r\ncontent-length: "
+                                 b"%d\r\n\r\n%s" % (len(body), body))
+            self.transport.close()
+
+    return HeaderTimeoutProtocol
+
+
+def uvicorn_server(app, *, log_level: str = "info", header_timeout: float = 10.0,
+                   proxy: str | None = None):
+    """A uvicorn Server for `app` (HTTP/1.1 via h11, no websockets, no lifespan events).
+
+    proxy: address(es) whose X-Forwarded-Proto/For are trusted (None: none).
+    """
     import uvicorn
 
-    config = uvicorn.Config(app, http="h11", loop="asyncio", ws="none", lifespan="off",
-                            log_level=log_level, limit_concurrency=CONNECTION_LIMIT,
-                            timeout_keep_alive=5, server_header=False, proxy_headers=False)
+    config = uvicorn.Config(app, http=header_timeout_protocol(header_timeout), loop="asyncio",
+                            ws="none", lifespan="off", log_level=log_level,
+                            limit_concurrency=CONNECTION_LIMIT, timeout_keep_alive=5,
+                            server_header=False, proxy_headers=proxy is not None,
+                            forwarded_allow_ips=proxy)
     return uvicorn.Server(config)
 
 
-def run_server(opts: ServeOptions, *, announce: Callable[[str], None] = print) -> None:
+def return_freed_memory(threshold: int = 1 << 20) -> bool:
+    """glibc only: serve every allocation of `threshold` bytes or more with mmap, so that a
+    decoded image's buffers go back to the system when freed. glibc's default threshold grows
+    to 32 MB after the first large free, after which decoded images land in (per-thread) heap
+    arenas that stay resident. Returns False where mallopt is unavailable."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def run_server(opts: ServeOptions, access: AccessOptions | None = None, *,
+               announce: Callable[[str], None] = print) -> None:
     """Load the model once, then serve until interrupted (Ctrl-C)."""
     import torch
 
     opts = opts.check()
+    access = (access or AccessOptions()).resolve(opts.host)
     torch.set_num_threads(opts.threads or min(4, os.cpu_count() or 1))
+    return_freed_memory()
     model = load_serve_model(opts)
-    loopback = opts.host in LOOPBACK_NAMES
-    app = create_app(model, upload_limits(opts),
-                     allowed_hosts=LOOPBACK_NAMES if loopback else None)
+    hosts = access.allowed_hosts or default_hosts(opts.host)
+    app = create_app(model, upload_limits(opts, access), allowed_hosts=hosts,
+                     token=access.token, request_timeout=access.request_timeout,
+                     model_name=model_name(opts))
     sock = bind_socket(opts.host, opts.port)
     port = sock.getsockname()[1]
     info = model.info()
@@ -250,17 +639,22 @@ def run_server(opts: ServeOptions, *, announce: Callable[[str], None] = print) -
     for note in [info["percentile_note"], *info["notes"]]:
         if note:
             announce(f"note: {note}")
-    if not loopback:
-        announce(f"warning: --host {opts.host} makes the page reachable from other machines; "
-                 f"it has no login, so keep it behind a firewall or a reverse proxy with auth.")
-    uvicorn_server(app).run(sockets=[sock])
+    announce(f"login: {'token required' if access.token else 'none'}; host names accepted: "
+             f"{', '.join(hosts)}")
+    if access.no_auth and opts.host not in LOOPBACK_NAMES:
+        announce(f"warning: --no-auth with --host {opts.host}: anyone who reaches this port can "
+                 f"use the page; keep it behind a firewall or a reverse proxy with a login.")
+    uvicorn_server(app, header_timeout=access.header_timeout,
+                   proxy=access.proxy).run(sockets=[sock])
 
 
 class BackgroundServer:
     """uvicorn serving `app` on a free loopback port in a daemon thread (tests, benchmarks)."""
 
-    def __init__(self, app, *, host: str = "127.0.0.1", log_level: str = "warning"):
+    def __init__(self, app, *, host: str = "127.0.0.1", log_level: str = "warning",
+                 header_timeout: float = 10.0):
         self.app, self.host, self.log_level = app, host, log_level
+        self.header_timeout = header_timeout
         self.port = 0
         self._server = self._thread = None
 
@@ -271,7 +665,8 @@ class BackgroundServer:
     def __enter__(self) -> "BackgroundServer":
         sock = bind_socket(self.host, 0)
         self.port = sock.getsockname()[1]
-        self._server = uvicorn_server(self.app, log_level=self.log_level)
+        self._server = uvicorn_server(self.app, log_level=self.log_level,
+                                      header_timeout=self.header_timeout)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
                                         daemon=True)
         self._thread.start()

@@ -7,7 +7,12 @@ Limits, each checked as early as it can be:
   pixels       width x height from the image header, before any pixel is decoded
                (decompression bombs), then decoded by the project's one policy
                (anodata.imageio) and fitted by the model's recorded preprocessing policy
-               (as `anostyle prepare` fitted its data).
+               (as `anostyle prepare` fitted its data);
+  decoded      the bytes the decoder will hold (width x height x bytes per pixel of the file's
+               mode, after JPEG's DCT-domain reduction), summed over the request's files;
+  memory       decodes run through a DecodeBudget: large images one after another within a
+               fixed budget of estimated working memory (WORK_BYTES per pixel), small ones in
+               a lane of their own; an image whose estimate exceeds the budget is refused.
 Nothing touches the file system: python-multipart's streaming parser hands each part's bytes to
 an in-memory buffer. A client's file name is kept only to be shown (cleaned of control
 characters); it never becomes a path, and not even its extension picks the decoder: the bytes do.
@@ -18,10 +23,13 @@ from __future__ import annotations
 
 import io
 import re
+import threading
+import time
 import unicodedata
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -35,6 +43,17 @@ from anodata.imageio import ImageRejected
 FIELD = "image"
 UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")  # what PIL may identify an upload as
 MAX_NAME_CHARS = 200
+# Bytes per pixel of a decoded PIL image, by mode (unknown modes: 4).
+MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "La": 2, "PA": 2, "I;16": 2, "I;16L": 2,
+              "I;16B": 2, "I;16N": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "RGBA": 4,
+              "RGBa": 4, "RGBX": 4, "CMYK": 4, "I": 4, "F": 4}
+# Working memory of decoding, converting and fitting one image, in bytes per decoded pixel, by
+# the mode of its header: PIL's own copy (4 bytes per pixel for every multi-band mode), the
+# 8-bit gray or RGB result and, for alpha, the compositing. Measured with 6000x4000 all-zero
+# PNGs (peak RSS increase): RGB 4.1, L and P 5.0, 16-bit gray 7.2, RGBA and LA 12.0.
+WORK_BYTES = {"RGB": 5, "YCbCr": 5, "L": 6, "P": 6, "1": 6, "I;16": 8, "I;16L": 8,
+              "I;16B": 8, "I;16N": 8}
+WORK_BYTES_OTHER = 13  # alpha modes, CMYK, 32-bit: the most any mode was seen to need
 
 
 class UploadError(Exception):
@@ -53,6 +72,7 @@ class UploadLimits:
     max_bytes: int
     max_files: int
     max_pixels: int
+    max_decoded_bytes: int = 256 * 2**20  # per request, all files together
 
 
 @dataclass(frozen=True)
@@ -182,13 +202,31 @@ async def read_uploads(content_type: str | None, content_length: str | None,
     return parts.files
 
 
-def image_size(upload: Upload, *, max_pixels: int) -> tuple[int, int]:
-    """(width, height) read from the header alone; refuses non-images and too many pixels."""
+@dataclass(frozen=True)
+class Header:
+    """What an upload's image header says, before any pixel is decoded."""
+
+    width: int
+    height: int
+    decoded_bytes: int  # what the decoder will hold (after JPEG's reduction)
+    work_bytes: int  # estimated working memory of decoding and converting it
+
+
+def read_header(upload: Upload, *, max_pixels: int, draft_size: int | None = None) -> Header:
+    """The header of an upload; refuses non-images and too many pixels, decodes nothing.
+
+    `draft_size`: the size JPEG decoding may reduce to (as `read_fitted` asks), which sets the
+    decoded bytes of a JPEG.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             with Image.open(io.BytesIO(upload.data), formats=UPLOAD_FORMATS) as img:
                 width, height = img.size
+                if draft_size is not None and img.format == "JPEG" and width * height <= max_pixels:
+                    img.draft(None, (draft_size, draft_size))  # header only: sets the size
+                decoded_pixels, mode = img.size[0] * img.size[1], img.mode
+                decoded = decoded_pixels * MODE_BYTES.get(mode, 4)
         except Image.DecompressionBombError:  # PIL's own limit, far above any sane photo
             raise UploadError(413, f"'{upload.name}' has more pixels than the server's limit of "
                                    f"{max_pixels / 1e6:g} megapixels.") from None
@@ -202,7 +240,31 @@ def image_size(upload: Upload, *, max_pixels: int) -> tuple[int, int]:
         raise UploadError(413, f"'{upload.name}' is {width}x{height} = "
                                f"{width * height / 1e6:.1f} megapixels, over the server's limit "
                                f"of {max_pixels / 1e6:g} megapixels.")
-    return width, height
+    return Header(width, height, decoded,
+                  decoded_pixels * WORK_BYTES.get(mode, WORK_BYTES_OTHER))
+
+
+def image_size(upload: Upload, *, max_pixels: int) -> tuple[int, int]:
+    """(width, height) read from the header alone; refuses non-images and too many pixels."""
+    header = read_header(upload, max_pixels=max_pixels)
+    return header.width, header.height
+
+
+def read_headers(uploads: list[Upload], limits: UploadLimits, *, draft_size: int
+                 ) -> list[Header]:
+    """Every upload's header, and the request's decoded bytes within `max_decoded_bytes`."""
+    headers = []
+    for upload in uploads:
+        if not upload.data:
+            raise UploadError(400, f"'{upload.name}' is an empty file (0 bytes); choose an image.")
+        headers.append(read_header(upload, max_pixels=limits.max_pixels, draft_size=draft_size))
+    total = sum(h.decoded_bytes for h in headers)
+    if total > limits.max_decoded_bytes:
+        raise UploadError(413, f"These {len(uploads)} images decode to "
+                               f"{total / 2**20:.0f} MB, over the server's limit of "
+                               f"{limits.max_decoded_bytes / 2**20:g} MB per request; send "
+                               f"fewer or smaller images (or JPEG) per request.")
+    return headers
 
 
 def fit_upload(upload: Upload, *, policy: Preprocessing,
@@ -220,3 +282,46 @@ def fit_upload(upload: Upload, *, policy: Preprocessing,
         raise UploadError(422, f"'{upload.name}' cannot be decoded ({type(exc).__name__}: "
                                f"{exc}).") from None
     return fitted, size
+
+
+class DecodeBudget:
+    """Bounds the memory of decodes running at once, in estimated working bytes.
+
+    Images needing more than `small` bytes share `capacity` (one at a time when they are
+    large); smaller ones run in `small_lanes` threads of their own, so a normal photo is not
+    queued behind a batch of huge ones. Peak: capacity + small_lanes * small.
+    """
+
+    def __init__(self, capacity: int, *, small: int, small_lanes: int = 2):
+        assert 0 < small <= capacity, (small, capacity)
+        self.capacity, self.small = capacity, small
+        self._used = 0
+        self._large = threading.Condition()
+        self._lanes = threading.BoundedSemaphore(small_lanes)
+
+    def admits(self, cost: int) -> bool:
+        return cost <= self.capacity
+
+    @contextmanager
+    def hold(self, cost: int, *, deadline: float) -> Iterator[None]:
+        """Wait (until the monotonic `deadline`, else TimeoutError) for room for `cost` bytes."""
+        assert self.admits(cost), (cost, self.capacity)
+        if cost <= self.small:
+            if not self._lanes.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise TimeoutError
+            try:
+                yield
+            finally:
+                self._lanes.release()
+            return
+        with self._large:
+            if not self._large.wait_for(lambda: self._used + cost <= self.capacity,
+                                        timeout=max(0.0, deadline - time.monotonic())):
+                raise TimeoutError
+            self._used += cost
+        try:
+            yield
+        finally:
+            with self._large:
+                self._used -= cost
+                self._large.notify_all()
