@@ -64,7 +64,7 @@ def test_preparing_the_demo_with_splits_from_gives_the_model_split(tmp_path):
     assert "SPLITS_FROM=${SPLITS_FROM-$ROOT/models/ham64-cpu/splits.csv}" in SETTINGS.read_text()
 
 
-def test_model_split_is_the_seeded_rule_on_all_of_ham10000(ham_dir):
+def test_model_split_is_the_seeded_rule_on_all_of_ham10000(full_ham_metadata):
     """splits.csv is what `prepare --seed 0 --val 0.1 --test 0.2` gives on HAM10000 (the
     command in models/ham64-cpu/README.md), minus the two byte-identical duplicate files it
     drops; only the metadata is read."""
@@ -72,9 +72,9 @@ def test_model_split_is_the_seeded_rule_on_all_of_ham10000(ham_dir):
     from anodata.sources import Candidate
 
     duplicates = {"ISIC_0029861", "ISIC_0029938"}  # of ISIC_0024366 and ISIC_0024777
-    rows = sorted(_read(ham_dir / "HAM10000_metadata.csv"), key=lambda r: r["image_id"])
+    rows = sorted(_read(full_ham_metadata), key=lambda r: r["image_id"])
     items = [_Item(Candidate(f"{r['image_id']}.jpg", r["dx"], r["lesion_id"]), "", 0, 0)
              for r in rows if r["image_id"] not in duplicates]
-    class_map = make_class_map(sorted({r["dx"] for r in rows}), ("nv",), source=ham_dir)
+    class_map = make_class_map(sorted({r["dx"] for r in rows}), ("nv",), source=full_ham_metadata.parent)
     out = assign_splits(items, class_map, [], val=0.1, test=0.2, seed=0)
     assert {it.candidate.group: it.split for it in out} == _model_split()
