@@ -411,7 +411,9 @@ class SynthesisNetwork(nn.Module):
             w_idx += block.num_conv
             x, img = block(x, img, block_ws, noise_mode=noise_mode, force_fp32=force_fp32,
                            fused_modconv=fused_modconv)
-        return img  # [N, C, H, W]
+        # The fast ops compute in channels-last memory; callers get the plain layout (randn_like
+        # of the image, as in the path-length penalty, then draws the same numbers).
+        return img.contiguous()  # [N, C, H, W]
 
 
 class Generator(nn.Module):
@@ -623,7 +625,7 @@ class Discriminator(nn.Module):
             _check_labels(c, n=img.shape[0], c_dim=self.c_dim)
         feats = self._trunk(img, force_fp32=force_fp32)
         del feats["b4.out"]
-        return feats
+        return {name: value.contiguous() for name, value in feats.items()}  # plain layout
 
     def forward(self, img: torch.Tensor, c: torch.Tensor | None = None, *,
                 force_fp32: bool = False) -> torch.Tensor:
