@@ -56,15 +56,15 @@ def make_zip(path: Path, res: int, n: int = 32) -> Path:
     return path
 
 
-def _training_step(opts):
+def _training_step(opts, device: torch.device):
     """A callable running one iteration with `batch_idx`, and the state it trains."""
     from stylegan import train as T
 
     if hasattr(T, "TrainingStep"):
-        step = T.TrainingStep(opts)
+        step = T.TrainingStep(opts, T.Dist(device=device))
         return (lambda idx: step(batch_idx=idx)), step.state
     # Checkouts before the public TrainingStep (commit 201b02a and older): their private names.
-    env = T.Dist()
+    env = T.Dist(device=device)
     state, _ = T._build_state(opts, env, None)
     reals = T._real_batches(T.ImageDataset(opts.data), opts, env, start=0)
     stats = T._StatsCollector()
@@ -77,21 +77,31 @@ def _training_step(opts):
 
 def time_kinds(name: str, repeats: int, tmp: Path) -> dict:
     """Fastest wall-clock seconds of each iteration kind (after one warm-up) in this process."""
+    res, flags = CASES[name]
+    return time_training(res, flags, repeats, tmp, device=torch.device("cpu"))
+
+
+def time_training(res: int, flags: dict, repeats: int, tmp: Path, *,
+                  device: torch.device) -> dict:
+    """Per-kind fastest seconds (wall and CPU) of training iterations on random `res` px data."""
     from stylegan.options import TrainFlags, resolve
 
-    res, flags = CASES[name]
-    data = make_zip(tmp / f"{name}.zip", res)
-    opts = resolve(TrainFlags(outdir=str(tmp / "runs"), data=str(data), workers=0, device="cpu",
-                              **flags)).options
+    data = make_zip(tmp / f"data{res}.zip", res)
+    opts = resolve(TrainFlags(outdir=str(tmp / "runs"), data=str(data), workers=0,
+                              device=device.type, **flags)).options
     torch.manual_seed(0)
-    step, state = _training_step(opts)
-    state.augment.p.fill_(0.5)  # ADA at work on every image D sees
+    step, state = _training_step(opts, device)
+    if state.augment is not None:
+        state.augment.p.fill_(0.5)  # ADA at work on every image D sees
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     seconds, cpu_seconds = {}, {}
     for kind, idx in KINDS.items():
         times, cpu_times = [], []
         for _ in range(repeats + 1):  # the first run warms up
+            sync()
             start, cpu_start = time.perf_counter(), time.process_time()
             step(idx)
+            sync()
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
         seconds[kind], cpu_seconds[kind] = min(times[1:]), min(cpu_times[1:])

@@ -11,6 +11,8 @@ Shape letters: N batch, C channels, H/W height/width, K number of style vectors 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,9 +79,25 @@ def channels_at(res: int, *, channel_base: int, channel_max: int) -> int:
     return min(channel_base // res, channel_max)
 
 
+_fp16_on_any_device = False
+
+
+@contextmanager
+def float16_on_any_device() -> Iterator[None]:
+    """Within this block the float16 blocks compute float16 on every device, not only on CUDA:
+    for checking the float16 path (weight normalisation, activation clamping) on a CPU."""
+    global _fp16_on_any_device
+    before, _fp16_on_any_device = _fp16_on_any_device, True
+    try:
+        yield
+    finally:
+        _fp16_on_any_device = before
+
+
 def _compute_dtype(use_fp16: bool, force_fp32: bool, device: torch.device) -> torch.dtype:
-    # float16 only pays off (and is only tested by NVlabs) on CUDA; CPU always computes float32.
-    if use_fp16 and not force_fp32 and device.type == "cuda":
+    # float16 only pays off (and is only tested by NVlabs) on CUDA; CPU computes float32 unless
+    # a check asks for float16 with `float16_on_any_device`.
+    if use_fp16 and not force_fp32 and (device.type == "cuda" or _fp16_on_any_device):
         return torch.float16
     return torch.float32
 
