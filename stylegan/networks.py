@@ -172,12 +172,19 @@ class Conv2dLayer(nn.Module):
         self.weight_gain = 1 / math.sqrt(in_channels * kernel_size * kernel_size)
 
     def forward(self, x: torch.Tensor, *, gain: float = 1.0) -> torch.Tensor:
-        w = self.weight * self.weight_gain
+        act_gain = ops.activation_gain(self.activation) * gain
+        weight_gain, bias = self.weight_gain, self.bias
+        if ops.fast_paths() and act_gain > 0:
+            # Both activations are positively homogeneous, so the output gain folds into the
+            # (small) weight and bias instead of taking a pass over the activations.
+            weight_gain = weight_gain * act_gain
+            bias = None if bias is None else bias * act_gain
+            act_gain = 1.0
+        w = self.weight * weight_gain
         x = ops.conv2d_resample(x, w, self.resample_filter, up=self.up, down=self.down,
                                 padding=self.padding)  # [N, O, H * up / down, W * up / down]
         clamp = None if self.conv_clamp is None else self.conv_clamp * gain
-        return ops.bias_act(x, self.bias, act=self.activation,
-                            gain=ops.activation_gain(self.activation) * gain, clamp=clamp)
+        return ops.bias_act(x, bias, act=self.activation, gain=act_gain, clamp=clamp)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_channels}, out={self.out_channels}, act={self.activation}, "
@@ -291,13 +298,17 @@ class SynthesisLayer(nn.Module):
         expected = self.resolution // self.up
         assert x.shape[1:] == (self.in_channels, expected, expected), (x.shape, expected)
         styles = self.affine(w)  # [N, I]
+        act_gain, bias, conv_gain = ops.activation_gain(self.activation) * gain, self.bias, 1.0
+        if ops.fast_paths() and act_gain > 0:
+            # As in Conv2dLayer: the gain folds into the demodulation coefficients and the bias.
+            conv_gain, bias, act_gain = act_gain, bias * act_gain, 1.0
         # Demodulation normalises the weight, so it gets no 1/sqrt(fan_in) gain.
         x = ops.modulated_conv2d(x, self.weight, styles, noise=self._noise(x, noise_mode),
                                  up=self.up, padding=self.padding,
-                                 resample_filter=self.resample_filter, fused=fused_modconv)
+                                 resample_filter=self.resample_filter, fused=fused_modconv,
+                                 gain=conv_gain)
         clamp = None if self.conv_clamp is None else self.conv_clamp * gain
-        return ops.bias_act(x, self.bias, act=self.activation,
-                            gain=ops.activation_gain(self.activation) * gain, clamp=clamp)
+        return ops.bias_act(x, bias, act=self.activation, gain=act_gain, clamp=clamp)
 
 
 class ToRGBLayer(nn.Module):

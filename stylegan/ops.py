@@ -68,12 +68,12 @@ def bias_act(
     gain = activation_gain(act) if gain is None else gain
     if _fast_paths and act == "lrelu" and gain > 0:
         # lrelu is positively homogeneous: g * lrelu(x + b) = lrelu(g * x + g * b), which takes
-        # two passes over x instead of three.
-        if b is None:
+        # two passes over x instead of three (one when the caller folded g into x and b).
+        if b is not None:
+            b = b.to(x.dtype).reshape([1, -1] + [1] * (x.ndim - 2))
+            x = x + b if gain == 1 else torch.add(b * gain, x, alpha=gain)
+        elif gain != 1:
             x = x * gain
-        else:
-            x = torch.add((b * gain).to(x.dtype).reshape([1, -1] + [1] * (x.ndim - 2)), x,
-                          alpha=gain)
         x = F.leaky_relu(x, LRELU_SLOPE)
         return x if clamp is None else x.clamp(-clamp, clamp)
     if b is not None:
@@ -246,12 +246,16 @@ def modulated_conv2d(
     resample_filter: torch.Tensor | None = None,
     demodulate: bool = True,
     fused: bool = True,
+    gain: float = 1.0,
 ) -> torch.Tensor:
-    """StyleGAN2 weight modulation (Eq. 1) and demodulation (Eq. 3), then conv, then + noise.
+    """StyleGAN2 weight modulation (Eq. 1) and demodulation (Eq. 3), then conv, then + noise,
+    all times `gain`.
 
     x [N, I, H, W], weight [O, I, K, K], styles [N, I], noise broadcastable to [N, O, H', W'].
     fused=True: one grouped convolution with per-sample weights; fused=False: x is scaled by the
     styles, convolved with the shared weight, then scaled by the demodulation coefficients.
+    The fast path computes a 1x1 convolution (toRGB) as one batched matmul with per-sample
+    weights, whatever `fused` says, and folds `gain` into the demodulation coefficients.
     """
     n, i, _, _ = x.shape
     o, wi, kh, kw = weight.shape
@@ -265,13 +269,19 @@ def modulated_conv2d(
         # sum over (I, K, K) of (weight * style)^2 = styles^2 @ (sum over K, K of weight^2).T;
         # this avoids building the [N, O, I, K, K] tensor on the plain path.
         dcoefs = (styles.square() @ weight.square().sum(dim=[2, 3]).t() + 1e-8).rsqrt()  # [N, O]
-    if not fused:
+    if _fast_paths and kh == kw == 1 and up == 1:
+        x = _modulated_1x1(x, weight, styles, dcoefs, gain)
+        return x if noise is None else x + noise.to(x.dtype) * gain
+    elif not fused:
         x = x * styles.to(x.dtype)[:, :, None, None]
         x = conv2d_resample(x, weight, resample_filter, up=up, padding=padding)
         if dcoefs is not None:
             dcoefs = dcoefs.to(x.dtype)[:, :, None, None]  # [N, O, 1, 1]
-            if noise is not None and _fast_paths:
-                return torch.addcmul(noise.to(x.dtype), x, dcoefs)  # one pass for both
+            if _fast_paths:
+                if noise is None:
+                    return x * (dcoefs * gain)
+                # (x * d + noise) * g in one pass over x
+                return torch.addcmul(noise.to(x.dtype) * gain, x, dcoefs * gain)
             x = x * dcoefs
     else:
         scale = styles[:, None, :]  # [N, 1, I]
@@ -284,7 +294,24 @@ def modulated_conv2d(
         x = x.reshape(n, o, *x.shape[2:])  # [N, O, H', W']
     if noise is not None:
         x = x + noise.to(x.dtype)
-    return x
+    return x if gain == 1 else x * gain
+
+
+def _modulated_1x1(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor,
+                   dcoefs: torch.Tensor | None, gain: float) -> torch.Tensor:
+    """1x1 modulated convolution as x @ per-sample weights: no pass scaling x by the styles.
+
+    [N, I, H, W] -> [N, O, H, W]; with channels-last x every reshape here is a view.
+    """
+    n, i, h, w = x.shape
+    wn = weight[None, :, :, 0, 0] * styles[:, None, :]  # [N, O, I]
+    if dcoefs is not None:
+        wn = wn * dcoefs[:, :, None]
+    if gain != 1:
+        wn = wn * gain
+    pixels = x.permute(0, 2, 3, 1).reshape(n, h * w, i)  # [N, H*W, I]
+    out = torch.bmm(pixels, wn.transpose(1, 2).to(x.dtype))  # [N, H*W, O]
+    return out.reshape(n, h, w, -1).permute(0, 3, 1, 2)  # [N, O, H, W], channels-last
 
 
 def minibatch_std(

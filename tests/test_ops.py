@@ -300,16 +300,27 @@ def test_fast_resampling_equals_reference_and_keeps_values(op):
     assert ref.is_contiguous()  # the reference path keeps the plain layout
 
 
-@pytest.mark.parametrize("up", [1, 2])
-def test_fast_modulated_conv_with_noise_equals_reference(up):
-    x, weight, styles = torch.randn(3, 4, 6, 6), torch.randn(5, 4, 3, 3), torch.randn(3, 4)
+@pytest.mark.parametrize("up,k,demodulate,gain,fused", [(1, 3, True, 1.0, False),
+                                                        (2, 3, True, 1.0, False),
+                                                        (1, 3, True, 0.7, False),
+                                                        (2, 3, True, 1.3, True),
+                                                        (1, 1, False, 1.0, False),
+                                                        (1, 1, True, 0.5, True)])
+def test_fast_modulated_conv_with_noise_equals_reference(up, k, demodulate, gain, fused):
+    """Noise in the demodulation pass, the gain folded in, and 1x1 as a batched matmul."""
+    x, weight, styles = torch.randn(3, 4, 6, 6), torch.randn(5, 4, k, k), torch.randn(3, 4)
     noise = torch.randn(3, 1, 6 * up, 6 * up)
 
     def fn(x, weight, styles, noise):
-        return ops.modulated_conv2d(x, weight, styles, noise=noise, up=up, padding=1,
-                                    resample_filter=F4, fused=False)
+        return ops.modulated_conv2d(x, weight, styles, noise=noise, up=up, padding=k // 2,
+                                    resample_filter=F4, demodulate=demodulate, fused=fused,
+                                    gain=gain)
 
     (fast, fast_grads), (ref, ref_grads) = _fast_and_reference(fn, x, weight, styles, noise)
+    plain = ops.modulated_conv2d(x, weight, styles, up=up, padding=k // 2, resample_filter=F4,
+                                 demodulate=demodulate, fused=False)
+    with ops.reference_paths():
+        assert torch.allclose(ref, (plain + noise) * gain, atol=1e-5)  # `gain` scales it all
     assert torch.allclose(fast, ref, atol=1e-5)
     for g_fast, g_ref in zip(fast_grads, ref_grads):
         assert torch.allclose(g_fast, g_ref, atol=1e-4)
