@@ -169,8 +169,9 @@ def check_training_speed(device: torch.device, tmp: Path, *, cases: dict | None 
 def check_torchrun(device: torch.device, tmp: Path, *, nproc: int | None = None,
                    resolution: int = 64, flags: tuple[str, ...] | None = None,
                    timeout: float = 300) -> dict:
-    """`torchrun --nproc-per-node N` on this script's `--dist-child`: an all-reduce over the
-    process group (NCCL on CUDA, gloo on CPU) and a few training iterations through train-gan."""
+    """`torchrun --nproc-per-node N` on this script's `--dist-child`: a few training iterations
+    through train-gan, whose gradients go through the process group (NCCL on CUDA, gloo on
+    CPU); with one process an explicit all-reduce checks the group."""
     if nproc is None:
         nproc = min(2, torch.cuda.device_count()) if device.type == "cuda" else 1
     nproc = max(nproc, 1)
@@ -193,30 +194,33 @@ def check_torchrun(device: torch.device, tmp: Path, *, nproc: int | None = None,
         out["error"] = (proc.stderr.strip().splitlines() or ["no output"])[-1][:500]
         out["ok"] = False
         return out
-    out["all_reduce_ok"] = all(r["all_reduce_ok"] for r in reports)
     main = next(r for r in reports if r["rank"] == 0)
+    out["all_reduce_ok"] = bool(main["all_reduce_ok"])
     out["kimg"], out["stats"] = main["kimg"], main["stats"]
     out["ok"] = out["all_reduce_ok"] and main["kimg"] > 0 and main["finite"]
     return out
 
 
 def _dist_child(device_type: str, train_args: list[str]) -> None:
-    """Runs under torchrun: all-reduce over the process group, then train-gan's library call."""
+    """Runs under torchrun. With several processes train-gan itself runs on the process group
+    (broadcast, gradient all-reduce, replica check); with one it needs none, so this process
+    opens the group (NCCL on CUDA) for one all-reduce first."""
     import torch.distributed as dist
 
     from anomaly.cli import main as cli
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local = int(os.environ.get("LOCAL_RANK", rank))
-    if device_type == "cuda":
-        torch.cuda.set_device(local)
-    device = torch.device("cuda", local) if device_type == "cuda" else torch.device("cpu")
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    x = torch.full([4], float(rank + 1), device=device)
-    dist.all_reduce(x)
-    all_reduce_ok = bool((x == world * (world + 1) / 2).all())
-    dist.barrier()
-    dist.destroy_process_group()  # train-gan sets up its own group (when there are several)
+    all_reduce_ok = None
+    if world == 1:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device("cuda", local) if device_type == "cuda" else torch.device("cpu")
+        if device_type == "cuda":
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        x = torch.full([4], 3.0, device=device)
+        dist.all_reduce(x)
+        all_reduce_ok = bool((x == 3.0).all())
+        dist.destroy_process_group()
     try:
         cli.main(["train-gan", *train_args], standalone_mode=False)
     except SystemExit as exit_:
@@ -226,10 +230,12 @@ def _dist_child(device_type: str, train_args: list[str]) -> None:
     if rank == 0:
         outdir = Path(train_args[train_args.index("--outdir") + 1])
         run_dir = max(outdir.iterdir(), key=lambda p: p.name)
-        lines = (run_dir / "stats.jsonl").read_text().splitlines()
-        stats = json.loads(lines[-1])
+        stats = json.loads((run_dir / "stats.jsonl").read_text().splitlines()[-1])
         kimg = stats["kimg"]
         finite = all(math.isfinite(v) for v in stats.values() if isinstance(v, float))
+        if world > 1:  # every gradient went through the all-reduce; the replicas must agree
+            all_reduce_ok = f"replicas identical across {world}" in \
+                (run_dir / "log.txt").read_text()
     print(json.dumps({"rank": rank, "all_reduce_ok": all_reduce_ok, "kimg": kimg,
                       "finite": finite, "stats": stats}), flush=True)
 

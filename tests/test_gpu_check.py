@@ -142,3 +142,13 @@ def test_encoder_and_scoring_check_on_cpu(tmp_path):
     assert report["ok"] is True
     assert report["train_encoder"]["images_per_second"] > 0
     assert report["score"]["images_per_second"] > 0 and report["score"]["images"] == 16
+
+
+@pytest.mark.slow
+def test_torchrun_check_with_two_gloo_processes(tmp_path):
+    report = gc.check_torchrun(CPU, tmp_path, nproc=2, resolution=16,
+                               flags=("--cfg", "cpu", "--batch", "4", "--cbase", "128",
+                                      "--cmax", "16", "--kimg", "0.008", "--tick", "0.004",
+                                      "--snap", "1"))
+    assert report["ok"] is True, report
+    assert report["nproc"] == 2 and report["all_reduce_ok"] and report["kimg"] == 0.008
