@@ -38,7 +38,7 @@ from stylegan.dataset import ImageDataset
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_path, atomic_write_json
 from stylegan.imageutil import from_uint8, save_grid, to_uint8
-from stylegan.runtime import EndlessSampler, RunLog
+from stylegan.runtime import EndlessSampler, RunLog, cuda_backend_settings
 
 DEFAULT_KIMG = 200.0
 
@@ -176,6 +176,7 @@ def _setup(opts: FitOptions, *, echo) -> _Run:
     model = AnoModel.load(opts.network, None, device=opts.device, kappa=opts.kappa,
                           feature_layer=opts.feature_layer, require_D=opts.kappa > 0)
     G, D, device = model.G, model.D, model.device
+    cuda_backend_settings(device)  # as train-gan: cuDNN autotuning, no TF32
     dataset = ImageDataset(opts.data, use_labels=False, xflip=opts.mirror, rot90=opts.rot90)
     if (dataset.resolution, dataset.num_channels) != (G.img_resolution, G.img_channels):
         raise UserError(f"--data {opts.data} has {dataset.resolution} px images with "

@@ -11,6 +11,8 @@ Shape letters: N batch, C channels, H/W height/width, K number of style vectors 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,9 +79,25 @@ def channels_at(res: int, *, channel_base: int, channel_max: int) -> int:
     return min(channel_base // res, channel_max)
 
 
+_fp16_on_any_device = False
+
+
+@contextmanager
+def float16_on_any_device() -> Iterator[None]:
+    """Within this block the float16 blocks compute float16 on every device, not only on CUDA:
+    for checking the float16 path (weight normalisation, activation clamping) on a CPU."""
+    global _fp16_on_any_device
+    before, _fp16_on_any_device = _fp16_on_any_device, True
+    try:
+        yield
+    finally:
+        _fp16_on_any_device = before
+
+
 def _compute_dtype(use_fp16: bool, force_fp32: bool, device: torch.device) -> torch.dtype:
-    # float16 only pays off (and is only tested by NVlabs) on CUDA; CPU always computes float32.
-    if use_fp16 and not force_fp32 and device.type == "cuda":
+    # float16 only pays off (and is only tested by NVlabs) on CUDA; CPU computes float32 unless
+    # a check asks for float16 with `float16_on_any_device`.
+    if use_fp16 and not force_fp32 and (device.type == "cuda" or _fp16_on_any_device):
         return torch.float16
     return torch.float32
 
@@ -154,12 +172,19 @@ class Conv2dLayer(nn.Module):
         self.weight_gain = 1 / math.sqrt(in_channels * kernel_size * kernel_size)
 
     def forward(self, x: torch.Tensor, *, gain: float = 1.0) -> torch.Tensor:
-        w = self.weight * self.weight_gain
+        act_gain = ops.activation_gain(self.activation) * gain
+        weight_gain, bias = self.weight_gain, self.bias
+        if ops.fast_paths() and act_gain > 0:
+            # Both activations are positively homogeneous, so the output gain folds into the
+            # (small) weight and bias instead of taking a pass over the activations.
+            weight_gain = weight_gain * act_gain
+            bias = None if bias is None else bias * act_gain
+            act_gain = 1.0
+        w = self.weight * weight_gain
         x = ops.conv2d_resample(x, w, self.resample_filter, up=self.up, down=self.down,
                                 padding=self.padding)  # [N, O, H * up / down, W * up / down]
         clamp = None if self.conv_clamp is None else self.conv_clamp * gain
-        return ops.bias_act(x, self.bias, act=self.activation,
-                            gain=ops.activation_gain(self.activation) * gain, clamp=clamp)
+        return ops.bias_act(x, bias, act=self.activation, gain=act_gain, clamp=clamp)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_channels}, out={self.out_channels}, act={self.activation}, "
@@ -273,13 +298,17 @@ class SynthesisLayer(nn.Module):
         expected = self.resolution // self.up
         assert x.shape[1:] == (self.in_channels, expected, expected), (x.shape, expected)
         styles = self.affine(w)  # [N, I]
+        act_gain, bias, conv_gain = ops.activation_gain(self.activation) * gain, self.bias, 1.0
+        if ops.fast_paths() and act_gain > 0:
+            # As in Conv2dLayer: the gain folds into the demodulation coefficients and the bias.
+            conv_gain, bias, act_gain = act_gain, bias * act_gain, 1.0
         # Demodulation normalises the weight, so it gets no 1/sqrt(fan_in) gain.
         x = ops.modulated_conv2d(x, self.weight, styles, noise=self._noise(x, noise_mode),
                                  up=self.up, padding=self.padding,
-                                 resample_filter=self.resample_filter, fused=fused_modconv)
+                                 resample_filter=self.resample_filter, fused=fused_modconv,
+                                 gain=conv_gain)
         clamp = None if self.conv_clamp is None else self.conv_clamp * gain
-        return ops.bias_act(x, self.bias, act=self.activation,
-                            gain=ops.activation_gain(self.activation) * gain, clamp=clamp)
+        return ops.bias_act(x, bias, act=self.activation, gain=act_gain, clamp=clamp)
 
 
 class ToRGBLayer(nn.Module):
@@ -411,7 +440,9 @@ class SynthesisNetwork(nn.Module):
             w_idx += block.num_conv
             x, img = block(x, img, block_ws, noise_mode=noise_mode, force_fp32=force_fp32,
                            fused_modconv=fused_modconv)
-        return img  # [N, C, H, W]
+        # The fast ops compute in channels-last memory; callers get the plain layout (randn_like
+        # of the image, as in the path-length penalty, then draws the same numbers).
+        return img.contiguous()  # [N, C, H, W]
 
 
 class Generator(nn.Module):
@@ -623,7 +654,7 @@ class Discriminator(nn.Module):
             _check_labels(c, n=img.shape[0], c_dim=self.c_dim)
         feats = self._trunk(img, force_fp32=force_fp32)
         del feats["b4.out"]
-        return feats
+        return {name: value.contiguous() for name, value in feats.items()}  # plain layout
 
     def forward(self, img: torch.Tensor, c: torch.Tensor | None = None, *,
                 force_fp32: bool = False) -> torch.Tensor:

@@ -23,6 +23,7 @@ import random
 import resource
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -41,7 +42,7 @@ from stylegan.errors import UserError
 from stylegan.fileio import atomic_write_json
 from stylegan.imageutil import from_uint8, save_grid, to_uint8
 from stylegan.networks import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
-from stylegan.runtime import EndlessSampler, RunLog, resolve_device
+from stylegan.runtime import EndlessSampler, RunLog, cuda_backend_settings, resolve_device
 
 SNAPSHOT_PREFIX = "network-snapshot-"
 
@@ -153,6 +154,7 @@ def _spawned(rank: int, opts: TrainOptions, resume_networks: dict | None, init: 
 def _train_process(rank: int, world: int, opts: TrainOptions, resume_networks: dict | None, *,
                    init_method: str | None) -> Path:
     device = resolve_device(opts.device, rank=int(os.environ.get("LOCAL_RANK", rank)))
+    cuda_backend_settings(device)
     env = Dist(rank=rank, world=world, device=device)
     if world > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -221,23 +223,61 @@ def _iteration(opts: TrainOptions, env: Dist, state: TrainState, reals: Iterator
     rounds = opts.batch // (opts.batch_gpu * env.world)
     real_chunks = [next(reals) for _ in range(rounds)]
     G, D = state.G, state.D
-    # Gmain (+ Greg every pl_interval iterations).
-    _phase(state.opt_G, G, env, [lambda: _loss_g_main(opts, state, env)] * rounds, stats, "G")
-    if opts.pl_weight > 0 and state.batch_idx % opts.pl_interval == 0:
-        _phase(state.opt_G, G, env, [lambda: _loss_g_pl(opts, state, env)] * rounds, stats, "Gpl")
+    # Gmain (+ Greg every pl_interval iterations); D's weights need no gradients meanwhile.
+    with _no_weight_grads(state.opt_D):
+        _phase(state.opt_G, G, env, [lambda: _loss_g_main(opts, state, env)] * rounds, stats,
+               "G")
+        if opts.pl_weight > 0 and state.batch_idx % opts.pl_interval == 0:
+            _phase(state.opt_G, G, env, [lambda: _loss_g_pl(opts, state, env)] * rounds, stats,
+                   "Gpl")
     # Dmain (+ Dreg every r1_interval iterations).
-    _phase(state.opt_D, D, env, [lambda r=r: _loss_d_main(opts, state, env, r)
-                                 for r in real_chunks], stats, "D")
-    _average_w_avg(G, env)  # each process tracked W's mean on its own fakes
-    if opts.gamma > 0 and state.batch_idx % opts.r1_interval == 0:
-        _phase(state.opt_D, D, env, [lambda r=r: _loss_d_r1(opts, state, r)
-                                     for r in real_chunks], stats, "Dr1")
+    with _no_weight_grads(state.opt_G):
+        _phase(state.opt_D, D, env, [lambda r=r: _loss_d_main(opts, state, env, r)
+                                     for r in real_chunks], stats, "D")
+        _average_w_avg(G, env)  # each process tracked W's mean on its own fakes
+        if opts.gamma > 0 and state.batch_idx % opts.r1_interval == 0:
+            _phase(state.opt_D, D, env, [lambda r=r: _loss_d_r1(opts, state, r)
+                                         for r in real_chunks], stats, "Dr1")
     state.cur_nimg += opts.batch
     state.batch_idx += 1
     beta = losses.ema_beta(opts.batch, opts.ema_kimg, state.cur_nimg, opts.ema_rampup)
     losses.update_ema(state.G_ema, G, beta)
     if state.ada is not None and state.augment is not None:
         state.augment.p.copy_(torch.as_tensor(state.ada.p, dtype=state.augment.p.dtype))
+
+
+@contextmanager
+def _no_weight_grads(opt: torch.optim.Optimizer) -> Iterator[None]:
+    """The other network's trainable weights get no gradients during a phase (as in the official
+    loop): backward then computes only what flows through them, which saves D's weight gradients
+    in the G phases. Frozen layers are not in the optimizer and stay frozen."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+class TrainingStep:
+    """One process's training state and stream of real batches, advanced one iteration per call:
+    the public handle on the training loop for benchmarks and tests (`train` runs the same
+    iterations)."""
+
+    def __init__(self, opts: TrainOptions, env: Dist | None = None) -> None:
+        self.opts, self.env = opts, Dist() if env is None else env
+        self.state, _ = _build_state(opts, self.env, None)
+        dataset = ImageDataset(opts.data, xflip=opts.mirror)
+        self.reals = _real_batches(dataset, opts, self.env, start=0)
+        self.stats = _StatsCollector()
+
+    def __call__(self, *, batch_idx: int | None = None) -> None:
+        """One iteration; `batch_idx` picks which lazy regularisers run (both when it is 0)."""
+        if batch_idx is not None:
+            self.state.batch_idx = batch_idx
+        _iteration(self.opts, self.env, self.state, self.reals, self.stats)
 
 
 def _phase(opt: torch.optim.Optimizer, module: torch.nn.Module, env: Dist, closures: list,

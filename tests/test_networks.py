@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from stylegan import networks as nw
+from stylegan import ops
 from stylegan.errors import UserError
 from stylegan.networks import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
 
@@ -562,3 +563,37 @@ def test_discriminator_skip_layer_is_not_clamped():
     block = D.b16
     assert block.skip.conv_clamp is None
     assert block.conv0.conv_clamp == 0.5 and block.conv1.conv_clamp == 0.5
+
+
+# ------------------------------------------------------------------ fast paths vs reference paths
+
+
+def _r1_and_pl_gradients(G, D, seed: int) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
+    """Outputs of G (training mode) and D, and first- plus second-order parameter gradients."""
+    torch.manual_seed(seed)
+    G.zero_grad(set_to_none=True), D.zero_grad(set_to_none=True)
+    ws = G.mapping(torch.randn(4, 16), None).detach().requires_grad_(True)
+    img = G.synthesis(ws, noise_mode="random")  # [4, 3, 32, 32]
+    (grad_ws,) = torch.autograd.grad((img * torch.randn_like(img)).sum(), ws, create_graph=True)
+    logits = D(img, None)
+    (grad_img,) = torch.autograd.grad(logits.sum(), img, create_graph=True)
+    (grad_ws.square().sum() + grad_img.square().sum() + logits.sum()).backward()
+    g_grads = {n: p.grad.clone() for n, p in G.named_parameters() if p.grad is not None}
+    d_grads = {n: p.grad.clone() for n, p in D.named_parameters()}
+    return img.detach(), logits.detach(), g_grads, d_grads
+
+
+@pytest.mark.parametrize("architecture", ["skip", "resnet"])
+def test_fast_paths_equal_reference_paths_through_double_backward(architecture):
+    """G and D with every fast op (channels-last FIR, fused bias_act, noise in the demodulation
+    pass) against the plain reference ops: outputs and R1/path-length gradients."""
+    G = small_g(architecture=architecture, conv_clamp=0.5).train()
+    D = small_d(architecture=architecture, conv_clamp=0.5)
+    fast = _r1_and_pl_gradients(G, D, seed=5)
+    with ops.reference_paths():
+        ref = _r1_and_pl_gradients(G, D, seed=5)
+    assert torch.allclose(fast[0], ref[0], atol=1e-5) and torch.allclose(fast[1], ref[1], atol=1e-5)
+    for fast_grads, ref_grads in zip(fast[2:], ref[2:]):
+        assert fast_grads.keys() == ref_grads.keys() and len(fast_grads) > 10
+        for name, g in fast_grads.items():  # float rounding: ~1e-6 of the gradient's norm
+            assert (g - ref_grads[name]).norm() <= 1e-4 * ref_grads[name].norm(), name

@@ -238,3 +238,89 @@ def test_fast_upsample2d_equals_zero_insertion_reference(taps):
     fast = ops.upsample2d(x, f)
     assert fast.shape == reference.shape == (2, 3, 10, 10)
     assert torch.allclose(fast, reference, atol=1e-5)
+
+
+# ------------------------------------------------------------------ fast paths vs reference paths
+
+
+def _fast_and_reference(fn, *inputs):
+    """fn's output and the gradients of a fixed random projection of it, on both paths."""
+    results = []
+    for reference in (False, True):
+        leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+        if reference:
+            with ops.reference_paths():
+                out = fn(*leaves)
+        else:
+            out = fn(*leaves)
+        probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+        grads = torch.autograd.grad((out * probe).sum(), [t for t in leaves if t.requires_grad])
+        results.append((out, grads))
+    return results
+
+
+def test_reference_paths_switch_restores_the_fast_paths():
+    assert ops.fast_paths()
+    with ops.reference_paths():
+        assert not ops.fast_paths()
+    assert ops.fast_paths()
+
+
+@pytest.mark.parametrize("act,gain,clamp,bias", [("lrelu", None, None, True),
+                                                  ("lrelu", 0.5, 0.3, True),
+                                                  ("lrelu", math.sqrt(0.5), None, False),
+                                                  ("linear", 2.0, 1.0, True)])
+def test_fast_bias_act_equals_reference(act, gain, clamp, bias):
+    inputs = [torch.randn(3, 5, 4, 4)] + ([torch.randn(5)] if bias else [])
+
+    def fn(x, b=None):
+        return ops.bias_act(x, b, act=act, gain=gain, clamp=clamp)
+
+    (fast, fast_grads), (ref, ref_grads) = _fast_and_reference(fn, *inputs)
+    assert torch.allclose(fast, ref, atol=1e-6)
+    for g_fast, g_ref in zip(fast_grads, ref_grads):
+        assert torch.allclose(g_fast, g_ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["fir", "up", "down", "conv_up", "conv_down", "conv_up_1x1"])
+def test_fast_resampling_equals_reference_and_keeps_values(op):
+    """The channels-last depthwise path gives the reference's numbers (and gradients)."""
+    x, w1, w3 = torch.randn(2, 6, 8, 8), torch.randn(5, 6, 1, 1), torch.randn(5, 6, 3, 3)
+    fns = {
+        "fir": lambda x: ops.fir_filter2d(x, F4, padding=(1, 2, 2, 1), gain=2.0),
+        "up": lambda x: ops.upsample2d(x, F4),
+        "down": lambda x: ops.downsample2d(x, F4),
+        "conv_up": lambda x: ops.conv2d_resample(x, w3, F4, up=2, padding=1),
+        "conv_down": lambda x: ops.conv2d_resample(x, w3, F4, down=2, padding=1),
+        "conv_up_1x1": lambda x: ops.conv2d_resample(x, w1, F4, up=2),
+    }
+    (fast, (g_fast,)), (ref, (g_ref,)) = _fast_and_reference(fns[op], x)
+    assert fast.shape == ref.shape
+    assert torch.allclose(fast, ref, atol=1e-5) and torch.allclose(g_fast, g_ref, atol=1e-5)
+    assert ref.is_contiguous()  # the reference path keeps the plain layout
+
+
+@pytest.mark.parametrize("up,k,demodulate,gain,fused", [(1, 3, True, 1.0, False),
+                                                        (2, 3, True, 1.0, False),
+                                                        (1, 3, True, 0.7, False),
+                                                        (2, 3, True, 1.3, True),
+                                                        (1, 1, False, 1.0, False),
+                                                        (1, 1, True, 0.5, True)])
+def test_fast_modulated_conv_with_noise_equals_reference(up, k, demodulate, gain, fused):
+    """Noise in the demodulation pass, the gain folded in, and 1x1 as a batched matmul."""
+    x, weight, styles = torch.randn(3, 4, 6, 6), torch.randn(5, 4, k, k), torch.randn(3, 4)
+    noise = torch.randn(3, 1, 6 * up, 6 * up)
+
+    def fn(x, weight, styles, noise):
+        return ops.modulated_conv2d(x, weight, styles, noise=noise, up=up, padding=k // 2,
+                                    resample_filter=F4, demodulate=demodulate, fused=fused,
+                                    gain=gain)
+
+    (fast, fast_grads), (ref, ref_grads) = _fast_and_reference(fn, x, weight, styles, noise)
+    plain = ops.modulated_conv2d(x, weight, styles, up=up, padding=k // 2, resample_filter=F4,
+                                 demodulate=demodulate, fused=False)
+    with ops.reference_paths():
+        assert torch.allclose(ref, (plain + noise) * gain, atol=1e-5)  # `gain` scales it all
+    assert torch.allclose(fast, ref, atol=1e-5)
+    for g_fast, g_ref in zip(fast_grads, ref_grads):
+        assert torch.allclose(g_fast, g_ref, atol=1e-4)

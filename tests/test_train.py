@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -203,3 +204,43 @@ def test_torchrun_two_processes(tmp_path):
     options = json.loads((run_dir / "training_options.json").read_text())
     assert options["gpus"] == 2 and options["batch_gpu"] == 2
     assert (run_dir / "log.txt").read_text().count("replicas identical across 2") == 2
+
+
+def _one_iteration(tmp_path: Path, **over) -> train_mod.TrainingStep:
+    opts = resolve(tiny_flags(tmp_path, **over)).options
+    torch.manual_seed(0)
+    step = train_mod.TrainingStep(opts)
+    step(batch_idx=0)  # every phase: Gmain, path length, Dmain, R1
+    return step
+
+
+def test_training_step_without_idle_weight_gradients_equals_the_plain_loop(tmp_path,
+                                                                           monkeypatch):
+    """Switching off the other network's weight gradients per phase changes no number, and
+    frozen D layers stay frozen."""
+    fast = _one_iteration(tmp_path, freezed=1)
+    monkeypatch.setattr(train_mod, "_no_weight_grads", lambda opt: contextlib.nullcontext())
+    plain = _one_iteration(tmp_path, freezed=1)
+    assert fast.state.cur_nimg == plain.state.cur_nimg == 4
+    for name in ("G", "D", "G_ema"):
+        a, b = getattr(fast.state, name).state_dict(), getattr(plain.state, name).state_dict()
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            assert torch.allclose(value, b[key], rtol=1e-5, atol=1e-6), (name, key)
+    frozen = fast.state.D.freezable_layers()[0]
+    assert not any(p.requires_grad for p in frozen.parameters())
+    assert all(p.requires_grad for layer in fast.state.D.freezable_layers()[1:]
+               for p in layer.parameters())
+    assert all(p.requires_grad for p in fast.state.G.parameters())
+
+
+def test_no_weight_grads_leaves_only_the_active_network_with_gradients(tmp_path):
+    step = _one_iteration(tmp_path)
+    G, D = step.state.G, step.state.D
+    G.zero_grad(set_to_none=True), D.zero_grad(set_to_none=True)
+    with train_mod._no_weight_grads(step.state.opt_D):
+        z = torch.randn(2, G.z_dim)
+        D(G(z, None)).sum().backward()
+    assert all(p.grad is None for p in D.parameters())
+    assert G.synthesis.b16.conv1.weight.grad is not None
+    assert all(p.requires_grad for p in D.parameters())
