@@ -1,9 +1,15 @@
-"""A trivial reference detector: k-nearest-neighbour distance in a tiny pixel space.
+"""Reference detectors without a GAN: k-nearest-neighbour distances in tiny pixel and colour spaces.
 
-Each image is shrunk to size x size with an area (box) filter, scaled to [0, 1] and flattened;
-its anomaly score is the mean Euclidean distance to its k nearest normal TRAINING images
-(k-NN novelty detection; e.g. Ramaswamy et al. 2000 for the distance-to-kth-neighbour idea).
-Every evaluation shows it beside the GAN scores, so a report tells whether StyleGAN + encoder
+knn-pixels: each image is shrunk to size x size with an area (box) filter, scaled to [0, 1] and
+    flattened; its score is the mean Euclidean distance to its k nearest normal TRAINING images
+    (k-NN novelty detection; e.g. Ramaswamy et al. 2000 for the distance-to-kth-neighbour idea).
+knn-colour: each image becomes its joint RGB histogram (bins per channel, b^3 cells, summing to
+    1); its score is the mean L1 distance to the k nearest training histograms (Swain & Ballard
+    1991 compare colour histograms by intersection, which is 1 - L1 / 2 for normalised ones).
+
+The resolution/bins and k of each baseline are chosen by the AUC on the VALIDATION split
+(normal vs the anomaly class when given, else vs every anomaly); test is never looked at.
+Every evaluation shows both beside the GAN scores, so a report tells whether StyleGAN + encoder
 beat a detector that only looks at colour and coarse layout.
 """
 
@@ -12,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -24,11 +31,34 @@ from tqdm import tqdm
 
 from stylegan.dataset import ImageDataset
 from stylegan.errors import UserError
+from stylegan.fileio import atomic_write_json
 
 from anomaly import sheets
+from anomaly.metrics import roc_auc
 
 METHOD = "knn-pixels"
+COLOUR_METHOD = "knn-colour"
+METHODS = (METHOD, COLOUR_METHOD)
 EVAL_SPLITS = ("val", "test")
+RECORD = "baselines.json"
+_MANIFEST_SKIPPED = ("file", "class", "label", "split", "sha256")
+
+
+@dataclass(frozen=True)
+class BaselineGrid:
+    """Configurations tried on validation: pixel sizes, colour bins per channel, neighbours k."""
+
+    sizes: tuple[int, ...] = (8, 16, 32)
+    bins: tuple[int, ...] = (4, 8)
+    ks: tuple[int, ...] = (1, 5, 20)
+
+    def __post_init__(self):
+        for name in ("sizes", "bins", "ks"):
+            values = getattr(self, name)
+            if not values or any(int(v) < 1 for v in values):
+                raise UserError(f"The baseline {name} {values} must be positive integers; "
+                                f"e.g. sizes 8,16,32, bins 4,8, k 1,5,20.")
+            object.__setattr__(self, name, tuple(sorted({int(v) for v in values})))
 
 
 def shrink(image: np.ndarray, size: int) -> np.ndarray:
@@ -38,6 +68,33 @@ def shrink(image: np.ndarray, size: int) -> np.ndarray:
     return F.adaptive_avg_pool2d(x, size).reshape(-1).numpy()  # [C * size * size]
 
 
+def colour_histogram(image: np.ndarray, bins: int) -> np.ndarray:
+    """uint8 [C, H, W] -> float32 [bins ** C]: the joint histogram, normalised to sum 1.
+
+    Channel value v falls in bin floor(v * bins / 256); cell index = sum_c bin_c * bins^(C-1-c).
+    """
+    assert image.ndim == 3 and image.dtype == np.uint8, (image.shape, image.dtype)
+    cells = image.reshape(image.shape[0], -1).astype(np.int64) * bins // 256  # [C, H * W]
+    index = np.zeros(cells.shape[1], dtype=np.int64)
+    for channel in cells:
+        index = index * bins + channel
+    counts = np.bincount(index, minlength=bins ** image.shape[0]).astype(np.float32)
+    return counts / counts.sum()
+
+
+def dataset_features(dataset: ImageDataset, grid: BaselineGrid, *,
+                     desc: str = "features") -> dict[str, np.ndarray]:
+    """One pass over a dataset: {'pixels<size>': [N, C*size^2], 'colour<bins>': [N, bins^C]}."""
+    rows: dict[str, list[np.ndarray]] = {}
+    for i in tqdm(range(len(dataset)), desc=desc, unit="img", disable=None, leave=False):
+        image = dataset[i][0]
+        for size in grid.sizes:
+            rows.setdefault(f"pixels{size}", []).append(shrink(image, size))
+        for bins in grid.bins:
+            rows.setdefault(f"colour{bins}", []).append(colour_histogram(image, bins))
+    return {k: np.stack(v) for k, v in rows.items()}
+
+
 def pixel_features(dataset: ImageDataset, *, size: int, desc: str = "pixels") -> np.ndarray:
     """All images of a dataset as shrunk pixel vectors: [N, C * size * size]."""
     rows = [shrink(dataset[i][0], size)
@@ -45,8 +102,16 @@ def pixel_features(dataset: ImageDataset, *, size: int, desc: str = "pixels") ->
     return np.stack(rows) if rows else np.zeros((0, 3 * size * size), dtype=np.float32)
 
 
-def _manifest_classes(folder: Path) -> dict[tuple[str, str], str] | None:
-    """(split, file) -> class name from the prepared dataset's manifest.csv, or None."""
+def knn_mean_distances(train: np.ndarray, queries: np.ndarray, ks: Sequence[int], *,
+                       metric: str) -> dict[int, np.ndarray]:
+    """{k: mean distance [M] of each query to its k nearest training rows} for every k."""
+    index = NearestNeighbors(n_neighbors=max(ks), metric=metric).fit(train)
+    distances, _ = index.kneighbors(queries)  # [M, max k], ascending
+    return {k: distances[:, :k].mean(axis=1).astype(np.float64) for k in ks}
+
+
+def _manifest(folder: Path) -> pd.DataFrame | None:
+    """The prepared dataset's manifest.csv (text cells), or None when absent."""
     path = folder / "manifest.csv"
     if not path.is_file():
         return None
@@ -55,16 +120,100 @@ def _manifest_classes(folder: Path) -> dict[tuple[str, str], str] | None:
     if missing:
         raise UserError(f"{path} lacks the column(s) {', '.join(missing)}; rebuild it with "
                         f"`anostyle prepare`.")
-    return {(s, f): c for s, f, c in manifest[["split", "file", "class"]].itertuples(index=False)}
+    return manifest
+
+
+def _identity_frame(data: ImageDataset, split: str, manifest: pd.DataFrame | None) -> pd.DataFrame:
+    """Columns label, file, class, split + the manifest's other columns (group, image, ...)."""
+    names = [str(n) for n in data.names]
+    frame = pd.DataFrame({"label": (np.asarray(data.labels) != 0).astype(np.int64),
+                          "file": names, "split": split})
+    if manifest is None:
+        return frame.assign(**{"class": [str(lab) for lab in data.labels]})[
+            ["label", "file", "class", "split"]]
+    rows = manifest[manifest["split"] == split].drop_duplicates("file")
+    extra = [c for c in rows.columns if c not in _MANIFEST_SKIPPED]
+    merged = frame.merge(rows[["file", "class", *extra]], on="file", how="left")
+    fallback = pd.Series([str(lab) for lab in data.labels], index=merged.index)
+    merged["class"] = merged["class"].where(merged["class"].notna(), fallback)
+    return merged[["label", "file", "class", "split", *extra]]
+
+
+def _zip_features(prepared: Path, grid: BaselineGrid):
+    """(train features, [(identity frame, features)] per eval split) of a prepared dataset."""
+    train = ImageDataset(prepared / "train.zip")
+    if len(train) < max(grid.ks):
+        raise UserError(f"{prepared / 'train.zip'} holds {len(train)} images, fewer than "
+                        f"k={max(grid.ks)} neighbours; prepare more normal training images or "
+                        f"pass smaller k values.")
+    manifest = _manifest(prepared)
+    if manifest is None:
+        warnings.warn(f"{prepared / 'manifest.csv'} is missing; the baselines name classes by "
+                      f"their integer label.", stacklevel=3)
+    parts = []
+    for split in EVAL_SPLITS:
+        if (prepared / f"{split}.zip").is_file():
+            data = ImageDataset(prepared / f"{split}.zip")
+            parts.append((_identity_frame(data, split, manifest),
+                          dataset_features(data, grid, desc=split)))
+    return dataset_features(train, grid, desc="train"), parts
+
+
+def _val_target(ident: pd.DataFrame, anomaly_class: str | None) -> np.ndarray:
+    """Mask of the validation rows of the selection comparison (normals + chosen anomalies)."""
+    val = ident["split"].to_numpy() == "val"
+    normal = ident["label"].to_numpy() == 0
+    anomalies = ident["label"].to_numpy() == 1
+    if anomaly_class is not None and (val & (ident["class"].to_numpy() == anomaly_class)).any():
+        anomalies = ident["class"].to_numpy() == anomaly_class
+    return val & (normal | anomalies)
+
+
+def baseline_frames(prepared: str | os.PathLike, grid: BaselineGrid = BaselineGrid(), *,
+                    anomaly_class: str | None = None) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Score val and test with every configuration; keep the best on validation per baseline.
+
+    Returns ({method: score frame}, record) where the record lists every configuration's
+    validation AUC and the chosen one.
+    """
+    prepared = Path(prepared)
+    train, parts = _zip_features(prepared, grid)
+    ident = pd.concat([p[0] for p in parts], ignore_index=True)
+    target = _val_target(ident, anomaly_class)
+    y_val = ident["label"].to_numpy()[target]
+    frames, record = {}, {"grid": asdict(grid), "anomaly_class": anomaly_class, "tried": []}
+    for method, kind, metric, values in ((METHOD, "pixels", "euclidean", grid.sizes),
+                                         (COLOUR_METHOD, "colour", "manhattan", grid.bins)):
+        best = None
+        for value in values:
+            key = f"{kind}{value}"
+            per_k = [knn_mean_distances(train[key], f[key], grid.ks, metric=metric)
+                     for _, f in parts]
+            for k in grid.ks:
+                scores = np.concatenate([d[k] for d in per_k])
+                auc = roc_auc(y_val, scores[target])
+                record["tried"].append({"method": method, kind: value, "k": k,
+                                        "val_auc": _finite(auc)})
+                if best is None or auc > best[0] or (np.isnan(best[0]) and not np.isnan(auc)):
+                    best = (auc, value, k, scores)
+        auc, value, k, scores = best
+        record[method] = {kind: value, "k": k, "val_auc": _finite(auc)}
+        frames[method] = sheets.order_score_columns(ident.assign(score=scores))
+    return frames, record
+
+
+def _finite(value: float) -> float | None:
+    """JSON-safe number: None for NaN (no validation anomalies to compute an AUC)."""
+    return None if value is None or not np.isfinite(value) else float(value)
 
 
 def knn_pixel_scores(train_zip: str | os.PathLike, eval_zips: Sequence[str | os.PathLike], *,
                      size: int = 16, k: int = 5) -> pd.DataFrame:
     """Score every image of `eval_zips` by its mean distance to the k nearest training images.
 
-    The split of each eval zip is its file stem (val.zip -> 'val'); class names come from the
-    manifest.csv beside `train_zip` (without one, the class is the label as text).
-    Returns columns score, label (0 normal, 1 anomaly), file, class, split.
+    The split of each eval zip is its file stem (val.zip -> 'val'); class names and extra columns
+    come from the manifest.csv beside `train_zip` (without one, the class is the label as text).
+    Returns columns score, label (0 normal, 1 anomaly), file, class, split [+ manifest columns].
     """
     if size < 1 or k < 1:
         raise ValueError(f"size and k must be positive, got size={size}, k={k}")
@@ -72,25 +221,15 @@ def knn_pixel_scores(train_zip: str | os.PathLike, eval_zips: Sequence[str | os.
     if len(train) < k:
         raise UserError(f"{train_zip} holds {len(train)} images, fewer than k={k} neighbours; "
                         f"prepare more normal training images.")
-    index = NearestNeighbors(n_neighbors=k).fit(pixel_features(train, size=size, desc="train"))
-    classes = _manifest_classes(Path(train_zip).parent)
-    if classes is None:
-        warnings.warn(f"{Path(train_zip).parent / 'manifest.csv'} is missing; the baseline names "
-                      f"classes by their integer label.", stacklevel=2)
+    manifest = _manifest(Path(train_zip).parent)
+    features = pixel_features(train, size=size, desc="train")
     parts = []
     for path in eval_zips:
-        data, split = ImageDataset(path), Path(path).stem
-        distances, _ = index.kneighbors(pixel_features(data, size=size, desc=split))  # [N, k]
-        names = [str(n) for n in data.names]
-        parts.append(pd.DataFrame({
-            "score": distances.mean(axis=1).astype(np.float64),
-            "label": (np.asarray(data.labels) != 0).astype(np.int64),
-            "file": names,
-            "class": [classes.get((split, n), str(lab)) if classes is not None else str(lab)
-                      for n, lab in zip(names, data.labels)],
-            "split": split,
-        }))
-    return pd.concat(parts, ignore_index=True)
+        data = ImageDataset(path)
+        dist = knn_mean_distances(features, pixel_features(data, size=size, desc=Path(path).stem),
+                                  [k], metric="euclidean")[k]
+        parts.append(_identity_frame(data, Path(path).stem, manifest).assign(score=dist))
+    return sheets.order_score_columns(pd.concat(parts, ignore_index=True))
 
 
 def find_prepared(scores_dir: Path, prepared: Path | None) -> Path | None:
@@ -116,21 +255,55 @@ def find_prepared(scores_dir: Path, prepared: Path | None) -> Path | None:
     return prepared
 
 
-def baseline_sheet(scores_dir: Path, prepared: Path | None, *, size: int = 16,
-                   k: int = 5) -> list[str]:
-    """Write `<scores_dir>/knn-pixels.xlsx` unless an up-to-date one exists; returns notes."""
-    sheet = Path(scores_dir) / f"{METHOD}.xlsx"
-    prepared = find_prepared(Path(scores_dir), prepared)
-    if prepared is None:
-        if sheet.is_file():
-            return [f"{sheet} reused: no prepared dataset given to recompute it"]
-        raise UserError("--baseline knn-pixels needs the prepared dataset: pass --prepared DIR "
-                        "(the folder holding train.zip) or --baseline none.")
+def _up_to_date(scores_dir: Path, prepared: Path, grid: BaselineGrid,
+                anomaly_class: str | None) -> dict | None:
+    """The recorded choice when every baseline sheet is newer than the dataset and was made
+    with this grid and anomaly class; else None."""
+    record_path = scores_dir / RECORD
+    paths = [scores_dir / f"{m}.xlsx" for m in METHODS] + [record_path]
+    if not all(p.is_file() for p in paths):
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(record, dict) or record.get("grid") != json.loads(json.dumps(asdict(grid))) \
+            or record.get("anomaly_class") != anomaly_class:
+        return None
     inputs = [prepared / f"{s}.zip" for s in ("train", *EVAL_SPLITS)] + [prepared / "manifest.csv"]
     newest = max(p.stat().st_mtime for p in inputs if p.is_file())
-    if sheet.is_file() and sheet.stat().st_mtime >= newest:
-        return [f"{sheet} reused (newer than {prepared})"]
-    evals = [prepared / f"{s}.zip" for s in EVAL_SPLITS if (prepared / f"{s}.zip").is_file()]
-    df = knn_pixel_scores(prepared / "train.zip", evals, size=size, k=k)
-    sheets.write_score_sheet(df, sheet)
-    return [f"{sheet} computed from {prepared} ({size}x{size} pixels, k={k})"]
+    return record if min(p.stat().st_mtime for p in paths) >= newest else None
+
+
+def _describe(record: dict) -> str:
+    pix, col = record[METHOD], record[COLOUR_METHOD]
+
+    def auc(entry: dict) -> str:
+        value = entry.get("val_auc")
+        return "n/a: no validation anomalies" if value is None else f"{value:.3f}"
+    return (f"{METHOD}: {pix['pixels']}x{pix['pixels']} pixels, k={pix['k']} (val AUC "
+            f"{auc(pix)}); {COLOUR_METHOD}: {col['colour']} bins per channel RGB histogram, L1, "
+            f"k={col['k']} (val AUC {auc(col)}); chosen on validation")
+
+
+def baseline_sheets(scores_dir: str | os.PathLike, prepared: str | os.PathLike | None,
+                    grid: BaselineGrid = BaselineGrid(), *,
+                    anomaly_class: str | None = None) -> list[str]:
+    """Write knn-pixels.xlsx, knn-colour.xlsx and baselines.json into the scores folder unless
+    up to date; returns notes."""
+    scores_dir = Path(scores_dir)
+    prepared = find_prepared(scores_dir, None if prepared is None else Path(prepared))
+    if prepared is None:
+        if all((scores_dir / f"{m}.xlsx").is_file() for m in METHODS):
+            return [f"baseline sheets in {scores_dir} reused: no prepared dataset given to "
+                    f"recompute them"]
+        raise UserError("The k-NN baselines need the prepared dataset: pass --prepared DIR "
+                        "(the folder holding train.zip) or --baseline none.")
+    record = _up_to_date(scores_dir, prepared, grid, anomaly_class)
+    if record is not None:
+        return [f"baseline sheets reused (newer than {prepared}); {_describe(record)}"]
+    frames, record = baseline_frames(prepared, grid, anomaly_class=anomaly_class)
+    for method, frame in frames.items():
+        sheets.write_score_sheet(frame, scores_dir / f"{method}.xlsx")
+    atomic_write_json(scores_dir / RECORD, {**record, "prepared": str(prepared)})
+    return [f"baseline sheets computed from {prepared}; {_describe(record)}"]

@@ -283,28 +283,83 @@ def generate(seeds: str, **flags) -> None:
 @click.option("--threshold", default="youden", show_default=True, metavar="youden|p95|VALUE",
               help="Decision threshold, chosen on the val split only and applied to test.")
 @click.option("--bootstrap", default=1000, show_default=True, type=click.IntRange(min=0),
-              help="Bootstrap resamples for the AUC 95% CI (0: none).")
+              help="Bootstrap resamples (lesions when the sheets have a group column) for the "
+                   "95% CIs and the paired test (0: no CI; paired test by DeLong).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seed of the bootstrap.")
-@click.option("--baseline", default="knn-pixels", show_default=True,
-              type=click.Choice(["knn-pixels", "none"]),
-              help="Also score and evaluate a k-NN detector on 16x16 pixels (needs the dataset).")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["test", "val"]),
+              help="Evaluated split; 'val' reads no test row at all (for tuning).")
+@click.option("--primary", metavar="METHOD",
+              help="Primary method, declared before test is read [best validation AUC].")
+@click.option("--by", multiple=True, metavar="COLUMN[:EDGES]",
+              help="Subgroup AUCs by a score-sheet column (normals restricted to each value vs "
+                   "all anomalies), e.g. --by dx_type --by age:40,60; repeatable.")
+@click.option("--baseline", default="knn", show_default=True,
+              type=click.Choice(["knn", "knn-pixels", "none"]),
+              help="Also score and evaluate the pixel and colour k-NN detectors, configured on "
+                   "val (needs the dataset; 'knn-pixels' is the old name of 'knn').")
 @click.option("--prepared", type=click.Path(), metavar="DIR",
-              help="Prepared dataset folder for the baseline [the 'prepared' entry of "
+              help="Prepared dataset folder for the baselines [the 'prepared' entry of "
                    "DIR/score.json].")
-def evaluate(**flags) -> None:
-    """ROC/AUC (bootstrap CI), PR, confusion matrices, violin plots, classification reports.
+@click.option("--knn-sizes", default="8,16,32", show_default=True, metavar="N,N,...",
+              help="Pixel k-NN resolutions tried on val.")
+@click.option("--knn-bins", default="4,8", show_default=True, metavar="N,N,...",
+              help="Colour k-NN histogram bins per channel tried on val.")
+@click.option("--knn-k", default="1,5,20", show_default=True, metavar="N,N,...",
+              help="Neighbour counts k tried on val.")
+def evaluate(by: tuple[str, ...], knn_sizes: str, knn_bins: str, knn_k: str, **flags) -> None:
+    """ROC/AUC with lesion-level CIs, paired tests vs the best baseline, subgroups, figures.
 
-    Every <method>.xlsx in --scores is evaluated on its test rows: normal vs the anomaly class,
-    normal vs all other classes, and normal vs each class.
+    Every <method>.xlsx in --scores is evaluated on its test rows (or val rows with --split
+    val): normal vs the anomaly class, normal vs all other classes, and normal vs each class.
+    Thresholds, baselines and the primary method are chosen on the val split only.
 
     \b
     Example:
-      anostyle evaluate --scores scores --outdir graphics --prepared prepared
+      anostyle evaluate --scores scores --outdir graphics --prepared prepared --by dx_type
     """
     from anomaly.evaluate import EvaluateOptions, evaluate_scores, format_summary
 
-    click.echo(format_summary(evaluate_scores(EvaluateOptions(**flags))))
+    grid = {name: _int_list(text, flag) for name, text, flag in (
+        ("knn_sizes", knn_sizes, "--knn-sizes"), ("knn_bins", knn_bins, "--knn-bins"),
+        ("knn_k", knn_k, "--knn-k"))}
+    click.echo(format_summary(evaluate_scores(EvaluateOptions(by=by, **grid, **flags))))
+
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    """'8,16,32' -> (8, 16, 32); a bad list ends in one sentence."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise UserError(f"{flag} '{text}' is not a list of positive integers, e.g. 8,16,32.")
+    return values
+
+
+@main.command("evaluate-repeats")
+@click.option("--scores", "score_dirs", required=True, multiple=True, type=click.Path(),
+              metavar="DIR", help="Score folder of one repeat run (e.g. another seed); repeat.")
+@click.option("--outdir", default="graphics", show_default=True, type=click.Path(), metavar="DIR",
+              help="Where repeats.xlsx and repeats.json go.")
+@click.option("--normal-class", metavar="NAME", help="Normal class [the class labelled 0].")
+@click.option("--anomaly-class", metavar="NAME", help="Anomaly class [mel when present].")
+def evaluate_repeats(score_dirs: tuple[str, ...], outdir: str, normal_class: str | None,
+                     anomaly_class: str | None) -> None:
+    """Mean ± s.d. of each method's validation and test AUC over repeat runs.
+
+    \b
+    Example:
+      anostyle evaluate-repeats --scores run1/scores --scores run2/scores --outdir graphics
+    """
+    from pathlib import Path
+
+    from anomaly.evaluate import format_repeats, write_repeats
+
+    stats, files = write_repeats([Path(d) for d in score_dirs], Path(outdir),
+                                 normal_class=normal_class, anomaly_class=anomaly_class)
+    click.echo(format_repeats(stats))
+    click.echo(f"wrote {', '.join(str(f) for f in files)}")
 
 
 @main.command("report")

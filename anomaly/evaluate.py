@@ -1,44 +1,50 @@
-"""Evaluation of anomaly scores: ROC/AUC with bootstrap CI, PR, thresholds, confusion, violins.
+"""`anostyle evaluate`: read the score sheets, compare methods, write figures and the summary.
 
-Metrics follow the usual definitions (Fawcett 2006, "An introduction to ROC analysis"):
-AUC = P(score of a random anomaly > score of a random normal) + 0.5 P(tie), computed by
-scikit-learn on the test split; its 95% CI is the percentile interval of a stratified bootstrap
-(normals and anomalies resampled separately, so every resample holds both classes).
-Decision thresholds are chosen on the validation split only and then applied to test:
-  youden  maximise Youden's J = TPR - FPR (Youden 1950) over validation scores,
-  p95     the 95th percentile (linear interpolation) of validation normal scores,
-  <value> a fixed number.
-An image is called anomalous when score >= threshold (higher score = more anomalous).
+The protocol (metrics and tests are in anomaly/metrics.py, figures in anomaly/plots.py):
+- Everything that is chosen is chosen on the VALIDATION split before the evaluated split is
+  read: the decision threshold (youden / p95 / value), the threshold of "sensitivity at the
+  specificity reached on validation normals", each baseline's configuration, the best baseline
+  and, unless `primary` names it, the primary method (the best non-baseline method by
+  validation AUC of the main comparison). The primary method is listed first; the other
+  methods are exploratory.
+- `split='val'` evaluates the validation split only: the test rows are dropped when the sheets
+  are read, so nothing from test is computed, printed or written (use it for tuning).
+- Confidence intervals resample lesions (the sheets' `group` column; stratified by class, see
+  metrics.py). Without a `group` column each image is its own group and a note says so.
+- Every method is compared with the best baseline on the same images by a paired test: the
+  paired group bootstrap of the AUC difference, or DeLong's test when groups are absent. A
+  method "earns its keep" when its AUC is higher and the two-sided p-value is below 0.05.
+- Subgroups (`by`): a subgroup restricts the NORMAL images to one value of a column and keeps
+  every anomaly of the comparison ("normals" scope), so on HAM10000 `--by dx_type` shows
+  histology-confirmed naevi vs all melanomas next to all naevi vs melanomas (every HAM10000
+  melanoma is histology-confirmed, while many naevi are follow-up images). When the anomalies
+  differ across the subgroup's values, a second row restricts both classes ("both" scope).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Sequence
 
-import matplotlib as mpl
-from matplotlib import ticker
 import numpy as np
 import pandas as pd
-import seaborn as sns
-from matplotlib.figure import Figure
-from scipy.stats import rankdata
 from sklearn import metrics as skm
 
 from stylegan.errors import UserError
-from stylegan.fileio import atomic_path, atomic_write_json
+from stylegan.fileio import atomic_write_json
 
-from anomaly import baseline, sheets
+from anomaly import baseline, metrics, plots, sheets
 
-SKIPPED_SHEETS = ("all_scores.xlsx", "summary.xlsx")
+SKIPPED_SHEETS = ("all_scores.xlsx", "summary.xlsx", "repeats.xlsx")
 SKIPPED_PREFIXES = (".", "~$", "report_", "tsne")  # temporary/lock files, evaluate's own sheets
-BASELINES = ("knn-pixels", "none")
+BASELINES = baseline.METHODS
+BASELINE_CHOICES = ("knn", "knn-pixels", "none")  # 'knn-pixels': the old name of 'knn'
+SPLITS = ("test", "val")
 DEFAULT_ANOMALY_CLASS = "mel"
-SPECIFICITY_TARGET = 0.95
+SHARED_COLUMNS = ("group", "image")  # copied between sheets by (split, file)
+ALPHA = 0.05
+_GRID = baseline.BaselineGrid()  # the option field `baseline` hides the module in the class
 
 
 @dataclass(frozen=True)
@@ -50,10 +56,16 @@ class EvaluateOptions:
     normal_class: str | None = None  # None: the class of the rows labelled 0
     anomaly_class: str | None = None  # None: 'mel' when present, else only pooled comparisons
     threshold: str = "youden"  # 'youden' | 'p95' | a number
-    bootstrap: int = 1000  # bootstrap resamples for the AUC CI (0: no CI)
+    bootstrap: int = 1000  # bootstrap resamples for CIs and the paired test (0: none)
     seed: int = 0
-    baseline: str = "knn-pixels"  # 'knn-pixels' | 'none'
-    prepared: Path | None = None  # prepared dataset folder (for the baseline)
+    baseline: str = "knn"  # 'knn' (pixel and colour k-NN) | 'none'
+    prepared: Path | None = None  # prepared dataset folder (for the baselines)
+    split: str = "test"  # evaluated split: 'test', or 'val' (tuning: test is never read)
+    primary: str | None = None  # None: best non-baseline method by validation AUC
+    by: tuple[str, ...] = ()  # subgroup columns, 'COLUMN' or 'COLUMN:edge,edge'
+    knn_sizes: tuple[int, ...] = _GRID.sizes
+    knn_bins: tuple[int, ...] = _GRID.bins
+    knn_k: tuple[int, ...] = _GRID.ks
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,10 @@ class Summary:
     table: pd.DataFrame
     notes: tuple[str, ...]
     files: tuple[Path, ...]
+    primary: str | None = None
+    best_baseline: str | None = None
+    subgroups: pd.DataFrame = field(default_factory=pd.DataFrame)
+    split: str = "test"
 
 
 @dataclass(frozen=True)
@@ -73,103 +89,34 @@ class Comparison:
     normal: str
     anomalies: tuple[str, ...]
 
+    def mask(self, df: pd.DataFrame) -> np.ndarray:
+        """Rows of `df` in this comparison."""
+        cls = df["class"].to_numpy()
+        return (cls == self.normal) | np.isin(cls, self.anomalies)
+
     def select(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """(y [M] with 1 = anomaly, scores [M]) of the rows of `df` in this comparison."""
-        cls = df["class"].to_numpy()
-        keep = (cls == self.normal) | np.isin(cls, self.anomalies)
-        return np.isin(cls[keep], self.anomalies).astype(np.int64), df["score"].to_numpy()[keep]
+        rows = df[self.mask(df)]
+        return (np.isin(rows["class"].to_numpy(), self.anomalies).astype(np.int64),
+                rows["score"].to_numpy(dtype=np.float64))
 
 
-# ------------------------------------------------------------------------------ metrics
+# Re-exported so `evaluate.auc_from_ranks` etc. keep working for callers of the old module.
+auc_from_ranks = metrics.auc_from_ranks
+youden_threshold = metrics.youden_threshold
+p95_threshold = metrics.p95_threshold
+binary_metrics = metrics.binary_metrics
+parse_threshold = metrics.parse_threshold
+choose_threshold = metrics.choose_threshold
 
 
-def auc_from_ranks(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
-    """Mann-Whitney AUC (ties count one half) for each row: pos [B, P], neg [B, Q] -> [B]."""
-    pos, neg = np.atleast_2d(pos), np.atleast_2d(neg)
-    p, q = pos.shape[1], neg.shape[1]
-    ranks = rankdata(np.concatenate([pos, neg], axis=1), axis=1)  # [B, P + Q], average ties
-    return (ranks[:, :p].sum(axis=1) - p * (p + 1) / 2) / (p * q)
-
-
-def bootstrap_auc_ci(y: np.ndarray, s: np.ndarray, *, n: int, seed: int,
-                     level: float = 0.95, chunk: int = 250) -> tuple[float, float]:
-    """Percentile CI of the ROC AUC from `n` stratified bootstrap resamples (NaN when n == 0)."""
-    pos, neg = s[y == 1], s[y == 0]
-    if n <= 0 or len(pos) == 0 or len(neg) == 0:
-        return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    aucs = []
-    for start in range(0, n, chunk):
-        b = min(chunk, n - start)
-        pos_b = pos[rng.integers(0, len(pos), size=(b, len(pos)))]  # [b, P]
-        neg_b = neg[rng.integers(0, len(neg), size=(b, len(neg)))]  # [b, Q]
-        aucs.append(auc_from_ranks(pos_b, neg_b))
-    low, high = np.percentile(np.concatenate(aucs), [50 * (1 - level), 50 * (1 + level)])
-    return float(low), float(high)
-
-
-def youden_threshold(y: np.ndarray, s: np.ndarray) -> float:
-    """The score that maximises TPR - FPR when `score >= threshold` is called anomalous."""
-    fpr, tpr, thresholds = skm.roc_curve(y, s, drop_intermediate=False)
-    j = (tpr - fpr)[1:]  # the first point (threshold +inf) flags nothing
-    return float(thresholds[1:][int(np.argmax(j))])
-
-
-def p95_threshold(normal_scores: np.ndarray) -> float:
-    """95th percentile (linear interpolation) of normal scores."""
-    return float(np.percentile(normal_scores, 95))
-
-
-def sensitivity_at_specificity(y: np.ndarray, s: np.ndarray,
-                               specificity: float = SPECIFICITY_TARGET) -> float:
-    """Highest TPR among ROC points whose specificity is at least `specificity`."""
-    fpr, tpr, _ = skm.roc_curve(y, s, drop_intermediate=False)
-    return float(tpr[fpr <= 1 - specificity + 1e-12].max())
-
-
-def binary_metrics(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, float]:
-    """Sensitivity, specificity, precision, F1 (and counts) of `score >= threshold`."""
-    pred = (s >= threshold).astype(np.int64)
-    tn, fp, fn, tp = skm.confusion_matrix(y, pred, labels=[0, 1]).ravel()
-    return {
-        "sensitivity": tp / (tp + fn) if tp + fn else math.nan,
-        "specificity": tn / (tn + fp) if tn + fp else math.nan,
-        "precision": tp / (tp + fp) if tp + fp else 0.0,
-        "f1": skm.f1_score(y, pred, labels=[0, 1], zero_division=0.0),
-        "tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn),
-    }
-
-
-def parse_threshold(text: str) -> str | float:
-    """'youden', 'p95' or a finite number."""
-    rule = str(text).strip().lower()
-    if rule in ("youden", "p95"):
-        return rule
-    try:
-        value = float(rule)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise UserError(f"--threshold '{text}' is not understood; use youden, p95 or a number.")
-    return value
-
-
-def choose_threshold(rule: str | float, y_val: np.ndarray, s_val: np.ndarray, *,
-                     where: str) -> tuple[float, str, str]:
-    """(threshold, rule used, note) from VALIDATION labels and scores only."""
-    if isinstance(rule, float):
-        return rule, "fixed", ""
-    if not (y_val == 0).any():
-        raise UserError(f"{where} has no validation rows of the normal class, so the "
-                        f"'{rule}' threshold cannot be chosen; score the val split too or pass "
-                        f"--threshold VALUE.")
-    if rule == "youden" and (y_val == 1).any():
-        return youden_threshold(y_val, s_val), "youden (val)", ""
-    note = ""
-    if rule == "youden":
-        note = (f"{where}: no validation anomalies for Youden's J, fell back to the 95th "
-                f"percentile of validation normal scores")
-    return p95_threshold(s_val[y_val == 0]), "p95 (val)", note
+def group_labels(df: pd.DataFrame) -> np.ndarray | None:
+    """Lesion id of each row (`group` column; an empty cell: the image alone), or None."""
+    if "group" not in df.columns:
+        return None
+    raw = df["group"]
+    empty = raw.isna() | (raw.astype(str).str.strip() == "")
+    return raw.astype(str).where(~empty, "image:" + df["file"].astype(str)).to_numpy()
 
 
 # ------------------------------------------------------------------------------ one comparison
@@ -177,276 +124,173 @@ def choose_threshold(rule: str | float, y_val: np.ndarray, s_val: np.ndarray, *,
 
 @dataclass(frozen=True)
 class ComparisonResult:
-    """Everything measured for one method and comparison (test curves, val threshold)."""
+    """Everything measured for one method and comparison on the evaluated split."""
 
     method: str
     comparison: Comparison
     row: dict
-    y_test: np.ndarray
-    s_test: np.ndarray
+    y: np.ndarray  # [M] 1 = anomaly
+    s: np.ndarray  # [M] scores
+    keys: np.ndarray  # [M] 'split/file' of each row, to pair methods
+    groups: np.ndarray | None  # [M] lesion ids, None without a group column
     note: str = ""
     curves: dict = field(default_factory=dict)
 
 
+def _ci(cis: dict, key: str) -> tuple[float, float]:
+    return cis.get(key, (math.nan, math.nan))
+
+
 def evaluate_comparison(method: str, df: pd.DataFrame, comparison: Comparison,
                         options: EvaluateOptions) -> ComparisonResult | None:
-    """Metrics of one comparison: AUC + CI, AP, val threshold applied to test. None if empty."""
-    y_test, s_test = comparison.select(df[df["split"] == "test"])
-    if not (y_test == 1).any() or not (y_test == 0).any():
+    """Metrics of one comparison on `options.split`: AUC, AP and the validation-chosen
+    operating points, each with a lesion-level CI. None when a class is missing."""
+    rows = df[(df["split"] == options.split) & comparison.mask(df)]
+    y, s = comparison.select(rows)
+    if not (y == 1).any() or not (y == 0).any():
         return None
     y_val, s_val = comparison.select(df[df["split"] == "val"])
     where = f"Score sheet {method}.xlsx ({comparison.name})"
-    threshold, rule, note = choose_threshold(parse_threshold(options.threshold), y_val, s_val,
-                                             where=where)
-    low, high = bootstrap_auc_ci(y_test, s_test, n=options.bootstrap, seed=options.seed)
-    fpr, tpr, _ = skm.roc_curve(y_test, s_test)
-    precision, recall, _ = skm.precision_recall_curve(y_test, s_test)
-    at = binary_metrics(y_test, s_test, threshold)
-    row = {
-        "method": method, "comparison": comparison.name, "normal_class": comparison.normal,
-        "anomaly_classes": ",".join(comparison.anomalies),
-        "auc": float(skm.roc_auc_score(y_test, s_test)), "auc_ci_low": low, "auc_ci_high": high,
-        "average_precision": float(skm.average_precision_score(y_test, s_test)),
-        "threshold": threshold, "threshold_rule": rule,
-        **{k: float(at[k]) for k in ("sensitivity", "specificity", "precision", "f1")},
-        "sens_at_95_spec": sensitivity_at_specificity(y_test, s_test),
-        "n_test_normal": int((y_test == 0).sum()), "n_test_anomaly": int((y_test == 1).sum()),
+    threshold, rule, note = metrics.choose_threshold(
+        metrics.parse_threshold(options.threshold), y_val, s_val, where=where)
+    spec_threshold = (metrics.quantile_threshold(s_val[y_val == 0]) if (y_val == 0).any()
+                      else math.nan)  # only a fixed threshold gets here without val normals
+    groups = group_labels(rows)
+    cis = metrics.bootstrap_cis(y, s, groups, n=options.bootstrap, seed=options.seed,
+                                thresholds={"op": threshold, "valspec": spec_threshold})
+    at = metrics.binary_metrics(y, s, threshold)
+    at_spec = metrics.binary_metrics(y, s, spec_threshold)
+    auc, ap = float(skm.roc_auc_score(y, s)), float(skm.average_precision_score(y, s))
+    row = {"method": method, "role": "", "comparison": comparison.name,
+           "normal_class": comparison.normal, "anomaly_classes": ",".join(comparison.anomalies),
+           "split": options.split, "auc": auc, "auc_ci_low": _ci(cis, "auc")[0],
+           "auc_ci_high": _ci(cis, "auc")[1], "average_precision": ap,
+           "ap_ci_low": _ci(cis, "ap")[0], "ap_ci_high": _ci(cis, "ap")[1],
+           "val_auc": metrics.roc_auc(y_val, s_val),
+           "threshold": threshold, "threshold_rule": rule}
+    for k in metrics.OPERATING_POINT:
+        row[k] = float(at[k])
+        row[f"{k}_ci_low"], row[f"{k}_ci_high"] = _ci(cis, f"op_{k}")
+    row.update({
+        "valspec_threshold": spec_threshold,
+        "sens_at_val_spec": float(at_spec["sensitivity"]),
+        "sens_at_val_spec_ci_low": _ci(cis, "valspec_sensitivity")[0],
+        "sens_at_val_spec_ci_high": _ci(cis, "valspec_sensitivity")[1],
+        "spec_at_val_spec": float(at_spec["specificity"]),
+        "n_normal": int((y == 0).sum()), "n_anomaly": int((y == 1).sum()),
+        "n_groups": int(len(np.unique(groups))) if groups is not None else int(len(y)),
+        "ci_unit": "lesion" if groups is not None else "image",
         "n_val_normal": int((y_val == 0).sum()), "n_val_anomaly": int((y_val == 1).sum()),
-        "note": note,
-    }
+        "note": note})
+    fpr, tpr, _ = skm.roc_curve(y, s)
+    precision, recall, _ = skm.precision_recall_curve(y, s)
     curves = {"fpr": fpr, "tpr": tpr, "pr_precision": precision, "pr_recall": recall,
               "counts": np.array([[at["tn"], at["fp"]], [at["fn"], at["tp"]]])}
-    return ComparisonResult(method, comparison, row, y_test, s_test, note, curves)
+    keys = (rows["split"].astype(str) + "/" + rows["file"].astype(str)).to_numpy()
+    return ComparisonResult(method, comparison, row, y, s, keys, groups, note, curves)
 
 
 def classification_table(result: ComparisonResult) -> pd.DataFrame:
     """sklearn classification report at the chosen threshold, as rows class/avg x metrics."""
     comp = result.comparison
     names = [comp.normal, comp.anomalies[0] if len(comp.anomalies) == 1 else "anomaly"]
-    pred = (result.s_test >= result.row["threshold"]).astype(np.int64)
-    report = skm.classification_report(result.y_test, pred, labels=[0, 1], target_names=names,
+    pred = (result.s >= result.row["threshold"]).astype(np.int64)
+    report = skm.classification_report(result.y, pred, labels=[0, 1], target_names=names,
                                        output_dict=True, zero_division=0.0)
     rows = []
     for key, values in report.items():
         if key == "accuracy":
             values = {"precision": math.nan, "recall": math.nan, "f1-score": values,
-                      "support": len(result.y_test)}
+                      "support": len(result.y)}
         rows.append({"comparison": comp.name, "class": key, "precision": values["precision"],
                      "recall": values["recall"], "f1": values["f1-score"],
                      "support": int(values["support"])})
     return pd.DataFrame(rows)
 
 
-# ------------------------------------------------------------------------------ figures
+# ------------------------------------------------------------------------------ paired tests
 
 
-def plot_style() -> dict:
-    """rcParams of every AnoStyle figure (seaborn whitegrid; user text is never parsed as math)."""
-    return {**sns.axes_style("whitegrid"), **sns.plotting_context("notebook", font_scale=0.85),
-            "text.parse_math": False, "figure.dpi": 100, "savefig.dpi": 150,
-            "axes.titleweight": "bold", "legend.frameon": True}
+def paired_row(result: ComparisonResult, reference: ComparisonResult,
+               options: EvaluateOptions) -> dict:
+    """Paired comparison of `result` with `reference` on the images both scored."""
+    common, ia, ib = np.intersect1d(result.keys, reference.keys, return_indices=True)
+    if len(common) == 0:
+        return {"vs_baseline": reference.method, "note": "no common images"}
+    y = result.y[ia]
+    if (y != reference.y[ib]).any():
+        raise UserError(f"{result.method}.xlsx and {reference.method}.xlsx give the same image "
+                        f"different classes; score all methods on one dataset.")
+    groups = None if result.groups is None else result.groups[ia]
+    res = metrics.paired_comparison(y, result.s[ia], reference.s[ib], groups,
+                                    n=options.bootstrap, seed=options.seed)
+    earns = bool(res.difference > 0 and res.p_value < ALPHA)
+    verdict = "" if result.method in BASELINES else "yes" if earns else "no"
+    return {"vs_baseline": reference.method, "auc_diff": res.difference,
+            "auc_diff_ci_low": res.ci_low, "auc_diff_ci_high": res.ci_high,
+            "p_value": res.p_value, "paired_test": res.test, "n_paired": int(len(common)),
+            "earns_keep": verdict}
 
 
-@contextlib.contextmanager
-def new_figure(path: str | os.PathLike, *, nrows: int = 1, ncols: int = 1,
-               figsize: tuple[float, float] = (6.4, 5.2), squeeze: bool = True,
-               **subplot_kw) -> Iterator:
-    """Yield (figure, axes) drawn in the AnoStyle style; saved atomically as PNG on exit.
-
-    Uses a bare matplotlib Figure (Agg canvas), so no pyplot state and no GUI backend.
-    """
-    with mpl.rc_context(plot_style()):
-        fig = Figure(figsize=figsize, layout="constrained")
-        axes = fig.subplots(nrows, ncols, squeeze=squeeze, **subplot_kw)
-        yield fig, axes
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", facecolor="white")
+# ------------------------------------------------------------------------------ subgroups
 
 
-def class_palette(classes: Sequence[str], normal: str | None) -> dict[str, tuple]:
-    """A fixed colour per class: the normal class blue, the others from 'colorblind' by name.
-
-    Colours depend only on the set of class names, so a class looks the same in every figure.
-    """
-    colours = sns.color_palette("colorblind", 10)
-    others = sorted(c for c in set(classes) if c != normal)
-    palette = {c: colours[1 + i % 9] for i, c in enumerate(others)}
-    if normal is not None:
-        palette[normal] = colours[0]
-    return palette
-
-
-def _ci_text(row: dict) -> str:
-    """' [low, high]' of the AUC CI, or '' without bootstrap."""
-    if math.isnan(row["auc_ci_low"]):
-        return ""
-    return f" [{row['auc_ci_low']:.3f}, {row['auc_ci_high']:.3f}]"
-
-
-def _roc_label(row: dict) -> str:
-    return f"{row['comparison']}: AUC {row['auc']:.3f}{_ci_text(row)}"
+def _subgroup_values(df: pd.DataFrame, column: str,
+                     edges: tuple[float, ...] | None) -> tuple[np.ndarray, list[str], str]:
+    """Subgroup label of each row, the labels in display order, and how they were made."""
+    raw = df[column]
+    numeric = pd.to_numeric(raw, errors="coerce")
+    if edges is None and numeric.notna().sum() == raw.notna().sum() \
+            and raw.dropna().nunique() > 8:
+        edges = metrics.auto_edges(numeric.to_numpy(dtype=np.float64)) or None
+    if edges is not None:
+        if numeric.notna().sum() == 0:
+            raise UserError(f"--by {column}:... needs numbers, but column '{column}' holds text; "
+                            f"drop the bin edges to group by its values.")
+        labels = metrics.bin_labels(numeric.to_numpy(dtype=np.float64), edges)
+        order = list(metrics.bin_labels(np.r_[-np.inf, np.asarray(edges), np.nan], edges))
+        return labels, [v for v in dict.fromkeys(order) if v in set(labels)], \
+            f"bins at {', '.join(f'{e:g}' for e in edges)}"
+    text = raw.astype(str).where(raw.notna() & (raw.astype(str).str.strip() != ""), "missing")
+    return text.to_numpy(dtype=object), sorted(set(text), key=str), "values"
 
 
-def _style_unit_axes(ax, xlabel: str, ylabel: str) -> None:
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.set_aspect("equal")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+def _subgroup_row(method: str, y: np.ndarray, s: np.ndarray, groups, options, **label) -> dict:
+    cis = metrics.bootstrap_cis(y, s, groups, n=options.bootstrap, seed=options.seed)
+    low, high = _ci(cis, "auc")
+    return {"method": method, **label, "auc": metrics.roc_auc(y, s), "auc_ci_low": low,
+            "auc_ci_high": high, "n_normal": int((y == 0).sum()), "n_anomaly": int((y == 1).sum()),
+            "n_groups": int(len(np.unique(groups))) if groups is not None else int(len(y))}
 
 
-def plot_roc(results: Sequence[ComparisonResult], path: Path, title: str) -> None:
-    """ROC curves of every comparison; the first (primary) drawn bold with its operating point."""
-    with new_figure(path, figsize=(6.6, 6.2)) as (fig, ax):
-        ax.plot([0, 1], [0, 1], ls="--", lw=1, color="0.6", label="chance")
-        colours = sns.color_palette("colorblind", max(len(results), 1))
-        for i, res in enumerate(results):
-            c = res.curves
-            ax.plot(c["fpr"], c["tpr"], lw=2.4 if i == 0 else 1.3, color=colours[i],
-                    label=_roc_label(res.row), alpha=1.0 if i == 0 else 0.85)
-        if results:
-            row = results[0].row
-            ax.plot(1 - row["specificity"], row["sensitivity"], "o", ms=8, mfc="white",
-                    mec=colours[0], mew=2,
-                    label=f"threshold {row['threshold']:.4g} ({row['threshold_rule']})")
-        _style_unit_axes(ax, "False positive rate (1 - specificity)",
-                         "True positive rate (sensitivity)")
-        ax.legend(loc="lower right", fontsize="x-small")
-        ax.set_title(title)
+def subgroup_rows(result: ComparisonResult, df: pd.DataFrame, spec: str,
+                  options: EvaluateOptions) -> list[dict]:
+    """AUC with CI per subgroup value of one method's main comparison (see module docstring)."""
+    column, edges = metrics.parse_by(spec)
+    comp = result.comparison
+    rows = df[(df["split"] == options.split) & comp.mask(df)].reset_index(drop=True)
+    values, order, how = _subgroup_values(rows, column, edges)
+    y, s = comp.select(rows)
+    groups = group_labels(rows)
+    normal_name, anomaly_name = comp.normal, "+".join(comp.anomalies)
 
+    def sub(mask: np.ndarray, **label) -> dict | None:
+        if not ((y[mask] == 1).any() and (y[mask] == 0).any()):
+            return None
+        g = None if groups is None else groups[mask]
+        return _subgroup_row(result.method, y[mask], s[mask], g, options, by=column,
+                             binning=how, **label)
 
-def plot_pr(results: Sequence[ComparisonResult], path: Path, title: str) -> None:
-    """Precision-recall curves with average precision; dotted line: prevalence of the primary."""
-    with new_figure(path, figsize=(6.6, 6.2)) as (fig, ax):
-        colours = sns.color_palette("colorblind", max(len(results), 1))
-        for i, res in enumerate(results):
-            c = res.curves
-            ax.step(c["pr_recall"], c["pr_precision"], where="post", lw=2.4 if i == 0 else 1.3,
-                    color=colours[i],
-                    label=f"{res.row['comparison']}: AP {res.row['average_precision']:.3f}")
-        if results:
-            prevalence = results[0].y_test.mean()
-            ax.axhline(prevalence, ls=":", color=colours[0], lw=1.2,
-                       label=f"prevalence {prevalence:.3f} ({results[0].row['comparison']})")
-        _style_unit_axes(ax, "Recall (sensitivity)", "Precision")
-        ax.legend(loc="lower left", fontsize="x-small")
-        ax.set_title(title)
-
-
-def plot_confusion(result: ComparisonResult, test: pd.DataFrame, path: Path, title: str) -> None:
-    """Counts, row-normalised matrix, and the share of each class called anomalous."""
-    comp, row = result.comparison, result.row
-    anomaly = comp.anomalies[0] if len(comp.anomalies) == 1 else "anomaly"
-    counts = result.curves["counts"]  # [2, 2]: rows true, columns predicted (normal, anomaly)
-    shares = counts / counts.sum(axis=1, keepdims=True)
-    ticks = [f"normal ({comp.normal})", f"anomaly ({anomaly})"]
-    per_class = _flag_rates(test, row["threshold"], comp.normal)
-    height = max(4.2, 0.45 * len(per_class) + 1.6)
-    with new_figure(path, ncols=3, figsize=(13, height),
-                    gridspec_kw={"width_ratios": [1, 1, 0.75]}) as (fig, axes):
-        sns.heatmap(counts, annot=True, fmt="d", cmap="Blues", cbar=False, ax=axes[0],
-                    xticklabels=ticks, yticklabels=ticks, square=True, annot_kws={"size": 13})
-        sns.heatmap(shares, annot=True, fmt=".1%", cmap="Blues", vmin=0, vmax=1, cbar=False,
-                    ax=axes[1], xticklabels=ticks, yticklabels=ticks, square=True,
-                    annot_kws={"size": 13})
-        for ax, sub in zip(axes[:2], ("counts", "row-normalised")):
-            ax.set_xlabel("predicted")
-            ax.set_ylabel("true")
-            ax.set_title(f"{comp.name}: {sub}")
-        sns.heatmap(per_class[["flagged"]], annot=per_class[["text"]].to_numpy(), fmt="",
-                    cmap="Reds", vmin=0, vmax=1, cbar=False, ax=axes[2],
-                    xticklabels=["called anomalous"], yticklabels=per_class.index)
-        axes[2].set_ylabel("true class (test)")
-        axes[2].tick_params(axis="y", rotation=0)
-        axes[2].set_title("every class")
-        fig.suptitle(f"{title}\nthreshold {row['threshold']:.4g} ({row['threshold_rule']}): "
-                     f"sensitivity {row['sensitivity']:.3f}, specificity {row['specificity']:.3f}",
-                     fontweight="bold")
-
-
-def _flag_rates(test: pd.DataFrame, threshold: float, normal: str) -> pd.DataFrame:
-    """Per test class: share and count of images with score >= threshold; normal class first."""
-    flagged = test.assign(flag=test["score"] >= threshold).groupby("class")["flag"].agg(
-        ["mean", "sum", "size"])
-    order = [normal] + sorted((c for c in flagged.index if c != normal),
-                              key=lambda c: -flagged.loc[c, "size"])
-    flagged = flagged.loc[[c for c in order if c in flagged.index]]
-    text = [f"{m:.1%} ({int(s)}/{int(n)})" for m, s, n in flagged.to_numpy()]
-    return pd.DataFrame({"flagged": flagged["mean"].to_numpy(dtype=float), "text": text},
-                        index=flagged.index)
-
-
-def _class_order(test: pd.DataFrame, normal: str) -> list[str]:
-    medians = test.groupby("class")["score"].median()
-    others = sorted((c for c in medians.index if c != normal), key=lambda c: medians[c])
-    return ([normal] if normal in medians.index else []) + others
-
-
-def plot_violin(test: pd.DataFrame, normal: str, threshold: float, path: Path, title: str) -> None:
-    """Scores of every test class as violins (normal first, others by median); threshold line."""
-    order = _class_order(test, normal)
-    counts = test["class"].value_counts()
-    scores = test["score"].to_numpy()
-    log = bool((scores > 0).all() and scores.max() / scores.min() >= 100)
-    palette = class_palette(order, normal)
-    with new_figure(path, figsize=(max(6.4, 1.1 * len(order) + 2.5), 5.2)) as (fig, ax):
-        sns.violinplot(data=test, x="class", y="score", hue="class", order=order,
-                       hue_order=order, palette=palette, cut=0, inner="quart", density_norm="width",
-                       log_scale=log, legend=False, ax=ax, linewidth=1)
-        sns.stripplot(data=test, x="class", y="score", order=order, color="0.15", size=2,
-                      alpha=0.35, jitter=0.25, ax=ax)
-        ax.axhline(threshold, color="crimson", ls="--", lw=1.4, label=f"threshold {threshold:.4g}")
-        ax.set_xticks(range(len(order)), [f"{c}\n(n={counts[c]})" for c in order])
-        if log:  # plain numbers instead of mathtext powers of ten
-            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.yaxis.set_minor_formatter(ticker.NullFormatter())
-        ax.set_xlabel("class (test split)")
-        ax.set_ylabel("anomaly score" + (" (log scale)" if log else ""))
-        ax.legend(loc="upper left", fontsize="small")
-        ax.set_title(title + (" - log scale" if log else ""))
-
-
-def plot_report(table: pd.DataFrame, path: Path, title: str) -> None:
-    """The classification report of one comparison drawn as a table."""
-    cells = [[_fmt(v) for v in r] for r in
-             table[["precision", "recall", "f1", "support"]].itertuples(index=False, name=None)]
-    with new_figure(path, figsize=(6.8, 0.36 * (len(cells) + 1) + 0.9)) as (fig, ax):
-        ax.axis("off")
-        tab = ax.table(cellText=cells, rowLabels=table["class"].tolist(),
-                       colLabels=["precision", "recall", "F1", "support"], bbox=[0.25, 0, 0.75, 1],
-                       cellLoc="center", colColours=["#dde4ee"] * 4)
-        tab.auto_set_font_size(False)
-        tab.set_fontsize(10)
-        for (r, _), cell in tab.get_celld().items():
-            if r == 0:
-                cell.set_text_props(fontweight="bold")
-        ax.set_title(title)
-
-
-def _fmt(value) -> str:
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    return "" if value is None or math.isnan(value) else f"{value:.3f}"
-
-
-def plot_roc_all(primary: dict[str, Sequence[ComparisonResult]], path: Path) -> None:
-    """Every method's ROC for the main comparisons (one panel each); baselines dashed grey."""
-    names = list(dict.fromkeys(r.comparison.name for rs in primary.values() for r in rs))
-    with new_figure(path, ncols=max(len(names), 1), figsize=(6.2 * max(len(names), 1), 6.0),
-                    squeeze=False) as (fig, axes):
-        colours = dict(zip(primary, sns.color_palette("colorblind", max(len(primary), 1))))
-        for ax, name in zip(axes[0], names):
-            ax.plot([0, 1], [0, 1], ls="--", lw=1, color="0.6")
-            runs = [(m, r) for m, rs in primary.items() for r in rs if r.comparison.name == name]
-            for method, res in sorted(runs, key=lambda t: -t[1].row["auc"]):  # best first
-                baseline = method in BASELINES
-                ax.plot(res.curves["fpr"], res.curves["tpr"], lw=1.6 if baseline else 2.2,
-                        ls="--" if baseline else "-", color="0.35" if baseline else colours[method],
-                        label=f"{method}: {_roc_label(res.row).split(': ', 1)[1]}")
-            _style_unit_axes(ax, "False positive rate (1 - specificity)",
-                             "True positive rate (sensitivity)")
-            ax.legend(loc="lower right", fontsize="x-small")
-            ax.set_title(f"ROC, all methods: {name} (test)")
+    out = [sub(np.ones(len(y), bool), value="(all)", scope="all",
+               comparison=f"{normal_name} vs {anomaly_name}")]
+    for value in order:
+        here = values == value
+        out.append(sub(here | (y == 1), value=value, scope="normals",
+                       comparison=f"{normal_name}[{column}={value}] vs {anomaly_name}"))
+        if (here & (y == 1)).any() and not (here | (y == 0)).all():
+            out.append(sub(here, value=value, scope="both",
+                           comparison=f"{normal_name} vs {anomaly_name}, both {column}={value}"))
+    return [r for r in out if r is not None]
 
 
 # ------------------------------------------------------------------------------ the command
@@ -456,53 +300,151 @@ def evaluate_scores(options: EvaluateOptions) -> Summary:
     """Evaluate every `<method>.xlsx` of `options.scores_dir`; figures and summary to outdir."""
     options = _checked(options)
     notes: list[str] = []
-    if options.baseline == "knn-pixels":
-        notes += _ensure_baseline(options)
-    frames = load_score_sheets(options.scores_dir)
+    if options.baseline != "none":
+        grid = baseline.BaselineGrid(options.knn_sizes, options.knn_bins, options.knn_k)
+        notes += baseline.baseline_sheets(options.scores_dir, options.prepared, grid,
+                                          anomaly_class=options.anomaly_class
+                                          or DEFAULT_ANOMALY_CLASS)
+    frames = load_score_sheets(options.scores_dir, split=options.split)
+    shared = SHARED_COLUMNS + tuple(metrics.parse_by(b)[0] for b in options.by)
+    lacking = {m: [c for c in shared if c not in df.columns] for m, df in frames.items()}
+    frames = share_columns(frames, shared)
+    notes += [f"{m}.xlsx: column(s) {', '.join(c for c in cols if c in frames[m].columns)} "
+              f"taken from the other score sheets (matched by split and file)"
+              for m, cols in lacking.items() if any(c in frames[m].columns for c in cols)]
+    _check_by(frames, options.by)
     normal = resolve_normal_class(frames, options.normal_class)
-    files: list[Path] = []
-    rows, primary = [], {}
-    for method, df in frames.items():
-        comparisons = build_comparisons(df, normal, options.anomaly_class, method=method)
-        results = [r for c in comparisons if (r := evaluate_comparison(method, df, c, options))]
-        if not results:
-            raise UserError(f"Score sheet {method}.xlsx has no test images of both the normal "
-                            f"class '{normal}' and another class; score the test split.")
-        notes += [r.note for r in results if r.note]
-        files += _method_outputs(method, df, results, options.outdir)
-        rows += [r.row for r in results]
-        primary[method] = [r for r in results if r.comparison.name in
-                           (results[0].comparison.name, f"{normal} vs rest")]
-    files.append(options.outdir / "roc_all.png")
-    plot_roc_all(primary, files[-1])
-    table = pd.DataFrame(rows)
-    files += write_summary(table, options, notes)
-    return Summary(table=table, notes=tuple(notes), files=tuple(files))
+    comparisons = {m: build_comparisons(df, normal, options.anomaly_class, method=m,
+                                        split=options.split) for m, df in frames.items()}
+    primary, best_baseline, selection_notes = select_on_validation(frames, comparisons, options)
+    notes += selection_notes
+    notes += _group_notes(frames)
+    if options.split == "val":
+        notes.append("validation-only evaluation (test rows were not read); the operating "
+                     "points are chosen and measured on the same validation images")
+    results: dict[str, list[ComparisonResult]] = {}
+    for method in _ordered(frames, primary, best_baseline):
+        found = [r for c in comparisons[method]
+                 if (r := evaluate_comparison(method, frames[method], c, options))]
+        if not found:
+            raise UserError(f"Score sheet {method}.xlsx has no {options.split} images of both the "
+                            f"normal class '{normal}' and another class; score the "
+                            f"{options.split} split.")
+        results[method] = found
+        notes += [r.note for r in found if r.note]
+    table = _table(results, primary, best_baseline, options)
+    subgroups = pd.DataFrame([r for m, rs in results.items() for spec in options.by
+                              for r in subgroup_rows(rs[0], frames[m], spec, options)])
+    if len(subgroups):
+        subgroups.insert(1, "role", subgroups["method"].map(
+            table.drop_duplicates("method").set_index("method")["role"]))
+    files = _figures(frames, results, options)
+    files += write_summary(table, options, notes, primary=primary, best_baseline=best_baseline,
+                           subgroups=subgroups)
+    return Summary(table=table, notes=tuple(notes), files=tuple(files), primary=primary,
+                   best_baseline=best_baseline, subgroups=subgroups, split=options.split)
+
+
+def _role(method: str, primary: str | None, best_baseline: str | None) -> str:
+    if method == primary:
+        return "primary"
+    if method in BASELINES:
+        return "baseline (best on val)" if method == best_baseline else "baseline"
+    return "exploratory"
+
+
+def _ordered(frames: dict, primary: str | None, best_baseline: str | None) -> list[str]:
+    """Primary first, then exploratory methods, then the best baseline, then other baselines."""
+    rank = {"primary": 0, "exploratory": 1, "baseline (best on val)": 2, "baseline": 3}
+    return sorted(frames, key=lambda m: rank[_role(m, primary, best_baseline)])
+
+
+def _table(results: dict[str, list[ComparisonResult]], primary: str | None,
+           best_baseline: str | None, options: EvaluateOptions) -> pd.DataFrame:
+    """One row per method x comparison with its role and paired test against the best baseline."""
+    rows = []
+    reference = {r.comparison.name: r for r in results.get(best_baseline, [])}
+    for method, found in results.items():
+        for res in found:
+            row = dict(res.row, role=_role(method, primary, best_baseline))
+            ref = reference.get(res.comparison.name)
+            if ref is not None and method != best_baseline:
+                row.update(paired_row(res, ref, options))
+            rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _checked(options: EvaluateOptions) -> EvaluateOptions:
-    parse_threshold(options.threshold)
+    metrics.parse_threshold(options.threshold)
+    for spec in options.by:
+        metrics.parse_by(spec)
     if options.bootstrap < 0:
         raise UserError(f"--bootstrap {options.bootstrap} is negative; use 0 (no CI) or e.g. 1000.")
-    if options.baseline not in BASELINES:
-        raise UserError(f"--baseline '{options.baseline}' is unknown; use "
-                        f"{' or '.join(BASELINES)}.")
+    if options.baseline not in BASELINE_CHOICES:
+        raise UserError(f"--baseline '{options.baseline}' is unknown; use knn or none.")
+    if options.split not in SPLITS:
+        raise UserError(f"--split '{options.split}' is unknown; use test or val.")
     if not Path(options.scores_dir).is_dir():
         raise UserError(f"--scores {options.scores_dir} is not a folder; give the folder that "
                         f"`anostyle score` wrote.")
     return replace(options, scores_dir=Path(options.scores_dir), outdir=Path(options.outdir),
-                   prepared=None if options.prepared is None else Path(options.prepared))
+                   prepared=None if options.prepared is None else Path(options.prepared),
+                   by=tuple(options.by))
 
 
-def load_score_sheets(scores_dir: Path) -> dict[str, pd.DataFrame]:
-    """Every `<method>.xlsx` (method = file stem) except the combined sheets; baseline last."""
+def load_score_sheets(scores_dir: Path, *, split: str = "test") -> dict[str, pd.DataFrame]:
+    """Every `<method>.xlsx` (method = file stem) except the combined sheets; baselines last.
+
+    With split='val' only validation rows are kept, so nothing downstream can read test.
+    """
     paths = [p for p in sorted(Path(scores_dir).glob("*.xlsx"))
              if p.name not in SKIPPED_SHEETS and not p.name.startswith(SKIPPED_PREFIXES)]
     if not paths:
         raise UserError(f"{scores_dir} holds no score sheets (<method>.xlsx); run `anostyle "
                         f"score` first or point --scores at its output folder.")
     paths.sort(key=lambda p: (p.stem in BASELINES, p.stem))
-    return {p.stem: sheets.read_score_sheet(p) for p in paths}
+    keep = ("val",) if split == "val" else ("val", "test")
+    frames = {}
+    for p in paths:
+        df = sheets.read_score_sheet(p)
+        frames[p.stem] = df[df["split"].isin(keep)].reset_index(drop=True)
+    return frames
+
+
+def share_columns(frames: dict[str, pd.DataFrame], columns: tuple[str, ...]
+                  ) -> dict[str, pd.DataFrame]:
+    """Give every sheet the listed columns that another sheet has, matched by (split, file)."""
+    columns = tuple(dict.fromkeys(columns))
+    parts = [df[["split", "file", *[c for c in columns if c in df.columns]]]
+             for df in frames.values() if any(c in df.columns for c in columns)]
+    if not parts:
+        return frames
+    known = pd.concat(parts, ignore_index=True).groupby(["split", "file"], sort=False).first()
+    out = {}
+    for method, df in frames.items():
+        missing = [c for c in columns if c in known.columns and c not in df.columns]
+        out[method] = (df.merge(known[missing], left_on=["split", "file"], right_index=True,
+                                how="left") if missing else df)
+    return out
+
+
+def _check_by(frames: dict[str, pd.DataFrame], by: tuple[str, ...]) -> None:
+    for spec in by:
+        column = metrics.parse_by(spec)[0]
+        if not any(column in df.columns for df in frames.values()):
+            found = sorted({c for df in frames.values() for c in df.columns} -
+                           set(sheets.SCORE_COLUMNS))
+            raise UserError(f"--by {column}: no score sheet has a column '{column}' (extra "
+                            f"columns found: {', '.join(found) or 'none'}); score a dataset "
+                            f"prepared with that metadata column.")
+
+
+def _group_notes(frames: dict[str, pd.DataFrame]) -> list[str]:
+    without = [m for m, df in frames.items() if "group" not in df.columns]
+    if not without:
+        return []
+    return [f"no group column in {', '.join(f'{m}.xlsx' for m in without)}: each image is its "
+            f"own group, so CIs are image-level and paired comparisons use DeLong's test"]
 
 
 def resolve_normal_class(frames: dict[str, pd.DataFrame], normal: str | None) -> str:
@@ -521,14 +463,14 @@ def resolve_normal_class(frames: dict[str, pd.DataFrame], normal: str | None) ->
 
 
 def build_comparisons(df: pd.DataFrame, normal: str, anomaly_class: str | None, *,
-                      method: str) -> list[Comparison]:
-    """Primary (normal vs anomaly class), pooled (normal vs rest), then each other class."""
-    test = df[df["split"] == "test"]
-    sizes = test.loc[test["class"] != normal, "class"].value_counts()
+                      method: str, split: str = "test") -> list[Comparison]:
+    """Main (normal vs anomaly class), pooled (normal vs rest), then each other class."""
+    rows = df[df["split"] == split]
+    sizes = rows.loc[rows["class"] != normal, "class"].value_counts()
     others = sorted(sizes.index, key=lambda c: (-sizes[c], c))
     if anomaly_class is not None and anomaly_class not in others:
-        raise UserError(f"--anomaly-class '{anomaly_class}' has no test images in {method}.xlsx; "
-                        f"test classes: {', '.join(others) or 'none'}.")
+        raise UserError(f"--anomaly-class '{anomaly_class}' has no {split} images in "
+                        f"{method}.xlsx; {split} classes: {', '.join(others) or 'none'}.")
     target = anomaly_class or (DEFAULT_ANOMALY_CLASS if DEFAULT_ANOMALY_CLASS in others else None)
     comparisons = []
     if target is not None:
@@ -539,40 +481,107 @@ def build_comparisons(df: pd.DataFrame, normal: str, anomaly_class: str | None, 
     return comparisons
 
 
+def select_on_validation(frames: dict[str, pd.DataFrame], comparisons: dict[str, list],
+                         options: EvaluateOptions) -> tuple[str | None, str | None, list[str]]:
+    """(primary method, best baseline, notes), from validation rows only (main comparison)."""
+    val_auc = {}
+    for method, df in frames.items():
+        if comparisons[method]:
+            y, s = comparisons[method][0].select(df[df["split"] == "val"])
+            val_auc[method] = metrics.roc_auc(y, s)
+    notes = []
+    methods = [m for m in frames if m not in BASELINES]
+    if options.primary is not None:
+        if options.primary not in frames:
+            raise UserError(f"--primary '{options.primary}' has no score sheet in "
+                            f"{options.scores_dir}; methods found: {', '.join(frames)}.")
+        primary = options.primary
+        notes.append(f"primary method {primary}: given by --primary")
+    else:
+        primary, how = _best(methods, val_auc)
+        if primary is not None:
+            notes.append(f"primary method {primary}: {how}")
+    best_baseline, how = _best([m for m in frames if m in BASELINES], val_auc)
+    if best_baseline is not None:
+        notes.append(f"best baseline {best_baseline}: {how}")
+    return primary, best_baseline, notes
+
+
+def _best(candidates: list[str], val_auc: dict[str, float]) -> tuple[str | None, str]:
+    """The candidate with the highest validation AUC (first on ties), and how it was chosen."""
+    if not candidates:
+        return None, ""
+    scored = [m for m in candidates if math.isfinite(val_auc.get(m, math.nan))]
+    if not scored:
+        fallback = "izif" if "izif" in candidates else candidates[0]
+        return fallback, ("no validation anomalies to compare AUCs, so taken by name "
+                          "(pass --primary to choose)")
+    best = max(scored, key=lambda m: (val_auc[m], -candidates.index(m)))
+    return best, f"highest validation AUC ({val_auc[best]:.3f}), chosen before test was read"
+
+
+def _figures(frames: dict[str, pd.DataFrame], results: dict[str, list[ComparisonResult]],
+             options: EvaluateOptions) -> list[Path]:
+    files = []
+    for method, found in results.items():
+        files += _method_outputs(method, frames[method], found, options.outdir, options.split)
+    main_names = {rs[0].comparison.name for rs in results.values()}
+    curves = {m: [r for r in rs if r.comparison.name in main_names or r.comparison.name.endswith(
+        " vs rest")] for m, rs in results.items()}
+    files.append(options.outdir / "roc_all.png")
+    plots.plot_roc_all(curves, files[-1], baselines=BASELINES, split=options.split)
+    return files
+
+
 def _method_outputs(method: str, df: pd.DataFrame, results: list[ComparisonResult],
-                    outdir: Path) -> list[Path]:
+                    outdir: Path, split: str) -> list[Path]:
     """All figures of one method plus its classification-report sheet."""
     first = results[0]
-    test = df[df["split"] == "test"]
+    rows = df[df["split"] == split]
     tables = [classification_table(r) for r in results]
     kinds = ("roc", "pr", "confusion", "violin", "report")
     paths = {k: outdir / f"{k}_{method}.png" for k in kinds}
-    plot_roc(results, paths["roc"], f"ROC - {method} (test)")
-    plot_pr(results, paths["pr"], f"Precision-recall - {method} (test)")
-    plot_confusion(first, test, paths["confusion"], f"Confusion - {method} (test)")
-    plot_violin(test, first.comparison.normal, first.row["threshold"], paths["violin"],
-                f"Scores by class - {method} (test)")
-    plot_report(tables[0], paths["report"],
-                f"Classification report - {method}\n{first.comparison.name} (test), "
-                f"threshold {first.row['threshold']:.4g}")
+    plots.plot_roc(results, paths["roc"], f"ROC - {method} ({split})")
+    plots.plot_pr(results, paths["pr"], f"Precision-recall - {method} ({split})")
+    plots.plot_confusion(first, rows, paths["confusion"], f"Confusion - {method} ({split})")
+    plots.plot_violin(rows, first.comparison.normal, first.row["threshold"], paths["violin"],
+                      f"Scores by class - {method} ({split})")
+    plots.plot_report(tables[0], paths["report"],
+                      f"Classification report - {method}\n{first.comparison.name} ({split}), "
+                      f"threshold {first.row['threshold']:.4g}")
     sheet = sheets.write_frames({"report": pd.concat(tables, ignore_index=True)},
                                 outdir / f"report_{method}.xlsx", float_format="0.000")
     return [*paths.values(), sheet]
 
 
-def write_summary(table: pd.DataFrame, options: EvaluateOptions, notes: list[str]) -> list[Path]:
-    """summary.xlsx (table + options) and summary.json (options, rows, notes)."""
+def write_summary(table: pd.DataFrame, options: EvaluateOptions, notes: list[str], *,
+                  primary: str | None = None, best_baseline: str | None = None,
+                  subgroups: pd.DataFrame | None = None) -> list[Path]:
+    """summary.xlsx (summary, subgroups, options, notes) and summary.json (the same)."""
     config = sheets.config_dict(options)
-    xlsx = sheets.write_frames(
-        {"summary": table, "options": pd.DataFrame({"option": list(config),
-                                                    "value": [str(v) for v in config.values()]}),
-         "notes": pd.DataFrame({"note": notes})},
-        options.outdir / "summary.xlsx", float_format="0.0000",
-        column_formats={"threshold": "General"})  # thresholds live on the score's own scale
-    rows = [{k: _json_value(v) for k, v in r.items()} for r in table.to_dict("records")]
+    subgroups = pd.DataFrame() if subgroups is None else subgroups
+    header = pd.DataFrame({"item": ["evaluated split", "primary method", "best baseline"],
+                           "value": [options.split, primary or "", best_baseline or ""]})
+    frames = {"summary": table, "choices": header}
+    if len(subgroups):
+        frames["subgroups"] = subgroups
+    frames["options"] = pd.DataFrame({"option": list(config),
+                                      "value": [str(v) for v in config.values()]})
+    frames["notes"] = pd.DataFrame({"note": notes})
+    xlsx = sheets.write_frames(frames, options.outdir / "summary.xlsx", float_format="0.0000",
+                               column_formats={"threshold": "General",
+                                               "valspec_threshold": "General",
+                                               "p_value": "0.0000E+00"})
     json_path = options.outdir / "summary.json"
-    atomic_write_json(json_path, {"options": config, "rows": rows, "notes": notes})
+    atomic_write_json(json_path, {"options": config, "split": options.split,
+                                  "primary": primary, "best_baseline": best_baseline,
+                                  "rows": _records(table), "subgroups": _records(subgroups),
+                                  "notes": notes})
     return [xlsx, json_path]
+
+
+def _records(table: pd.DataFrame) -> list[dict]:
+    return [{k: _json_value(v) for k, v in r.items()} for r in table.to_dict("records")]
 
 
 def _json_value(value):
@@ -581,17 +590,89 @@ def _json_value(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def _ensure_baseline(options: EvaluateOptions) -> list[str]:
-    """Compute knn-pixels.xlsx into the scores folder (reused while newer than the dataset)."""
-    return baseline.baseline_sheet(options.scores_dir, options.prepared)
+def _ci_text(row: dict, key: str = "auc") -> str:
+    low, high = row.get(f"{key}_ci_low"), row.get(f"{key}_ci_high")
+    if low is None or high is None or (isinstance(low, float) and math.isnan(low)):
+        return ""
+    return f" [{low:.3f}, {high:.3f}]"
 
 
 def format_summary(summary: Summary) -> str:
-    """A short plain-text table of the summary for the terminal."""
-    lines = [f"{'method':<18} {'comparison':<22} {'AUC [95% CI]':<24} {'sens':>6} {'spec':>6}"]
+    """A short plain-text table of the summary for the terminal (primary first)."""
+    lines = [f"evaluated split: {summary.split}; primary: {summary.primary}; best baseline: "
+             f"{summary.best_baseline}",
+             f"{'method':<18} {'role':<12} {'comparison':<16} {'AUC [95% CI]':<24} {'sens':>6} "
+             f"{'spec':>6}  {'vs best baseline: dAUC, p':<26}"]
     for r in summary.table.to_dict("records"):
-        lines.append(f"{r['method']:<18} {r['comparison']:<22} {r['auc']:.3f}{_ci_text(r):<18} "
-                     f"{r['sensitivity']:>6.3f} {r['specificity']:>6.3f}")
+        paired = ""
+        if isinstance(r.get("auc_diff"), float) and math.isfinite(r["auc_diff"]):
+            paired = f"{r['auc_diff']:+.3f}, p={r['p_value']:.3g}"
+            paired += f" (earns its keep: {r['earns_keep']})" if r["earns_keep"] else ""
+        lines.append(f"{r['method']:<18} {r['role'].split(' ')[0]:<12} {r['comparison']:<16} "
+                     f"{r['auc']:.3f}{_ci_text(r):<18} {r['sensitivity']:>6.3f} "
+                     f"{r['specificity']:>6.3f}  {paired}")
     lines += [f"note: {n}" for n in summary.notes]
     lines.append(f"wrote {len(summary.files)} files to {summary.files[-1].parent}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ repeat runs
+
+
+def repeat_table(score_dirs: list[Path], *, normal_class: str | None = None,
+                 anomaly_class: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per-run AUCs, mean ± s.d. per method) of the main comparison over repeat score folders.
+
+    Each folder is one repeat run (e.g. another seed); a method's validation and test AUC are
+    computed in every folder that has its sheet. s.d. uses ddof 1 (NaN for one run).
+    """
+    if len(score_dirs) < 1:
+        raise UserError("Give at least one --scores folder.")
+    runs = []
+    for folder in score_dirs:
+        if not Path(folder).is_dir():
+            raise UserError(f"--scores {folder} is not a folder; give the folders that "
+                            f"`anostyle score` wrote for each repeat run.")
+        frames = load_score_sheets(Path(folder))
+        normal = resolve_normal_class(frames, normal_class)
+        for method, df in frames.items():
+            main = build_comparisons(df, normal, anomaly_class, method=method)[0]
+            row = {"run": str(folder), "method": method, "comparison": main.name}
+            for split in ("val", "test"):
+                row[f"{split}_auc"] = metrics.roc_auc(*main.select(df[df["split"] == split]))
+            runs.append(row)
+    per_run = pd.DataFrame(runs)
+    stats = per_run.groupby(["method", "comparison"], sort=False).agg(
+        n_runs=("run", "size"), val_auc_mean=("val_auc", "mean"), val_auc_sd=("val_auc", "std"),
+        test_auc_mean=("test_auc", "mean"), test_auc_sd=("test_auc", "std")).reset_index()
+    stats = stats.sort_values("val_auc_mean", ascending=False, kind="stable")  # val decides order
+    return per_run, stats.reset_index(drop=True)
+
+
+def write_repeats(score_dirs: list[Path], outdir: Path, *, normal_class: str | None = None,
+                  anomaly_class: str | None = None) -> tuple[pd.DataFrame, list[Path]]:
+    """repeats.xlsx (summary, runs) and repeats.json in `outdir`; returns (summary, files)."""
+    per_run, stats = repeat_table(score_dirs, normal_class=normal_class,
+                                  anomaly_class=anomaly_class)
+    outdir = Path(outdir)
+    xlsx = sheets.write_frames({"repeats": stats, "runs": per_run}, outdir / "repeats.xlsx",
+                               float_format="0.0000")
+    json_path = outdir / "repeats.json"
+    atomic_write_json(json_path, {"score_dirs": [str(d) for d in score_dirs],
+                                  "summary": _records(stats), "runs": _records(per_run)})
+    return stats, [xlsx, json_path]
+
+
+def _mean_sd(row: dict, key: str) -> str:
+    """'mean ± s.d.' of a repeat-table entry (no s.d. for a single run)."""
+    mean, sd = row[f"{key}_mean"], row[f"{key}_sd"]
+    return f"{mean:.3f} ± {sd:.3f}" if math.isfinite(sd) else f"{mean:.3f}"
+
+
+def format_repeats(stats: pd.DataFrame) -> str:
+    """mean ± s.d. per method, ordered by validation AUC."""
+    lines = [f"{'method':<18} {'comparison':<16} {'runs':>4}  {'val AUC':<16} {'test AUC':<16}"]
+    for r in stats.to_dict("records"):
+        lines.append(f"{r['method']:<18} {r['comparison']:<16} {r['n_runs']:>4}  "
+                     f"{_mean_sd(r, 'val_auc'):<16} {_mean_sd(r, 'test_auc'):<16}")
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from urllib.parse import quote
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_write_bytes
 
+BASELINES = ("knn-pixels", "knn-colour")  # shown grey also in summaries without a role column
 KINDS = ("roc", "pr", "confusion", "violin", "report")  # per-method figures, in page order
 KIND_TITLES = {"roc": "ROC", "pr": "Precision-recall", "confusion": "Confusion",
                "violin": "Scores by class", "report": "Classification report"}
@@ -82,34 +83,86 @@ def _number(value, digits: int = 3) -> str:
     return _esc(value)
 
 
+def _ci(row: dict, key: str) -> str:
+    """' [low, high]' of a CI stored as <key>_ci_low/<key>_ci_high, or ''."""
+    low, high = row.get(f"{key}_ci_low"), row.get(f"{key}_ci_high")
+    if not isinstance(low, (int, float)) or not isinstance(high, (int, float)):
+        return ""
+    return f" [{_number(low)}, {_number(high)}]"
+
+
+def _is_baseline(row: dict) -> bool:
+    return str(row.get("role", "")).startswith("baseline") or row.get("method") in BASELINES
+
+
+def _html_table(head: tuple[str, ...], rows: list[dict], cells) -> str:
+    """A table with one row per record; `cells(record)` gives (html text, css class) pairs."""
+    lines = ["<div class=\"table-wrap\"><table><thead><tr>"
+             + "".join(f"<th>{_esc(h)}</th>" for h in head) + "</tr></thead><tbody>"]
+    for r in rows:
+        css = ' class="baseline"' if _is_baseline(r) else ""
+        lines.append(f"<tr{css}>" + "".join(f'<td class="{c}">{t}</td>' for t, c in cells(r))
+                     + "</tr>")
+    lines.append("</tbody></table></div>")
+    return "".join(lines)
+
+
 def summary_table(rows: list[dict]) -> str:
-    """The evaluation summary as an HTML table; the best AUC of each comparison in bold."""
+    """Methods x comparisons: role, AUC and AP with CIs, paired test vs the best baseline;
+    the best AUC of each comparison in bold."""
     best: dict[str, float] = {}
     for r in rows:
         if isinstance(r.get("auc"), (int, float)):
             best[r.get("comparison")] = max(best.get(r.get("comparison"), -1.0), r["auc"])
-    head = ("method", "comparison", "AUC [95% CI]", "AP", "threshold", "rule", "sens.", "spec.",
-            "precision", "F1", "sens. @ 95% spec.", "n normal", "n anomaly")
-    lines = ["<div class=\"table-wrap\"><table><thead><tr>"
-             + "".join(f"<th>{_esc(h)}</th>" for h in head) + "</tr></thead><tbody>"]
-    for r in rows:
-        ci = ""
-        if r.get("auc_ci_low") is not None:
-            ci = f" [{_number(r['auc_ci_low'])}, {_number(r.get('auc_ci_high'))}]"
+    head = ("method", "role", "comparison", "AUC [95% CI]", "AP [95% CI]",
+            "vs best baseline: dAUC [95% CI]", "p", "test", "earns its keep", "n normal",
+            "n anomaly", "n lesions", "CI unit")
+
+    def cells(r: dict):
         is_best = r.get("auc") is not None and r.get("auc") == best.get(r.get("comparison"))
-        cells = [f'<td class="text">{_esc(r.get("method", ""))}</td>',
-                 f'<td class="text">{_esc(r.get("comparison", ""))}</td>',
-                 f'<td class="{"best" if is_best else ""}">{_number(r.get("auc"))}{ci}</td>',
-                 *(f"<td>{_number(r.get(k), 4 if k == 'threshold' else 3)}</td>"
-                   for k in ("average_precision", "threshold")),
-                 f'<td class="text">{_esc(r.get("threshold_rule", ""))}</td>',
-                 *(f"<td>{_number(r.get(k))}</td>" for k in
-                   ("sensitivity", "specificity", "precision", "f1", "sens_at_95_spec",
-                    "n_test_normal", "n_test_anomaly"))]
-        baseline = ' class="baseline"' if r.get("method") in ("knn-pixels",) else ""
-        lines.append(f"<tr{baseline}>" + "".join(cells) + "</tr>")
-    lines.append("</tbody></table></div>")
-    return "".join(lines)
+        diff = ""
+        if isinstance(r.get("auc_diff"), (int, float)):
+            diff = f"{r['auc_diff']:+.3f}{_ci(r, 'auc_diff')}"
+        p = r.get("p_value")
+        return [(_esc(r.get("method", "")), "text"), (_esc(r.get("role", "")), "text"),
+                (_esc(r.get("comparison", "")), "text"),
+                (f"{_number(r.get('auc'))}{_ci(r, 'auc')}", "best" if is_best else ""),
+                (f"{_number(r.get('average_precision'))}{_ci(r, 'ap')}", ""),
+                (diff, ""), (f"{p:.3g}" if isinstance(p, (int, float)) else "", ""),
+                (_esc(r.get("paired_test") or ""), "text"),
+                (_esc(r.get("earns_keep") or ""), "text"),
+                *((_number(r.get(k)), "") for k in ("n_normal", "n_anomaly", "n_groups")),
+                (_esc(r.get("ci_unit", "")), "text")]
+    return _html_table(head, rows, cells)
+
+
+def operating_table(rows: list[dict]) -> str:
+    """The validation-chosen operating points measured on the evaluated split, with CIs."""
+    head = ("method", "comparison", "threshold", "rule", "sensitivity", "specificity",
+            "precision", "F1", "val-normal 95th pct.", "sens. there", "spec. there")
+
+    def cells(r: dict):
+        return [(_esc(r.get("method", "")), "text"), (_esc(r.get("comparison", "")), "text"),
+                (_number(r.get("threshold"), 4), ""), (_esc(r.get("threshold_rule", "")), "text"),
+                *((f"{_number(r.get(k))}{_ci(r, k)}", "") for k in
+                  ("sensitivity", "specificity", "precision", "f1")),
+                (_number(r.get("valspec_threshold"), 4), ""),
+                (f"{_number(r.get('sens_at_val_spec'))}{_ci(r, 'sens_at_val_spec')}", ""),
+                (_number(r.get("spec_at_val_spec")), "")]
+    return _html_table(head, rows, cells)
+
+
+def subgroup_table(rows: list[dict]) -> str:
+    """AUC with CI per subgroup; scope 'normals' restricts only the normal images."""
+    head = ("method", "role", "by", "value", "scope", "comparison", "AUC [95% CI]", "n normal",
+            "n anomaly", "n lesions")
+
+    def cells(r: dict):
+        return [*((_esc(r.get(k, "")), "text") for k in
+                  ("method", "role", "by", "value", "scope", "comparison")),
+                (f"{_number(r.get('auc'))}{_ci(r, 'auc')}", ""),
+                *((_number(r.get(k)), "") for k in ("n_normal", "n_anomaly", "n_groups"))]
+    return _html_table(head, rows, cells)
 
 
 def _load_summary(folder: Path) -> dict:
@@ -166,7 +219,20 @@ def _summary_section(summary: dict) -> tuple[str, str, str] | None:
     rows = [r for r in summary.get("rows", []) if isinstance(r, dict)]
     if not rows:
         return None
-    body = summary_table(rows)
+    split = summary.get("split") or "test"
+    body = (f"<p>Evaluated split: <b>{_esc(split)}</b>. Primary method: "
+            f"<b>{_esc(summary.get('primary') or 'none')}</b> (declared or chosen on validation "
+            f"before {_esc(split)} was read); other methods are exploratory. Best baseline "
+            f"(on validation): <b>{_esc(summary.get('best_baseline') or 'none')}</b>. A method "
+            f"earns its keep when its AUC is higher than the best baseline's and the two-sided "
+            f"paired p-value is below 0.05.</p>")
+    body += summary_table(rows)
+    body += "<h3>Operating points (thresholds chosen on validation)</h3>" + operating_table(rows)
+    subgroups = [r for r in summary.get("subgroups", []) or [] if isinstance(r, dict)]
+    if subgroups:
+        body += ("<h3>Subgroups</h3><p>Scope 'normals': only the normal images are restricted "
+                 "to the value, every anomaly stays; 'both': both classes restricted.</p>"
+                 + subgroup_table(subgroups))
     notes = [n for n in summary.get("notes", []) if n]
     if notes:
         body += '<h3>Notes</h3><ul class="notes">' + "".join(
@@ -175,8 +241,9 @@ def _summary_section(summary: dict) -> tuple[str, str, str] | None:
     if isinstance(options, dict) and options:
         body += "<h3>Options</h3><p>" + ", ".join(
             f"<code>{_esc(k)} = {_esc(v)}</code>" for k, v in options.items()) + "</p>"
-    body += ("<p>Test split; thresholds chosen on the validation split only. Bold: best AUC of a "
-             "comparison. Grey rows: baseline.</p>")
+    body += (f"<p>{_esc(split.capitalize())} split; CIs resample lesions when the sheets carry "
+             f"a group column (see 'CI unit'). Bold: best AUC of a comparison. Grey rows: "
+             f"baselines.</p>")
     return _section("summary", "Summary", body)
 
 

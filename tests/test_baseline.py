@@ -67,7 +67,8 @@ def test_shrink_is_an_area_average():
 def test_knn_scores_by_hand(prepared):
     df = baseline.knn_pixel_scores(prepared / "train.zip",
                                    [prepared / "val.zip", prepared / "test.zip"], size=4, k=2)
-    assert list(df.columns) == ["score", "label", "file", "class", "split"]
+    # the manifest's other columns (lesion id, source, ...) travel into the sheet; sha256 does not
+    assert list(df.columns) == ["score", "label", "file", "class", "split", "source", "group"]
     got = df.set_index("file")
     # v0 = 25: nearest 20 and 30; t0 = 5: nearest 0 and 10; 100: 50 and 40; 200: 50 and 40.
     expected = {"v0.png": (5 + 5) / 2, "v1.png": (50 + 60) / 2, "t0.png": (5 + 5) / 2,
@@ -80,20 +81,61 @@ def test_knn_scores_by_hand(prepared):
     assert got["label"].tolist() == [0, 1, 0, 1, 1]
 
 
-def test_baseline_sheet_written_reused_and_found_via_score_json(prepared, tmp_path):
+def test_colour_histogram_by_hand():
+    image = np.zeros((3, 2, 2), dtype=np.uint8)
+    image[:, 0, 0] = (255, 0, 0)  # red: bins (1, 0, 0) -> cell 1*4 + 0*2 + 0 = 4
+    image[:, 0, 1] = (0, 128, 255)  # bins (0, 1, 1) -> cell 3; the other two pixels: cell 0
+    hist = baseline.colour_histogram(image, 2)
+    assert hist.tolist() == [0.5, 0, 0, 0.25, 0.25, 0, 0, 0]
+    # constant images: a one-hot histogram; L1 distance 2 between different cells, 0 if same
+    grey = baseline.colour_histogram(np.full((3, 4, 4), 100, np.uint8), 4)
+    assert grey.sum() == 1 and grey[1 * 16 + 1 * 4 + 1] == 1
+
+
+def test_configuration_chosen_on_validation(prepared):
+    grid = baseline.BaselineGrid(sizes=(1, 4), bins=(2, 4), ks=(1, 2))
+    frames, record = baseline.baseline_frames(prepared, grid, anomaly_class="mel")
+    assert set(frames) == {"knn-pixels", "knn-colour"}
+    tried = pd.DataFrame(record["tried"])
+    assert len(tried) == 2 * 2 * 2
+    for method, kind in (("knn-pixels", "pixels"), ("knn-colour", "colour")):
+        rows = tried[tried["method"] == method]
+        best = rows.loc[rows["val_auc"].idxmax()]  # first of the best, in grid order
+        assert (record[method][kind], record[method]["k"]) == (best[kind], best["k"])
+    # grey 100 (mel) and 25 (nv) on val: k=1 on 4x4 pixels gives AUC 1 on val
+    pix = frames["knn-pixels"].set_index("file")
+    assert record["knn-pixels"]["val_auc"] == 1.0
+    k, size = record["knn-pixels"]["k"], record["knn-pixels"]["pixels"]
+    gaps = {1: {"t2.png": 150}, 2: {"t2.png": (150 + 160) / 2}}[k]
+    assert pix.loc["t2.png", "score"] == pytest.approx(_dist(0, gaps["t2.png"], size), rel=1e-5)
+    # colour histograms of constant greys at 2 bins/channel: 0..127 -> one cell, 128.. -> other
+    col = frames["knn-colour"].set_index("file")
+    assert col.loc["t2.png", "score"] == pytest.approx(2.0)  # grey 200 vs training greys <= 50
+    assert col.loc["t0.png", "score"] == 0.0 and set(col["group"]) == {"g"}
+
+
+def test_baseline_sheets_written_reused_and_found_via_score_json(prepared, tmp_path):
     scores = tmp_path / "scores"
     scores.mkdir()
+    grid = baseline.BaselineGrid(sizes=(2, 4), bins=(2,), ks=(1, 2))
     with pytest.raises(UserError, match="--prepared"):
-        baseline.baseline_sheet(scores, None)
+        baseline.baseline_sheets(scores, None, grid)
     (scores / "score.json").write_text(json.dumps({"prepared": str(prepared)}))
-    notes = baseline.baseline_sheet(scores, None, size=4, k=2)
-    assert "computed" in notes[0] and (scores / "knn-pixels.xlsx").is_file()
-    assert "reused" in baseline.baseline_sheet(scores, None, size=4, k=2)[0]
+    notes = baseline.baseline_sheets(scores, None, grid)
+    assert "computed" in notes[0] and "chosen on validation" in notes[0]
+    for name in ("knn-pixels.xlsx", "knn-colour.xlsx", "baselines.json"):
+        assert (scores / name).is_file()
+    assert "reused" in baseline.baseline_sheets(scores, None, grid)[0]
+    assert "computed" in baseline.baseline_sheets(scores, None, grid, anomaly_class="mel")[0]
+    assert "computed" in baseline.baseline_sheets(
+        scores, None, baseline.BaselineGrid(sizes=(2,), bins=(2,), ks=(1,)))[0]  # new grid
     future = time.time() + 100
     os.utime(prepared / "test.zip", (future, future))  # dataset changed -> recomputed
-    assert "computed" in baseline.baseline_sheet(scores, prepared, size=4, k=2)[0]
+    assert "computed" in baseline.baseline_sheets(scores, prepared, grid)[0]
     with pytest.raises(UserError, match="train.zip"):
-        baseline.baseline_sheet(scores, tmp_path)
+        baseline.baseline_sheets(scores, tmp_path, grid)
+    with pytest.raises(UserError, match="positive integers"):
+        baseline.BaselineGrid(sizes=(0,))
 
 
 def test_too_few_training_images(prepared):
@@ -110,8 +152,11 @@ def test_evaluate_includes_the_baseline(prepared, tmp_path):
 
     sheets.write_score_sheet(df.assign(score=-df["score"]), scores / "izif.xlsx")
     summary = ev.evaluate_scores(ev.EvaluateOptions(scores, tmp_path / "graphics",
-                                                    prepared=prepared, bootstrap=50))
+                                                    prepared=prepared, bootstrap=50,
+                                                    knn_sizes=(2, 4), knn_bins=(2,), knn_k=(1, 2)))
     table = summary.table.set_index(["method", "comparison"])
     assert table.loc[("knn-pixels", "nv vs mel"), "auc"] == 1.0
     assert table.loc[("izif", "nv vs mel"), "auc"] == 0.0  # negated scores: perfectly wrong
     assert (tmp_path / "graphics" / "roc_knn-pixels.png").is_file()
+    assert summary.best_baseline in ("knn-pixels", "knn-colour")
+    assert table.loc[("izif", "nv vs mel"), "vs_baseline"] == summary.best_baseline

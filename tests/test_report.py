@@ -50,8 +50,8 @@ def graphics(tmp_path) -> Path:
     rows = [{"method": "izif", "comparison": f"nv vs {EVIL}", "auc": 0.9, "auc_ci_low": 0.8,
              "auc_ci_high": 0.95, "average_precision": 0.7, "threshold": 0.123456,
              "threshold_rule": "youden (val)", "sensitivity": 0.8, "specificity": 0.7,
-             "precision": 0.6, "f1": 0.65, "sens_at_95_spec": 0.4, "n_test_normal": 10,
-             "n_test_anomaly": 5},
+             "precision": 0.6, "f1": 0.65, "sens_at_val_spec": 0.4, "n_normal": 10,
+             "n_anomaly": 5},
             {"method": "knn-pixels", "comparison": f"nv vs {EVIL}", "auc": 0.6,
              "auc_ci_low": None, "auc_ci_high": None}]
     (g / "summary.json").write_text(json.dumps({"options": {"normal_class": EVIL},
@@ -114,3 +114,33 @@ def test_report_command(graphics):
     assert "index.html" in result.output and (graphics / "index.html").is_file()
     bad = CliRunner().invoke(main, ["report", "--graphics", str(graphics / "missing")])
     assert bad.exit_code == 1 and "--graphics" in bad.output and "Traceback" not in bad.output
+
+
+def test_summary_shows_primary_pairs_operating_points_and_subgroups(tmp_path):
+    g = tmp_path / "g"
+    g.mkdir()
+    rows = [{"method": "izif", "role": "primary", "comparison": "nv vs mel", "auc": 0.81,
+             "auc_ci_low": 0.75, "auc_ci_high": 0.86, "average_precision": 0.6, "ap_ci_low": 0.5,
+             "ap_ci_high": 0.7, "auc_diff": 0.052, "auc_diff_ci_low": 0.011,
+             "auc_diff_ci_high": 0.09, "p_value": 0.012, "paired_test": "group bootstrap",
+             "earns_keep": "yes", "threshold": 1.5, "threshold_rule": "youden (val)",
+             "sensitivity": 0.7, "sensitivity_ci_low": 0.61, "sensitivity_ci_high": 0.79,
+             "valspec_threshold": 2.25, "sens_at_val_spec": 0.4, "n_groups": 77,
+             "ci_unit": "lesion"},
+            {"method": "knn-pixels", "role": "baseline (best on val)", "comparison": "nv vs mel",
+             "auc": 0.758}]
+    subgroups = [{"method": "izif", "role": "primary", "by": "dx_type", "value": EVIL,
+                  "scope": "normals", "comparison": "nv[dx_type=histo] vs mel", "auc": 0.7,
+                  "auc_ci_low": 0.6, "auc_ci_high": 0.8, "n_normal": 5, "n_anomaly": 4,
+                  "n_groups": 8}]
+    (g / "summary.json").write_text(json.dumps({"split": "test", "primary": "izif",
+                                                "best_baseline": "knn-pixels", "rows": rows,
+                                                "subgroups": subgroups, "notes": []}))
+    text = report.write_report(g).read_text(encoding="utf-8")
+    assert "Primary method: <b>izif</b>" in text and "Best baseline (on validation): <b>knn-pixels"\
+        in text
+    assert "+0.052 [0.011, 0.090]" in text and "0.012" in text and "group bootstrap" in text
+    assert "0.700 [0.610, 0.790]" in text and "2.2500" in text  # operating point with its CI
+    assert "nv[dx_type=histo] vs mel" in text and "&lt;script&gt;" in text and "<script" not in text
+    assert text.index(">izif<") < text.index(">knn-pixels<")
+    assert '<tr class="baseline">' in text
