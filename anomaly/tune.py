@@ -85,12 +85,18 @@ class ValCache:
 def tune(opts: TuneOptions) -> dict[str, Path]:
     """Run the grid on validation data; write tune.xlsx, tune.json, detector.json, bank."""
     data, train = _checked_paths(opts)
-    network, encoder, _ = det.resolve_model_dir(opts.model, opts.network, opts.encoder)
+    if opts.model is None and opts.network and not opts.encoder:  # D-only grids need no E
+        network, encoder = opts.network, None
+    else:
+        network, encoder, _ = det.resolve_model_dir(opts.model, opts.network, opts.encoder)
     model = AnoModel.load(network, encoder, device=opts.device, require_D=False)
     for path in (data, train):
         det.check_data_policy(model, path)
     configs = _grid(opts)
     needs = det.needs_of(sorted({m for m, _t in configs}), model)
+    if encoder is None and (needs.latent or needs.rec):
+        raise UserError("--encoder is missing, and the --grid holds methods that need it; give "
+                        "--encoder (or --model DIR), or only knn-dfeat/maha-dfeat methods.")
     modes = _modes(opts)
     start = time.time()
     bank = det.bank_from_zip(model, train, needs, modes=modes, bank_size=opts.bank_size,

@@ -408,3 +408,16 @@ def test_detector_for_other_networks_is_refused(setup, tuned):
     model = AnoModel.load(other, setup["encoder"], device="cpu")
     with pytest.raises(UserError, match="another network"):
         det.load_detector(model, tuned["out"] / "detector.json")
+
+
+def test_tune_without_encoder_for_d_feature_densities(setup):
+    out = setup["root"] / "tuned-d"
+    r = run("tune", "--network", setup["network"], "--data", setup["prepared"] / "val.zip",
+            "--outdir", out, "--grid", "knn-dfeat:b8:1,maha-dfeat:b8", "--tta", "off",
+            "--bootstrap", 0, "--dims", 8, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    body = json.loads((out / "detector.json").read_text())
+    assert body["encoder_sha256"] is None and body["bank"] == "bank.safetensors"
+    r = run("tune", "--network", setup["network"], "--data", setup["prepared"] / "val.zip",
+            "--outdir", out, "--grid", "residual:mean", "--device", "cpu")
+    assert r.exit_code != 0 and "--encoder is missing" in r.output
