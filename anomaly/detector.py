@@ -260,7 +260,7 @@ class Bank:
     spreads: dict = field(default_factory=dict)
 
     def save(self, path: str | os.PathLike) -> Path:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         tensors = {}
         for (space, mode), sp in self.spaces.items():
@@ -269,11 +269,11 @@ class Bank:
             tensors[f"{space}/{mode}/bank"] = sp.bank.half().contiguous()
         for layer, sd in self.spreads.items():
             tensors[f"spread/{layer}"] = sd.float().contiguous()
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "anostyle-bank", "version": "1"})
-        os.replace(tmp, path)
-        return path
+        from stylegan.fileio import atomic_write_bytes
+
+        atomic_write_bytes(path, save(tensors, metadata={"format": "anostyle-bank",
+                                                         "version": "1"}))
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Bank":
