@@ -85,6 +85,25 @@ encoder_option = click.option(
     help="encoder-<iter>.safetensors from `anostyle train-encoder`.")
 
 
+optional_encoder_option = click.option(
+    "--encoder", type=click.Path(), metavar="CKPT",
+    help="encoder-<iter>.safetensors from `anostyle train-encoder` [--model's].")
+model_option = click.option(
+    "--model", type=click.Path(), metavar="DIR",
+    help="Model folder: DIR/network.safetensors + DIR/encoder.safetensors (+ detector.json); "
+         "instead of --network/--encoder.")
+
+
+def _resolve_model(flags: dict) -> str | None:
+    """Fill flags['network'] / flags['encoder'] from flags.pop('model'); returns the folder's
+    detector.json (or None)."""
+    from anomaly.detector import resolve_model_dir
+
+    flags["network"], flags["encoder"], detector = resolve_model_dir(
+        flags.pop("model"), flags.get("network"), flags.get("encoder"))
+    return detector
+
+
 # Commands follow, one section each, in workflow order. Keep each command thin.
 
 
@@ -470,9 +489,10 @@ def train_encoder(dry_run: bool, **flags) -> None:
 
 
 @main.command("reconstruct")
-@click.option("--network", required=True, type=click.Path(), metavar="PKL|CKPT",
-              help="The GAN the encoder was trained for.")
-@encoder_option
+@click.option("--network", type=click.Path(), metavar="PKL|CKPT",
+              help="The GAN the encoder was trained for [--model's].")
+@optional_encoder_option
+@model_option
 @click.option("--source", required=True, type=click.Path(), metavar="DIR|ZIP",
               help="Images: a prepared zip/folder or a plain folder of any-size images.")
 @click.option("--outdir", default="generated_img", show_default=True, type=click.Path(),
@@ -498,6 +518,7 @@ def reconstruct(**flags) -> None:
     """
     from anomaly.reconstruct import ReconstructOptions, reconstruct_folder
 
+    _resolve_model(flags)
     summary = reconstruct_folder(ReconstructOptions(**flags))
     for name, reason in summary.skipped:
         click.echo(f"skipped {name}: {reason}", err=True)
@@ -546,14 +567,90 @@ def project(**flags) -> None:
                f"{summary.mean_initial_loss:.4g} -> {summary.mean_loss:.4g}); {summary.csv}")
 
 
+# ---- tune ------------------------------------------------------------------------------------
+
+_tune = config_option("anomaly.tune:TuneOptions")
+
+
+@main.command("tune")
+@click.option("--network", metavar="PKL|CKPT", help="Generator + discriminator [--model's].")
+@optional_encoder_option
+@model_option
+@click.option("--data", required=True, type=click.Path(), metavar="ZIP",
+              help="val.zip: the validation split (test.zip is refused and never opened).")
+@click.option("--train", type=click.Path(), metavar="ZIP",
+              help="train.zip whose naevi form the bank [beside --data].")
+@click.option("--outdir", required=True, type=click.Path(), metavar="DIR",
+              help="Where tune.xlsx, tune.json, detector.json and bank.safetensors go.")
+@_tune("--grid", type=str, metavar="M,M,...", help="Methods to try (see `score --help`).")
+@_tune("--tta", type=click.Choice(["off", "on", "both"]),
+       help="Try each method without TTA, with TTA (8 rotations/flips), or both.")
+@click.option("--normal-class", metavar="NAME", help="Normal class [the class labelled 0].")
+@click.option("--anomaly-class", metavar="NAME|all",
+              help="Anomaly class of the main comparison [mel when present, else all].")
+@_tune("--select", type=str, metavar="auc|worst:COLUMN",
+       help="Selection rule: validation AUC, or the worst AUC over the subgroups of normals by "
+            "a manifest column (each vs all anomalies), e.g. worst:dx_type.")
+@click.option("--by", multiple=True, metavar="COLUMN",
+              help="Also report the AUC per subgroup of normals by this manifest column; "
+                   "repeatable.")
+@_tune("--min-subgroup", type=click.IntRange(min=1),
+       help="Smallest subgroup of normals counted by worst:COLUMN.")
+@_tune("--threshold", type=str, metavar="youden|p95|VALUE",
+       help="Decision threshold of the detector, chosen on validation.")
+@_tune("--combine", type=click.IntRange(min=0),
+       help="Also try rank averages of pairs of the N best configurations (0/1: none).")
+@_tune("--bootstrap", type=click.IntRange(min=0), help="Lesion-level bootstrap resamples.")
+@_tune("--seed", type=int, help="Seed of the bank subset and the bootstrap.")
+@_tune("--bank-size", type=click.IntRange(min=2), help="Training naevi in the bank.")
+@_tune("--dims", type=click.IntRange(min=1), help="PCA dimensions of each learned space.")
+@_tune("--batch", type=click.IntRange(min=1), help="Images per forward pass.")
+@device_option("Where to compute.")
+def tune(by: tuple[str, ...], **flags) -> None:
+    """Choose the scoring configuration on the validation split: tune.xlsx + detector.json.
+
+    Every method of --grid, with and without TTA, is evaluated from ONE pass over val.zip
+    (plus one pass over at most --bank-size training naevi for the k-NN/Mahalanobis bank);
+    the best by --select becomes detector.json with its validation threshold. Test data are
+    never read; evaluate them once, afterwards, with `score --detector` + `evaluate`.
+
+    \b
+    Example:
+      anostyle tune --model models/ham64 --data prepared/val.zip --outdir tuned \\
+        --select worst:dx_type
+    """
+    from anomaly.tune import TuneOptions, tune as run_tune
+
+    written = run_tune(TuneOptions(by=by, **flags))
+    import json
+
+    chosen = json.loads(written["detector"].read_text())
+    click.echo(f"chosen: {chosen['method']} (validation {chosen['selection']['rule']} "
+               f"{chosen['selection']['value']:.4f}, threshold {chosen['threshold']:.4g} "
+               f"{chosen['threshold_rule']})")
+    click.echo(f"wrote {', '.join(str(p) for p in written.values())}")
+
+
 # ---- score / tsne ----------------------------------------------------------------------------
 
 @main.command("score")
-@click.option("--network", required=True, metavar="PKL|CKPT", help="Generator + discriminator file.")
-@encoder_option
+@click.option("--network", metavar="PKL|CKPT", help="Generator + discriminator file [--model's].")
+@optional_encoder_option
+@model_option
+@click.option("--detector", type=click.Path(), metavar="JSON",
+              help="detector.json from `anostyle tune`: also writes detector.xlsx with its "
+                   "method [--model's detector.json].")
+@click.option("--tta", is_flag=True,
+              help="Average every method over the 8 rotations/flips (sheets named <method>@tta).")
+@click.option("--train", type=click.Path(), metavar="ZIP",
+              help="train.zip: the naevi bank of k-NN/Mahalanobis/dfeat-res methods that "
+                   "--detector's bank lacks.")
 @click.option("--data", "data", required=True, multiple=True, metavar="ZIP",
               help="Prepared val.zip / test.zip (repeat the flag for several).")
-@_score("--methods", type=str, help="Comma-separated: izif, sklearn:<metric>, torch-euclidean, latent.")
+@_score("--methods", type=str,
+        help="Comma-separated: izif, sklearn:<metric>, torch-euclidean, latent, residual:mean|"
+             "p99|smax[:SIGMA], izif:KAPPA, dfeat-res:b8+b16, knn-latent:K, maha-latent, "
+             "knn-dfeat:LAYER:K, maha-dfeat:LAYER (see the README).")
 @click.option("--kappa", type=click.FloatRange(min=0),
               help="Weight of the feature residual in izif [the encoder's training kappa].")
 @click.option("--feature-layer", help="D layer for izif features [the encoder's, e.g. b8].")
@@ -570,14 +667,17 @@ def score(data: tuple[str, ...], **kwargs) -> None:
     """
     from anomaly.scoring import ScoreOptions, score_datasets
 
+    detector = _resolve_model(kwargs)
+    kwargs["detector"] = kwargs["detector"] or detector
     written = score_datasets(ScoreOptions(data=tuple(data), **kwargs))
     click.echo(f"wrote {len(written)} files to {kwargs['outdir']}"
                + (f" and heatmaps to {kwargs['heatmaps']}" if kwargs["heatmaps"] else ""))
 
 
 @main.command("tsne")
-@click.option("--network", required=True, metavar="PKL|CKPT", help="Generator file.")
-@encoder_option
+@click.option("--network", metavar="PKL|CKPT", help="Generator file [--model's].")
+@optional_encoder_option
+@model_option
 @click.option("--data", "data", required=True, multiple=True, metavar="ZIP",
               help="Prepared zips to embed (repeat the flag for several).")
 @click.option("--outdir", default="graphics", show_default=True, metavar="DIR")
@@ -590,6 +690,7 @@ def tsne(data: tuple[str, ...], **kwargs) -> None:
     """t-SNE of the encoder's latent codes coloured by class: tsne.png + tsne.xlsx."""
     from anomaly.scoring import TsneOptions, tsne_latents
 
+    _resolve_model(kwargs)
     written = tsne_latents(TsneOptions(data=tuple(data), **kwargs))
     click.echo(f"wrote {written['plot']} and {written['sheet']}")
 

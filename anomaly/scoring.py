@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from anodata.prepare import MANIFEST_COLUMNS
 from anomaly.model import DEFAULT_METHODS, AnoModel, Forward
-from anomaly.scores import METHODS, ScoreTable, method_filename, parse_methods
+from anomaly.scores import METHODS, ScoreTable, method_filename
 from anomaly.sheets import config_dict, write_all_scores, write_score_sheet
 from stylegan.dataset import ImageDataset, iterate_batches, read_manifest
 from stylegan.errors import UserError
@@ -45,6 +45,9 @@ class ScoreOptions:
     heatmaps: str | None = None  # folder for residual heatmaps of the most anomalous test images
     num_heatmaps: int = 8
     device: str = "auto"
+    detector: str | None = None  # detector.json from `anostyle tune`: adds detector.xlsx
+    tta: bool = False  # average every method over the 8 rotations/flips (sheets '<m>@tta')
+    train: str | None = None  # train.zip: bank for density/dfeat-res methods without --detector
 
 
 @dataclass(frozen=True)
@@ -70,27 +73,40 @@ def score_datasets(opts: ScoreOptions) -> dict[str, Path]:
     Every method comes from ONE forward pass of E, G (and D when a method needs features) per
     batch; only the scores (and the k worst images for heatmaps) are kept.
     """
-    methods = parse_methods(opts.methods)
+    from anomaly import detector as det
+
+    methods = det.parse_score_methods(opts.methods)
     model = AnoModel.load(opts.network, opts.encoder, device=opts.device, kappa=opts.kappa,
                           feature_layer=opts.feature_layer,
-                          require_D=any(METHODS[m].needs_features for m in methods))
+                          require_D=any(METHODS[m].needs_features for m in methods
+                                        if m in METHODS))
+    for path in opts.data:
+        det.check_data_policy(model, path)
+    detector = det.load_detector(model, opts.detector) if opts.detector else None
+    scorer = det.sheet_scorer(model, methods, tta=opts.tta, detector=detector, train=opts.train)
+    names = [det.config_name(m, opts.tta) for m in methods]
     datasets = [_open_dataset(path) for path in opts.data]
-    table = ScoreTable(methods)
+    table = ScoreTable(names + ([det.DETECTOR_SHEET] if detector else []))
     worst = _WorstImages(opts.num_heatmaps if opts.heatmaps else 0)
     total = sum(len(ds) for ds, _rows in datasets)
     start = time.time()
     with tqdm(total=total, unit="img", desc="score", disable=None) as bar:
         for dataset, rows in datasets:
-            for images, labels, names in iterate_batches(dataset, opts.batch):
-                out = model.forward_for(images, methods)
-                scores = model.score_forward(out, methods)
-                classes, splits, meta = rows.describe(names, labels.tolist())
-                table.add(scores, files=names, splits=splits, labels=labels.tolist(),
+            for images, labels, files in iterate_batches(dataset, opts.batch):
+                per = scorer.score_batch(images)
+                scores = {n: per[n] for n in names}
+                if detector is not None:
+                    scores[det.DETECTOR_SHEET] = detector.combine(per)
+                classes, splits, meta = rows.describe(files, labels.tolist())
+                table.add(scores, files=files, splits=splits, labels=labels.tolist(),
                           classes=classes, meta=meta)
-                worst.offer(scores.get("izif", scores[methods[0]]), names, splits, images, out,
-                            titles=[m.get("image") or n for m, n in zip(meta, names)])
-                bar.update(len(names))
-    written = _write_outputs(opts, table, model, time.time() - start)
+                if scorer.last_forward is not None:
+                    first = scores.get(det.config_name("izif", opts.tta), next(iter(scores.values())))
+                    worst.offer(first, files, splits, images, scorer.last_forward,
+                                titles=[m.get("image") or n for m, n in zip(meta, files)])
+                bar.update(len(files))
+    written = _write_outputs(opts, table, model, time.time() - start,
+                             detector=None if detector is None else detector.detector.method)
     if opts.heatmaps:
         written.update(worst.save(Path(opts.heatmaps), model))
     return written
@@ -122,7 +138,7 @@ def manifest_meta(row: dict[str, str]) -> dict[str, str]:
 
 
 def _write_outputs(opts: ScoreOptions, table: ScoreTable, model: AnoModel,
-                   seconds: float) -> dict[str, Path]:
+                   seconds: float, *, detector: str | None = None) -> dict[str, Path]:
     outdir = Path(opts.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     frames = table.frames()
@@ -133,6 +149,8 @@ def _write_outputs(opts: ScoreOptions, table: ScoreTable, model: AnoModel,
     atomic_write_json(outdir / "score.json", {
         "options": config_dict(opts), "kappa": model.kappa, "feature_layer": model.feature_layer,
         "prepared": prepared.pop() if len(prepared) == 1 else None,
+        "tta": opts.tta, "detector": None if detector is None else
+        {"file": opts.detector, "method": detector, "sheet": "detector.xlsx"},
         "images": len(table), "seconds": round(seconds, 2),
         "images_per_second": round(len(table) / max(seconds, 1e-9), 2)})
     written["config"] = outdir / "score.json"

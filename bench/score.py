@@ -3,7 +3,13 @@ all from one forward pass per batch, on 2 threads) over N images at 64 px
 with the `cpu` preset's networks and the default encoder, in a fresh process per size, so the
 peak RSS of scoring 1,000 and 10,000 images can be compared (streaming: it should not grow).
 
-Prints one JSON object. Usage: `.venv/bin/python bench/score.py [--sizes 1000,10000]`.
+Then (`--configs`) the tuned detector's configurations (anomaly/detector.py), each alone, with
+and without TTA (8 rotations/flips), in this process on 2 threads: images per second of the
+Scorer over `--config-images` fitted images (the bank fitted on 256 other images first; the
+time is the scoring alone, as `score` and `serve` spend it per batch of 64).
+
+Prints one JSON object. Usage: `.venv/bin/python bench/score.py [--sizes 1000,10000]
+[--configs knn-latent:5,...] [--config-images 512]`.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from io import BytesIO
 from pathlib import Path
@@ -75,11 +82,48 @@ print(json.dumps({"seconds": seconds,
 """
 
 
+DETECTOR_CONFIGS = ("residual:mean,residual:p99,residual:smax:2,izif:1,dfeat-res:b8+b16+b32,"
+                    "knn-latent:5,maha-latent,knn-dfeat:b8:5,knn-dfeat:b16:5,maha-dfeat:b16")
+
+
+def bench_configs(network: Path, encoder: Path, methods: list[str], n: int) -> dict:
+    """Images per second (wall) and CPU milliseconds per image of each (method, TTA)
+    configuration alone, scoring n images."""
+    from anomaly import detector as det
+    from anomaly.model import AnoModel
+
+    torch.set_num_threads(2)
+    model = AnoModel.load(network, encoder, device="cpu")
+    rng = np.random.RandomState(2)
+    train = [torch.from_numpy(rng.randint(0, 256, (64, 3, RES, RES)).astype(np.uint8))
+             for _ in range(4)]
+    bank = det.build_bank(model, train, det.needs_of(methods, model), modes=("plain", "tta"),
+                          dims=64, bank_size=2000)
+    images = torch.from_numpy(rng.randint(0, 256, (n, 3, RES, RES)).astype(np.uint8))
+    out = {}
+    for method in methods:
+        for tta in (False, True):
+            scorer = det.Scorer(model, [(method, tta)], bank=bank)
+            scorer.score_batch(images[:8])  # warm-up
+            start, cpu = time.perf_counter(), time.process_time()
+            for i in range(0, n, 64):
+                scorer.score_batch(images[i:i + 64])
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+            # cpu_ms_per_image: CPU time of all threads; on a shared machine the wall figure
+            # drops while this one stays (2 free cores give at most 2000 / cpu_ms images/s)
+            out[det.config_name(method, tta)] = {"images_per_second": round(n / wall, 1),
+                                                 "cpu_ms_per_image": round(1000 * cpu / n, 2)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,10000")
     parser.add_argument("--methods", default=DEFAULT_METHODS,
                         help="izif + the distance methods (all six) by default")
+    parser.add_argument("--configs", default=DETECTOR_CONFIGS,
+                        help="detector configurations to time alone ('' for none)")
+    parser.add_argument("--config-images", type=int, default=512)
     args = parser.parse_args()
     out = {"benchmark": "score", "resolution": RES, "methods": args.methods, "threads": 2,
            "sizes": {}}
@@ -95,6 +139,10 @@ def main() -> None:
             out["sizes"][str(n)] = {"seconds": round(rec["seconds"], 1),
                                     "images_per_second": round(n / rec["seconds"], 1),
                                     "peak_rss_mib": round(rec["peak_rss_mib"], 1)}
+        if args.configs:
+            out["configurations_images_per_second"] = bench_configs(
+                network, encoder, [m for m in args.configs.split(",") if m],
+                args.config_images)
     print(json.dumps(out, indent=2))
 
 

@@ -2,8 +2,8 @@
 # The whole pipeline, step by step. Override any setting from the environment (see settings.sh).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-for step in 01_prepare_data 02_train_gan 03_train_encoder 04_reconstruct 05_score 06_tsne \
-            07_evaluate 08_report; do
+for step in 01_prepare_data 02_train_gan 03_train_encoder 04_tune 05_reconstruct 06_score \
+            07_tsne 08_evaluate 09_report; do
   bash "$here/$step.sh"
 done
 source "$here/settings.sh"

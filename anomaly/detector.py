@@ -1,0 +1,723 @@
+"""The tuned detector: scoring configurations by name, their raw quantities from one forward
+pass (per TTA view), the training-naevi bank, `detector.json`, and scoring one image for serve.
+
+Method names (anomaly/detector_scores.py has the formulas):
+    residual:mean | residual:p99 | residual:smax[:SIGMA]   aggregations of the pixel residual
+    izif:KAPPA[:LAYER]                                     izif with this kappa (model's layer)
+    dfeat-res:b8+b16+b32                                   normalised D-feature residual
+    knn-latent:K | maha-latent                             density of E(x) (mean over the ws)
+    knn-dfeat:LAYER:K | maha-dfeat:LAYER                   density of pooled D features of x
+A configuration is a method and a TTA flag; its name is the method, + '@tta' with TTA.
+A detector is one configuration, or the rank average of several ("rank-average").
+
+The bank (bank.safetensors): for each learned space a configuration uses, the training naevi's
+standardisation, PCA (`dims` axes) and a seeded subset of at most `bank_size` projected points
+in float16; per D layer of dfeat-res, the channel spreads. Only what the detector needs is
+stored (about 0.3 MB per space at d = 64, M = 2000).
+
+Shape letters: N images, C channels, H/W height/width, K style vectors, D w_dim.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from anomaly import detector_scores as ds
+from anomaly.model import AnoModel, Forward
+from anomaly.scores import METHODS as CLASSIC
+from anomaly.scores import check_sklearn_metric
+from stylegan.errors import UserError
+from stylegan.imageutil import from_uint8
+
+FORMAT, VERSION = "anostyle-detector", 1
+TTA_SUFFIX = "@tta"
+DETECTOR_SHEET = "detector"  # detector.xlsx
+MODEL_FILES = ("network.safetensors", "encoder.safetensors", "detector.json")
+_NUM = r"(\d+(?:\.\d*)?(?:e-?\d+)?)"
+
+
+# ------------------------------------------------------------------------------ method names
+
+
+@dataclass(frozen=True)
+class Method:
+    """A parsed method name of the detector's grammar (see the module docstring)."""
+
+    name: str
+    family: str  # residual | izif | dfeat-res | knn | maha
+    agg: str = ""  # residual: mean | p99 | smax
+    sigma: float = 2.0  # residual:smax
+    kappa: float = 0.0  # izif
+    layers: tuple[str, ...] = ()  # izif (empty: the model's), dfeat-res, dfeat spaces
+    space: str = ""  # knn/maha: 'latent' or 'dfeat:bRES'
+    k: int = 0  # knn
+
+    @property
+    def needs_rec(self) -> bool:
+        return self.family in ("residual", "izif", "dfeat-res")
+
+
+def parse_method(name: str) -> Method:
+    """A detector method from its name; a bad name ends in one sentence."""
+    text = name.strip().lower()
+    patterns = [
+        (r"residual:(mean|p99)", lambda m: Method(text, "residual", agg=m[1])),
+        (rf"residual:smax(?::{_NUM})?",
+         lambda m: Method(text, "residual", agg="smax", sigma=float(m[1] or 2.0))),
+        (rf"izif:{_NUM}(?::(b\d+))?",
+         lambda m: Method(text, "izif", kappa=float(m[1]), layers=(m[2],) if m[2] else ())),
+        (r"dfeat-res:(b\d+(?:\+b\d+)*)",
+         lambda m: Method(text, "dfeat-res", layers=tuple(m[1].split("+")))),
+        (r"knn-latent:(\d+)", lambda m: Method(text, "knn", space="latent", k=int(m[1]))),
+        (r"maha-latent", lambda m: Method(text, "maha", space="latent")),
+        (r"knn-dfeat:(b\d+):(\d+)",
+         lambda m: Method(text, "knn", space=f"dfeat:{m[1]}", layers=(m[1],), k=int(m[2]))),
+        (r"maha-dfeat:(b\d+)",
+         lambda m: Method(text, "maha", space=f"dfeat:{m[1]}", layers=(m[1],))),
+    ]
+    for pattern, build in patterns:
+        match = re.fullmatch(pattern, text)
+        if match:
+            method = build(match)
+            if method.family == "knn" and method.k < 1:
+                break
+            if method.family == "residual" and method.sigma <= 0:
+                break
+            return method
+    raise UserError(f"Unknown scoring method '{name}'; use residual:mean|p99|smax[:SIGMA], "
+                    f"izif:KAPPA[:LAYER], dfeat-res:b8+b16, knn-latent:K, maha-latent, "
+                    f"knn-dfeat:LAYER:K or maha-dfeat:LAYER (or a classic method).")
+
+
+def is_detector_method(name: str) -> bool:
+    """True for a name of this module's grammar (not a classic method of anomaly.scores)."""
+    head = name.strip().lower().split(":", 1)[0]
+    return head in ("residual", "izif", "dfeat-res", "knn-latent", "maha-latent", "knn-dfeat",
+                    "maha-dfeat") and name.strip().lower() != "izif"
+
+
+def config_name(method: str, tta: bool) -> str:
+    return method + (TTA_SUFFIX if tta else "")
+
+
+def split_config_name(name: str) -> tuple[str, bool]:
+    """'knn-latent:5@tta' -> ('knn-latent:5', True)."""
+    return (name[: -len(TTA_SUFFIX)], True) if name.endswith(TTA_SUFFIX) else (name, False)
+
+
+# ------------------------------------------------------------------------------ needs
+
+
+@dataclass
+class Needs:
+    """What one pass must compute for a set of methods."""
+
+    latent: bool = False  # E(x) pooled over the ws
+    rec: bool = False  # G(E(x)) and the residual map
+    aggs: set = field(default_factory=set)  # {('mean', 0.0), ('smax', 2.0), ...}
+    res_layers: set = field(default_factory=set)  # D channel residuals (x vs G(E(x)))
+    pool_layers: set = field(default_factory=set)  # D features of x pooled over positions
+    classic: list = field(default_factory=list)  # classic method names (anomaly.scores)
+    classic_b4: bool = False  # a classic method needs features at the model's b4.* layer
+
+    @property
+    def d_layers(self) -> set:
+        return self.res_layers | self.pool_layers
+
+    @property
+    def spaces(self) -> set:
+        return ({"latent"} if self.latent else set()) | {f"dfeat:{lay}" for lay in self.pool_layers}
+
+
+def needs_of(methods: Iterable[str], model: AnoModel) -> Needs:
+    """The union of what `methods` (detector or classic names) need."""
+    needs = Needs()
+    for name in methods:
+        if not is_detector_method(name):
+            if name not in CLASSIC and not name.startswith("sklearn:"):
+                raise UserError(f"Unknown scoring method '{name}'.")
+            if name.startswith("sklearn:"):
+                check_sklearn_metric(name.split(":", 1)[1])
+            needs.classic.append(name)
+            needs.rec = True
+            spec = CLASSIC.get(name)
+            if spec is not None and spec.needs_features and model.kappa > 0:
+                if model.feature_layer.startswith("b4."):  # mixes the batch: D on its own
+                    needs.classic_b4 = True
+                else:
+                    needs.res_layers.add(model.feature_layer)
+            continue
+        m = parse_method(name)
+        if m.family in ("residual", "izif"):
+            needs.aggs.add((m.agg or "mean", m.sigma if m.agg == "smax" else 0.0))
+        if m.family == "izif" and m.kappa > 0:
+            needs.res_layers.update(m.layers or (model.feature_layer,))
+        if m.family == "dfeat-res":
+            needs.res_layers.update(m.layers)
+        if m.space == "latent":
+            needs.latent = True
+        elif m.space:
+            needs.pool_layers.update(m.layers)
+        needs.rec |= m.needs_rec
+    for layer in needs.d_layers:
+        _check_block_layer(model, layer)
+    return needs
+
+
+def _check_block_layer(model: AnoModel, layer: str) -> None:
+    if model.D is None:
+        raise UserError(f"{model.network} holds no discriminator, which D-feature methods need; "
+                        f"give a full training snapshot.")
+    names = [f"b{r}" for r in model.D.block_resolutions]
+    if layer not in names:
+        raise UserError(f"The D layer {layer!r} is not a block of this discriminator; choose "
+                        f"one of {', '.join(names)} (the b4.* layers mix the batch).")
+
+
+# ------------------------------------------------------------------------------ one pass
+
+
+def feature_maps(D: torch.nn.Module, x: torch.Tensor, layers: set) -> dict[str, torch.Tensor]:
+    """D block outputs at `layers` ('b{res}') from one pass through the blocks: {layer: [N, c,
+    h, w]} (each image's features are its own: no minibatch-stddev before b8's output)."""
+    out, h, img = {}, None, x
+    for res in D.block_resolutions:
+        if not layers - set(out):
+            break
+        h, img = getattr(D, f"b{res}")(h, img)
+        if f"b{res}" in layers:
+            out[f"b{res}"] = h.float()
+    return out
+
+
+@torch.no_grad()
+def extract(model: AnoModel, images_u8: torch.Tensor, needs: Needs, *, tta: bool
+            ) -> dict[str, dict[str, torch.Tensor]]:
+    """Raw quantities of a fitted uint8 batch [N, C, H, W] from ONE pass (over the 8 views
+    with `tta`): {'plain': {...}, 'tta': {...}}; 'plain' is view 0 (the image as it is).
+
+    Keys: 'latent' [N, D], 'res:<agg>:<sigma>' [N], 'cres:<layer>' [N, c],
+    'pool:<layer>' [N, c], and 'classic:<method>' [N] for classic methods."""
+    x = from_uint8(images_u8.to(model.device))  # [N, C, H, W]
+    n, views = len(x), ds.N_VIEWS if tta else 1
+    xv = ds.dihedral_views(x) if tta else x  # [V * N, C, H, W] view-major
+    q: dict[str, torch.Tensor] = {}
+    ws = rec = None
+    if needs.latent or needs.rec:
+        ws = model.encode(xv)  # [V * N, K, D]
+        q["latent"] = ws.float().mean(dim=1)
+    if needs.rec:
+        rec = model.G.synthesis(ws, noise_mode="const")
+        rmap = ds.residual_map(xv, rec)  # [V * N, H, W]
+        for agg, sigma in needs.aggs:
+            q[f"res:{agg}:{sigma:g}"] = ds.aggregate_residual(rmap, agg, sigma)
+    maps_x = maps_rec = {}
+    if needs.d_layers:
+        maps_x = feature_maps(model.D, xv, needs.d_layers)
+    if needs.res_layers:
+        maps_rec = feature_maps(model.D, rec, needs.res_layers)
+        for layer in needs.res_layers:
+            q[f"cres:{layer}"] = ds.channel_residual(maps_x[layer], maps_rec[layer])
+    for layer in needs.pool_layers:
+        q[f"pool:{layer}"] = ds.pooled_features(maps_x[layer])
+    if needs.classic:
+        layer = model.feature_layer
+        feats = ((model.features(xv), model.features(rec)) if needs.classic_b4
+                 else (maps_x.get(layer), maps_rec.get(layer)))
+        out = Forward(xv, ws, rec, *feats)
+        for name, value in model.score_forward(out, needs.classic).items():
+            q[f"classic:{name}"] = torch.as_tensor(value, dtype=torch.float64)
+    q = {k: v.detach().cpu() for k, v in q.items()}
+    result: dict[str, Any] = {"plain": {k: v[:n] for k, v in q.items()}}
+    if rec is not None:  # view 0 as the heatmaps need it
+        layer = model.feature_layer
+        f, fr = maps_x.get(layer), maps_rec.get(layer)
+        result["forward"] = Forward(xv[:n], ws[:n], rec[:n], None if f is None else f[:n],
+                                    None if fr is None else fr[:n])
+    if tta:
+        result["tta"] = {k: ds.view_mean(v, views) for k, v in q.items()}
+    return result
+
+
+# ------------------------------------------------------------------------------ the bank
+
+
+@dataclass
+class Bank:
+    """Training-naevi references: learned spaces {(space, mode): Space} and D channel
+    spreads {layer: [c]}; mode is 'plain' or 'tta'."""
+
+    spaces: dict = field(default_factory=dict)
+    spreads: dict = field(default_factory=dict)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from safetensors.torch import save
+
+        tensors = {}
+        for (space, mode), sp in self.spaces.items():
+            for key in ("mean", "sd", "components", "eigenvalues"):
+                tensors[f"{space}/{mode}/{key}"] = getattr(sp, key).float().contiguous()
+            tensors[f"{space}/{mode}/bank"] = sp.bank.half().contiguous()
+        for layer, sd in self.spreads.items():
+            tensors[f"spread/{layer}"] = sd.float().contiguous()
+        from stylegan.fileio import atomic_write_bytes
+
+        atomic_write_bytes(path, save(tensors, metadata={"format": "anostyle-bank",
+                                                         "version": "1"}))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Bank":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(path))
+        except (OSError, SafetensorError) as exc:
+            raise UserError(f"The bank {path} cannot be read ({exc}); run `anostyle tune` "
+                            f"again.") from None
+        bank = cls()
+        parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("spread/"):
+                bank.spreads[key.split("/", 1)[1]] = value.float()
+            else:
+                space, mode, what = key.rsplit("/", 2)
+                parts.setdefault((space, mode), {})[what] = value
+        for key, p in parts.items():
+            bank.spaces[key] = ds.Space(p["mean"], p["sd"], p["components"], p["eigenvalues"],
+                                        p["bank"].float())
+        return bank
+
+    def subset(self, methods: Sequence[tuple[str, bool]]) -> "Bank":
+        """Only what the (method, tta) configurations use."""
+        out = Bank()
+        for name, tta in methods:
+            if not is_detector_method(name):
+                continue
+            m = parse_method(name)
+            if m.space:
+                key = (m.space, "tta" if tta else "plain")
+                out.spaces[key] = self.spaces[key]
+            if m.family == "dfeat-res":
+                out.spreads.update({lay: self.spreads[lay] for lay in m.layers})
+        return out
+
+
+def bank_needs(needs: Needs) -> Needs:
+    """What a pass over TRAINING naevi must compute for a bank: embeddings and D features of x
+    (no reconstruction)."""
+    layers = set(needs.pool_layers) | set(needs.res_layers)
+    return Needs(latent=needs.latent, pool_layers=layers)
+
+
+@torch.no_grad()
+def build_bank(model: AnoModel, batches: Iterable[torch.Tensor], needs: Needs, *,
+               modes: Sequence[str], dims: int = 64, bank_size: int = 2000, seed: int = 0
+               ) -> Bank:
+    """Fit the bank on fitted uint8 training batches: spaces for `needs.spaces` in each mode
+    ('plain', 'tta') and channel spreads for `needs.res_layers` (plain view: features of all
+    images and positions)."""
+    passes = bank_needs(needs)
+    emb: dict[tuple[str, str], list[torch.Tensor]] = {}
+    moments: dict[str, list] = {}
+    for images in batches:
+        q = extract(model, images, passes, tta="tta" in modes)
+        for mode in modes:
+            if passes.latent:
+                emb.setdefault(("latent", mode), []).append(q[mode]["latent"])
+            for layer in needs.pool_layers:
+                emb.setdefault((f"dfeat:{layer}", mode), []).append(q[mode][f"pool:{layer}"])
+        if needs.res_layers:
+            maps = feature_maps(model.D, from_uint8(images.to(model.device)), needs.res_layers)
+            for layer, f in maps.items():
+                f = f.double().cpu()
+                acc = moments.setdefault(layer, [0.0, 0.0, 0])
+                acc[0] = acc[0] + f.sum(dim=(0, 2, 3))
+                acc[1] = acc[1] + f.square().sum(dim=(0, 2, 3))
+                acc[2] += f.shape[0] * f.shape[2] * f.shape[3]
+    bank = Bank()
+    for key, parts in emb.items():
+        bank.spaces[key] = ds.fit_space(torch.cat(parts), dims=dims, bank_size=bank_size,
+                                        seed=seed)
+    for layer, (s1, s2, count) in moments.items():
+        var = (s2 / count - (s1 / count) ** 2).clamp_min(0)
+        bank.spreads[layer] = var.sqrt().float()
+    return bank
+
+
+def bank_from_zip(model: AnoModel, train: str | os.PathLike, needs: Needs, *,
+                  modes: Sequence[str], bank_size: int = 2000, dims: int = 64, seed: int = 0,
+                  batch: int = 64) -> Bank:
+    """The bank of a seeded subset of at most `bank_size` images of train.zip (an empty bank
+    when `needs` uses none)."""
+    from tqdm import tqdm
+
+    from stylegan.dataset import ImageDataset
+
+    if not (needs.spaces or needs.res_layers):
+        return Bank()
+    dataset = ImageDataset(train)
+    pick = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:bank_size])
+
+    def batches():
+        for start in tqdm(range(0, len(pick), batch), desc="bank", disable=None):
+            yield torch.from_numpy(np.stack([dataset[int(i)][0]
+                                             for i in pick[start:start + batch]]))
+
+    return build_bank(model, batches(), needs, modes=modes, dims=dims, bank_size=bank_size,
+                      seed=seed)
+
+
+# ------------------------------------------------------------------------------ scores
+
+
+def method_scores(name: str, q: dict[str, torch.Tensor], *, mode: str, bank: Bank | None,
+                  model_layer: str) -> np.ndarray:
+    """Scores [N] of one method from the raw quantities `q` of one mode ('plain' | 'tta')."""
+    if not is_detector_method(name):
+        return q[f"classic:{name}"].double().numpy()
+    m = parse_method(name)
+    if m.family == "residual":
+        return q[f"res:{m.agg}:{(m.sigma if m.agg == 'smax' else 0.0):g}"].double().numpy()
+    if m.family == "izif":
+        value = q["res:mean:0"].double()
+        if m.kappa > 0:
+            value = value + m.kappa * q[f"cres:{(m.layers or (model_layer,))[0]}"].double() \
+                .mean(dim=1)
+        return value.numpy()
+    if bank is None:
+        raise UserError(f"The method {name} needs the training-naevi bank; score with "
+                        f"--detector/--model (bank.safetensors) or give --train train.zip.")
+    if m.family == "dfeat-res":
+        return ds.normalised_feature_residual([q[f"cres:{lay}"] for lay in m.layers],
+                                              [bank.spreads[lay] for lay in m.layers]).numpy()
+    space = bank.spaces[(m.space, mode)]
+    emb = q["latent"] if m.space == "latent" else q[f"pool:{m.layers[0]}"]
+    projected = space.project(emb)
+    if m.family == "knn":
+        if m.k > space.bank.shape[0]:
+            raise UserError(f"{name}: k = {m.k} exceeds the {space.bank.shape[0]} bank points.")
+        return ds.knn_distance(projected, space.bank, m.k).numpy()
+    return ds.mahalanobis(projected, space.eigenvalues).numpy()
+
+
+# ------------------------------------------------------------------------------ detector.json
+
+
+@dataclass(frozen=True)
+class Component:
+    """One configuration of a detector; `reference` = its sorted validation-normal scores."""
+
+    method: str
+    tta: bool
+    reference: tuple[float, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return config_name(self.method, self.tta)
+
+
+@dataclass(frozen=True)
+class Detector:
+    """A tuned detector as recorded in detector.json (format anostyle-detector, version 1)."""
+
+    components: tuple[Component, ...]
+    combine: str  # 'single' | 'rank-average'
+    threshold: float
+    threshold_rule: str
+    comparison: str
+    val_normals: tuple[float, ...]  # the detector's scores of the validation normals, sorted
+    selection: dict
+    bank: str | None  # bank file name beside detector.json (None: no bank needed)
+    network_sha256: str | None
+    encoder_sha256: str | None
+    preprocessing: dict | None
+    kappa: float
+    feature_layer: str
+    extra: dict = field(default_factory=dict)  # val AUC, CI, tune options ...
+
+    @property
+    def method(self) -> str:
+        if self.combine == "single":
+            return self.components[0].name
+        return "rank-average(" + " + ".join(c.name for c in self.components) + ")"
+
+    @property
+    def tta(self) -> bool:
+        return any(c.tta for c in self.components)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, "method": self.method,
+                "combine": self.combine, "tta": self.tta,
+                "configuration": [{"method": c.method, "tta": c.tta,
+                                   **({"reference": list(c.reference)} if c.reference else {})}
+                                  for c in self.components],
+                "threshold": self.threshold, "threshold_rule": self.threshold_rule,
+                "comparison": self.comparison, "val_normal_scores": list(self.val_normals),
+                "selection": self.selection, "bank": self.bank,
+                "network_sha256": self.network_sha256, "encoder_sha256": self.encoder_sha256,
+                "preprocessing": self.preprocessing, "kappa": self.kappa,
+                "feature_layer": self.feature_layer, **self.extra}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from stylegan.fileio import atomic_write_json
+
+        atomic_write_json(path, self.to_dict())
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Detector":
+        path = Path(path)
+        fix = "give the detector.json that `anostyle tune` wrote"
+        if not path.is_file():
+            raise UserError(f"--detector {path} does not exist; {fix}.")
+        try:
+            body = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"--detector {path} is not valid JSON ({exc}); {fix}.") from None
+        if not isinstance(body, dict) or body.get("format") != FORMAT:
+            raise UserError(f"--detector {path} is not an {FORMAT} file; {fix}.")
+        if body.get("version") != VERSION:
+            raise UserError(f"--detector {path} has version {body.get('version')!r}; this "
+                            f"AnoStyle reads version {VERSION}.")
+        try:
+            comps = tuple(Component(str(c["method"]), bool(c["tta"]),
+                                    tuple(float(v) for v in c.get("reference", ())))
+                          for c in body["configuration"])
+            for c in comps:
+                if is_detector_method(c.method):
+                    parse_method(c.method)
+            known = {"format", "version", "method", "combine", "tta", "configuration",
+                     "threshold", "threshold_rule", "comparison", "val_normal_scores",
+                     "selection", "bank", "network_sha256", "encoder_sha256", "preprocessing",
+                     "kappa", "feature_layer"}
+            det = cls(comps, str(body["combine"]), float(body["threshold"]),
+                      str(body["threshold_rule"]), str(body["comparison"]),
+                      tuple(float(v) for v in body["val_normal_scores"]),
+                      dict(body.get("selection") or {}), body.get("bank"),
+                      body.get("network_sha256"), body.get("encoder_sha256"),
+                      body.get("preprocessing"), float(body["kappa"]),
+                      str(body["feature_layer"]),
+                      {k: v for k, v in body.items() if k not in known})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"--detector {path} is incomplete or malformed ({exc!r}); {fix}.") \
+                from None
+        if det.combine not in ("single", "rank-average") or not comps \
+                or (det.combine == "rank-average" and any(not c.reference for c in comps)) \
+                or not det.val_normals or not math.isfinite(det.threshold):
+            raise UserError(f"--detector {path} is inconsistent (combination, references, "
+                            f"threshold or validation scores); {fix}.")
+        return det
+
+
+# ------------------------------------------------------------------------------ scoring
+
+
+class Scorer:
+    """Scores batches with a list of (method, tta) configurations from one pass per batch."""
+
+    def __init__(self, model: AnoModel, configs: Sequence[tuple[str, bool]], *,
+                 bank: Bank | None = None):
+        self.model, self.configs, self.bank = model, list(dict.fromkeys(configs)), bank
+        self.tta = any(t for _m, t in self.configs)
+        self.needs = needs_of([m for m, _t in self.configs], model)
+        self.last_forward: Forward | None = None  # view 0 of the last batch (for heatmaps)
+
+    def score_batch(self, images_u8: torch.Tensor) -> dict[str, np.ndarray]:
+        """{configuration name: float64 [N]} for a fitted uint8 batch."""
+        q = extract(self.model, images_u8, self.needs, tta=self.tta)
+        self.last_forward = q.pop("forward", None)
+        return {config_name(m, t): method_scores(m, q["tta" if t else "plain"],
+                                                 mode="tta" if t else "plain", bank=self.bank,
+                                                 model_layer=self.model.feature_layer)
+                for m, t in self.configs}
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """A detector's answer for one image."""
+
+    score: float
+    percentile: float  # share (%) of validation normals scoring <= this score
+    decision: str  # 'anomalous' (score >= threshold) | 'normal'
+    threshold: float
+    threshold_rule: str
+    method: str
+
+
+class DetectorScorer:
+    """A loaded detector on its model: `judge(image)` for serve, `score_batch` for sheets."""
+
+    def __init__(self, model: AnoModel, detector: Detector, bank: Bank | None):
+        self.model, self.detector, self.bank = model, detector, bank
+        self.configs = [(c.method, c.tta) for c in detector.components]
+        self.scorer = Scorer(model, self.configs, bank=bank)
+        self._reference = np.asarray(detector.val_normals, dtype=np.float64)
+
+    def combine(self, per_config: dict[str, np.ndarray]) -> np.ndarray:
+        """The detector's scores [N] from its components' scores {configuration name: [N]}."""
+        comps = self.detector.components
+        if self.detector.combine == "single":
+            return per_config[comps[0].name]
+        return ds.rank_average([per_config[c.name] for c in comps],
+                               [np.asarray(c.reference) for c in comps])
+
+    def score_batch(self, images_u8: torch.Tensor) -> np.ndarray:
+        """The detector's scores [N] of a fitted uint8 batch [N, C, H, W]."""
+        return self.combine(self.scorer.score_batch(images_u8))
+
+    def judge(self, image) -> Judgement:
+        """(score, percentile, decision) of one image: a fitted uint8 [C, H, W] array/tensor, or
+        a raw image (PIL, bytes, path), which is fitted by the model's recorded policy."""
+        if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 3:
+            batch = self.model.batch(torch.as_tensor(np.asarray(image))[None])
+        else:
+            batch = self.model.batch(image)
+        score = float(self.score_batch(batch)[0])
+        d = self.detector
+        return Judgement(score, ds.weak_percentile(score, self._reference),
+                         "anomalous" if score >= d.threshold else "normal", d.threshold,
+                         d.threshold_rule, d.method)
+
+
+def parse_score_methods(text: str) -> list[str]:
+    """A --methods list mixing classic names (anomaly.scores) and this module's grammar."""
+    from anomaly.scores import parse_methods
+
+    names = list(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
+    for name in names:
+        if is_detector_method(name):
+            parse_method(name)
+        else:
+            parse_methods(name)
+    if not names:
+        raise UserError("--methods is empty; give at least one method, e.g. --methods izif.")
+    return names
+
+
+def _bank_keys(methods: Iterable[str], tta: bool) -> tuple[set, set]:
+    """(spaces {(space, mode)}, spread layers) that `methods` read from a bank."""
+    spaces, layers = set(), set()
+    for name in methods:
+        if is_detector_method(name):
+            m = parse_method(name)
+            if m.space:
+                spaces.add((m.space, "tta" if tta else "plain"))
+            if m.family == "dfeat-res":
+                layers.update(m.layers)
+    return spaces, layers
+
+
+def sheet_scorer(model: AnoModel, methods: Sequence[str], *, tta: bool,
+                 detector: "DetectorScorer | None", train: str | None) -> Scorer:
+    """One Scorer for the requested methods (all with or all without TTA) and the detector's
+    components; the bank is the detector's, completed from `train` (train.zip) when a
+    requested method needs a space or spread the detector's bank lacks."""
+    bank = Bank()
+    if detector is not None and detector.bank is not None:
+        bank.spaces.update(detector.bank.spaces)
+        bank.spreads.update(detector.bank.spreads)
+    spaces, layers = _bank_keys(methods, tta)
+    if not (spaces <= set(bank.spaces) and layers <= set(bank.spreads)):
+        if train is None:
+            wanted = sorted({s for s, _m in spaces - set(bank.spaces)} | layers)
+            raise UserError(f"The methods {', '.join(m for m in methods if is_detector_method(m))}"
+                            f" need the training-naevi bank ({', '.join(wanted)}); give --train "
+                            f"train.zip (or use the methods of --detector).")
+        needs = needs_of([m for m in methods if is_detector_method(m)], model)
+        built = bank_from_zip(model, train, needs, modes=("tta" if tta else "plain",))
+        bank.spaces.update(built.spaces)
+        bank.spreads.update(built.spreads)
+    configs = [(m, tta) for m in methods] + (detector.configs if detector else [])
+    return Scorer(model, configs, bank=bank)
+
+
+def load_detector(model: AnoModel, path: str | os.PathLike) -> DetectorScorer:
+    """detector.json (+ its bank beside it) on a loaded model; refuses a detector tuned for
+    other networks or another preprocessing policy, in one sentence."""
+    from anomaly.encoder_io import sha256_file
+
+    det = Detector.load(path)
+    for what, recorded, file in (("network", det.network_sha256, model.network),
+                                 ("encoder", det.encoder_sha256, model.encoder)):
+        if recorded and file and sha256_file(file) != recorded:
+            raise UserError(f"--detector {path} was tuned for another {what} than {file} "
+                            f"(sha256 differs); tune again for this model.")
+    policy = model.recorded_policy
+    if det.preprocessing and policy is not None and det.preprocessing != policy.to_dict():
+        raise UserError(f"--detector {path} was tuned on data with another preprocessing "
+                        f"policy than the model records; tune again for this model.")
+    bank = None
+    if det.bank:
+        bank_path = Path(path).parent / det.bank
+        if not bank_path.is_file():
+            raise UserError(f"--detector {path} names the bank {det.bank}, which is not beside "
+                            f"it; copy bank.safetensors along with detector.json.")
+        bank = Bank.load(bank_path)
+    return DetectorScorer(model, det, bank)
+
+
+def load_model_dir(folder: str | os.PathLike, *, device: str = "auto",
+                   require_detector: bool = True) -> tuple[AnoModel, DetectorScorer | None]:
+    """A model folder (network.safetensors, encoder.safetensors, detector.json) -> the
+    inference model and its detector. This is what `serve --model DIR` should call; then
+    `scorer.judge(fitted_image)` gives (score, percentile, decision)."""
+    network, encoder, detector = resolve_model_dir(folder, None, None)
+    if detector is None and require_detector:
+        raise UserError(f"--model {folder} holds no detector.json; run `anostyle tune` and copy "
+                        f"detector.json and bank.safetensors into it.")
+    model = AnoModel.load(network, encoder, device=device, require_D=False)
+    return model, (load_detector(model, detector) if detector else None)
+
+
+def resolve_model_dir(folder: str | os.PathLike | None, network: str | None,
+                      encoder: str | None) -> tuple[str, str, str | None]:
+    """(network, encoder, detector.json or None) from --model DIR and/or --network/--encoder
+    (an explicit file wins over the folder's)."""
+    if folder is None:
+        if not network or not encoder:
+            missing = "--network" if not network else "--encoder"
+            raise UserError(f"{missing} is missing; give --network and --encoder, or --model DIR "
+                            f"(a folder with network.safetensors and encoder.safetensors).")
+        return network, encoder, None
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--model {folder} is not a folder; give a model folder such as "
+                        f"models/ham64-cpu.")
+    files = {name: folder / name for name in MODEL_FILES}
+    for name in MODEL_FILES[:2]:
+        if not files[name].is_file() and not (network if "network" in name else encoder):
+            raise UserError(f"--model {folder} holds no {name}; a model folder needs "
+                            f"network.safetensors and encoder.safetensors.")
+    detector = files["detector.json"]
+    return (network or str(files["network.safetensors"]),
+            encoder or str(files["encoder.safetensors"]),
+            str(detector) if detector.is_file() else None)
+
+
+def check_data_policy(model: AnoModel, data: str | os.PathLike) -> None:
+    """Refuse, in one sentence, prepared data whose recorded preprocessing differs from the
+    model's (both must be recorded for the check)."""
+    from anodata.policy import read_prepared_policy
+
+    policy = model.recorded_policy
+    prepared = read_prepared_policy(data)
+    if policy is None or prepared is None:
+        return
+    prepared = prepared.at(model.resolution, model.channels)
+    if prepared != policy:
+        diff = ", ".join(f"{k} {v!r} (model: {policy.to_dict()[k]!r})"
+                         for k, v in prepared.to_dict().items() if policy.to_dict()[k] != v)
+        raise UserError(f"--data {data} was prepared with another preprocessing than the model "
+                        f"was trained on ({diff}); prepare it again with `anostyle prepare "
+                        f"--model DIR` or the model's options.")

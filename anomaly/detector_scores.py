@@ -1,0 +1,206 @@
+"""Pure score functions of the tuned detector (anomaly/detector.py): residual aggregations,
+normalised multi-layer feature residuals, density in learned spaces, test-time augmentation
+over the dihedral group and rank averaging. Tensors/arrays in, tensors/arrays out; no I/O.
+
+- Residual aggregations of the per-pixel squared residual r(p) = 1/C sum_c (x - G(E(x)))^2:
+  its mean (= the izif pixel term A_R), its 99th percentile, and the maximum of r smoothed by
+  a Gaussian of `sigma` pixels ("where the residual is, not just how big on average").
+- Normalised feature residual over D layers l: sum_l mean_{c,h,w} ((f_l(x) - f_l(G(E(x))))_c
+  / sd_{l,c})^2, with sd_{l,c} the spread of channel c of layer l over the training naevi
+  (images and positions), so that layers of different scale add up.
+- Density in a learned space (E's codes, or D features pooled over positions): the embedding is
+  standardised by the bank's mean and s.d. per dimension, projected on the bank's first d
+  principal components (fitted on training naevi), and scored by the mean Euclidean distance to
+  its k nearest bank points (k-NN), or by its Mahalanobis distance to the bank's Gaussian in
+  that d-dimensional space (sum of squared projections over the eigenvalues; Rippel et al.
+  2020, "Modeling the distribution of normal data in pre-trained deep features").
+- TTA: the 8 symmetries of the square (rot90^k, k = 0..3, each with and without a left-right
+  mirror). Scores are averaged over the 8 views; for the density scores the EMBEDDING is
+  averaged over the views (and the bank holds view-averaged training embeddings), so either
+  way a rotated or mirrored image gets the same score as the original.
+- Rank average: each score becomes its percentile among validation normals (linear
+  interpolation between sorted scores at plotting positions (i + 0.5) / M, clipped to [0, 100]),
+  so a single image can be scored; the combination is the mean of those percentiles.
+
+Shape letters: N images, C channels, H/W height/width, F feature dims, M bank points, d PCA dims.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+N_VIEWS = 8
+
+
+# ------------------------------------------------------------------------------ TTA
+
+
+def dihedral_view(x: torch.Tensor, view: int) -> torch.Tensor:
+    """View `view` (0..7) of images [N, C, H, W]: rot90^(view % 4), mirrored when view >= 4.
+    View 0 is the identity."""
+    assert 0 <= view < N_VIEWS and x.ndim == 4 and x.shape[2] == x.shape[3], (view, x.shape)
+    y = torch.flip(x, dims=(3,)) if view >= 4 else x
+    return torch.rot90(y, view % 4, dims=(2, 3)) if view % 4 else y
+
+
+def dihedral_views(x: torch.Tensor) -> torch.Tensor:
+    """All 8 views stacked along the batch: [N, C, H, W] -> [8 * N, C, H, W] (view-major)."""
+    return torch.cat([dihedral_view(x, v) for v in range(N_VIEWS)])
+
+
+def view_mean(values: torch.Tensor, n_views: int) -> torch.Tensor:
+    """Mean over views of a view-major batch: [V * N, ...] -> [N, ...]."""
+    return values.reshape(n_views, -1, *values.shape[1:]).mean(dim=0)
+
+
+# ------------------------------------------------------------------------------ residuals
+
+
+def residual_map(x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
+    """Per-pixel squared residual averaged over channels: [N, C, H, W] x2 -> [N, H, W]."""
+    assert x.shape == x_rec.shape and x.ndim == 4, (x.shape, x_rec.shape)
+    return (x.float() - x_rec.float()).square().mean(dim=1)
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    """Normalised 1-D Gaussian of s.d. `sigma` pixels, radius ceil(3 sigma): [2r + 1]."""
+    assert sigma > 0, sigma
+    radius = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
+def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of maps [N, H, W] with reflected borders -> [N, H, W]."""
+    k = gaussian_kernel(sigma).to(maps.device)
+    r = (len(k) - 1) // 2
+    y = maps[:, None].float()  # [N, 1, H, W]
+    mode = "reflect" if r < min(maps.shape[1:]) else "replicate"
+    y = F.conv2d(F.pad(y, (r, r, 0, 0), mode=mode), k.view(1, 1, 1, -1))
+    y = F.conv2d(F.pad(y, (0, 0, r, r), mode=mode), k.view(1, 1, -1, 1))
+    return y[:, 0]
+
+
+def aggregate_residual(maps: torch.Tensor, how: str, sigma: float = 2.0) -> torch.Tensor:
+    """Residual maps [N, H, W] -> [N]: 'mean', 'p99' (99th percentile, linear interpolation)
+    or 'smax' (maximum of the map smoothed with a Gaussian of `sigma` pixels)."""
+    flat = maps.flatten(1).float()  # [N, H*W]
+    if how == "mean":
+        return flat.mean(dim=1)
+    if how == "p99":
+        return torch.quantile(flat, 0.99, dim=1)
+    if how == "smax":
+        return gaussian_smooth(maps, sigma).flatten(1).amax(dim=1)
+    raise ValueError(f"unknown residual aggregation {how!r}")
+
+
+def channel_residual(feat: torch.Tensor, feat_rec: torch.Tensor) -> torch.Tensor:
+    """Squared feature residual per channel, averaged over positions: [N, c, h, w] -> [N, c]."""
+    assert feat.shape == feat_rec.shape and feat.ndim == 4, (feat.shape, feat_rec.shape)
+    return (feat.float() - feat_rec.float()).square().mean(dim=(2, 3))
+
+
+def normalised_feature_residual(channel_res: list[torch.Tensor],
+                                spreads: list[torch.Tensor]) -> torch.Tensor:
+    """sum over layers of mean_c channel_res[l][:, c] / sd[l][c]^2: ([N, c_l], [c_l]) -> [N]."""
+    assert len(channel_res) == len(spreads) and channel_res
+    total = torch.zeros(channel_res[0].shape[0], dtype=torch.float64)
+    for res, sd in zip(channel_res, spreads):
+        assert res.shape[1:] == sd.shape, (res.shape, sd.shape)
+        total += (res.double().cpu() / sd.double().cpu().clamp_min(1e-8).square()).mean(dim=1)
+    return total
+
+
+def pooled_features(feat: torch.Tensor) -> torch.Tensor:
+    """Features pooled over positions: [N, c, h, w] -> [N, c] (mean)."""
+    return feat.float().mean(dim=(2, 3))
+
+
+# ------------------------------------------------------------------------------ density
+
+
+@dataclass(frozen=True)
+class Space:
+    """A learned space fitted on training naevi: standardisation, PCA and the bank points."""
+
+    mean: torch.Tensor  # [F]
+    sd: torch.Tensor  # [F]
+    components: torch.Tensor  # [d, F] principal axes (rows), of the standardised embedding
+    eigenvalues: torch.Tensor  # [d] variances along the axes
+    bank: torch.Tensor  # [M, d] projected training embeddings (float16 when stored)
+
+    def project(self, emb: torch.Tensor) -> torch.Tensor:
+        """Embeddings [N, F] -> [N, d]."""
+        assert emb.ndim == 2 and emb.shape[1] == self.mean.shape[0], (emb.shape, self.mean.shape)
+        z = (emb.float() - self.mean) / self.sd
+        return z @ self.components.T
+
+
+def fit_space(train_emb: torch.Tensor, *, dims: int, bank_size: int, seed: int) -> Space:
+    """Standardise, fit PCA (d = min(dims, F, M - 1)) on all training embeddings [M, F], and
+    keep a seeded subset of at most `bank_size` projected points as the bank."""
+    emb = train_emb.double()
+    mean, sd = emb.mean(dim=0), emb.std(dim=0).clamp_min(1e-6)
+    z = (emb - mean) / sd  # [M, F]
+    d = max(1, min(dims, z.shape[1], z.shape[0] - 1))
+    _u, s, vh = torch.linalg.svd(z - z.mean(dim=0), full_matrices=False)
+    components = _fixed_signs(vh[:d])  # [d, F]
+    eigenvalues = (s[:d] ** 2 / max(1, z.shape[0] - 1)).clamp_min(1e-12)
+    keep = torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(seed))[:bank_size]
+    bank = (z[keep.sort().values] @ components.T).float()
+    return Space(mean.float(), sd.float(), components.float(), eigenvalues.float(), bank)
+
+
+def _fixed_signs(vh: torch.Tensor) -> torch.Tensor:
+    """Principal axes with a deterministic sign (largest |entry| positive)."""
+    idx = vh.abs().argmax(dim=1)
+    signs = torch.sign(vh[torch.arange(len(vh)), idx])
+    return vh * torch.where(signs == 0, torch.ones_like(signs), signs)[:, None]
+
+
+def knn_distance(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean Euclidean distance of each query [N, d] to its k nearest bank points [M, d]: [N]."""
+    assert 1 <= k <= bank.shape[0], (k, bank.shape)
+    dist = torch.cdist(queries.double(), bank.double())  # [N, M]
+    return dist.topk(k, dim=1, largest=False).values.mean(dim=1)
+
+
+def mahalanobis(projected: torch.Tensor, eigenvalues: torch.Tensor) -> torch.Tensor:
+    """Mahalanobis distance in the PCA space: sqrt(sum_j p_j^2 / lambda_j): [N, d] -> [N]."""
+    return (projected.double().square() / eigenvalues.double()).sum(dim=1).sqrt()
+
+
+# ------------------------------------------------------------------------------ percentiles
+
+
+def percentile_among(scores: np.ndarray, reference_sorted: np.ndarray) -> np.ndarray:
+    """Percentile (0..100) of each score among sorted reference scores [M]: linear interpolation
+    between the order statistics at plotting positions (i + 0.5) / M, clipped at the ends."""
+    ref = np.asarray(reference_sorted, dtype=np.float64)
+    assert ref.ndim == 1 and len(ref) > 0 and np.all(np.diff(ref) >= 0), "reference must be sorted"
+    positions = 100.0 * (np.arange(len(ref)) + 0.5) / len(ref)
+    # np.interp needs increasing x: ties get the mean position of their run
+    unique, inverse = np.unique(ref, return_inverse=True)
+    mean_pos = np.bincount(inverse, weights=positions) / np.bincount(inverse)
+    if len(unique) == 1:
+        return np.where(np.asarray(scores) < unique[0], 0.0,
+                        np.where(np.asarray(scores) > unique[0], 100.0, 50.0))
+    return np.interp(np.asarray(scores, dtype=np.float64), unique, mean_pos, left=0.0, right=100.0)
+
+
+def rank_average(scores: list[np.ndarray], references: list[np.ndarray]) -> np.ndarray:
+    """Mean over components of each score's percentile among its validation normals: [N]."""
+    assert len(scores) == len(references) and scores
+    return np.mean([percentile_among(s, r) for s, r in zip(scores, references)], axis=0)
+
+
+def weak_percentile(score: float, reference_sorted: np.ndarray) -> float:
+    """100 * (number of reference scores <= score) / M (serve's percentile of rank)."""
+    ref = np.asarray(reference_sorted, dtype=np.float64)
+    return float(100.0 * np.searchsorted(ref, score, side="right") / len(ref))

@@ -1,0 +1,351 @@
+"""`anostyle tune`: choose the scoring configuration on the VALIDATION split only.
+
+One pass over the training naevi (a seeded subset of at most `bank_size` images, E and D only)
+fits the bank; one pass over val.zip computes each image's raw quantities for the plain image
+and the mean over the 8 TTA views (anomaly.detector.extract); every configuration of the grid
+(method x TTA) is then evaluated from that cache, so a grid of dozens of configurations costs
+about one scoring pass. test.zip is never opened.
+
+Per configuration (tune.xlsx, one row each): validation AUC of the main comparison (normal vs
+the anomaly class, or vs all anomalies) with a lesion-level bootstrap CI
+(anomaly.metrics.bootstrap_cis, groups = the manifest's `group`), the AUC of each subgroup of
+NORMALS by every `by` column (that subgroup's normals vs all anomalies of the comparison), and n.
+Selection rule: 'auc' (the main AUC) or 'worst:COLUMN' (the minimum subgroup AUC over the values
+of COLUMN with at least `min_subgroup` normals; it guards against scores that only separate one
+acquisition route of the normals). Then rank averages of pairs of the `combine` best single
+configurations are evaluated too (chosen only if they win on validation). The best row by the
+rule (first in grid order on ties) becomes detector.json with its threshold chosen on validation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from anomaly import detector as det
+from anomaly import detector_scores as ds
+from anomaly import metrics
+from anomaly.model import AnoModel
+from anomaly.sheets import config_dict, write_frames
+from stylegan.dataset import ImageDataset, iterate_batches
+from stylegan.errors import UserError
+from stylegan.fileio import atomic_write_json
+
+DEFAULT_GRID = ("residual:mean,residual:p99,residual:smax:1,residual:smax:2,residual:smax:4,"
+                "izif:0.1,izif:1,izif:10,dfeat-res:b8,dfeat-res:b16,dfeat-res:b32,"
+                "dfeat-res:b8+b16+b32,knn-latent:1,knn-latent:5,knn-latent:20,maha-latent,"
+                "knn-dfeat:b8:5,knn-dfeat:b16:5,knn-dfeat:b32:5,knn-dfeat:b8:20,"
+                "maha-dfeat:b8,maha-dfeat:b16,maha-dfeat:b32")
+BANK_LIMIT_BYTES = 1_000_000
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    """Options of `anostyle tune` (saved as tune.json beside tune.xlsx)."""
+
+    data: str  # val.zip (validation split only)
+    outdir: str
+    network: str | None = None
+    encoder: str | None = None
+    model: str | None = None  # a model folder (network.safetensors + encoder.safetensors)
+    train: str | None = None  # train.zip for the bank [beside --data]
+    grid: str = DEFAULT_GRID  # methods, comma-separated (detector grammar; 'izif' allowed)
+    tta: str = "both"  # 'off' | 'on' | 'both': configurations without / with TTA
+    normal_class: str | None = None  # None: the class labelled 0
+    anomaly_class: str | None = None  # None: 'mel' when present, else all; 'all': all
+    select: str = "auc"  # 'auc' | 'worst:COLUMN'
+    by: tuple[str, ...] = ()  # manifest columns for subgroup AUCs (the select column is added)
+    min_subgroup: int = 20  # smallest subgroup of normals in the worst-case rule
+    threshold: str = "youden"  # 'youden' | 'p95' | a number
+    combine: int = 3  # rank-average pairs of the N best single configurations (0: none)
+    bootstrap: int = 500
+    seed: int = 0
+    bank_size: int = 2000  # training naevi in the bank (seeded subset)
+    dims: int = 64  # PCA dimensions of each learned space
+    batch: int = 64
+    device: str = "auto"
+
+
+@dataclass
+class ValCache:
+    """The validation rows and their raw quantities per mode ('plain', 'tta')."""
+
+    rows: pd.DataFrame  # file, class, label, group, image, manifest columns
+    q: dict[str, dict[str, torch.Tensor]]
+
+
+def tune(opts: TuneOptions) -> dict[str, Path]:
+    """Run the grid on validation data; write tune.xlsx, tune.json, detector.json, bank."""
+    data, train = _checked_paths(opts)
+    if opts.model is None and opts.network and not opts.encoder:  # D-only grids need no E
+        network, encoder = opts.network, None
+    else:
+        network, encoder, _ = det.resolve_model_dir(opts.model, opts.network, opts.encoder)
+    model = AnoModel.load(network, encoder, device=opts.device, require_D=False)
+    for path in (data, train):
+        det.check_data_policy(model, path)
+    configs = _grid(opts)
+    needs = det.needs_of(sorted({m for m, _t in configs}), model)
+    if encoder is None and (needs.latent or needs.rec):
+        raise UserError("--encoder is missing, and the --grid holds methods that need it; give "
+                        "--encoder (or --model DIR), or only knn-dfeat/maha-dfeat methods.")
+    modes = _modes(opts)
+    start = time.time()
+    bank = det.bank_from_zip(model, train, needs, modes=modes, bank_size=opts.bank_size,
+                             dims=opts.dims, seed=opts.seed, batch=opts.batch)
+    cache = _val_pass(model, data, needs, tta="tta" in modes, batch=opts.batch)
+    seconds = time.time() - start
+    normal, comparison, anomalies = _comparison(cache.rows, opts)
+    by = tuple(dict.fromkeys((*opts.by, *_select_column(opts))))
+    _check_columns(cache.rows, by)
+    scores = {det.config_name(m, t): det.method_scores(
+        m, cache.q["tta" if t else "plain"], mode="tta" if t else "plain", bank=bank,
+        model_layer=model.feature_layer) for m, t in configs}
+    rows = [_evaluate(name, s, cache.rows, normal, anomalies, by, opts)
+            for name, s in scores.items()]
+    rows += _combinations(rows, scores, cache.rows, normal, anomalies, by, opts)
+    table = pd.DataFrame(rows)
+    best = _select(table)
+    detector = _detector(best, scores, cache.rows, normal, anomalies, comparison, model, opts,
+                         bank_images=min(opts.bank_size, len(ImageDataset(train))))
+    outdir = Path(opts.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    written = {"table": write_frames({"tune": _ordered(table)}, outdir / "tune.xlsx",
+                                     float_format="0.0000")}
+    needed = [(c.method, c.tta) for c in detector.components]
+    if detector.bank:
+        written["bank"] = bank.subset(needed).save(outdir / detector.bank)
+        if written["bank"].stat().st_size > BANK_LIMIT_BYTES:
+            raise UserError(f"The bank {written['bank']} is larger than 1 MB; lower --bank-size "
+                            f"or --dims.")
+    written["detector"] = detector.save(outdir / "detector.json")
+    atomic_write_json(outdir / "tune.json", {
+        "options": config_dict(opts), "network": network, "encoder": encoder,
+        "configurations": len(table), "chosen": detector.method,
+        "selection": detector.selection, "validation_images": len(cache.rows),
+        "seconds_for_passes": round(seconds, 2)})
+    written["config"] = outdir / "tune.json"
+    return written
+
+
+# ------------------------------------------------------------------------------ inputs
+
+
+def _checked_paths(opts: TuneOptions) -> tuple[Path, Path]:
+    """(val.zip, train.zip); anything that looks like the test split is refused."""
+    data = Path(opts.data)
+    if data.stem == "test" or "test" in data.name.lower():
+        raise UserError(f"--data {data} looks like the test split; tune reads validation data "
+                        f"only (val.zip): test is read once, afterwards, by `anostyle evaluate`.")
+    if not data.is_file():
+        raise UserError(f"--data {data} does not exist; give the val.zip of `anostyle prepare`.")
+    train = Path(opts.train) if opts.train else data.with_name("train.zip")
+    if not train.is_file():
+        raise UserError(f"--train {train} does not exist; give the train.zip the model was "
+                        f"trained on (its naevi form the bank).")
+    if train.stem == "test":
+        raise UserError(f"--train {train} is the test split; give train.zip.")
+    if opts.tta not in ("off", "on", "both"):
+        raise UserError(f"--tta {opts.tta!r} must be off, on or both.")
+    return data, train
+
+
+def _modes(opts: TuneOptions) -> tuple[str, ...]:
+    return {"off": ("plain",), "on": ("tta",), "both": ("plain", "tta")}[opts.tta]
+
+
+def _grid(opts: TuneOptions) -> list[tuple[str, bool]]:
+    methods = list(dict.fromkeys(m.strip().lower() for m in opts.grid.split(",") if m.strip()))
+    if not methods:
+        raise UserError("--grid is empty; give methods such as residual:p99,knn-latent:5.")
+    for m in methods:
+        if det.is_detector_method(m):
+            det.parse_method(m)
+    return [(m, mode == "tta") for m in methods for mode in _modes(opts)]
+
+
+def _val_pass(model: AnoModel, data: Path, needs: det.Needs, *, tta: bool,
+              batch: int) -> ValCache:
+    from anomaly.scoring import _open_dataset
+
+    dataset, rows = _open_dataset(str(data))
+    parts: dict[str, dict[str, list[torch.Tensor]]] = {}
+    records = []
+    for images, labels, names in tqdm(iterate_batches(dataset, batch), desc="val",
+                                      total=-(-len(dataset) // batch), disable=None):
+        q = det.extract(model, images, needs, tta=tta)
+        q.pop("forward", None)
+        for mode, values in q.items():
+            for key, v in values.items():
+                parts.setdefault(mode, {}).setdefault(key, []).append(v)
+        classes, _splits, meta = rows.describe(names, labels.tolist())
+        records += [{"file": n, "class": c, "label": int(lab != 0), **m}
+                    for n, c, lab, m in zip(names, classes, labels.tolist(), meta)]
+    q = {mode: {k: torch.cat(v) for k, v in values.items()} for mode, values in parts.items()}
+    return ValCache(pd.DataFrame(records), q)
+
+
+def _comparison(rows: pd.DataFrame, opts: TuneOptions) -> tuple[str, str, tuple[str, ...]]:
+    """(normal class, comparison name, anomaly classes) of the main comparison."""
+    classes = sorted(set(rows["class"]))
+    normal = opts.normal_class
+    if normal is None:
+        zero = sorted(set(rows.loc[rows["label"] == 0, "class"]))
+        if len(zero) != 1:
+            raise UserError(f"The validation data label {len(zero)} classes as normal; pass "
+                            f"--normal-class NAME.")
+        normal = zero[0]
+    elif normal not in classes:
+        raise UserError(f"--normal-class {normal!r} has no validation images; classes: "
+                        f"{', '.join(classes)}.")
+    others = [c for c in classes if c != normal]
+    if not others:
+        raise UserError("The validation data hold no anomalies, so nothing can be tuned; "
+                        "prepare val.zip with the anomaly classes.")
+    target = opts.anomaly_class
+    if target is None:
+        target = "mel" if "mel" in others else "all"
+    if target == "all":
+        return normal, f"{normal} vs rest", tuple(others)
+    if target not in others:
+        raise UserError(f"--anomaly-class {target!r} has no validation images; classes: "
+                        f"{', '.join(others)} (or 'all').")
+    return normal, f"{normal} vs {target}", (target,)
+
+
+def _select_column(opts: TuneOptions) -> tuple[str, ...]:
+    if opts.select == "auc":
+        return ()
+    if opts.select.startswith("worst:") and opts.select[6:].strip():
+        return (opts.select[6:].strip(),)
+    raise UserError(f"--select {opts.select!r} is not understood; use auc or worst:COLUMN "
+                    f"(e.g. worst:dx_type).")
+
+
+def _check_columns(rows: pd.DataFrame, by: tuple[str, ...]) -> None:
+    for column in by:
+        if column not in rows.columns:
+            extra = [c for c in rows.columns if c not in ("file", "class", "label")]
+            raise UserError(f"The column {column!r} is not in the manifest of the validation "
+                            f"data; columns: {', '.join(extra) or 'none'}.")
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+def _groups(rows: pd.DataFrame) -> np.ndarray | None:
+    if "group" not in rows.columns:
+        return None
+    g = rows["group"].astype(str)
+    return g.where(g.str.strip() != "", "image:" + rows["file"].astype(str)).to_numpy()
+
+
+def _evaluate(name: str, s: np.ndarray, rows: pd.DataFrame, normal: str,
+              anomalies: tuple[str, ...], by: tuple[str, ...], opts: TuneOptions) -> dict:
+    """One tune.xlsx row: main AUC with lesion-level CI, subgroup AUCs, selection value."""
+    cls = rows["class"].to_numpy()
+    is_normal, is_anomaly = cls == normal, np.isin(cls, anomalies)
+    keep = is_normal | is_anomaly
+    y, sk = is_anomaly[keep].astype(np.int64), s[keep]
+    groups = _groups(rows)
+    cis = metrics.bootstrap_cis(y, sk, None if groups is None else groups[keep],
+                                n=opts.bootstrap, seed=opts.seed)
+    method, tta = det.split_config_name(name)
+    row = {"configuration": name, "method": method, "tta": tta,
+           "auc": metrics.roc_auc(y, sk), "auc_low": cis.get("auc", (math.nan,) * 2)[0],
+           "auc_high": cis.get("auc", (math.nan,) * 2)[1],
+           "n_normal": int(is_normal.sum()), "n_anomaly": int(is_anomaly.sum())}
+    worst = {}
+    for column in by:
+        values = rows[column].fillna("").astype(str).to_numpy()
+        aucs = []
+        for value in sorted(set(values[is_normal])):
+            sub = (is_normal & (values == value)) | is_anomaly
+            n_sub = int((is_normal & (values == value)).sum())
+            auc = metrics.roc_auc(is_anomaly[sub].astype(np.int64), s[sub])
+            row[f"auc[{column}={value}]"] = auc
+            row[f"n[{column}={value}]"] = n_sub
+            if n_sub >= opts.min_subgroup and math.isfinite(auc):
+                aucs.append(auc)
+        worst[column] = min(aucs) if aucs else math.nan
+    select_cols = _select_column(opts)
+    row["select"] = worst[select_cols[0]] if select_cols else row["auc"]
+    return row
+
+
+def _combinations(rows: list[dict], scores: dict[str, np.ndarray], val: pd.DataFrame,
+                  normal: str, anomalies, by, opts: TuneOptions) -> list[dict]:
+    """Rank averages of pairs of the `combine` best single configurations (by the rule)."""
+    if opts.combine < 2:
+        return []
+    ranked = sorted((r for r in rows if math.isfinite(r["select"])),
+                    key=lambda r: -r["select"])[:opts.combine]
+    normals = (val["class"] == normal).to_numpy()
+    out = []
+    for a, b in itertools.combinations([r["configuration"] for r in ranked], 2):
+        refs = [np.sort(scores[c][normals]) for c in (a, b)]
+        combined = ds.rank_average([scores[a], scores[b]], refs)
+        name = f"rank-average({a} + {b})"
+        scores[name] = combined
+        row = _evaluate(name, combined, val, normal, anomalies, by, opts)
+        row.update({"method": "rank-average", "tta": None, "components": f"{a} + {b}"})
+        out.append(row)
+    return out
+
+
+def _select(table: pd.DataFrame) -> pd.Series:
+    finite = table[np.isfinite(table["select"].to_numpy(dtype=np.float64))]
+    if finite.empty:
+        raise UserError("No configuration has a finite validation selection value (too few "
+                        "normals per subgroup, or one class missing); lower --min-subgroup or "
+                        "use --select auc.")
+    return finite.loc[finite["select"].idxmax()]  # first on ties (grid order)
+
+
+def _ordered(table: pd.DataFrame) -> pd.DataFrame:
+    out = table.sort_values("select", ascending=False, kind="stable").reset_index(drop=True)
+    out.insert(0, "rank", np.arange(1, len(out) + 1))
+    return out
+
+
+def _detector(best: pd.Series, scores: dict[str, np.ndarray], val: pd.DataFrame, normal: str,
+              anomalies, comparison: str, model: AnoModel, opts: TuneOptions, *,
+              bank_images: int) -> det.Detector:
+    from anomaly.encoder_io import sha256_file
+
+    name = best["configuration"]
+    normals = (val["class"] == normal).to_numpy()
+    if best["method"] == "rank-average":
+        parts = [det.split_config_name(p) for p in best["components"].split(" + ")]
+        comps = tuple(det.Component(m, t, tuple(np.sort(scores[det.config_name(m, t)][normals])
+                                                .tolist())) for m, t in parts)
+        combine = "rank-average"
+    else:
+        comps, combine = (det.Component(*det.split_config_name(name)),), "single"
+    s = scores[name]
+    keep = normals | np.isin(val["class"].to_numpy(), anomalies)
+    y = np.isin(val["class"].to_numpy()[keep], anomalies).astype(np.int64)
+    threshold, rule, _note = metrics.choose_threshold(metrics.parse_threshold(opts.threshold),
+                                                      y, s[keep], where="tune")
+    uses_bank = any(det.is_detector_method(c.method)
+                    and det.parse_method(c.method).family in ("knn", "maha", "dfeat-res")
+                    for c in comps)
+    policy = model.recorded_policy
+    return det.Detector(
+        comps, combine, float(threshold), rule, comparison,
+        tuple(np.sort(s[normals]).tolist()),
+        {"rule": opts.select, "value": float(best["select"])},
+        "bank.safetensors" if uses_bank else None, sha256_file(model.network),
+        sha256_file(model.encoder) if model.encoder else None,
+        None if policy is None else policy.to_dict(), model.kappa, model.feature_layer,
+        {"val_auc": float(best["auc"]), "val_auc_ci": [float(best["auc_low"]),
+                                                        float(best["auc_high"])],
+         "bank_images": bank_images, "bank_dims": opts.dims, "tune": config_dict(opts)})

@@ -1,0 +1,423 @@
+"""The tuned detector: each new score against an independent reference and on a planted anomaly,
+TTA invariance, `anostyle tune` (never reads test), detector.json round trip, `score --detector`
+and `--model`, the policy check and the one-image judgement serve uses."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from scipy.ndimage import gaussian_filter
+from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
+from sklearn.neighbors import NearestNeighbors
+
+from anodata.prepare import PrepareOptions, prepare_dataset
+from anomaly import detector as det
+from anomaly import detector_scores as ds
+from anomaly.cli import main
+from anomaly.encoder_io import save_encoder
+from anomaly.model import AnoModel
+from anomaly.sheets import read_score_sheet
+from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
+from encoder_helpers import (sample_images, save_tiny_networks, tiny_encoder, tiny_networks,
+                             write_folder)
+from stylegan.dataset import ImageDataset
+from stylegan.errors import UserError
+
+NEW_METHODS = ["residual:mean", "residual:p99", "residual:smax:1", "izif:0.5", "dfeat-res:b8+b16",
+               "knn-latent:3", "maha-latent", "knn-dfeat:b8:3", "maha-dfeat:b16"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+# ------------------------------------------------------------------------------ pure functions
+
+
+def test_residual_aggregations_match_numpy_and_scipy():
+    rng = np.random.default_rng(0)
+    maps = rng.random((3, 16, 16)).astype(np.float32)
+    t = torch.from_numpy(maps)
+    assert np.allclose(ds.aggregate_residual(t, "mean"), maps.reshape(3, -1).mean(1), atol=1e-6)
+    assert np.allclose(ds.aggregate_residual(t, "p99"),
+                       np.percentile(maps.reshape(3, -1), 99, axis=1), atol=1e-6)
+    for sigma in (1.0, 2.0):  # scipy 'mirror' = torch 'reflect'; truncate 3 = radius ceil(3 sigma)
+        want = np.stack([gaussian_filter(m.astype(np.float64), sigma, mode="mirror", truncate=3.0)
+                         for m in maps])
+        assert np.allclose(ds.gaussian_smooth(t, sigma), want, atol=1e-5)
+        assert np.allclose(ds.aggregate_residual(t, "smax", sigma),
+                           want.reshape(3, -1).max(1), atol=1e-5)
+    x, r = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    assert torch.allclose(ds.residual_map(x, r), ((x - r) ** 2).mean(1))
+
+
+def test_smoothed_max_finds_a_small_planted_lesion_that_the_mean_misses():
+    """Normals: diffuse residual 0.1 everywhere; the anomaly: a 3x3 patch of residual 1 on a
+    quiet background (smaller mean residual than any normal)."""
+    rng = np.random.default_rng(1)
+    normals = 0.1 + 0.02 * rng.random((20, 32, 32))
+    planted = 0.01 * rng.random((1, 32, 32))
+    planted[0, 10:13, 20:23] = 1.0
+    maps = torch.from_numpy(np.concatenate([normals, planted])).float()
+    smax = ds.aggregate_residual(maps, "smax", 1.0).numpy()
+    mean = ds.aggregate_residual(maps, "mean").numpy()
+    assert smax.argmax() == 20 and (smax[20] > smax[:20]).all()
+    assert mean[20] < mean[:20].min()  # the mean would rank it last
+
+
+def test_knn_and_mahalanobis_against_references_and_a_planted_outlier():
+    rng = np.random.default_rng(2)
+    train = torch.from_numpy(rng.normal(size=(200, 6)) * [1, 2, 3, 1, 1, 5] + 3).float()
+    space = ds.fit_space(train, dims=6, bank_size=150, seed=0)
+    assert space.bank.shape == (150, 6)
+    queries = torch.from_numpy(np.r_[rng.normal(size=(5, 6)) * [1, 2, 3, 1, 1, 5] + 3,
+                                     [[3, 3, 3, 3, 12, 3]]]).float()  # last: 9 s.d. off on axis 5
+    proj = space.project(queries)
+    # k-NN: scikit-learn on the same projected points
+    nn = NearestNeighbors(n_neighbors=4).fit(space.bank.numpy().astype(np.float64))
+    want = nn.kneighbors(proj.numpy().astype(np.float64))[0].mean(axis=1)
+    assert np.allclose(ds.knn_distance(proj, space.bank, 4).numpy(), want, atol=1e-5)
+    # Mahalanobis with all axes: scipy with the inverse covariance of the standardised train set
+    z = ((train - space.mean) / space.sd).double().numpy()
+    inv = np.linalg.inv(np.cov(z, rowvar=False))
+    zq = ((queries - space.mean) / space.sd).double().numpy()
+    want = [scipy_mahalanobis(q, z.mean(0), inv) for q in zq]
+    assert np.allclose(ds.mahalanobis(proj - (torch.from_numpy(z.mean(0)).float()
+                                              @ space.components.T), space.eigenvalues),
+                       want, rtol=1e-4)
+    for scores in (ds.knn_distance(proj, space.bank, 4), ds.mahalanobis(proj, space.eigenvalues)):
+        assert scores.argmax() == 5
+
+
+def test_normalised_feature_residual_by_hand():
+    res = [torch.tensor([[1.0, 4.0], [0.0, 0.0]]), torch.tensor([[9.0], [1.0]])]
+    sd = [torch.tensor([1.0, 2.0]), torch.tensor([3.0])]
+    # image 0: (1/1 + 4/4)/2 + 9/9 = 2; image 1: 0 + 1/9
+    assert np.allclose(ds.normalised_feature_residual(res, sd), [2.0, 1 / 9])
+    f, fr = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    assert torch.allclose(ds.channel_residual(f, fr), ((f - fr) ** 2).mean((2, 3)))
+
+
+def test_percentiles_and_rank_average():
+    ref = np.array([1.0, 2.0, 3.0, 4.0])  # positions 12.5, 37.5, 62.5, 87.5
+    assert np.allclose(ds.percentile_among([1.0, 2.5, 4.0, 0.0, 9.0], ref),
+                       [12.5, 50.0, 87.5, 0.0, 100.0])
+    assert np.allclose(ds.percentile_among([2.0], [1.0, 2.0, 2.0, 3.0]), [50.0])  # tie: mean
+    assert np.allclose(ds.rank_average([np.array([2.5]), np.array([10.0])],
+                                       [ref, np.array([0.0, 20.0])]), [(50.0 + 50.0) / 2])
+    assert ds.weak_percentile(2.0, ref) == 50.0
+
+
+def test_dihedral_views_are_the_eight_symmetries():
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).reshape(2, 3, 5, 5)
+    views = ds.dihedral_views(x).reshape(8, 2, 3, 5, 5)
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8
+    assert torch.equal(views[0], x)
+    moved = ds.dihedral_views(torch.rot90(x, 1, (2, 3)).flip(3)).reshape(8, 2, 3, 5, 5)
+    key = {tuple(v.flatten().tolist()) for v in views}
+    assert {tuple(v.flatten().tolist()) for v in moved} == key  # the same set of images
+
+
+def test_method_names_parse_and_refuse():
+    m = det.parse_method("residual:smax:1.5")
+    assert (m.family, m.agg, m.sigma) == ("residual", "smax", 1.5)
+    assert det.parse_method("knn-dfeat:b16:7").space == "dfeat:b16"
+    assert det.parse_method("dfeat-res:b8+b16+b32").layers == ("b8", "b16", "b32")
+    assert det.parse_method("izif:0.1").kappa == 0.1
+    assert not det.is_detector_method("izif") and det.is_detector_method("maha-latent")
+    for bad in ("residual:p50", "knn-latent:0", "knn-dfeat:b8", "dfeat-res:", "residual:smax:0"):
+        with pytest.raises(UserError):
+            det.parse_method(bad)
+    assert det.split_config_name("knn-latent:5@tta") == ("knn-latent:5", True)
+
+
+# ------------------------------------------------------------------------------ tiny model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Tiny G/D/E; 40 G samples as naevi ('nv', a 'route' column for subgroups) and 16 noise
+    images as 'mel', prepared at 16 px; test.zip is replaced by a folder, so reading it fails."""
+    root = tmp_path_factory.mktemp("detector")
+    G, D = tiny_networks()
+    E = tiny_encoder(G)
+    with torch.no_grad():  # a random head, so that codes depend on the input
+        E.head.weight.copy_(torch.randn(E.head.weight.shape,
+                                        generator=torch.Generator().manual_seed(3)) * 0.3)
+    E.eval()
+    network = save_tiny_networks(root / "net.safetensors", G, D)
+    encoder = root / "encoder-000010.safetensors"
+    policy = {"resolution": 16, "channels": 3, "transform": "center-crop",
+              "resize_filter": "box", "colour": "none", "colour_p": 6.0}
+    save_encoder(encoder, E, extra={"training_options": {"kappa": 0.5, "feature_layer": "b8"},
+                                    "preprocessing": policy})
+    source = root / "source"
+    write_folder(source / "nv", sample_images(G, 60, seed=1), prefix="nv")
+    noise = np.random.RandomState(2).randint(0, 256, (16, 16, 16, 3)).astype(np.uint8)
+    write_folder(source / "mel", noise, prefix="mel")
+    prepared = root / "prepared"
+    prepare_dataset(PrepareOptions(source=str(source), dest=str(prepared), normal=("nv",),
+                                   resolution=16, workers=1, val=0.3, test=0.2))
+    _add_route_column(prepared / "manifest.csv")
+    (prepared / "test.zip").rename(prepared / "held-out.zip")
+    (prepared / "test.zip").mkdir()  # reading "test.zip" as a zip now fails
+    return {"root": root, "network": str(network), "encoder": str(encoder),
+            "prepared": prepared, "G": G, "D": D, "E": E}
+
+
+def _add_route_column(path: Path) -> None:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for i, r in enumerate(rows):
+        r["route"] = ("a" if i % 2 else "b") if r["class"] == "nv" else ""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@pytest.fixture(scope="module")
+def model(setup):
+    return AnoModel.load(setup["network"], setup["encoder"], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def bank(setup, model):
+    needs = det.needs_of(NEW_METHODS, model)
+    return det.bank_from_zip(model, setup["prepared"] / "train.zip", needs,
+                             modes=("plain", "tta"), dims=8, batch=16)
+
+
+def test_new_scores_agree_with_izif_and_rank_planted_anomalies(setup, model, bank):
+    data = ImageDataset(setup["prepared"] / "val.zip")
+    images = torch.from_numpy(np.stack([data[i][0] for i in range(len(data))]))
+    labels = np.asarray(data.labels) != 0
+    scorer = det.Scorer(model, [(m, False) for m in NEW_METHODS] + [("izif", False)], bank=bank)
+    scores = scorer.score_batch(images)
+    classic = model.score(images, ["izif"])["izif"]
+    assert np.allclose(scores["izif"], classic, rtol=1e-5)
+    assert np.allclose(scores["izif:0.5"], classic, rtol=1e-5)  # the encoder's kappa/layer: 0.5 b8
+    x = torch.from_numpy(images.numpy().astype(np.float32) / 127.5 - 1)
+    with torch.no_grad():
+        _ws, rec = model.reconstruct(x)
+    assert np.allclose(scores["residual:mean"], ((x - rec) ** 2).flatten(1).mean(1), rtol=1e-5)
+    # planted anomalies (noise images as "mel") against G's samples as naevi: with random
+    # networks the pixel residual and the D-feature densities separate them
+    from sklearn.metrics import roc_auc_score
+
+    for method in ("residual:mean", "residual:p99", "izif:0.5", "knn-dfeat:b8:3",
+                   "maha-dfeat:b16"):
+        assert roc_auc_score(labels, scores[method]) > 0.9, method
+
+
+def test_a_training_naevus_is_its_own_nearest_bank_point(setup, model, bank):
+    """The bank holds every training image here (fewer than bank_size): with k = 1 a training
+    image's k-NN distance is ~0 in every learned space, a noise image's is not."""
+    train = ImageDataset(setup["prepared"] / "train.zip")
+    images = torch.from_numpy(np.stack([train[i][0] for i in range(5)]))
+    noise = torch.from_numpy(np.random.RandomState(9).randint(0, 256, (5, 3, 16, 16))
+                             .astype(np.uint8))
+    configs = [("knn-latent:1", t) for t in (False, True)] + [("knn-dfeat:b8:1", t)
+                                                            for t in (False, True)]
+    scorer = det.Scorer(model, configs, bank=bank)
+    own, far = scorer.score_batch(images), scorer.score_batch(noise)
+    for name in own:
+        assert own[name].max() < 1e-3 * far[name].min(), name
+
+
+def test_dfeat_res_normalisation_finds_a_planted_residual_on_a_quiet_channel():
+    """Channel 0 varies a lot on training naevi (sd 10), channel 1 hardly (sd 0.1). Normals
+    reconstruct with residual proportional to the spread; the anomaly has a small absolute
+    residual on channel 1, which only the normalised score flags."""
+    rng = np.random.default_rng(3)
+    normals = torch.from_numpy(np.c_[rng.uniform(50, 100, 20), rng.uniform(0.005, 0.01, 20)])
+    planted = torch.tensor([[10.0, 1.0]], dtype=torch.float64)
+    res = torch.cat([normals, planted]).float()  # [21, 2] channel residuals
+    score = ds.normalised_feature_residual([res], [torch.tensor([10.0, 0.1])]).numpy()
+    assert score.argmax() == 20
+    assert res.mean(dim=1).argmin() == 20  # the plain mean ranks it last
+
+
+def test_tta_scores_are_invariant_to_rotations_and_flips(setup, model, bank):
+    data = ImageDataset(setup["prepared"] / "val.zip")
+    images = torch.from_numpy(np.stack([data[i][0] for i in range(6)]))
+    scorer = det.Scorer(model, [(m, True) for m in NEW_METHODS + ["izif", "latent"]], bank=bank)
+    base = scorer.score_batch(images)
+    for view in (1, 3, 4, 6):
+        moved = scorer.score_batch(ds.dihedral_view(images, view))
+        for name, value in base.items():
+            assert np.allclose(moved[name], value, rtol=1e-4, atol=1e-6), (name, view)
+    plain = det.Scorer(model, [("residual:mean", False)]).score_batch(images)["residual:mean"]
+    moved = det.Scorer(model, [("residual:mean", False)]).score_batch(
+        ds.dihedral_view(images, 1))["residual:mean"]
+    assert not np.allclose(plain, moved)  # without TTA the score does depend on orientation
+
+
+@pytest.fixture(scope="module")
+def tuned(setup):
+    """`anostyle tune` with the files it opens recorded by an audit hook."""
+    opened: list[str] = []
+    recording = {"on": True}
+
+    def hook(event, args):
+        if recording["on"] and event == "open" and args and isinstance(args[0], (str, Path)):
+            opened.append(str(args[0]))
+
+    sys.addaudithook(hook)
+    out = setup["root"] / "tuned"
+    grid = ",".join(NEW_METHODS + ["izif"])
+    r = run("tune", "--network", setup["network"], "--encoder", setup["encoder"],
+            "--data", setup["prepared"] / "val.zip", "--outdir", out, "--grid", grid,
+            "--by", "route", "--bootstrap", 50, "--dims", 8, "--batch", 16,
+            "--device", "cpu", "--combine", 3)
+    recording["on"] = False
+    assert r.exit_code == 0, r.output
+    return {"out": out, "opened": opened, "output": r.output}
+
+
+def test_tune_never_reads_test(setup, tuned):
+    assert any(p.endswith("val.zip") for p in tuned["opened"])
+    assert any(p.endswith("train.zip") for p in tuned["opened"])
+    assert not [p for p in tuned["opened"] if "test.zip" in p or "held-out" in p]
+    r = run("tune", "--network", setup["network"], "--encoder", setup["encoder"],
+            "--data", setup["prepared"] / "held-out-test.zip", "--outdir", setup["root"] / "x")
+    assert r.exit_code != 0 and "validation data only" in r.output
+
+
+def test_tune_table_and_detector_json(setup, tuned):
+    import pandas as pd
+
+    table = pd.read_excel(tuned["out"] / "tune.xlsx")
+    assert len(table) == 2 * (len(NEW_METHODS) + 1) + 3  # x {plain, TTA} + 3 rank-average pairs
+    assert {"configuration", "auc", "auc_low", "auc_high", "select", "n_normal", "n_anomaly",
+            "auc[route=a]", "auc[route=b]"} <= set(table.columns)
+    assert (table["select"] == table["auc"]).all()
+    assert table["select"].is_monotonic_decreasing
+    body = json.loads((tuned["out"] / "detector.json").read_text())
+    assert body["format"] == "anostyle-detector" and body["version"] == 1
+    assert body["method"] == table.loc[0, "configuration"]
+    assert body["selection"] == {"rule": "auc", "value": pytest.approx(table.loc[0, "select"])}
+    assert body["val_normal_scores"] == sorted(body["val_normal_scores"])
+    assert len(body["val_normal_scores"]) == table.loc[0, "n_normal"]
+    assert body["preprocessing"]["resolution"] == 16
+    loaded = det.Detector.load(tuned["out"] / "detector.json")
+    assert json.loads(json.dumps(loaded.to_dict())) == body  # round trip
+    if body["bank"]:
+        assert (tuned["out"] / body["bank"]).stat().st_size <= 1_000_000
+
+
+def test_worst_subgroup_rule(setup, tuned):
+    import pandas as pd
+
+    out = setup["root"] / "tuned-worst"
+    r = run("tune", "--network", setup["network"], "--encoder", setup["encoder"],
+            "--data", setup["prepared"] / "val.zip", "--outdir", out,
+            "--grid", "residual:mean,residual:p99,knn-latent:3", "--tta", "off",
+            "--select", "worst:route", "--min-subgroup", 2, "--bootstrap", 0, "--dims", 8,
+            "--device", "cpu", "--combine", 0)
+    assert r.exit_code == 0, r.output
+    table = pd.read_excel(out / "tune.xlsx")
+    want = table[["auc[route=a]", "auc[route=b]"]].min(axis=1)
+    assert np.allclose(table["select"], want)
+    body = json.loads((out / "detector.json").read_text())
+    assert body["method"] == table.loc[want.idxmax(), "configuration"]
+    r = run("tune", "--network", setup["network"], "--encoder", setup["encoder"],
+            "--data", setup["prepared"] / "val.zip", "--outdir", out, "--grid", "residual:mean",
+            "--select", "worst:nosuch", "--device", "cpu")
+    assert r.exit_code != 0 and "'nosuch' is not in the manifest" in r.output
+
+
+def _model_dir(setup, tuned, name="model") -> Path:
+    folder = setup["root"] / name
+    folder.mkdir(exist_ok=True)
+    shutil.copy(setup["network"], folder / "network.safetensors")
+    shutil.copy(setup["encoder"], folder / "encoder.safetensors")
+    for f in ("detector.json", "bank.safetensors"):
+        if (tuned["out"] / f).exists():
+            shutil.copy(tuned["out"] / f, folder / f)
+    return folder
+
+
+def test_score_with_the_detector_reproduces_the_tuned_scores(setup, tuned):
+    folder = _model_dir(setup, tuned)
+    out = setup["root"] / "scored"
+    r = run("score", "--model", folder, "--data", setup["prepared"] / "val.zip",
+            "--methods", "izif,residual:p99", "--tta", "--outdir", out, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    sheet = read_score_sheet(out / "detector.xlsx")
+    body = json.loads((folder / "detector.json").read_text())
+    normals = np.sort(sheet.loc[sheet["class"] == "nv", "score"].to_numpy())
+    assert np.allclose(normals, body["val_normal_scores"], rtol=1e-5, atol=1e-8)
+    assert {"izif@tta.xlsx", "residual-p99@tta.xlsx"} <= {p.name for p in out.glob("*.xlsx")}
+    info = json.loads((out / "score.json").read_text())
+    assert info["detector"]["method"] == body["method"] and info["tta"] is True
+    # one image, as serve calls it: the same score, its percentile and decision
+    model, scorer = det.load_model_dir(folder, device="cpu")
+    data = ImageDataset(setup["prepared"] / "val.zip")
+    row = sheet[sheet["file"] == data.names[0]].iloc[0]
+    judged = scorer.judge(data[0][0])
+    assert judged.score == pytest.approx(row["score"], rel=1e-5)
+    assert judged.percentile == pytest.approx(ds.weak_percentile(judged.score, normals), abs=1e-9)
+    assert judged.decision == ("anomalous" if judged.score >= body["threshold"] else "normal")
+
+
+def test_model_dir_for_reconstruct_and_tsne(setup, tuned):
+    folder = _model_dir(setup, tuned, "model2")
+    r = run("reconstruct", "--model", folder, "--source", setup["prepared"] / "val.zip",
+            "--outdir", setup["root"] / "rec", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    r = run("tsne", "--model", folder, "--data", setup["prepared"] / "val.zip",
+            "--outdir", setup["root"] / "tsne", "--perplexity", 5, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    r = run("score", "--model", setup["root"] / "nothing", "--data",
+            setup["prepared"] / "val.zip", "--outdir", setup["root"] / "y")
+    assert r.exit_code != 0 and "is not a folder" in r.output
+
+
+def test_score_refuses_other_preprocessing_and_missing_bank(setup, tuned):
+    other = setup["root"] / "other"
+    other.mkdir()
+    shutil.copy(setup["prepared"] / "val.zip", other / "val.zip")
+    shutil.copy(setup["prepared"] / "manifest.csv", other / "manifest.csv")
+    info = json.loads((setup["prepared"] / "prepare.json").read_text())
+    info["preprocessing"]["colour"] = "shades-of-gray"
+    (other / "prepare.json").write_text(json.dumps(info))
+    r = run("score", "--network", setup["network"], "--encoder", setup["encoder"], "--data",
+            other / "val.zip", "--methods", "izif", "--outdir", setup["root"] / "z",
+            "--device", "cpu")
+    assert r.exit_code != 0
+    assert "prepared with another preprocessing" in r.output and "colour" in r.output
+    assert r.output.count("\n") == 1  # one sentence, no traceback
+    r = run("score", "--network", setup["network"], "--encoder", setup["encoder"], "--data",
+            setup["prepared"] / "val.zip", "--methods", "knn-latent:3", "--outdir",
+            setup["root"] / "z", "--device", "cpu")
+    assert r.exit_code != 0 and "--train" in r.output
+
+
+def test_detector_for_other_networks_is_refused(setup, tuned):
+    G, D = tiny_networks(seed=5)
+    other = save_tiny_networks(setup["root"] / "other-net.safetensors", G, D)
+    model = AnoModel.load(other, setup["encoder"], device="cpu")
+    with pytest.raises(UserError, match="another network"):
+        det.load_detector(model, tuned["out"] / "detector.json")
+
+
+def test_tune_without_encoder_for_d_feature_densities(setup):
+    out = setup["root"] / "tuned-d"
+    r = run("tune", "--network", setup["network"], "--data", setup["prepared"] / "val.zip",
+            "--outdir", out, "--grid", "knn-dfeat:b8:1,maha-dfeat:b8", "--tta", "off",
+            "--bootstrap", 0, "--dims", 8, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    body = json.loads((out / "detector.json").read_text())
+    assert body["encoder_sha256"] is None and body["bank"] == "bank.safetensors"
+    r = run("tune", "--network", setup["network"], "--data", setup["prepared"] / "val.zip",
+            "--outdir", out, "--grid", "residual:mean", "--device", "cpu")
+    assert r.exit_code != 0 and "--encoder is missing" in r.output
