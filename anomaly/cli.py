@@ -503,6 +503,8 @@ def train_encoder(dry_run: bool, **flags) -> None:
 @_rec("--batch", type=click.IntRange(min=1),
               help="Images per forward pass.")
 @device_option("Where to compute.")
+@click.option("--allow-mismatch", is_flag=True,
+              help="Accept an encoder trained for another network file (a warning is printed).")
 def reconstruct(**flags) -> None:
     """Reconstruct images through the encoder and generator: x -> G(E(x)).
 
@@ -546,6 +548,8 @@ def reconstruct(**flags) -> None:
 @_proj("--batch", type=click.IntRange(min=1),
               help="Images optimised together (each keeps its own code).")
 @device_option("Where to compute.")
+@click.option("--allow-mismatch", is_flag=True,
+              help="Accept an encoder trained for another network file (a warning is printed).")
 def project(**flags) -> None:
     """Project images into W+ by optimisation (AnoGAN-style): slow, sharp reference.
 
@@ -606,6 +610,8 @@ _tune = config_option("anomaly.tune:TuneOptions")
 @_tune("--dims", type=click.IntRange(min=1), help="PCA dimensions of each learned space.")
 @_tune("--batch", type=click.IntRange(min=1), help="Images per forward pass.")
 @device_option("Where to compute.")
+@click.option("--allow-mismatch", is_flag=True,
+              help="Accept an encoder trained for another network file (a warning is printed).")
 def tune(by: tuple[str, ...], **flags) -> None:
     """Choose the scoring configuration on the validation split: tune.xlsx + detector.json.
 
@@ -660,6 +666,8 @@ def tune(by: tuple[str, ...], **flags) -> None:
 @_score("--num-heatmaps", type=click.IntRange(min=1))
 @click.option("--outdir", required=True, metavar="DIR", help="Where the .xlsx sheets go.")
 @device_option("Where to compute.")
+@click.option("--allow-mismatch", is_flag=True,
+              help="Accept an encoder trained for another network file (a warning is printed).")
 def score(data: tuple[str, ...], **kwargs) -> None:
     """Anomaly scores of every image -> one Excel sheet per method (+ all_scores.xlsx).
 
@@ -686,6 +694,8 @@ def score(data: tuple[str, ...], **kwargs) -> None:
 @_tsne("--batch", type=click.IntRange(min=1))
 @click.option("--max-images", type=click.IntRange(min=5), help="Subsample above this many images.")
 @device_option("Where to compute.")
+@click.option("--allow-mismatch", is_flag=True,
+              help="Accept an encoder trained for another network file (a warning is printed).")
 def tsne(data: tuple[str, ...], **kwargs) -> None:
     """t-SNE of the encoder's latent codes coloured by class: tsne.png + tsne.xlsx."""
     from anomaly.scoring import TsneOptions, tsne_latents

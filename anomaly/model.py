@@ -109,7 +109,8 @@ class AnoModel:
             check_compatible(E, G, encoder_path=encoder, network_path=network)
             pairing = check_pairing(extra, network, allow_mismatch=allow_mismatch,
                                     encoder_path=encoder)
-            if pairing:
+            if pairing:  # printed by every command (stderr) and kept with the model's notes
+                warnings.warn(pairing, UserWarning, stacklevel=2)
                 notes.append(pairing)
         policy = _recorded_policy(extra, net_extra)
         return cls(G, D, E, kappa=kappa, feature_layer=layer, policy=policy, notes=notes,

@@ -42,6 +42,7 @@ class ProjectOptions:
     feature_layer: str = "b8"
     batch: int = 16
     device: str = "auto"
+    allow_mismatch: bool = False  # accept an encoder trained for another network (noted)
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ def project_folder(opts: ProjectOptions) -> ProjectSummary:
     _validate(opts)
     source = list_source(opts.source)
     model = AnoModel.load(opts.network, opts.encoder, device=opts.device, kappa=opts.kappa,
+                          allow_mismatch=opts.allow_mismatch,
                           feature_layer=opts.feature_layer, require_D=opts.kappa > 0)
     G, D, E = model.G, model.D, model.E
     outdir = Path(opts.outdir)

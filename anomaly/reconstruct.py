@@ -157,6 +157,7 @@ class ReconstructOptions:
     residual: bool = False  # also write <name>_residual.png (see residual_images)
     batch: int = 16
     device: str = "auto"
+    allow_mismatch: bool = False  # accept an encoder trained for another network (noted)
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,8 @@ def reconstruct_folder(opts: ReconstructOptions) -> ReconstructSummary:
 
     assert opts.batch >= 1, opts.batch
     source = list_source(opts.source)
-    model = AnoModel.load(opts.network, opts.encoder, device=opts.device, require_D=False)
+    model = AnoModel.load(opts.network, opts.encoder, device=opts.device, require_D=False,
+                          allow_mismatch=opts.allow_mismatch)
     outdir = Path(opts.outdir)
     paths = output_paths(outdir, source.names, renamed=original_names(source))
     skipped: list[tuple[str, str]] = []

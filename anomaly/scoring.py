@@ -45,6 +45,7 @@ class ScoreOptions:
     heatmaps: str | None = None  # folder for residual heatmaps of the most anomalous test images
     num_heatmaps: int = 8
     device: str = "auto"
+    allow_mismatch: bool = False  # accept an encoder trained for another network (noted)
     detector: str | None = None  # detector.json from `anostyle tune`: adds detector.xlsx
     tta: bool = False  # average every method over the 8 rotations/flips (sheets '<m>@tta')
     train: str | None = None  # train.zip: bank for density/dfeat-res methods without --detector
@@ -77,6 +78,7 @@ def score_datasets(opts: ScoreOptions) -> dict[str, Path]:
 
     methods = det.parse_score_methods(opts.methods)
     model = AnoModel.load(opts.network, opts.encoder, device=opts.device, kappa=opts.kappa,
+                          allow_mismatch=opts.allow_mismatch,
                           feature_layer=opts.feature_layer,
                           require_D=any(METHODS[m].needs_features for m in methods
                                         if m in METHODS))
@@ -236,13 +238,15 @@ class TsneOptions:
     batch: int = 64
     max_images: int | None = None  # subsample (evenly) above this many images
     device: str = "auto"
+    allow_mismatch: bool = False  # accept an encoder trained for another network (noted)
 
 
 def tsne_latents(opts: TsneOptions) -> dict[str, Path]:
     """Encode every image, embed the codes with t-SNE, write tsne.png, tsne.xlsx, tsne.json."""
     from anomaly.tsne import plot_tsne, tsne_embedding, write_tsne_sheet
 
-    model = AnoModel.load(opts.network, opts.encoder, device=opts.device, require_D=False)
+    model = AnoModel.load(opts.network, opts.encoder, device=opts.device, require_D=False,
+                          allow_mismatch=opts.allow_mismatch)
     codes, files, classes, splits = [], [], [], []
     for dataset, rows in (_open_dataset(p) for p in opts.data):
         for ws, labels, names in _encode_all(model, dataset, opts.batch):

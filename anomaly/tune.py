@@ -72,6 +72,7 @@ class TuneOptions:
     dims: int = 64  # PCA dimensions of each learned space
     batch: int = 64
     device: str = "auto"
+    allow_mismatch: bool = False  # accept an encoder trained for another network (noted)
 
 
 @dataclass
@@ -89,7 +90,8 @@ def tune(opts: TuneOptions) -> dict[str, Path]:
         network, encoder = opts.network, None
     else:
         network, encoder, _ = det.resolve_model_dir(opts.model, opts.network, opts.encoder)
-    model = AnoModel.load(network, encoder, device=opts.device, require_D=False)
+    model = AnoModel.load(network, encoder, device=opts.device, require_D=False,
+                          allow_mismatch=opts.allow_mismatch)
     for path in (data, train):
         det.check_data_policy(model, path)
     configs = _grid(opts)

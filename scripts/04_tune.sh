@@ -8,4 +8,4 @@ encoder=$(newest_encoder "$network")
 echo "== 04 tune: $DATASET/val.zip -> $TUNED (select $SELECT)"
 anostyle tune --network "$network" --encoder "$encoder" --data "$DATASET/val.zip" \
   --train "$DATASET/train.zip" --outdir "$TUNED" --select "$SELECT" --anomaly-class "$ANOMALY" \
-  --bootstrap "$BOOTSTRAP" --device "$DEVICE"
+  --bootstrap "$BOOTSTRAP" --device "$DEVICE" ${BY:+--by "$BY"}

@@ -6,4 +6,4 @@ source "$(dirname "$0")/settings.sh"
 echo "== 08 evaluate: $SCORES -> $GRAPHICS ($NORMAL vs $ANOMALY, primary: the tuned detector)"
 anostyle evaluate --scores "$SCORES" --outdir "$GRAPHICS" --prepared "$DATASET" \
   --normal-class "$NORMAL" --anomaly-class "$ANOMALY" --bootstrap "$BOOTSTRAP" \
-  --primary detector
+  --primary detector ${BY:+--by "$BY"}

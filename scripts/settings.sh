@@ -27,7 +27,9 @@ ENCODER_DIR=${ENCODER_DIR:-$OUT/checkpointed}      # encoder checkpoints and gri
 ENCODER_KIMG=${ENCODER_KIMG:-3}                     # encoder training length
 RECON_DIR=${RECON_DIR:-$OUT/generated_img}         # reconstructions
 TUNED=${TUNED:-$OUT/tuned}                         # tune.xlsx, detector.json, bank.safetensors
-SELECT=${SELECT:-auc}                               # tune rule: auc or worst:COLUMN
+SELECT=${SELECT:-worst:dx_type}                     # tune rule: auc or worst:COLUMN (HAM10000:
+                                                    # naevi by acquisition route, see README)
+BY=${BY-dx_type}                                    # evaluate subgroups of normals ('': none)
 SCORES=${SCORES:-$OUT/scores}                      # Excel score sheets
 GRAPHICS=${GRAPHICS:-$OUT/graphics}                # figures and index.html
 METHODS=${METHODS:-izif,sklearn:euclidean,sklearn:manhattan,sklearn:cosine,torch-euclidean,latent}

@@ -391,3 +391,30 @@ def test_image_over_the_decode_budget_is_refused_from_its_header(nets, model, mo
     assert r.json()["detail"].startswith("'clear.png' would need about 198 MB of memory to "
                                          "decode (4000x4000 with transparency or 16-bit colour), "
                                          "over the server's budget of 183 MB")
+
+
+@pytest.mark.parametrize("command", ["reconstruct", "project", "tsne"])
+def test_commands_refuse_an_encoder_of_another_network(nets, tmp_path, command):  # noqa: F811
+    """Every command that pairs an encoder with a network checks the pairing in AnoModel.load;
+    --allow-mismatch lets it through with a printed warning."""
+    from anomaly.cli import main
+    from anomaly.encoder_io import load_encoder, save_encoder
+
+    E, extra = load_encoder(nets["encoder"])
+    other = tmp_path / "encoder-other.safetensors"
+    save_encoder(other, E, extra={**extra, "network": {"path": "/runs/b/net.safetensors",
+                                                       "sha256": "ab" * 32}})
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "x.png").write_bytes(nets["png"])
+    args = {"reconstruct": ["--source", str(src), "--outdir", str(tmp_path / "out")],
+            "project": ["--source", str(src), "--outdir", str(tmp_path / "out"), "--steps", "1"],
+            "tsne": ["--data", str(src), "--outdir", str(tmp_path / "out")]}[command]
+    base = [command, "--network", nets["network"], "--encoder", str(other), *args]
+    refused = CliRunner().invoke(main, base)
+    assert refused.exit_code != 0 and "was trained for another network" in refused.output
+    assert "Traceback" not in refused.output
+    if command == "reconstruct":  # the override goes through, with the warning
+        with pytest.warns(UserWarning, match="--allow-mismatch: --encoder encoder-other"):
+            allowed = CliRunner().invoke(main, [*base, "--allow-mismatch"])
+        assert allowed.exit_code == 0, allowed.output
