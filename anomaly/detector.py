@@ -20,7 +20,6 @@ Shape letters: N images, C channels, H/W height/width, K style vectors, D w_dim.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -36,6 +35,7 @@ from anomaly.model import AnoModel, Forward
 from anomaly.scores import METHODS as CLASSIC
 from anomaly.scores import check_sklearn_metric
 from stylegan.errors import UserError
+from stylegan.fileio import read_user_json
 from stylegan.imageutil import from_uint8
 
 FORMAT, VERSION = "anostyle-detector", 1
@@ -479,12 +479,7 @@ class Detector:
     def load(cls, path: str | os.PathLike) -> "Detector":
         path = Path(path)
         fix = "give the detector.json that `anostyle tune` wrote"
-        if not path.is_file():
-            raise UserError(f"--detector {path} does not exist; {fix}.")
-        try:
-            body = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UserError(f"--detector {path} is not valid JSON ({exc}); {fix}.") from None
+        body = read_user_json(path, flag="--detector", fix=fix)
         if not isinstance(body, dict) or body.get("format") != FORMAT:
             raise UserError(f"--detector {path} is not an {FORMAT} file; {fix}.")
         if body.get("version") != VERSION:

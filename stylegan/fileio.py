@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from stylegan.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
@@ -61,3 +63,15 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def read_user_json(path: str | os.PathLike, *, flag: str, fix: str):
+    """The JSON body of a file the user named with `flag`; a missing or unreadable file ends in
+    one sentence that ends with `fix` (what to give instead)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{flag} {path} does not exist; {fix}.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{flag} {path} is not valid JSON ({exc}); {fix}.") from None

@@ -33,6 +33,7 @@ from anomaly.model import AnoModel
 from anomaly.reconstruct import residual_images
 from anomaly.scores import izif_score
 from stylegan.errors import UserError
+from stylegan.fileio import read_user_json
 from stylegan.imageutil import to_uint8
 
 IZIF_SHEET = "izif.xlsx"
@@ -107,12 +108,7 @@ def load_decision(path: str | os.PathLike) -> tuple[Decision, dict[str, Any]]:
     """(the first izif row's threshold, the recorded evaluate options) from summary.json."""
     path = Path(path)
     fix = "give the graphics/summary.json that `anostyle evaluate` wrote"
-    if not path.is_file():
-        raise UserError(f"--summary {path} does not exist; {fix}.")
-    try:
-        body = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"--summary {path} is not valid JSON ({exc}); {fix}.") from None
+    body = read_user_json(path, flag="--summary", fix=fix)
     rows = body.get("rows") if isinstance(body, dict) else None
     if not isinstance(rows, list):
         raise UserError(f"--summary {path} has no 'rows' list; {fix}.")
