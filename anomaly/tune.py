@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +109,14 @@ def tune(opts: TuneOptions) -> dict[str, Path]:
     normal, comparison, anomalies = _comparison(cache.rows, opts)
     by = tuple(dict.fromkeys((*opts.by, *_select_column(opts))))
     _check_columns(cache.rows, by)
+    dropped = {c: small_subgroups(cache.rows, normal, c, opts.min_subgroup)
+               for c in _select_column(opts)}
+    for column, small in dropped.items():
+        if small:  # the worst-case guard cannot see these routes: say so, never silently
+            warnings.warn(f"--select worst:{column}: the subgroups {', '.join(small)} have fewer "
+                          f"than {opts.min_subgroup} validation normals and are not counted; "
+                          f"the rule guards only the others (lower --min-subgroup, or "
+                          f"validate on more images)", UserWarning, stacklevel=2)
     scores = {det.config_name(m, t): det.method_scores(
         m, cache.q["tta" if t else "plain"], mode="tta" if t else "plain", bank=bank,
         model_layer=model.feature_layer) for m, t in configs}
@@ -133,12 +142,20 @@ def tune(opts: TuneOptions) -> dict[str, Path]:
         "options": config_dict(opts), "network": network, "encoder": encoder,
         "configurations": len(table), "chosen": detector.method,
         "selection": detector.selection, "validation_images": len(cache.rows),
+        "subgroups_not_counted": dropped,
         "seconds_for_passes": round(seconds, 2)})
     written["config"] = outdir / "tune.json"
     return written
 
 
 # ------------------------------------------------------------------------------ inputs
+
+
+def small_subgroups(rows: pd.DataFrame, normal: str, column: str, minimum: int) -> list[str]:
+    """Values of `column` whose normals number fewer than `minimum` (sorted, with counts)."""
+    values = rows.loc[rows["class"] == normal, column].fillna("").astype(str)
+    counts = values.value_counts()
+    return [f"{v} ({n})" for v, n in sorted(counts.items()) if n < minimum]
 
 
 def _checked_paths(opts: TuneOptions) -> tuple[Path, Path]:

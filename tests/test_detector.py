@@ -421,3 +421,14 @@ def test_tune_without_encoder_for_d_feature_densities(setup):
     r = run("tune", "--network", setup["network"], "--data", setup["prepared"] / "val.zip",
             "--outdir", out, "--grid", "residual:mean", "--device", "cpu")
     assert r.exit_code != 0 and "--encoder is missing" in r.output
+
+
+def test_small_subgroups_are_named_for_the_worst_case_rule():
+    import pandas as pd
+
+    from anomaly.tune import small_subgroups
+
+    rows = pd.DataFrame({"class": ["nv"] * 25 + ["mel"] * 30,
+                         "dx_type": ["follow_up"] * 21 + ["histo"] * 4 + ["histo"] * 30})
+    assert small_subgroups(rows, "nv", "dx_type", 20) == ["histo (4)"]
+    assert small_subgroups(rows, "nv", "dx_type", 4) == []
