@@ -640,12 +640,11 @@ def sheet_scorer(model: AnoModel, methods: Sequence[str], *, tta: bool,
 def load_detector(model: AnoModel, path: str | os.PathLike) -> DetectorScorer:
     """detector.json (+ its bank beside it) on a loaded model; refuses a detector tuned for
     other networks or another preprocessing policy, in one sentence."""
-    from anomaly.encoder_io import sha256_file
-
     det = Detector.load(path)
-    for what, recorded, file in (("network", det.network_sha256, model.network),
-                                 ("encoder", det.encoder_sha256, model.encoder)):
-        if recorded and file and sha256_file(file) != recorded:
+    for what, recorded, file, actual in (
+            ("network", det.network_sha256, model.network, model.network_sha256),
+            ("encoder", det.encoder_sha256, model.encoder, model.encoder_sha256)):
+        if recorded and file and actual != recorded:
             raise UserError(f"--detector {path} was tuned for another {what} than {file} "
                             f"(sha256 differs); tune again for this model.")
     policy = model.recorded_policy

@@ -139,19 +139,20 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def check_pairing(encoder_extra: dict[str, Any], network_path: str | os.PathLike, *,
-                  allow_mismatch: bool, encoder_path: str | os.PathLike = "the encoder"
-                  ) -> str | None:
+                  allow_mismatch: bool, encoder_path: str | os.PathLike = "the encoder",
+                  network_sha256: str | None = None) -> str | None:
     """Compare the network sha256 an encoder recorded in training with the network file's.
 
     Returns None when they match, a warning when the encoder records none (older encoders) or
     when `allow_mismatch` lets a different network through; refuses a mismatch otherwise.
+    `network_sha256`: the file's hash when the caller already has it (it is read only once).
     """
     recorded = (encoder_extra.get("network") or {}).get("sha256")
     encoder, network = Path(encoder_path).name, Path(network_path).name  # no folders in answers
     if not recorded:
         return (f"--encoder {encoder} records no network sha256 (trained by an older "
                 f"AnoStyle), so its pairing with --network {network} is not checked")
-    actual = sha256_file(network_path)
+    actual = network_sha256 or sha256_file(network_path)
     if actual == recorded:
         return None
     trained_with = Path(str(encoder_extra["network"].get("path", "?"))).name

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from anodata.policy import POLICY_KEY, Preprocessing, read_prepared_policy
 from anomaly.encoder import LATENTS, Encoder, EncoderConfig
 from anomaly.encoder_io import (ENCODER_PREFIX, check_compatible, encoder_checkpoints,
-                                find_latest_encoder, load_encoder, save_encoder, sha256_file, state_path)
+                                find_latest_encoder, load_encoder, save_encoder, state_path)
 from anomaly.model import AnoModel
 from anomaly.reconstruct import discriminator_features, reconstruct_batch
 from stylegan.checkpoint import (load_training_state, restore_rng_state, rng_state,
@@ -185,7 +185,7 @@ def _setup(opts: FitOptions, *, echo) -> _Run:
                         f"network's resolution.")
     E, saved = _build_encoder(opts, G, D, resume, device)
     opt = torch.optim.Adam(E.parameters(), lr=opts.lr, betas=(0.9, 0.999))
-    network_info = {"path": str(Path(opts.network).resolve()), "sha256": sha256_file(opts.network),
+    network_info = {"path": str(Path(opts.network).resolve()), "sha256": model.network_sha256,
                     "generator": _plain(dataclasses.asdict(G.cfg)) if hasattr(G, "cfg") else None}
     policy = training_policy(opts.data, model)
     log = _Log(outdir, echo)

@@ -15,6 +15,7 @@ Shape letters: N batch, C channels, H/W height/width, K number of style vectors,
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from PIL import Image
 from anodata.imageio import to_8bit
 from anodata.policy import POLICY_KEY, Preprocessing, fit_array, fit_square, normalise_colour
 from anomaly.encoder import Encoder
-from anomaly.encoder_io import check_compatible, check_pairing, load_encoder
+from anomaly.encoder_io import check_compatible, check_pairing, load_encoder, sha256_file
 from anomaly.reconstruct import (check_feature_layer, discriminator_features, encode,
                                  reconstruct_batch)
 from stylegan.runtime import resolve_device
@@ -105,16 +106,27 @@ class AnoModel:
         G, D, net_extra = load_networks(network, device=dev, require_D=require_D)
         kappa, layer, notes = resolve_izif(kappa, feature_layer, scored_with=scored_with or {},
                                            trained=extra.get("training_options", {}))
+        model = cls(G, D, E, kappa=kappa, feature_layer=layer,
+                    policy=_recorded_policy(extra, net_extra), notes=notes,
+                    network=str(network), encoder=None if encoder is None else str(encoder))
         if E is not None:
             check_compatible(E, G, encoder_path=encoder, network_path=network)
             pairing = check_pairing(extra, network, allow_mismatch=allow_mismatch,
-                                    encoder_path=encoder)
+                                    encoder_path=encoder, network_sha256=model.network_sha256)
             if pairing:  # printed by every command (stderr) and kept with the model's notes
                 warnings.warn(pairing, UserWarning, stacklevel=2)
-                notes.append(pairing)
-        policy = _recorded_policy(extra, net_extra)
-        return cls(G, D, E, kappa=kappa, feature_layer=layer, policy=policy, notes=notes,
-                   network=str(network), encoder=None if encoder is None else str(encoder))
+                model.notes += (pairing,)
+        return model
+
+    @functools.cached_property
+    def network_sha256(self) -> str | None:
+        """sha256 of the network file, read once per model (pairing and detector checks)."""
+        return None if self.network is None else sha256_file(self.network)
+
+    @functools.cached_property
+    def encoder_sha256(self) -> str | None:
+        """sha256 of the encoder file, read once per model."""
+        return None if self.encoder is None else sha256_file(self.encoder)
 
     # ------------------------------------------------------------------ shapes and policy
 

@@ -338,8 +338,6 @@ def _ordered(table: pd.DataFrame) -> pd.DataFrame:
 def _detector(best: pd.Series, scores: dict[str, np.ndarray], val: pd.DataFrame, normal: str,
               anomalies, comparison: str, model: AnoModel, opts: TuneOptions, *,
               bank_images: int) -> det.Detector:
-    from anomaly.encoder_io import sha256_file
-
     name = best["configuration"]
     normals = (val["class"] == normal).to_numpy()
     if best["method"] == "rank-average":
@@ -362,8 +360,8 @@ def _detector(best: pd.Series, scores: dict[str, np.ndarray], val: pd.DataFrame,
         comps, combine, float(threshold), rule, comparison,
         tuple(np.sort(s[normals]).tolist()),
         {"rule": opts.select, "value": float(best["select"])},
-        "bank.safetensors" if uses_bank else None, sha256_file(model.network),
-        sha256_file(model.encoder) if model.encoder else None,
+        "bank.safetensors" if uses_bank else None, model.network_sha256,
+        model.encoder_sha256,
         None if policy is None else policy.to_dict(), model.kappa, model.feature_layer,
         {"val_auc": float(best["auc"]), "val_auc_ci": [float(best["auc_low"]),
                                                         float(best["auc_high"])],
