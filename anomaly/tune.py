@@ -254,7 +254,8 @@ def _check_columns(rows: pd.DataFrame, by: tuple[str, ...]) -> None:
         if column not in rows.columns:
             extra = [c for c in rows.columns if c not in ("file", "class", "label")]
             raise UserError(f"The column {column!r} is not in the manifest of the validation "
-                            f"data; columns: {', '.join(extra) or 'none'}.")
+                            f"data (columns: {', '.join(extra) or 'none'}); select or group by "
+                            f"one of these, or prepare the data with a metadata CSV that has it.")
 
 
 # ------------------------------------------------------------------------------ evaluation

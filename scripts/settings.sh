@@ -4,7 +4,7 @@
 ROOT=${ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 OUT=${OUT:-$ROOT}                                   # where every output folder goes
 SOURCE=${SOURCE:-$ROOT/data/demo/images}            # raw images (folder)
-LABELS=${LABELS:-$ROOT/data/demo/metadata.csv}      # metadata CSV ('' for class folders)
+LABELS=${LABELS-$ROOT/data/demo/metadata.csv}       # metadata CSV ('' for class folders)
 ID_COLUMN=${ID_COLUMN:-image_id}
 LABEL_COLUMN=${LABEL_COLUMN:-dx}
 GROUP_COLUMN=${GROUP_COLUMN:-lesion_id}
@@ -27,9 +27,13 @@ ENCODER_DIR=${ENCODER_DIR:-$OUT/checkpointed}      # encoder checkpoints and gri
 ENCODER_KIMG=${ENCODER_KIMG:-3}                     # encoder training length
 RECON_DIR=${RECON_DIR:-$OUT/generated_img}         # reconstructions
 TUNED=${TUNED:-$OUT/tuned}                         # tune.xlsx, detector.json, bank.safetensors
-SELECT=${SELECT:-worst:dx_type}                     # tune rule: auc or worst:COLUMN (HAM10000:
-                                                    # naevi by acquisition route, see README)
-BY=${BY-dx_type}                                    # evaluate subgroups of normals ('': none)
+# tune's rule (auc or worst:COLUMN) and evaluate's subgroups ('': none): with HAM10000-style
+# metadata (a dx_type column) the worst acquisition route of the naevi, see README; else auc.
+if head -n 1 "${LABELS:-/dev/null}" 2>/dev/null | tr ',' '\n' | grep -qx 'dx_type'; then
+  SELECT=${SELECT:-worst:dx_type}; BY=${BY-dx_type}
+else
+  SELECT=${SELECT:-auc}; BY=${BY-}
+fi
 SCORES=${SCORES:-$OUT/scores}                      # Excel score sheets
 GRAPHICS=${GRAPHICS:-$OUT/graphics}                # figures and index.html
 METHODS=${METHODS:-izif,sklearn:euclidean,sklearn:manhattan,sklearn:cosine,torch-euclidean,latent}
