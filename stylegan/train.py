@@ -160,7 +160,12 @@ def _train_process(rank: int, world: int, opts: TrainOptions, resume_networks: d
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
     try:
-        return _run(opts, env, resume_networks)
+        run_dir = _run(opts, env, resume_networks)
+        if world > 1:
+            # Every process waits here until the main one has written its last snapshot: a
+            # process that tears down gloo while a peer is still busy can be aborted (seen in CI).
+            dist.barrier()
+        return run_dir
     finally:
         if world > 1:
             dist.destroy_process_group()
