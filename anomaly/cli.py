@@ -598,6 +598,9 @@ _tune = config_option("anomaly.tune:TuneOptions")
 @click.option("--by", multiple=True, metavar="COLUMN",
               help="Also report the AUC per subgroup of normals by this manifest column; "
                    "repeatable.")
+@_tune("--tolerance", type=click.FloatRange(min=0),
+       help="The cheapest configuration (no TTA before TTA, one score before a rank average) "
+            "whose selection value is within this of the best is chosen.")
 @_tune("--min-subgroup", type=click.IntRange(min=1),
        help="Smallest subgroup of normals counted by worst:COLUMN.")
 @_tune("--threshold", type=str, metavar="youden|p95|VALUE",
@@ -617,7 +620,8 @@ def tune(by: tuple[str, ...], **flags) -> None:
 
     Every method of --grid, with and without TTA, is evaluated from ONE pass over val.zip
     (plus one pass over at most --bank-size training naevi for the k-NN/Mahalanobis bank);
-    the best by --select becomes detector.json with its validation threshold. Test data are
+    the cheapest within --tolerance of the best by --select becomes detector.json with its
+    validation threshold (tune.xlsx marks it in the `chosen` column). Test data are
     never read; evaluate them once, afterwards, with `score --detector` + `evaluate`.
 
     \b
@@ -631,9 +635,10 @@ def tune(by: tuple[str, ...], **flags) -> None:
     import json
 
     chosen = json.loads(written["detector"].read_text())
-    click.echo(f"chosen: {chosen['method']} (validation {chosen['selection']['rule']} "
-               f"{chosen['selection']['value']:.4f}, threshold {chosen['threshold']:.4g} "
-               f"{chosen['threshold_rule']})")
+    sel = chosen["selection"]
+    click.echo(f"chosen: {chosen['method']} (validation {sel['rule']} {sel['value']:.4f}; best "
+               f"{sel['best_value']:.4f}, tolerance {sel['tolerance']:g}; threshold "
+               f"{chosen['threshold']:.4g} {chosen['threshold_rule']})")
     click.echo(f"wrote {', '.join(str(p) for p in written.values())}")
 
 

@@ -13,8 +13,15 @@ NORMALS by every `by` column (that subgroup's normals vs all anomalies of the co
 Selection rule: 'auc' (the main AUC) or 'worst:COLUMN' (the minimum subgroup AUC over the values
 of COLUMN with at least `min_subgroup` normals; it guards against scores that only separate one
 acquisition route of the normals). Then rank averages of pairs of the `combine` best single
-configurations are evaluated too (chosen only if they win on validation). The best row by the
-rule (first in grid order on ties) becomes detector.json with its threshold chosen on validation.
+configurations are evaluated too. Choice (the "simplest within tolerance" rule, fixed before any
+test figure is read): among the rows whose selection value is within `tolerance` of the best,
+the cheapest wins: fewest forward passes per image (1 without TTA, 8 with), then fewest
+components, then the highest selection value, then grid order. A TTA view or a second score is
+only paid for when it is worth more than `tolerance` on validation. That row becomes
+detector.json with its threshold chosen on validation.
+
+`sklearn:euclidean` is left out of the default grid: it is a monotone function of
+`residual:mean` (the square root of 3 x 64 x 64 times it), so the two rank images identically.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ DEFAULT_GRID = ("residual:mean,residual:p99,residual:smax:1,residual:smax:2,resi
                 "izif:0.1,izif:1,izif:10,dfeat-res:b8,dfeat-res:b16,dfeat-res:b32,"
                 "dfeat-res:b8+b16+b32,knn-latent:1,knn-latent:5,knn-latent:20,maha-latent,"
                 "knn-dfeat:b8:5,knn-dfeat:b16:5,knn-dfeat:b32:5,knn-dfeat:b8:20,"
-                "maha-dfeat:b8,maha-dfeat:b16,maha-dfeat:b32")
+                "maha-dfeat:b8,maha-dfeat:b16,maha-dfeat:b32,sklearn:cosine,sklearn:manhattan")
 BANK_LIMIT_BYTES = 1_000_000
 
 
@@ -63,6 +70,7 @@ class TuneOptions:
     normal_class: str | None = None  # None: the class labelled 0
     anomaly_class: str | None = None  # None: 'mel' when present, else all; 'all': all
     select: str = "auc"  # 'auc' | 'worst:COLUMN'
+    tolerance: float = 0.01  # the cheapest row within this of the best selection value wins
     by: tuple[str, ...] = ()  # manifest columns for subgroup AUCs (the select column is added)
     min_subgroup: int = 20  # smallest subgroup of normals in the worst-case rule
     threshold: str = "youden"  # 'youden' | 'p95' | a number
@@ -124,8 +132,11 @@ def tune(opts: TuneOptions) -> dict[str, Path]:
             for name, s in scores.items()]
     rows += _combinations(rows, scores, cache.rows, normal, anomalies, by, opts)
     table = pd.DataFrame(rows)
-    best = _select(table)
-    detector = _detector(best, scores, cache.rows, normal, anomalies, comparison, model, opts,
+    table = _with_cost(table)
+    best = select_row(table, opts.tolerance)
+    table["chosen"] = table.index == best.name
+    detector = _detector(best, float(table["select"].max()), scores, cache.rows, normal,
+                         anomalies, comparison, model, opts,
                          bank_images=min(opts.bank_size, len(ImageDataset(train))))
     outdir = Path(opts.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -321,13 +332,32 @@ def _combinations(rows: list[dict], scores: dict[str, np.ndarray], val: pd.DataF
     return out
 
 
-def _select(table: pd.DataFrame) -> pd.Series:
+def _with_cost(table: pd.DataFrame) -> pd.DataFrame:
+    """Adds `passes` (forward passes per image: 8 with TTA in any component, else 1) and
+    `n_components` (1, or the number of rank-averaged scores)."""
+    table = table.copy()
+    parts = [c.split(" + ") if isinstance(c, str) and c else [name]
+             for c, name in zip(table.get("components", [None] * len(table)),
+                                table["configuration"])]
+    table["n_components"] = [len(p) for p in parts]
+    table["passes"] = [ds.N_VIEWS if any(det.split_config_name(q)[1] for q in p) else 1
+                       for p in parts]
+    return table
+
+
+def select_row(table: pd.DataFrame, tolerance: float) -> pd.Series:
+    """The chosen row: the cheapest (passes, then n_components) of the rows whose `select` is
+    within `tolerance` of the best, then the highest `select`, then the first in grid order."""
     finite = table[np.isfinite(table["select"].to_numpy(dtype=np.float64))]
     if finite.empty:
         raise UserError("No configuration has a finite validation selection value (too few "
                         "normals per subgroup, or one class missing); lower --min-subgroup or "
                         "use --select auc.")
-    return finite.loc[finite["select"].idxmax()]  # first on ties (grid order)
+    near = finite[finite["select"] >= finite["select"].max() - tolerance]
+    order = near.assign(_order=np.arange(len(near))).sort_values(
+        ["passes", "n_components", "select", "_order"], ascending=[True, True, False, True],
+        kind="stable")
+    return order.iloc[0].drop("_order")
 
 
 def _ordered(table: pd.DataFrame) -> pd.DataFrame:
@@ -336,8 +366,8 @@ def _ordered(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _detector(best: pd.Series, scores: dict[str, np.ndarray], val: pd.DataFrame, normal: str,
-              anomalies, comparison: str, model: AnoModel, opts: TuneOptions, *,
+def _detector(best: pd.Series, best_value: float, scores: dict[str, np.ndarray],
+              val: pd.DataFrame, normal: str, anomalies, comparison: str, model: AnoModel, opts: TuneOptions, *,
               bank_images: int) -> det.Detector:
     name = best["configuration"]
     normals = (val["class"] == normal).to_numpy()
@@ -360,7 +390,8 @@ def _detector(best: pd.Series, scores: dict[str, np.ndarray], val: pd.DataFrame,
     return det.Detector(
         comps, combine, float(threshold), rule, comparison,
         tuple(np.sort(s[normals]).tolist()),
-        {"rule": opts.select, "value": float(best["select"])},
+        {"rule": opts.select, "value": float(best["select"]), "tolerance": opts.tolerance,
+         "best_value": best_value},
         "bank.safetensors" if uses_bank else None, model.network_sha256,
         model.encoder_sha256,
         None if policy is None else policy.to_dict(), model.kappa, model.feature_layer,

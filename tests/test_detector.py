@@ -303,10 +303,17 @@ def test_tune_table_and_detector_json(setup, tuned):
     assert table["select"].is_monotonic_decreasing
     body = json.loads((tuned["out"] / "detector.json").read_text())
     assert body["format"] == "anostyle-detector" and body["version"] == 1
-    assert body["method"] == table.loc[0, "configuration"]
-    assert body["selection"] == {"rule": "auc", "value": pytest.approx(table.loc[0, "select"])}
+    assert table["chosen"].sum() == 1
+    chosen = table[table["chosen"]].iloc[0]
+    assert body["method"] == chosen["configuration"]
+    assert chosen["select"] >= table["select"].max() - 0.01  # the default --tolerance
+    within = table[table["select"] >= table["select"].max() - 0.01]
+    assert chosen["passes"] == within["passes"].min()
+    assert body["selection"] == {"rule": "auc", "value": pytest.approx(chosen["select"]),
+                                 "tolerance": 0.01,
+                                 "best_value": pytest.approx(table.loc[0, "select"])}
     assert body["val_normal_scores"] == sorted(body["val_normal_scores"])
-    assert len(body["val_normal_scores"]) == table.loc[0, "n_normal"]
+    assert len(body["val_normal_scores"]) == chosen["n_normal"]
     assert body["preprocessing"]["resolution"] == 16
     loaded = det.Detector.load(tuned["out"] / "detector.json")
     assert json.loads(json.dumps(loaded.to_dict())) == body  # round trip
@@ -333,6 +340,27 @@ def test_worst_subgroup_rule(setup, tuned):
             "--data", setup["prepared"] / "val.zip", "--outdir", out, "--grid", "residual:mean",
             "--select", "worst:nosuch", "--device", "cpu")
     assert r.exit_code != 0 and "'nosuch' is not in the manifest" in r.output
+
+
+def test_simplest_configuration_within_tolerance_is_chosen():
+    import pandas as pd
+
+    from anomaly.tune import _with_cost, select_row
+
+    table = _with_cost(pd.DataFrame({
+        "configuration": ["residual:mean", "residual:mean@tta", "izif:1",
+                          "rank-average(residual:mean + izif:1)"],
+        "components": [None, None, None, "residual:mean + izif:1"],
+        "select": [0.700, 0.720, 0.705, 0.730]}))
+    assert table["passes"].tolist() == [1, 8, 1, 1]
+    assert table["n_components"].tolist() == [1, 1, 1, 2]
+    pick = lambda tol: select_row(table, tol)["configuration"]  # noqa: E731
+    assert pick(0.0) == "rank-average(residual:mean + izif:1)"  # the best, whatever it costs
+    assert pick(0.01) == "rank-average(residual:mean + izif:1)"  # nothing cheaper is near
+    assert pick(0.026) == "izif:1"  # one pass and one score, the better of the two
+    assert pick(1.0) == "izif:1"
+    tie = table.assign(select=[0.7, 0.7, 0.7, 0.7])
+    assert select_row(tie, 0.0)["configuration"] == "residual:mean"  # grid order on ties
 
 
 def _model_dir(setup, tuned, name="model") -> Path:
