@@ -462,18 +462,24 @@ def report(graphics_dir: str, title: str) -> None:
               help="Train on x-flipped copies of the images too.")
 @_fit("--rot90", type=bool, metavar="BOOL",
               help="Train on copies rotated by 90, 180 and 270 degrees too.")
+@click.option("--val", type=click.Path(), metavar="ZIP",
+              help="val.zip: score each checkpoint on its normal images and name the best in "
+                   "validation.json (the checkpoint to use).")
+@_fit("--val-images", type=click.IntRange(min=1),
+      help="Validation normals scored per checkpoint (a seeded subset).")
 @click.option("-n", "--dry-run", is_flag=True, help="Print the resolved options and exit.")
 def train_encoder(dry_run: bool, **flags) -> None:
     """Train an izif encoder (f-AnoGAN) for a frozen generator and discriminator.
 
     Loss = mean (x - G(E(x)))^2 + kappa * mean (f(x) - f(G(E(x))))^2, f = D features.
     Writes encoder-<iter>.safetensors (+ .state.pt), rec<iter>.png, stats.jsonl, log.txt and
-    encoder_options.json to --outdir.
+    encoder_options.json to --outdir; with --val, validation.json names the checkpoint with the
+    lowest loss on the validation naevi (use that one, not simply the last).
 
     \b
     Example:
       anostyle train-encoder --network network-snapshot-000200.safetensors \\
-        --data prepared/train.zip --outdir checkpointed --kimg 200
+        --data prepared/train.zip --val prepared/val.zip --outdir checkpointed --kimg 200
     """
     import dataclasses
     import json
@@ -485,7 +491,13 @@ def train_encoder(dry_run: bool, **flags) -> None:
         click.echo(json.dumps({**dataclasses.asdict(opts), "total_iters": opts.total_iters()},
                               indent=2))
         return
-    click.echo(f"encoder: {fit_encoder(opts)}")
+    last = fit_encoder(opts)
+    click.echo(f"encoder: {last}")
+    if opts.val is not None:
+        from anomaly.encoder_io import best_encoder
+
+        best = best_encoder(opts.outdir)
+        click.echo(f"chosen on validation loss: {best} (validation.json in {opts.outdir})")
 
 
 @main.command("reconstruct")

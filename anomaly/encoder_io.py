@@ -32,6 +32,7 @@ from stylegan.legacy import load_tensors
 ENCODER_FORMAT = "anostyle-encoder"
 ENCODER_VERSION = 1
 ENCODER_PREFIX = "encoder-"
+VALIDATION_FILE = "validation.json"  # train-encoder --val: the loss per checkpoint, the best
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,6 +116,17 @@ def find_latest_encoder(outdir: str | os.PathLike) -> Path:
 
 # ----------------------------------------------------------------------------------------------
 # Encoder and network together
+
+
+def best_encoder(outdir: str | os.PathLike) -> Path | None:
+    """The checkpoint validation.json (train-encoder --val) names as best, when it is there."""
+    path = Path(outdir) / VALIDATION_FILE
+    try:
+        name = json.loads(path.read_text(encoding="utf-8"))["best"]["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    best = Path(outdir) / str(name)
+    return best if best.is_file() and best.parent == Path(outdir) else None
 
 
 def check_compatible(E: Encoder, G: torch.nn.Module, *, encoder_path: str | os.PathLike,

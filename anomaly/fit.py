@@ -9,6 +9,12 @@ G (G_ema when the file has it) and D stay frozen; only the encoder E learns, wit
 normal training images only. f is D's activation at `feature_layer`. Snapshots are a pair
 `encoder-<iter>.state.pt` (written first) + `encoder-<iter>.safetensors`, both atomic, so a crash
 never leaves a newest checkpoint without its state; `--resume` continues the iteration count.
+
+With `--val val.zip`, every checkpoint is also scored on a fixed, seeded subset of at most
+`val_images` NORMAL images of the validation split (label 0; anomalies are never looked at):
+the same izif loss, without gradients. validation.json keeps that loss per checkpoint and names
+the best (lowest; the earliest on ties): the checkpoint to use is chosen on held-out naevi, not
+by the training loss, which keeps falling as the encoder learns its training images.
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ from tqdm import tqdm
 
 from anodata.policy import POLICY_KEY, Preprocessing, read_prepared_policy
 from anomaly.encoder import LATENTS, Encoder, EncoderConfig
-from anomaly.encoder_io import (ENCODER_PREFIX, check_compatible, encoder_checkpoints,
-                                find_latest_encoder, load_encoder, save_encoder, state_path)
+from anomaly.encoder_io import (ENCODER_PREFIX, VALIDATION_FILE, check_compatible,
+                                encoder_checkpoints, find_latest_encoder, load_encoder,
+                                save_encoder, state_path)
 from anomaly.model import AnoModel
 from anomaly.reconstruct import discriminator_features, reconstruct_batch
 from stylegan.checkpoint import (load_training_state, restore_rng_state, rng_state,
@@ -70,6 +77,8 @@ class FitOptions:
     grid_size: int = 8  # training images shown in rec<iter>.png
     mirror: bool = False  # train on x-flipped copies too
     rot90: bool = False  # and on copies rotated by 90/180/270 degrees
+    val: str | None = None  # val.zip: the checkpoint is chosen on its normals' izif loss
+    val_images: int = 256  # seeded subset of the validation normals scored per checkpoint
 
     def total_iters(self) -> int:
         """The iteration at which training stops."""
@@ -95,6 +104,8 @@ class _Run:
     log: "_Log"
     iteration: int = 0
     policy: dict | None = None  # preprocessing of the training data, recorded in checkpoints
+    val_images: torch.Tensor | None = None  # uint8 [M, C, H, W] validation normals (--val)
+    val_history: list[dict] = dataclasses.field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,7 +174,8 @@ def _validate(opts: FitOptions) -> None:
               (opts.lr > 0, "--lr must be positive"),
               (opts.kappa >= 0, "--kappa must not be negative"),
               (opts.w_reg >= 0, "--w-reg must not be negative"),
-              (opts.total_iters() >= 1, "--kimg/--iters must give at least one iteration")]
+              (opts.total_iters() >= 1, "--kimg/--iters must give at least one iteration"),
+              (opts.val_images >= 1, "--val-images must be at least 1")]
     for ok, message in checks:
         if not ok:
             raise UserError(message + ".")
@@ -193,6 +205,9 @@ def _setup(opts: FitOptions, *, echo) -> _Run:
                network_info, log, policy=None if policy is None else policy.to_dict())
     if saved is not None:
         _restore(run, resume, saved)
+    if opts.val is not None:
+        run.val_images = validation_images(opts, dataset, policy)
+        run.val_history = _read_history(outdir, opts.val, up_to=run.iteration)
     _write_options(run, resume)
     log(f"network {opts.network}: {G.img_resolution} px, num_ws {G.num_ws}, w_dim {G.w_dim}; "
         f"data {opts.data}: {len(dataset)} images; encoder {_count(E)} parameters "
@@ -383,17 +398,113 @@ def _snapshot(run: _Run, grid: torch.Tensor) -> None:
     extra = {"iter": it, "kimg": it * run.opts.batch / 1000, "network": run.network_info,
              "training_options": dataclasses.asdict(run.opts), "w_spread": run.w_spread,
              POLICY_KEY: run.policy}
+    record = None
+    if run.val_images is not None:
+        record = {"checkpoint": f"{stem}.safetensors", "iter": it,
+                  "kimg": it * run.opts.batch / 1000, **validation_loss(run)}
+        extra["validation"] = record
     save_encoder(outdir / f"{stem}.safetensors", run.E, extra=extra)
     with torch.no_grad():
         _ws, rec = reconstruct_batch(run.G, run.E, from_uint8(grid.to(run.device)))
     reals = grid.permute(0, 2, 3, 1).numpy()  # [n, H, W, C]
     save_grid(np.concatenate([reals, to_uint8(rec)]), outdir / f"rec{it:06d}.png",
               cols=len(grid))
-    run.log(f"checkpoint {stem}.safetensors")
+    if record is None:
+        run.log(f"checkpoint {stem}.safetensors")
+        return
+    run.val_history = [r for r in run.val_history if r["iter"] != it] + [record]
+    best = _write_history(run)
+    run.log(f"checkpoint {stem}.safetensors | val_loss {record['loss']:.5g} | best "
+            f"{best['checkpoint']} ({best['loss']:.5g})")
 
 
 def _latest_written(run: _Run) -> Path:
     return encoder_checkpoints(run.opts.outdir)[-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint choice on validation normals
+
+
+def validation_images(opts: FitOptions, train: ImageDataset,
+                      policy: Preprocessing | None) -> torch.Tensor:
+    """The normals (label 0) of --val, a seeded subset of at most `val_images`: uint8 [M, C, H, W].
+    Refuses, in one sentence, the training data itself, other image sizes, another recorded
+    preprocessing, and a split without normals."""
+    path = Path(opts.val)
+    if not path.exists():
+        raise UserError(f"--val {path} does not exist; give the val.zip of `anostyle prepare`.")
+    if path.resolve() == Path(opts.data).resolve():
+        raise UserError(f"--val {path} is the training data; give the validation split "
+                        f"(val.zip), whose naevi the encoder never sees.")
+    val = ImageDataset(path)
+    if (val.resolution, val.num_channels) != (train.resolution, train.num_channels):
+        raise UserError(f"--val {path} has {val.resolution} px images with {val.num_channels} "
+                        f"channels, unlike --data ({train.resolution} px, "
+                        f"{train.num_channels}); prepare both in one `anostyle prepare` run.")
+    prepared = read_prepared_policy(path)
+    if policy is not None and prepared is not None \
+            and prepared.at(train.resolution, train.num_channels) != policy:
+        raise UserError(f"--val {path} was prepared with another preprocessing than --data; "
+                        f"prepare both in one `anostyle prepare` run.")
+    normals = np.flatnonzero(val.labels == 0)  # every image when the zip has no labels
+    if len(normals) == 0:
+        raise UserError(f"--val {path} holds no normal images (label 0); give the val.zip of "
+                        f"`anostyle prepare`, whose naevi are labelled 0.")
+    if len(normals) > opts.val_images:
+        pick = np.random.RandomState(opts.seed).choice(len(normals), opts.val_images,
+                                                       replace=False)
+        normals = normals[np.sort(pick)]
+    return torch.from_numpy(np.stack([val[int(i)][0] for i in normals]))
+
+
+@torch.no_grad()
+def validation_loss(run: _Run) -> dict[str, float]:
+    """The izif loss of the validation normals (the training loss without gradients),
+    averaged over images: {'loss', 'image_loss', 'feature_loss'}."""
+    opts, sums, count = run.opts, {"loss": 0.0, "image": 0.0, "feature": 0.0}, 0
+    for chunk in run.val_images.split(opts.batch):  # the training batch size: b4.* features
+        x = from_uint8(chunk.to(run.device))  # mix a batch as in training
+        _ws, rec = reconstruct_batch(run.G, run.E, x)
+        feat = feat_rec = None
+        if opts.kappa > 0:
+            feat = discriminator_features(run.D, x, opts.feature_layer)
+            feat_rec = discriminator_features(run.D, rec, opts.feature_layer)
+        losses = izif_loss(x, rec, feat, feat_rec, kappa=opts.kappa)
+        for key in sums:
+            sums[key] += float(losses[key]) * len(x)
+        count += len(x)
+    return {"loss": sums["loss"] / count, "image_loss": sums["image"] / count,
+            "feature_loss": sums["feature"] / count}
+
+
+def best_record(history: list[dict]) -> dict:
+    """The checkpoint with the lowest validation loss (the earliest on ties)."""
+    return min(sorted(history, key=lambda r: r["iter"]), key=lambda r: r["loss"])
+
+
+def _read_history(outdir: Path, val: str, *, up_to: int) -> list[dict]:
+    """validation.json's records up to the resumed iteration (for the same --val data)."""
+    path = outdir / VALIDATION_FILE
+    if not path.is_file():
+        return []
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+        records = [r for r in body["checkpoints"] if int(r["iter"]) <= up_to]
+        same = Path(body["data"]).resolve() == Path(val).resolve()
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return records if same else []
+
+
+def _write_history(run: _Run) -> dict:
+    history = sorted(run.val_history, key=lambda r: r["iter"])
+    best = best_record(history)
+    atomic_write_json(Path(run.opts.outdir) / VALIDATION_FILE, {
+        "data": str(Path(run.opts.val).resolve()), "images": int(len(run.val_images)),
+        "rule": "lowest izif loss of the validation normals (earliest on ties)",
+        "best": best, "checkpoints": history})
+    return best
 
 
 

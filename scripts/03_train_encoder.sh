@@ -8,4 +8,6 @@ resume_args=()  # a second run for the same network continues its encoder
 if ls "$outdir"/encoder-*.state.pt >/dev/null 2>&1; then resume_args=(--resume latest); fi
 echo "== 03 train-encoder: $network -> $outdir ($ENCODER_KIMG kimg)"
 anostyle train-encoder --network "$network" --data "$DATASET/train.zip" --outdir "$outdir" \
-  --kimg "$ENCODER_KIMG" --workers "$WORKERS" --device "$DEVICE" "${resume_args[@]}"
+  --val "$DATASET/val.zip" --kimg "$ENCODER_KIMG" --snap "$ENCODER_SNAP" --workers "$WORKERS" \
+  --device "$DEVICE" \
+  "${resume_args[@]}"

@@ -25,6 +25,8 @@ DEVICE=${DEVICE:-auto}
 WORKERS=${WORKERS:-1}
 ENCODER_DIR=${ENCODER_DIR:-$OUT/checkpointed}      # encoder checkpoints and grids
 ENCODER_KIMG=${ENCODER_KIMG:-3}                     # encoder training length
+ENCODER_SNAP=${ENCODER_SNAP:-50}                    # iterations between encoder checkpoints,
+                                                    # each scored on the validation naevi
 RECON_DIR=${RECON_DIR:-$OUT/generated_img}         # reconstructions
 TUNED=${TUNED:-$OUT/tuned}                         # tune.xlsx, detector.json, bank.safetensors
 # tune's rule (auc or worst:COLUMN) and evaluate's subgroups ('': none): with HAM10000-style
@@ -57,11 +59,14 @@ encoder_run_dir() {
   echo "$ENCODER_DIR/$(basename "$(dirname "$network")")-$(basename "$network" .safetensors)"
 }
 
-# The newest encoder checkpoint trained for a network (override with ENCODER=path).
+# The encoder checkpoint for a network (override with ENCODER=path): the one validation.json
+# names (lowest loss on the validation naevi, `train-encoder --val`), else the newest.
 newest_encoder() {
   if [ -n "${ENCODER:-}" ]; then echo "$ENCODER"; return; fi
-  local found
-  found=$(ls -t "$(encoder_run_dir "$1")"/encoder-*.safetensors 2>/dev/null | head -n 1 || true)
+  local found dir
+  dir=$(encoder_run_dir "$1")
+  found=$(python -c 'import sys; from anomaly.encoder_io import best_encoder as b; print(b(sys.argv[1]) or "")' "$dir")
+  [ -n "$found" ] || found=$(ls -t "$dir"/encoder-*.safetensors 2>/dev/null | head -n 1 || true)
   if [ -z "$found" ]; then
     echo "no encoder in $ENCODER_DIR: run scripts/03_train_encoder.sh first or set ENCODER" >&2
     exit 1

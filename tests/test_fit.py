@@ -227,3 +227,94 @@ def test_cli_dry_run_and_a_short_run(setup, tmp_path):
                      "encoder_options.json", "log.txt", "rec000002.png", "stats.jsonl"]
     result = runner.invoke(main, base + ["--iters", "2", "--kimg", "1"])
     assert result.exit_code == 1 and "give either --kimg or --iters, not both" in result.output
+    write_folder(tmp_path / "val", setup["heldout"][:4])
+    result = runner.invoke(main, base + ["--iters", "4", "--snap", "1", "--resume", "latest",
+                                         "--val", str(tmp_path / "val")],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    best = json.loads((tmp_path / "cli" / "validation.json").read_text())["best"]["checkpoint"]
+    assert f"chosen on validation loss: {tmp_path / 'cli' / best}" in result.output
+
+
+# ------------------------------------------------------------------ checkpoint choice (--val)
+
+
+def _val_folder(setup, folder, *, with_anomalies: bool = False):
+    """The held-out samples as a validation folder; with anomalies, white images labelled 1
+    are added (dataset.json labels), which the validation loss must never look at."""
+    images = setup["heldout"][:24]
+    names = write_folder(folder, images)
+    if with_anomalies:
+        white = np.full_like(images[:8], 255)
+        odd = write_folder(folder, white, prefix="odd")
+        labels = [[n, 0] for n in names] + [[n, 1] for n in odd]
+        (folder / "dataset.json").write_text(json.dumps({"labels": labels}))
+    return folder
+
+
+def _izif_of(setup, encoder_path, images_nhwc) -> float:
+    """Mean izif score (anomaly.scores.izif_score, kappa 1, b8) of images: the reference."""
+    from anomaly.reconstruct import discriminator_features
+
+    E, _ = load_encoder(encoder_path)
+    G, D = setup["G"], setup["D"]
+    x = as_float(images_nhwc)
+    with torch.no_grad():
+        rec = G.synthesis(E(x), noise_mode="const")
+        scores = izif_score(x, rec, discriminator_features(D, x, "b8"),
+                            discriminator_features(D, rec, "b8"), kappa=1.0)
+    return float(scores.mean())
+
+
+def test_validation_loss_names_the_best_checkpoint(setup, tmp_path):
+    from anomaly.encoder_io import best_encoder
+
+    val = _val_folder(setup, tmp_path / "val", with_anomalies=True)
+    out = tmp_path / "run"
+    fit_encoder(options(setup, out, iters=30, snap=10, val=str(val)), echo=quiet)
+    body = json.loads((out / "validation.json").read_text())
+    assert body["images"] == 24  # the 24 normals; the 8 white 'anomalies' are left out
+    assert [r["iter"] for r in body["checkpoints"]] == [10, 20, 30]
+    for record in body["checkpoints"]:  # each equals an independent izif of its checkpoint
+        want = _izif_of(setup, out / record["checkpoint"], setup["heldout"][:24])
+        assert record["loss"] == pytest.approx(want, rel=1e-4)
+        assert record["loss"] == pytest.approx(record["image_loss"] + record["feature_loss"])
+    best = min(body["checkpoints"], key=lambda r: r["loss"])
+    assert body["best"] == best
+    assert best_encoder(out) == out / best["checkpoint"]
+    _, extra = load_encoder(out / "encoder-000020.safetensors")
+    assert extra["validation"]["loss"] == body["checkpoints"][1]["loss"]
+    assert f"best {best['checkpoint']}" in (out / "log.txt").read_text()
+    assert best_encoder(tmp_path) is None  # no validation.json: no choice
+
+
+def test_best_record_is_the_earliest_on_ties():
+    assert fit_mod.best_record([{"iter": 20, "loss": 1.0}, {"iter": 10, "loss": 1.0},
+                                {"iter": 30, "loss": 2.0}])["iter"] == 10
+
+
+def test_validation_history_continues_on_resume(setup, tmp_path):
+    val = _val_folder(setup, tmp_path / "val")
+    fit_encoder(options(setup, tmp_path / "a", iters=8, snap=4, val=str(val)), echo=quiet)
+    fit_encoder(options(setup, tmp_path / "b", iters=4, snap=4, val=str(val)), echo=quiet)
+    fit_encoder(options(setup, tmp_path / "b", iters=8, snap=4, val=str(val), resume="latest"),
+                echo=quiet)
+    a = json.loads((tmp_path / "a" / "validation.json").read_text())
+    b = json.loads((tmp_path / "b" / "validation.json").read_text())
+    assert a["checkpoints"] == b["checkpoints"] and len(a["checkpoints"]) == 2
+
+
+def test_validation_data_refusals(setup, tmp_path):
+    with pytest.raises(UserError, match="is the training data"):
+        fit_encoder(options(setup, tmp_path / "r1", val=setup["data"]))
+    with pytest.raises(UserError, match="does not exist"):
+        fit_encoder(options(setup, tmp_path / "r2", val=str(tmp_path / "nope.zip")))
+    small = tmp_path / "small"
+    write_folder(small, np.zeros((2, 8, 8, 3), dtype=np.uint8))
+    with pytest.raises(UserError, match="8 px images"):
+        fit_encoder(options(setup, tmp_path / "r3", val=str(small)))
+    only_anomalies = tmp_path / "odd"
+    names = write_folder(only_anomalies, setup["heldout"][:2])
+    (only_anomalies / "dataset.json").write_text(json.dumps({"labels": [[n, 1] for n in names]}))
+    with pytest.raises(UserError, match="no normal images"):
+        fit_encoder(options(setup, tmp_path / "r4", val=str(only_anomalies)))
