@@ -158,6 +158,8 @@ def fit_encoder(opts: FitOptions, *, echo: Callable[[str], None] | None = None) 
     _validate(opts)
     run = _setup(opts, echo=echo)
     total = opts.total_iters()
+    if run.val_images is not None:
+        _validate_earlier_checkpoints(run)
     if run.iteration >= total:
         run.log(f"already at iteration {run.iteration} >= {total}; nothing to train")
         return _latest_written(run)
@@ -459,13 +461,14 @@ def validation_images(opts: FitOptions, train: ImageDataset,
 
 
 @torch.no_grad()
-def validation_loss(run: _Run) -> dict[str, float]:
-    """The izif loss of the validation normals (the training loss without gradients),
-    averaged over images: {'loss', 'image_loss', 'feature_loss'}."""
+def validation_loss(run: _Run, E: Encoder | None = None) -> dict[str, float]:
+    """The izif loss of the validation normals for E (default: the encoder in training), the
+    training loss without gradients, averaged over images: {'loss', 'image_loss',
+    'feature_loss'}."""
     opts, sums, count = run.opts, {"loss": 0.0, "image": 0.0, "feature": 0.0}, 0
     for chunk in run.val_images.split(opts.batch):  # the training batch size: b4.* features
         x = from_uint8(chunk.to(run.device))  # mix a batch as in training
-        _ws, rec = reconstruct_batch(run.G, run.E, x)
+        _ws, rec = reconstruct_batch(run.G, E if E is not None else run.E, x)
         feat = feat_rec = None
         if opts.kappa > 0:
             feat = discriminator_features(run.D, x, opts.feature_layer)
@@ -476,6 +479,24 @@ def validation_loss(run: _Run) -> dict[str, float]:
         count += len(x)
     return {"loss": sums["loss"] / count, "image_loss": sums["image"] / count,
             "feature_loss": sums["feature"] / count}
+
+
+def _validate_earlier_checkpoints(run: _Run) -> None:
+    """Scores the checkpoints already in --outdir (up to the resumed one) that validation.json
+    does not list yet, e.g. a run trained before --val was given."""
+    done = {r["iter"] for r in run.val_history}
+    todo = [p for p in encoder_checkpoints(run.opts.outdir)
+            if int(p.stem.removeprefix(ENCODER_PREFIX)) <= run.iteration
+            and int(p.stem.removeprefix(ENCODER_PREFIX)) not in done]
+    for path in tqdm(todo, desc="validate checkpoints", disable=None):
+        E, meta = load_encoder(path, device=run.device)
+        it = int(meta.get("iter", path.stem.removeprefix(ENCODER_PREFIX)))
+        run.val_history.append({"checkpoint": path.name, "iter": it,
+                                "kimg": it * run.opts.batch / 1000, **validation_loss(run, E)})
+    if todo:
+        best = _write_history(run)
+        run.log(f"validated {len(todo)} earlier checkpoint(s); best {best['checkpoint']} "
+                f"({best['loss']:.5g})")
 
 
 def best_record(history: list[dict]) -> dict:

@@ -318,3 +318,19 @@ def test_validation_data_refusals(setup, tmp_path):
     (only_anomalies / "dataset.json").write_text(json.dumps({"labels": [[n, 1] for n in names]}))
     with pytest.raises(UserError, match="no normal images"):
         fit_encoder(options(setup, tmp_path / "r4", val=str(only_anomalies)))
+
+
+def test_checkpoints_trained_without_val_are_validated_afterwards(setup, tmp_path):
+    from anomaly.encoder_io import best_encoder
+
+    val = _val_folder(setup, tmp_path / "val")
+    out = tmp_path / "run"
+    fit_encoder(options(setup, out, iters=8, snap=4), echo=quiet)  # no --val
+    assert best_encoder(out) is None
+    fit_encoder(options(setup, out, iters=8, snap=4, val=str(val), resume="latest"), echo=quiet)
+    body = json.loads((out / "validation.json").read_text())
+    assert [r["iter"] for r in body["checkpoints"]] == [4, 8]
+    for record in body["checkpoints"]:
+        want = _izif_of(setup, out / record["checkpoint"], setup["heldout"][:24])
+        assert record["loss"] == pytest.approx(want, rel=1e-4)
+    assert best_encoder(out) == out / body["best"]["checkpoint"]
