@@ -10,10 +10,12 @@ the score ('izif', or the detector's method, e.g. 'rank-average(residual:mean@tt
 residual:mean)'). A detector has no izif terms (pixel_term / feature_term are None); its
 pictures come from its own reconstruction of view 0 (Scorer.last_forward), or are left out
 (None) when it computes none (e.g. a D-feature density): no extra pass is run for pictures.
+A component score that is not finite makes the detector's score NaN, which serve refuses.
 
-In izif mode the score is f-AnoGAN's izif anomaly score (Schlegl et al. 2019, Medical Image Analysis 54,
-eq. 8-9): A(x) = 1/n ||x - G(E(x))||^2 + kappa * 1/n_d ||f(x) - f(G(E(x)))||^2, computed by
-anomaly.scores.izif_score on the image fitted to the network as `anostyle prepare` fits it.
+In izif mode the score is f-AnoGAN's izif anomaly score (Schlegl et al. 2019, Medical Image
+Analysis 54, eq. 8-9): A(x) = 1/n ||x - G(E(x))||^2 + kappa * 1/n_d ||f(x) - f(G(E(x)))||^2,
+computed by anomaly.scores.izif_score on the image fitted to the network as `anostyle prepare`
+fits it.
 It is put in context twice:
   percentile  the share (in %) of validation naevi (izif.xlsx rows with split 'val', label 0)
               whose score is <= this score ("weak" percentile of rank);
@@ -132,10 +134,12 @@ def _refuse_izif_flags(opts: ServeOptions, detector: str) -> None:
                                       ("--feature-layer", opts.feature_layer))
              if value is not None]
     if given:
-        raise UserError(f"{', '.join(given)} only apply to the izif mode, but the detector "
-                        f"{detector} is served (its score, threshold and percentile come from "
-                        f"it); leave {'it' if len(given) == 1 else 'them'} out, or serve izif "
-                        f"with --network, --encoder and --summary instead of --model/--detector.")
+        one = len(given) == 1
+        raise UserError(f"{', '.join(given)} only {'applies' if one else 'apply'} to the izif "
+                        f"mode, but the detector {detector} is served (its score, threshold and "
+                        f"percentile come from it); leave {'it' if one else 'them'} out, or "
+                        f"serve izif with --network, --encoder and --summary instead of "
+                        f"--model/--detector.")
 
 
 @dataclass(frozen=True)
@@ -307,7 +311,8 @@ class IzifScorer(ServeScorer):
 
 class DetectorImageScorer(ServeScorer):
     """A tuned detector (detector.json) on its model; no izif settings (a detector's own kappa
-    or layers are part of its method name)."""
+    or layers are part of its method name). A component score that is not finite makes the
+    score NaN, which serve refuses: a rank average would turn +inf into a finite 100."""
 
     def __init__(self, detector: DetectorScorer):
         super().__init__(detector.model)
@@ -318,7 +323,10 @@ class DetectorImageScorer(ServeScorer):
     def __call__(self, fitted: np.ndarray) -> ImageScore:
         _check_fitted(fitted, self.channels, self.resolution)
         batch = self.model.batch(torch.from_numpy(fitted[None].copy()))  # [1, C, H, W]
-        score = float(self.detector.score_batch(batch)[0])
+        per_config = self.detector.scorer.score_batch(batch)  # {configuration: [1]}
+        score = float(self.detector.combine(per_config)[0])  # = DetectorScorer.score_batch
+        if not all(np.isfinite(v).all() for v in per_config.values()):
+            score = math.nan
         image = np.ascontiguousarray(fitted.transpose(1, 2, 0))
         out = self.detector.scorer.last_forward  # view 0 of this image, when reconstructed
         if out is None:
