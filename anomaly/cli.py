@@ -725,13 +725,22 @@ def tsne(data: tuple[str, ...], **kwargs) -> None:
 # ---- serve -----------------------------------------------------------------------------------
 
 @main.command("serve")
-@click.option("--network", required=True, type=click.Path(), metavar="PKL|CKPT",
-              help="The GAN the encoder was trained for (D is needed unless --kappa 0).")
-@encoder_option
-@click.option("--summary", required=True, type=click.Path(), metavar="JSON",
-              help="graphics/summary.json from `anostyle evaluate`: the izif threshold.")
+@click.option("--model", type=click.Path(), metavar="DIR",
+              help="Model folder: network.safetensors, encoder.safetensors and detector.json "
+                   "(+ bank.safetensors); serves its tuned detector (izif with --summary when "
+                   "it holds no detector.json).")
+@click.option("--detector", type=click.Path(), metavar="JSON",
+              help="detector.json from `anostyle tune`, with --network/--encoder "
+                   "[--model's detector.json].")
+@click.option("--network", type=click.Path(), metavar="PKL|CKPT",
+              help="The GAN the encoder was trained for (D is needed unless --kappa 0) "
+                   "[--model's].")
+@optional_encoder_option
+@click.option("--summary", type=click.Path(), metavar="JSON",
+              help="izif mode: graphics/summary.json from `anostyle evaluate` (the izif "
+                   "threshold); not with a detector.")
 @click.option("--scores", type=click.Path(), metavar="DIR",
-              help="Folder with izif.xlsx for the percentile among validation naevi "
+              help="izif mode: folder with izif.xlsx for the percentile among validation naevi "
                    "[the scores folder summary.json records].")
 @_serve("--host", type=str,
         help="Address to listen on; anything but loopback needs --token or --no-auth.")
@@ -762,30 +771,37 @@ def tsne(data: tuple[str, ...], **kwargs) -> None:
 @_serve("--max-files", type=click.IntRange(min=1),
               help="Images per request.")
 @click.option("--kappa", type=click.FloatRange(min=0),
-              help="Weight of the feature term [score.json's, else the encoder's training kappa].")
+              help="izif mode: weight of the feature term [score.json's, else the encoder's "
+                   "training kappa].")
 @click.option("--feature-layer", metavar="NAME",
-              help="D layer of the izif features [score.json's, else the encoder's].")
+              help="izif mode: D layer of the izif features [score.json's, else the encoder's].")
 @click.option("--threads", type=click.IntRange(min=1), help="Torch CPU threads [min(4, cores)].")
 @click.option("--allow-mismatch", is_flag=True,
               help="Serve an encoder trained for another network file (a warning in answers).")
 @device_option("Where to compute.")
 def serve(token, no_auth, allowed_hosts, proxy, header_timeout, request_timeout, max_decoded_mb,
           **flags) -> None:
-    """Web page and JSON API that score uploaded images (izif, percentile, decision).
+    """Web page and JSON API that score uploaded images (score, percentile, decision).
 
-    The model loads once; images are fitted like `prepare` does, scored in memory and never
-    stored. Open the printed address in a browser, or POST images from a script:
+    With --model DIR (or --detector JSON) the tuned detector of `anostyle tune` answers: its
+    score, its validation threshold and the percentile among its validation naevi, all from
+    detector.json (--summary, --scores, --kappa and --feature-layer are refused). Without,
+    izif answers, with the threshold of --summary. The model loads once; images are fitted
+    by the model's recorded preprocessing, scored in memory and never stored. Open the
+    printed address in a browser, or POST images from a script:
 
     \b
       curl -F image=@lesion.jpg -F image=@other.png http://127.0.0.1:8000/api/score
     \b
-    Answers {"results": [{name, model, score, pixel_term, feature_term, percentile, decision,
-    threshold, threshold_rule, warnings, images: {input, reconstruction, residual}}, ...]}
-    (PNG data URLs; add ?images=false to leave them out). GET /healthz answers
-    {"status": "ok"}. Off loopback, give a token (curl -H "Authorization: Bearer $TOKEN").
+    Answers {"results": [{name, model, method, score, pixel_term, feature_term, percentile,
+    decision, threshold, threshold_rule, warnings, images: {input, reconstruction,
+    residual}}, ...]} (PNG data URLs; add ?images=false to leave them out; a detector gives
+    null izif terms). GET /healthz answers {"status": "ok"}. Off loopback, give a token
+    (curl -H "Authorization: Bearer $TOKEN").
 
     \b
-    Example:
+    Examples:
+      anostyle serve --model models/ham64-cpu
       anostyle serve --network net.safetensors \\
         --encoder checkpointed/encoder-012500.safetensors --summary graphics/summary.json
     """

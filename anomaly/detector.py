@@ -664,8 +664,8 @@ def load_detector(model: AnoModel, path: str | os.PathLike) -> DetectorScorer:
 def load_model_dir(folder: str | os.PathLike, *, device: str = "auto",
                    require_detector: bool = True) -> tuple[AnoModel, DetectorScorer | None]:
     """A model folder (network.safetensors, encoder.safetensors, detector.json) -> the
-    inference model and its detector. This is what `serve --model DIR` should call; then
-    `scorer.judge(fitted_image)` gives (score, percentile, decision)."""
+    inference model and its detector; `scorer.judge(image)` gives (score, percentile,
+    decision), as `serve --model DIR` answers (anomaly.app.model.load_detector_model)."""
     network, encoder, detector = resolve_model_dir(folder, None, None)
     if detector is None and require_detector:
         raise UserError(f"--model {folder} holds no detector.json; run `anostyle tune` and copy "

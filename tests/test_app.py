@@ -167,6 +167,7 @@ def test_png_score_equals_library_izif(nets, client):
     assert r["feature_term"] == pytest.approx(expected["feature"], rel=1e-6)
     assert r["score"] == pytest.approx(r["pixel_term"] + KAPPA * r["feature_term"], rel=1e-6)
     assert (r["kappa"], r["feature_layer"]) == (KAPPA, LAYER)  # score.json over the encoder's
+    assert r["method"] == "izif"
     assert r["name"] == "lesion <b>1</b>.png"  # returned as given; the page shows it as text
     assert (r["width"], r["height"], r["resolution"]) == (16, 16, 16)
     # 4 of the 8 val naevi are below s; val melanoma and test rows (all below s) do not count
@@ -521,7 +522,8 @@ def test_page_policy_and_routes(client):
     info = client.get("/api/info").json()
     assert (info["max_upload_bytes"], info["max_files"], info["max_pixels"]) == \
         (20 * 2**20, 16, 24_000_000)
-    assert info["field"] == "image" and info["kappa"] == KAPPA and "/" not in json.dumps(
+    assert info["field"] == "image" and info["kappa"] == KAPPA and info["method"] == "izif"
+    assert "/" not in json.dumps(
         {k: v for k, v in info.items() if k != "threshold_rule"})  # no file-system paths
 
 

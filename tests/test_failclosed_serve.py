@@ -355,23 +355,32 @@ def test_page_csv_of_a_batch():
     functions = "".join(re.search(rf"(function {name}\(.*?\n}}\n)", script, flags=re.DOTALL)
                         .group(1) for name in ("csvField", "csvTable"))
     columns = re.search(r"(const CSV_COLUMNS = \[.*?\];)", script, flags=re.DOTALL).group(1)
+    detector = "rank-average(residual:mean@tta + residual:mean)"
     rows = [{"file": 'lesion "1", left.jpg', "result": {
-                "model": "net + enc", "score": 0.25, "pixel_term": 0.2, "feature_term": 0.1,
-                "percentile": 87.5, "decision": "anomalous", "threshold": 0.2,
-                "threshold_rule": "youden (val)", "comparison": "nv vs mel"}},
+                "model": "net + enc", "method": "izif", "score": 0.25, "pixel_term": 0.2,
+                "feature_term": 0.1, "percentile": 87.5, "decision": "anomalous",
+                "threshold": 0.2, "threshold_rule": "youden (val)", "comparison": "nv vs mel"}},
             {"file": "=HYPERLINK(1).png", "error": "'=HYPERLINK(1).png' is not a PNG, JPEG, "
-                                                  "BMP or TIFF image."}]
+                                                  "BMP or TIFF image."},
+            {"file": "d.png", "result": {  # a detector: null izif terms, empty cells
+                "model": "ham64-cpu", "method": detector, "score": 61.5, "pixel_term": None,
+                "feature_term": None, "percentile": 50.0, "decision": "normal",
+                "threshold": 70.25, "threshold_rule": "youden (val)",
+                "comparison": "nv vs mel"}}]
     program = (columns + functions + "process.stdout.write(csvTable(" + json.dumps(rows)
                + "));")
     out = subprocess.run(["node", "-e", program], capture_output=True, text=True, timeout=30,
                          check=True).stdout
     parsed = list(csv.reader(io.StringIO(out)))
-    assert parsed[0] == ["file", "model", "score", "pixel_term", "feature_term", "percentile",
-                         "decision", "threshold", "threshold_rule", "comparison", "error"]
-    assert parsed[1] == ['lesion "1", left.jpg', "net + enc", "0.25", "0.2", "0.1", "87.5",
-                         "anomalous", "0.2", "youden (val)", "nv vs mel", ""]
-    assert parsed[2][0] == "'=HYPERLINK(1).png" and parsed[2][2] == ""
-    assert parsed[2][10] == "'=HYPERLINK(1).png' is not a PNG, JPEG, BMP or TIFF image."
+    assert parsed[0] == ["file", "model", "method", "score", "pixel_term", "feature_term",
+                         "percentile", "decision", "threshold", "threshold_rule", "comparison",
+                         "error"]
+    assert parsed[1] == ['lesion "1", left.jpg', "net + enc", "izif", "0.25", "0.2", "0.1",
+                         "87.5", "anomalous", "0.2", "youden (val)", "nv vs mel", ""]
+    assert parsed[2][0] == "'=HYPERLINK(1).png" and parsed[2][3] == ""
+    assert parsed[2][11] == "'=HYPERLINK(1).png' is not a PNG, JPEG, BMP or TIFF image."
+    assert parsed[3] == ["d.png", "ham64-cpu", detector, "61.5", "", "", "50", "normal",
+                         "70.25", "youden (val)", "nv vs mel", ""]
 
 
 def test_image_over_the_decode_budget_is_refused_from_its_header(nets, model, monkeypatch):  # noqa: F811

@@ -1,8 +1,21 @@
 """What `anostyle serve` computes for one uploaded image, without any web code.
 
-The score is f-AnoGAN's izif anomaly score (Schlegl et al. 2019, Medical Image Analysis 54,
-eq. 8-9): A(x) = 1/n ||x - G(E(x))||^2 + kappa * 1/n_d ||f(x) - f(G(E(x)))||^2, computed by
-anomaly.scores.izif_score on the image fitted to the network as `anostyle prepare` fits it.
+Two modes, one `ServeModel`:
+  detector  (--model DIR with detector.json, or --detector JSON) the tuned detector of
+            `anostyle tune` (anomaly.detector): its score, its threshold, and the percentile
+            among its scores of the validation naevi, all from detector.json;
+  izif      (--network --encoder --summary) the mode described below.
+In both, uploads are fitted by the model's recorded preprocessing policy, and `method` names
+the score ('izif', or the detector's method, e.g. 'rank-average(residual:mean@tta +
+residual:mean)'). A detector has no izif terms (pixel_term / feature_term are None); its
+pictures come from its own reconstruction of view 0 (Scorer.last_forward), or are left out
+(None) when it computes none (e.g. a D-feature density): no extra pass is run for pictures.
+A component score that is not finite makes the detector's score NaN, which serve refuses.
+
+In izif mode the score is f-AnoGAN's izif anomaly score (Schlegl et al. 2019, Medical Image
+Analysis 54, eq. 8-9): A(x) = 1/n ||x - G(E(x))||^2 + kappa * 1/n_d ||f(x) - f(G(E(x)))||^2,
+computed by anomaly.scores.izif_score on the image fitted to the network as `anostyle prepare`
+fits it.
 It is put in context twice:
   percentile  the share (in %) of validation naevi (izif.xlsx rows with split 'val', label 0)
               whose score is <= this score ("weak" percentile of rank);
@@ -17,6 +30,7 @@ Shape letters: C channels, H/W height/width (the network resolution).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -29,6 +43,7 @@ import torch
 
 from anodata.imageio import MAX_PIXELS
 from anodata.policy import Preprocessing
+from anomaly.detector import Detector, DetectorScorer, load_detector, resolve_model_dir
 from anomaly.model import AnoModel
 from anomaly.reconstruct import residual_images
 from anomaly.scores import izif_score
@@ -44,10 +59,12 @@ SCORE_CONFIG = "score.json"
 class ServeOptions:
     """Options of `anostyle serve`."""
 
-    network: str
-    encoder: str
-    summary: str  # graphics/summary.json from `anostyle evaluate`
+    network: str | None  # None: --model's network.safetensors
+    encoder: str | None  # None: --model's encoder.safetensors
+    summary: str | None  # graphics/summary.json from `anostyle evaluate` (izif mode only)
     scores: str | None = None  # folder with izif.xlsx (or the sheet); None: summary's scores_dir
+    model: str | None = None  # model folder: network, encoder and detector.json
+    detector: str | None = None  # detector.json from `anostyle tune`; None: --model's
     host: str = "127.0.0.1"
     port: int = 8000
     max_upload_mb: float = 20.0  # whole request body, all files together
@@ -73,23 +90,75 @@ class ServeOptions:
             raise UserError(f"--port {self.port} is not a TCP port; use 1-65535 (0: any free).")
         return self
 
+    def resolve(self) -> "ServeOptions":
+        """The files to serve: --model's network, encoder and detector.json unless given
+        explicitly; a detector (explicit or the folder's) selects the detector mode. Missing
+        files and flags of the other mode are refused with one sentence each."""
+        network, encoder, found = self.network, self.encoder, None
+        if self.model is not None:
+            network, encoder, found = resolve_model_dir(self.model, network, encoder)
+        detector = self.detector or found
+        if detector is not None:
+            _refuse_izif_flags(self, detector)
+            missing = _missing(("--network", network), ("--encoder", encoder))
+            if missing:
+                raise UserError(f"{missing}; --detector needs --network and --encoder, or "
+                                f"--model DIR (a model folder).")
+        elif self.model is not None and self.summary is None:
+            raise UserError(f"--model {self.model} holds no detector.json; run `anostyle tune` "
+                            f"and copy its detector.json (and bank.safetensors) into the "
+                            f"folder, or give --summary graphics/summary.json to serve izif.")
+        else:
+            missing = _missing(("--network", network), ("--encoder", encoder),
+                               ("--summary", self.summary))
+            if missing:
+                raise UserError(f"{missing}; give --network, --encoder and --summary (izif), "
+                                f"or --model DIR (a model folder with the detector.json of "
+                                f"`anostyle tune`).")
+        return dataclasses.replace(self, network=network, encoder=encoder, detector=detector)
+
+
+def _missing(*flags: tuple[str, str | None]) -> str:
+    """'--encoder and --summary are missing' for the flags without a value ('' when none)."""
+    names = [flag for flag, value in flags if not value]
+    if not names:
+        return ""
+    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    return f"{listed} {'is' if len(names) == 1 else 'are'} missing"
+
+
+def _refuse_izif_flags(opts: ServeOptions, detector: str) -> None:
+    """One sentence when a flag of the izif mode comes with a detector."""
+    given = [flag for flag, value in (("--summary", opts.summary), ("--scores", opts.scores),
+                                      ("--kappa", opts.kappa),
+                                      ("--feature-layer", opts.feature_layer))
+             if value is not None]
+    if given:
+        one = len(given) == 1
+        raise UserError(f"{', '.join(given)} only {'applies' if one else 'apply'} to the izif "
+                        f"mode, but the detector {detector} is served (its score, threshold and "
+                        f"percentile come from it); leave {'it' if one else 'them'} out, or "
+                        f"serve izif with --network, --encoder and --summary instead of "
+                        f"--model/--detector.")
+
 
 @dataclass(frozen=True)
 class Decision:
-    """The evaluation's izif threshold: score >= threshold is called anomalous."""
+    """The validation threshold: score >= threshold is called anomalous (the evaluation's izif
+    threshold, or the detector's)."""
 
     threshold: float
     rule: str  # e.g. 'youden (val)', 'p95 (val)', 'fixed'
     comparison: str  # e.g. 'nv vs mel'
-    source: str  # the summary.json it came from
+    source: str  # the summary.json or detector.json it came from
 
 
 @dataclass(frozen=True)
 class Reference:
-    """Validation naevi's izif scores (sorted) for the percentile, or why there are none."""
+    """Validation naevi's scores (sorted) for the percentile, or why there are none."""
 
     scores: np.ndarray | None  # float64 [M], ascending; None: percentile omitted
-    source: str | None  # the izif.xlsx read
+    source: str | None  # the izif.xlsx or detector.json read
     note: str  # why the percentile is omitted ('' when it is not)
     scored_with: dict[str, Any]  # kappa / feature_layer from score.json beside the sheet
 
@@ -178,22 +247,27 @@ def _score_config(path: Path) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ImageScore:
-    """izif score of one fitted image and the pictures shown with it (uint8 [H, W, C])."""
+    """The score of one fitted image and the pictures shown with it (uint8 [H, W, C])."""
 
-    score: float  # A_R + kappa * A_D
-    pixel_term: float  # A_R: mean squared pixel residual
-    feature_term: float  # A_D: mean squared feature residual (0 when kappa is 0)
+    score: float  # izif: A_R + kappa * A_D; else the detector's score
+    pixel_term: float | None  # izif's A_R: mean squared pixel residual; None for a detector
+    feature_term: float | None  # izif's A_D: mean squared feature residual (0 when kappa is 0)
     image: np.ndarray  # the input as fitted
-    reconstruction: np.ndarray  # G(E(x))
-    residual: np.ndarray  # mean_c |x - G(E(x))| in the fixed-scale colour map, [H, W, 3]
+    reconstruction: np.ndarray | None  # G(E(x)); None: the detector computes none
+    residual: np.ndarray | None  # mean_c |x - G(E(x))| in the fixed-scale colour map, [H, W, 3]
+    method: str  # 'izif' or the detector's method name
 
 
-class IzifScorer:
-    """The inference model as `serve` uses it: call it with a fitted uint8 [C, H, W] image."""
+class ServeScorer:
+    """What serve needs of a scorer: the model's shape and policy, the score's name and izif
+    settings, and a call on a fitted uint8 [C, H, W] image that returns an ImageScore."""
+
+    method: str  # 'izif' or the detector's method name
+    kappa: float | None  # izif's kappa; None for a detector
+    feature_layer: str | None  # izif's D layer; None for a detector
 
     def __init__(self, model: AnoModel):
         self.model = model
-        self.kappa, self.feature_layer = model.kappa, model.feature_layer
 
     @property
     def resolution(self) -> int:
@@ -208,10 +282,20 @@ class IzifScorer:
         """The preprocessing the model was trained with (uploads are fitted by it)."""
         return self.model.policy
 
+    def __call__(self, fitted: np.ndarray) -> ImageScore:
+        raise NotImplementedError
+
+
+class IzifScorer(ServeScorer):
+    """The inference model's izif score and its two terms."""
+
+    def __init__(self, model: AnoModel):
+        super().__init__(model)
+        self.method, self.kappa, self.feature_layer = "izif", model.kappa, model.feature_layer
+
     @torch.no_grad()
     def __call__(self, fitted: np.ndarray) -> ImageScore:
-        shape = (self.channels, self.resolution, self.resolution)
-        assert fitted.dtype == np.uint8 and fitted.shape == shape, (fitted.dtype, fitted.shape)
+        _check_fitted(fitted, self.channels, self.resolution)
         out = self.model.forward_for(torch.from_numpy(fitted[None].copy()), ["izif"])
         x, rec = out.x, out.rec  # [1, C, H, W] each
         feat, feat_rec = out.feat, out.feat_rec
@@ -222,20 +306,51 @@ class IzifScorer:
         feature = izif_score(x, x, feat, feat_rec, kappa=1.0)  # [1]: A_D alone
         return ImageScore(total, float(pixel[0]), float(feature[0]),
                           np.ascontiguousarray(fitted.transpose(1, 2, 0)),
-                          to_uint8(rec)[0], residual_images(x, rec)[0])
+                          to_uint8(rec)[0], residual_images(x, rec)[0], self.method)
+
+
+class DetectorImageScorer(ServeScorer):
+    """A tuned detector (detector.json) on its model; no izif settings (a detector's own kappa
+    or layers are part of its method name). A component score that is not finite makes the
+    score NaN, which serve refuses: a rank average would turn +inf into a finite 100."""
+
+    def __init__(self, detector: DetectorScorer):
+        super().__init__(detector.model)
+        self.detector = detector
+        self.method, self.kappa, self.feature_layer = detector.detector.method, None, None
+
+    @torch.no_grad()
+    def __call__(self, fitted: np.ndarray) -> ImageScore:
+        _check_fitted(fitted, self.channels, self.resolution)
+        batch = self.model.batch(torch.from_numpy(fitted[None].copy()))  # [1, C, H, W]
+        per_config = self.detector.scorer.score_batch(batch)  # {configuration: [1]}
+        score = float(self.detector.combine(per_config)[0])  # = DetectorScorer.score_batch
+        if not all(np.isfinite(v).all() for v in per_config.values()):
+            score = math.nan
+        image = np.ascontiguousarray(fitted.transpose(1, 2, 0))
+        out = self.detector.scorer.last_forward  # view 0 of this image, when reconstructed
+        if out is None:
+            return ImageScore(score, None, None, image, None, None, self.method)
+        return ImageScore(score, None, None, image, to_uint8(out.rec)[0],
+                          residual_images(out.x, out.rec)[0], self.method)
+
+
+def _check_fitted(fitted: np.ndarray, channels: int, resolution: int) -> None:
+    shape = (channels, resolution, resolution)
+    assert fitted.dtype == np.uint8 and fitted.shape == shape, (fitted.dtype, fitted.shape)
 
 
 @dataclass(frozen=True)
 class ServeModel:
     """Everything loaded once at start: the scorer, the threshold, the reference scores."""
 
-    scorer: IzifScorer
+    scorer: ServeScorer  # IzifScorer or DetectorImageScorer
     decision: Decision
     reference: Reference
     notes: tuple[str, ...] = ()
 
     def judge(self, score: float) -> dict[str, Any]:
-        """Percentile among validation naevi and the decision at the evaluation threshold."""
+        """Percentile among validation naevi and the decision at the validation threshold."""
         ref = self.reference
         return {
             "percentile": ref.percentile(score),
@@ -250,15 +365,19 @@ class ServeModel:
     def info(self) -> dict[str, Any]:
         """What the page shows before any upload (GET /api/info)."""
         s = self.scorer
-        return {"resolution": s.resolution, "channels": s.channels, "kappa": s.kappa,
-                "feature_layer": s.feature_layer, "threshold": self.decision.threshold,
-                "threshold_rule": self.decision.rule, "comparison": self.decision.comparison,
+        return {"resolution": s.resolution, "channels": s.channels, "method": s.method,
+                "kappa": s.kappa, "feature_layer": s.feature_layer,
+                "threshold": self.decision.threshold, "threshold_rule": self.decision.rule,
+                "comparison": self.decision.comparison,
                 "reference_count": self.reference.count,
                 "percentile_note": self.reference.note, "notes": list(self.notes)}
 
 
 def load_serve_model(opts: ServeOptions) -> ServeModel:
     """Load networks, threshold and reference once; bad files end in one-sentence UserErrors."""
+    opts = opts.resolve()
+    if opts.detector is not None:
+        return load_detector_model(opts)
     decision, summary_options = load_decision(opts.summary)  # cheap checks before the networks
     reference = load_reference(opts.scores, summary_options)
     model = AnoModel.load(opts.network, opts.encoder, device=opts.device, kappa=opts.kappa,
@@ -268,3 +387,18 @@ def load_serve_model(opts: ServeOptions) -> ServeModel:
         raise UserError(f"--network {opts.network} holds no discriminator, which the feature "
                         f"loss needs; give a full training snapshot or pass --kappa 0.")
     return ServeModel(IzifScorer(model), decision, reference, model.notes)
+
+
+def load_detector_model(opts: ServeOptions) -> ServeModel:
+    """The detector mode of resolved options: threshold, rule, comparison and the validation
+    naevi's scores (the percentile's reference) all from detector.json."""
+    recorded = Detector.load(opts.detector)  # cheap checks before the networks
+    model = AnoModel.load(opts.network, opts.encoder, device=opts.device,
+                          kappa=recorded.kappa, feature_layer=recorded.feature_layer,
+                          require_D=False, allow_mismatch=opts.allow_mismatch)
+    scorer = load_detector(model, opts.detector)  # checks the files' sha256 and the policy
+    det = scorer.detector
+    decision = Decision(det.threshold, det.threshold_rule, det.comparison, str(opts.detector))
+    reference = Reference(np.sort(np.asarray(det.val_normals, dtype=np.float64)),  # [M]
+                          str(opts.detector), "", {})
+    return ServeModel(DetectorImageScorer(scorer), decision, reference, model.notes)

@@ -13,17 +13,21 @@ Routes (nothing else is served; no static folder, no directory listing, no API d
   GET  /            the page (page.html: inline CSS/JS, no external resources)
   GET  /healthz     {"status": "ok"} for monitoring (needs no token)
   GET  /login       with a token: a form that sets the session cookie (POST /login)
-  GET  /api/info    model name and resolution, kappa, feature layer, threshold and rule, limits
+  GET  /api/info    model name and resolution, method, kappa, feature layer, threshold and
+                    rule, limits
   POST /api/score   multipart/form-data, one or more files in the field 'image' (repeat the
                     field for several; at most --max-files). Answers {"results": [one object
                     per file, in order]} with name (the client's file name), model, width,
-                    height, resolution, score, pixel_term, feature_term, kappa, feature_layer,
-                    percentile, percentile_note, reference_count, decision, threshold,
-                    threshold_rule, comparison, warnings, and images {input, reconstruction,
-                    residual} as PNG data URLs (left out with ?images=false). A request is all
-                    or nothing: one bad file answers a 4xx {"detail": one sentence naming the
-                    file} and scores nothing; a score that is not a finite number is a 500,
-                    never a decision.
+                    height, resolution, method, score, pixel_term, feature_term, kappa,
+                    feature_layer, percentile, percentile_note, reference_count, decision,
+                    threshold, threshold_rule, comparison, warnings, and images {input,
+                    reconstruction, residual} as PNG data URLs (left out with ?images=false).
+                    method is 'izif' or the tuned detector's (`serve --model DIR`); a detector
+                    has no izif terms and settings (pixel_term, feature_term, kappa,
+                    feature_layer are null) and, when it computes no reconstruction, null
+                    reconstruction and residual. A request is all or nothing: one bad file
+                    answers a 4xx {"detail": one sentence naming the file} and scores nothing;
+                    a score that is not a finite number is a 500, never a decision.
 
 Fail closed, off loopback too:
   login        with a token (--token / ANOSTYLE_TOKEN; required off loopback unless --no-auth),
@@ -204,21 +208,23 @@ class Inference:
     def result(self, upload: Upload, size: tuple[int, int], s, *, images: bool) -> dict:
         scorer = self.model.scorer
         result = {"name": upload.name, "model": self.model_name, "width": size[0],
-                  "height": size[1], "resolution": scorer.resolution, "score": s.score,
-                  "pixel_term": s.pixel_term, "feature_term": s.feature_term,
+                  "height": size[1], "resolution": scorer.resolution, "method": s.method,
+                  "score": s.score, "pixel_term": s.pixel_term, "feature_term": s.feature_term,
                   "kappa": scorer.kappa, "feature_layer": scorer.feature_layer,
                   **self.model.judge(s.score), "warnings": list(self.model.notes)}
         if images:
-            result["images"] = {"input": png_data_url(s.image),
-                                "reconstruction": png_data_url(s.reconstruction),
-                                "residual": png_data_url(s.residual)}
+            pictures = {"input": s.image, "reconstruction": s.reconstruction,
+                        "residual": s.residual}
+            result["images"] = {k: None if v is None else png_data_url(v)
+                                for k, v in pictures.items()}
         return result
 
 
 def checked_score(s, name: str):
-    """`s` when its score and both terms are finite numbers; a Refusal (500) otherwise: a
-    detector that cannot score must never answer 'normal'."""
-    if all(math.isfinite(v) for v in (s.score, s.pixel_term, s.feature_term)):
+    """`s` when its score and its terms (those it has) are finite numbers; a Refusal (500)
+    otherwise: a detector that cannot score must never answer 'normal'."""
+    terms = [v for v in (s.pixel_term, s.feature_term) if v is not None]
+    if all(math.isfinite(v) for v in (s.score, *terms)):
         return s
     raise Refusal(500, f"The model gave a non-finite score for '{name}', so it gives no "
                        f"decision; its network or encoder file is damaged: tell the operator "
@@ -516,8 +522,20 @@ def default_hosts(host: str) -> tuple[str, ...]:
 
 
 def model_name(opts: ServeOptions) -> str:
-    """The name answers carry: the network and encoder file names."""
-    return f"{os.path.basename(opts.network)} + {os.path.basename(opts.encoder)}"
+    """The name answers carry: the network and encoder file names (resolved options), after
+    the model folder's name with --model."""
+    files = f"{os.path.basename(opts.network)} + {os.path.basename(opts.encoder)}"
+    if opts.model is None:
+        return files
+    return f"{os.path.basename(os.path.normpath(opts.model))}: {files}"
+
+
+def describe(info: dict) -> str:
+    """The score, threshold and reference of the startup line, from ServeModel.info()."""
+    score = (f"izif kappa {info['kappa']:g} ({info['feature_layer']})"
+             if info["method"] == "izif" else f"detector {info['method']}")
+    return (f"{score}, threshold {info['threshold']:.6g} ({info['threshold_rule']}, "
+            f"{info['comparison']}), {info['reference_count']} validation naevi")
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -620,7 +638,7 @@ def run_server(opts: ServeOptions, access: AccessOptions | None = None, *,
     """Load the model once, then serve until interrupted (Ctrl-C)."""
     import torch
 
-    opts = opts.check()
+    opts = opts.check().resolve()
     access = (access or AccessOptions()).resolve(opts.host)
     torch.set_num_threads(opts.threads or min(4, os.cpu_count() or 1))
     return_freed_memory()
@@ -632,10 +650,8 @@ def run_server(opts: ServeOptions, access: AccessOptions | None = None, *,
     sock = bind_socket(opts.host, opts.port)
     port = sock.getsockname()[1]
     info = model.info()
-    announce(f"AnoStyle serving http://{opts.host}:{port}/ - {info['resolution']} px, izif "
-             f"kappa {info['kappa']:g} ({info['feature_layer']}), threshold "
-             f"{info['threshold']:.6g} ({info['threshold_rule']}, {info['comparison']}), "
-             f"{info['reference_count']} validation naevi")
+    announce(f"AnoStyle serving http://{opts.host}:{port}/ - {info['resolution']} px, "
+             f"{describe(info)}")
     for note in [info["percentile_note"], *info["notes"]]:
         if note:
             announce(f"note: {note}")
