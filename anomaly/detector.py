@@ -560,12 +560,17 @@ class DetectorScorer:
         self._reference = np.asarray(detector.val_normals, dtype=np.float64)
 
     def combine(self, per_config: dict[str, np.ndarray]) -> np.ndarray:
-        """The detector's scores [N] from its components' scores {configuration name: [N]}."""
+        """The detector's scores [N] from its components' scores {configuration name: [N]}.
+        An image with any non-finite component score gets NaN (a rank average would turn +inf
+        into a finite percentile of 100): a detector that cannot score never says 'normal'."""
         comps = self.detector.components
+        parts = [np.asarray(per_config[c.name], dtype=np.float64) for c in comps]
         if self.detector.combine == "single":
-            return per_config[comps[0].name]
-        return ds.rank_average([per_config[c.name] for c in comps],
-                               [np.asarray(c.reference) for c in comps])
+            out = parts[0].copy()
+        else:
+            out = ds.rank_average(parts, [np.asarray(c.reference) for c in comps])
+        out[~np.all([np.isfinite(p) for p in parts], axis=0)] = np.nan
+        return out
 
     def score_batch(self, images_u8: torch.Tensor) -> np.ndarray:
         """The detector's scores [N] of a fitted uint8 batch [N, C, H, W]."""

@@ -175,7 +175,8 @@ def test_non_finite_detector_score_is_a_500_never_normal(setup, folder):  # noqa
 
 
 def test_infinite_component_of_a_rank_average_is_a_500(setup, folder, monkeypatch):  # noqa: F811
-    """A rank average maps +inf to a finite percentile (100): serve refuses it all the same."""
+    """A rank average would map +inf to a finite percentile (100): the detector gives NaN, and
+    serve refuses it."""
     body = json.loads((folder / "detector.json").read_text())
     two = [{"method": m, "tta": False, "reference": [0.0, 1.0, 2.0]}
            for m in ("residual:mean", "residual:p99")]
@@ -191,7 +192,8 @@ def test_infinite_component_of_a_rank_average_is_a_500(setup, folder, monkeypatc
 
     monkeypatch.setattr(det, "method_scores", infinite_p99)
     batch = served.scorer.model.batch(served.scorer.model.fit(raw_images(setup)[0][1])[None])
-    assert np.isfinite(served.scorer.detector.score_batch(batch)).all()  # what would slip by
+    # the percentile of +inf would be a finite 100; the detector makes it NaN (no decision)
+    assert np.isnan(served.scorer.detector.score_batch(batch)).all()
     client = TestClient(client_for(served).app, raise_server_exceptions=False)
     r = post_images(client, ("x.png", raw_images(setup)[0][1]))
     assert r.status_code == 500 and "decision" not in r.json(), r.text

@@ -324,9 +324,7 @@ class DetectorImageScorer(ServeScorer):
         _check_fitted(fitted, self.channels, self.resolution)
         batch = self.model.batch(torch.from_numpy(fitted[None].copy()))  # [1, C, H, W]
         per_config = self.detector.scorer.score_batch(batch)  # {configuration: [1]}
-        score = float(self.detector.combine(per_config)[0])  # = DetectorScorer.score_batch
-        if not all(np.isfinite(v).all() for v in per_config.values()):
-            score = math.nan
+        score = float(self.detector.combine(per_config)[0])  # NaN if a component is not finite
         image = np.ascontiguousarray(fitted.transpose(1, 2, 0))
         out = self.detector.scorer.last_forward  # view 0 of this image, when reconstructed
         if out is None:
