@@ -8,8 +8,12 @@ and without TTA (8 rotations/flips), in this process on 2 threads: images per se
 Scorer over `--config-images` fitted images (the bank fitted on 256 other images first; the
 time is the scoring alone, as `score` and `serve` spend it per batch of 64).
 
+Last (`--model DIR`, default models/ham64-cpu), the model folder's own tuned detector with its
+real networks: images per second of `DetectorScorer.score_batch`, as `score --model` and
+`serve --model` spend it.
+
 Prints one JSON object. Usage: `.venv/bin/python bench/score.py [--sizes 1000,10000]
-[--configs knn-latent:5,...] [--config-images 512]`.
+[--configs knn-latent:5,...] [--config-images 512] [--model models/ham64-cpu]`.
 """
 
 from __future__ import annotations
@@ -116,6 +120,26 @@ def bench_configs(network: Path, encoder: Path, methods: list[str], n: int) -> d
     return out
 
 
+def bench_detector(model_dir: str, n: int) -> dict:
+    """Images per second (wall) and CPU ms per image of a model folder's own tuned detector
+    (detector.json on its networks: every component from one pass per batch of 64, as `score
+    --model` and `serve --model` spend it), on n random fitted images."""
+    from anomaly.detector import load_model_dir
+
+    torch.set_num_threads(2)
+    model, scorer = load_model_dir(model_dir, device="cpu")
+    res = model.resolution
+    images = torch.from_numpy(np.random.RandomState(3).randint(
+        0, 256, (n, model.channels, res, res)).astype(np.uint8))
+    scorer.score_batch(images[:8])  # warm-up
+    start, cpu = time.perf_counter(), time.process_time()
+    for i in range(0, n, 64):
+        scorer.score_batch(images[i:i + 64])
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"model": model_dir, "method": scorer.detector.method, "resolution": res,
+            "images_per_second": round(n / wall, 1), "cpu_ms_per_image": round(1000 * cpu / n, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,10000")
@@ -124,6 +148,8 @@ def main() -> None:
     parser.add_argument("--configs", default=DETECTOR_CONFIGS,
                         help="detector configurations to time alone ('' for none)")
     parser.add_argument("--config-images", type=int, default=512)
+    parser.add_argument("--model", default="models/ham64-cpu",
+                        help="a model folder whose own detector.json is timed ('' for none)")
     args = parser.parse_args()
     out = {"benchmark": "score", "resolution": RES, "methods": args.methods, "threads": 2,
            "sizes": {}}
@@ -143,6 +169,8 @@ def main() -> None:
             out["configurations_images_per_second"] = bench_configs(
                 network, encoder, [m for m in args.configs.split(",") if m],
                 args.config_images)
+    if args.model:
+        out["detector"] = bench_detector(args.model, args.config_images)
     print(json.dumps(out, indent=2))
 
 
