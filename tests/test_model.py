@@ -172,6 +172,24 @@ def test_readme_example_runs(setup, tmp_path):
     assert namespace["scores"]["izif"].shape == (1,) and np.isfinite(namespace["scores"]["izif"])
 
 
+def test_readme_detector_example_runs_on_the_shipped_model():
+    """The README's detector example, as written, on models/ham64-cpu and a demo photo: its
+    answer is the detector's own score of the fitted image, with a consistent decision."""
+    text = (ROOT / "README.md").read_text()
+    code = re.search(r"<!-- detector-example -->\s*```python\n(.*?)```", text, re.S).group(1)
+    for path in ("models/ham64-cpu", "data/demo/images/ISIC_0024326.jpg"):
+        assert f'"{path}"' in code, path
+        code = code.replace(f'"{path}"', repr(str(ROOT / path)))
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    answer, model, detector = namespace["answer"], namespace["model"], namespace["detector"]
+    fitted = model.fit(ROOT / "data/demo/images/ISIC_0024326.jpg")
+    want = float(detector.score_batch(torch.from_numpy(fitted[None]))[0])
+    assert answer.score == pytest.approx(want, rel=1e-9)
+    assert answer.decision == ("anomalous" if want >= answer.threshold else "normal")
+    assert 0 <= answer.percentile <= 100 and answer.method == detector.detector.method
+
+
 def test_a_model_without_recorded_policy_warns_and_uses_the_defaults(tmp_path):
     G, D = tiny_networks()
     network = save_networks(tmp_path / "net.safetensors", G=G, D=D, G_ema=G)
