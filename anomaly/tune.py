@@ -13,7 +13,8 @@ NORMALS by every `by` column (that subgroup's normals vs all anomalies of the co
 Selection rule: 'auc' (the main AUC) or 'worst:COLUMN' (the minimum subgroup AUC over the values
 of COLUMN with at least `min_subgroup` normals; it guards against scores that only separate one
 acquisition route of the normals). Then rank averages of pairs of the `combine` best single
-configurations are evaluated too. Choice (the "simplest within tolerance" rule, fixed before any
+configurations are evaluated too, each pair followed by its one-pass counterpart (both
+components without TTA). Choice (the "simplest within tolerance" rule, fixed before any
 test figure is read): among the rows whose selection value is within `tolerance` of the best,
 the cheapest wins: fewest forward passes per image (1 without TTA, 8 with), then fewest
 components, then the highest selection value, then grid order. A TTA view or a second score is
@@ -312,16 +313,31 @@ def _evaluate(name: str, s: np.ndarray, rows: pd.DataFrame, normal: str,
     return row
 
 
+def combination_pairs(ranked: list[str], available: set[str]) -> list[tuple[str, str]]:
+    """Pairs of the ranked single configurations, each followed by its one-pass counterpart
+    (both components without TTA) when that is another pair of two different methods in
+    `available`: the tolerance rule can then prefer it when it is nearly as good."""
+    pairs: list[tuple[str, str]] = []
+    for a, b in itertools.combinations(ranked, 2):
+        plain = tuple(det.config_name(det.split_config_name(c)[0], False) for c in (a, b))
+        for pair in ((a, b), plain):
+            if pair[0] != pair[1] and set(pair) <= available and pair not in pairs \
+                    and pair[::-1] not in pairs:
+                pairs.append(pair)
+    return pairs
+
+
 def _combinations(rows: list[dict], scores: dict[str, np.ndarray], val: pd.DataFrame,
                   normal: str, anomalies, by, opts: TuneOptions) -> list[dict]:
-    """Rank averages of pairs of the `combine` best single configurations (by the rule)."""
+    """Rank averages of pairs of the `combine` best single configurations (by the rule), and of
+    their one-pass counterparts (combination_pairs)."""
     if opts.combine < 2:
         return []
     ranked = sorted((r for r in rows if math.isfinite(r["select"])),
                     key=lambda r: -r["select"])[:opts.combine]
     normals = (val["class"] == normal).to_numpy()
     out = []
-    for a, b in itertools.combinations([r["configuration"] for r in ranked], 2):
+    for a, b in combination_pairs([r["configuration"] for r in ranked], set(scores)):
         refs = [np.sort(scores[c][normals]) for c in (a, b)]
         combined = ds.rank_average([scores[a], scores[b]], refs)
         name = f"rank-average({a} + {b})"

@@ -296,7 +296,13 @@ def test_tune_table_and_detector_json(setup, tuned):
     import pandas as pd
 
     table = pd.read_excel(tuned["out"] / "tune.xlsx")
-    assert len(table) == 2 * (len(NEW_METHODS) + 1) + 3  # x {plain, TTA} + 3 rank-average pairs
+    from anomaly.tune import combination_pairs
+
+    singles = table[table["method"] != "rank-average"]
+    assert len(singles) == 2 * (len(NEW_METHODS) + 1)  # x {plain, TTA}
+    top3 = singles.sort_values("select", ascending=False, kind="stable")["configuration"][:3]
+    pairs = combination_pairs(list(top3), set(singles["configuration"]))
+    assert len(pairs) >= 3 and len(table) == len(singles) + len(pairs)
     assert {"configuration", "auc", "auc_low", "auc_high", "select", "n_normal", "n_anomaly",
             "auc[route=a]", "auc[route=b]"} <= set(table.columns)
     assert (table["select"] == table["auc"]).all()
@@ -361,6 +367,17 @@ def test_simplest_configuration_within_tolerance_is_chosen():
     assert pick(1.0) == "izif:1"
     tie = table.assign(select=[0.7, 0.7, 0.7, 0.7])
     assert select_row(tie, 0.0)["configuration"] == "residual:mean"  # grid order on ties
+
+
+def test_combination_pairs_add_their_one_pass_counterparts():
+    from anomaly.tune import combination_pairs
+
+    available = {"a", "a@tta", "b", "b@tta", "c@tta"}
+    assert combination_pairs(["a@tta", "b@tta", "a"], available) == [
+        ("a@tta", "b@tta"), ("a", "b"), ("a@tta", "a"), ("b@tta", "a")]
+    # no counterpart when a component has no plain configuration, or both are one method
+    assert combination_pairs(["c@tta", "a@tta"], available) == [("c@tta", "a@tta")]
+    assert combination_pairs(["a", "b"], available) == [("a", "b")]
 
 
 def _model_dir(setup, tuned, name="model") -> Path:
