@@ -12,5 +12,11 @@ split_args=()
 if [ -n "$SPLITS_FROM" ]; then
   split_args=(--splits-from "$SPLITS_FROM")
 fi
-anostyle prepare --source "$SOURCE" "${label_args[@]}" "${split_args[@]}" --normal "$NORMAL" \
-  --dest "$DATASET" --resolution "$RES" --seed 0
+# Fine-tuning a model folder's network (the default RESUME): prepare the data with the
+# preprocessing that model records (e.g. its colour constancy), or the later steps refuse it.
+model_args=()
+if [ -n "$RESUME" ] && [ -f "$(dirname "$RESUME")/network.safetensors" ]; then
+  model_args=(--model "$(dirname "$RESUME")")
+fi
+anostyle prepare --source "$SOURCE" "${label_args[@]}" "${split_args[@]}" "${model_args[@]}" \
+  --normal "$NORMAL" --dest "$DATASET" --resolution "$RES" --seed 0
