@@ -725,10 +725,7 @@ def tsne(data: tuple[str, ...], **kwargs) -> None:
 # ---- serve -----------------------------------------------------------------------------------
 
 @main.command("serve")
-@click.option("--model", type=click.Path(), metavar="DIR",
-              help="Model folder: network.safetensors, encoder.safetensors and detector.json "
-                   "(+ bank.safetensors); serves its tuned detector (izif with --summary when "
-                   "it holds no detector.json).")
+@model_option
 @click.option("--detector", type=click.Path(), metavar="JSON",
               help="detector.json from `anostyle tune`, with --network/--encoder "
                    "[--model's detector.json].")

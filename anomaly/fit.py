@@ -330,16 +330,24 @@ def _loop(run: _Run, total: int) -> None:
                 tick_start = time.time()  # sec/iter leaves the snapshot time out
 
 
-def _step(run: _Run, x: torch.Tensor) -> dict[str, float]:
-    """One Adam step on the izif loss for a batch x [N, C, H, W] in [-1, 1]."""
-    opts, G, D = run.opts, run.G, run.D
-    ws, rec = reconstruct_batch(G, run.E, x)  # [N, K, D], [N, C, H, W]
+def _izif_losses(run: _Run, E: Encoder, x: torch.Tensor
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(codes [N, K, D], izif_loss of E on x [N, C, H, W]); gradients flow to E through the
+    reconstruction unless the caller disables them (D's features of x never need any)."""
+    opts = run.opts
+    ws, rec = reconstruct_batch(run.G, E, x)  # [N, K, D], [N, C, H, W]
     feat = feat_rec = None
     if opts.kappa > 0:
         with torch.no_grad():
-            feat = discriminator_features(D, x, opts.feature_layer)
-        feat_rec = discriminator_features(D, rec, opts.feature_layer)
-    losses = izif_loss(x, rec, feat, feat_rec, kappa=opts.kappa)
+            feat = discriminator_features(run.D, x, opts.feature_layer)
+        feat_rec = discriminator_features(run.D, rec, opts.feature_layer)
+    return ws, izif_loss(x, rec, feat, feat_rec, kappa=opts.kappa)
+
+
+def _step(run: _Run, x: torch.Tensor) -> dict[str, float]:
+    """One Adam step on the izif loss for a batch x [N, C, H, W] in [-1, 1]."""
+    opts, G = run.opts, run.G
+    ws, losses = _izif_losses(run, run.E, x)
     total = losses["loss"]
     if opts.w_reg > 0:
         losses["w_reg"] = w_reg_loss(ws, G.mapping.w_avg, run.w_spread)
@@ -468,12 +476,7 @@ def validation_loss(run: _Run, E: Encoder | None = None) -> dict[str, float]:
     opts, sums, count = run.opts, {"loss": 0.0, "image": 0.0, "feature": 0.0}, 0
     for chunk in run.val_images.split(opts.batch):  # the training batch size: b4.* features
         x = from_uint8(chunk.to(run.device))  # mix a batch as in training
-        _ws, rec = reconstruct_batch(run.G, E if E is not None else run.E, x)
-        feat = feat_rec = None
-        if opts.kappa > 0:
-            feat = discriminator_features(run.D, x, opts.feature_layer)
-            feat_rec = discriminator_features(run.D, rec, opts.feature_layer)
-        losses = izif_loss(x, rec, feat, feat_rec, kappa=opts.kappa)
+        _ws, losses = _izif_losses(run, E if E is not None else run.E, x)
         for key in sums:
             sums[key] += float(losses[key]) * len(x)
         count += len(x)

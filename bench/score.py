@@ -108,16 +108,21 @@ def bench_configs(network: Path, encoder: Path, methods: list[str], n: int) -> d
     for method in methods:
         for tta in (False, True):
             scorer = det.Scorer(model, [(method, tta)], bank=bank)
-            scorer.score_batch(images[:8])  # warm-up
-            start, cpu = time.perf_counter(), time.process_time()
-            for i in range(0, n, 64):
-                scorer.score_batch(images[i:i + 64])
-            wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-            # cpu_ms_per_image: CPU time of all threads; on a shared machine the wall figure
-            # drops while this one stays (2 free cores give at most 2000 / cpu_ms images/s)
-            out[det.config_name(method, tta)] = {"images_per_second": round(n / wall, 1),
-                                                 "cpu_ms_per_image": round(1000 * cpu / n, 2)}
+            out[det.config_name(method, tta)] = time_scoring(scorer.score_batch, images)
     return out
+
+
+def time_scoring(score_batch, images: torch.Tensor) -> dict:
+    """Images per second (wall) and CPU ms per image of `score_batch` over `images` in batches
+    of 64, after a warm-up. cpu_ms_per_image counts all threads: on a shared machine the wall
+    figure drops while this one stays (2 free cores give at most 2000 / cpu_ms images/s)."""
+    n = len(images)
+    score_batch(images[:8])  # warm-up
+    start, cpu = time.perf_counter(), time.process_time()
+    for i in range(0, n, 64):
+        score_batch(images[i:i + 64])
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"images_per_second": round(n / wall, 1), "cpu_ms_per_image": round(1000 * cpu / n, 2)}
 
 
 def bench_detector(model_dir: str, n: int) -> dict:
@@ -131,13 +136,8 @@ def bench_detector(model_dir: str, n: int) -> dict:
     res = model.resolution
     images = torch.from_numpy(np.random.RandomState(3).randint(
         0, 256, (n, model.channels, res, res)).astype(np.uint8))
-    scorer.score_batch(images[:8])  # warm-up
-    start, cpu = time.perf_counter(), time.process_time()
-    for i in range(0, n, 64):
-        scorer.score_batch(images[i:i + 64])
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     return {"model": model_dir, "method": scorer.detector.method, "resolution": res,
-            "images_per_second": round(n / wall, 1), "cpu_ms_per_image": round(1000 * cpu / n, 2)}
+            **time_scoring(scorer.score_batch, images)}
 
 
 def main() -> None:

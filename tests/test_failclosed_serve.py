@@ -173,8 +173,10 @@ def test_host_and_origin_are_checked_off_loopback(nets, model):  # noqa: F811
     assert not app_server.same_origin("null", "lab.example", "http")
 
 
-def test_cli_refuses_an_exposed_server_without_login(nets, monkeypatch):  # noqa: F811
-    served = []
+def fake_uvicorn(monkeypatch) -> list:
+    """Replace uvicorn by a server that records the address it would serve and returns at
+    once; the list it returns fills with those addresses."""
+    served: list = []
 
     class FakeServer:
         def run(self, sockets):
@@ -182,6 +184,11 @@ def test_cli_refuses_an_exposed_server_without_login(nets, monkeypatch):  # noqa
             sockets[0].close()
 
     monkeypatch.setattr(app_server, "uvicorn_server", lambda app, **kw: FakeServer())
+    return served
+
+
+def test_cli_refuses_an_exposed_server_without_login(nets, monkeypatch):  # noqa: F811
+    served = fake_uvicorn(monkeypatch)
     monkeypatch.delenv("ANOSTYLE_TOKEN", raising=False)
     base = ["serve", "--network", nets["network"], "--encoder", nets["encoder"], "--summary",
             nets["summary"], "--port", "0", "--threads", "1", "--device", "cpu"]

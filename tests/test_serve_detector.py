@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from test_app import client_for, decode_data_url, png_bytes, post_images
 from test_detector import _model_dir, setup, tuned  # noqa: F401 (fixtures)
+from test_failclosed_serve import fake_uvicorn
 
 from anomaly import detector as det
 from anomaly.app import server as app_server
@@ -242,14 +243,7 @@ def test_d_feature_density_answers_with_the_input_picture_only(setup):  # noqa: 
 def run_serve(monkeypatch, *args) -> tuple[object, list]:
     """`anostyle serve ARGS --threads 1 --device cpu` with uvicorn replaced: (click result,
     addresses it would have served)."""
-    served = []
-
-    class FakeServer:
-        def run(self, sockets):
-            served.append(sockets[0].getsockname())
-            sockets[0].close()
-
-    monkeypatch.setattr(app_server, "uvicorn_server", lambda app, **kw: FakeServer())
+    served = fake_uvicorn(monkeypatch)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     args = [*map(str, args), "--threads", "1", "--device", "cpu"]
     return CliRunner().invoke(main, ["serve", *args]), served
