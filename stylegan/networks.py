@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from stylegan import ops
@@ -181,9 +182,17 @@ class Conv2dLayer(nn.Module):
             bias = None if bias is None else bias * act_gain
             act_gain = 1.0
         w = self.weight * weight_gain
+        clamp = None if self.conv_clamp is None else self.conv_clamp * gain
+        if act_gain == 1 and ops.fast_paths():
+            # The bias is added inside the convolution, and lrelu overwrites the convolution's
+            # own fresh output (its backward needs only that output): one pass over x, not two.
+            x = ops.conv2d_resample(x, w, self.resample_filter, up=self.up, down=self.down,
+                                    padding=self.padding, bias=bias)
+            if self.activation == "lrelu":
+                x = F.leaky_relu_(x, ops.LRELU_SLOPE)
+            return x if clamp is None else x.clamp(-clamp, clamp)
         x = ops.conv2d_resample(x, w, self.resample_filter, up=self.up, down=self.down,
                                 padding=self.padding)  # [N, O, H * up / down, W * up / down]
-        clamp = None if self.conv_clamp is None else self.conv_clamp * gain
         return ops.bias_act(x, bias, act=self.activation, gain=act_gain, clamp=clamp)
 
     def extra_repr(self) -> str:
@@ -302,12 +311,18 @@ class SynthesisLayer(nn.Module):
         if ops.fast_paths() and act_gain > 0:
             # As in Conv2dLayer: the gain folds into the demodulation coefficients and the bias.
             conv_gain, bias, act_gain = act_gain, bias * act_gain, 1.0
-        # Demodulation normalises the weight, so it gets no 1/sqrt(fan_in) gain.
-        x = ops.modulated_conv2d(x, self.weight, styles, noise=self._noise(x, noise_mode),
-                                 up=self.up, padding=self.padding,
-                                 resample_filter=self.resample_filter, fused=fused_modconv,
-                                 gain=conv_gain)
         clamp = None if self.conv_clamp is None else self.conv_clamp * gain
+        # Demodulation normalises the weight, so it gets no 1/sqrt(fan_in) gain.
+        kwargs = dict(noise=self._noise(x, noise_mode), up=self.up, padding=self.padding,
+                      resample_filter=self.resample_filter, fused=fused_modconv, gain=conv_gain)
+        if act_gain == 1 and ops.fast_paths():
+            # The bias joins the noise in the demodulation pass; lrelu overwrites that pass's
+            # fresh output (its backward needs only the output).
+            x = ops.modulated_conv2d(x, self.weight, styles, bias=bias, **kwargs)
+            if self.activation == "lrelu":
+                x = F.leaky_relu_(x, ops.LRELU_SLOPE)
+            return x if clamp is None else x.clamp(-clamp, clamp)
+        x = ops.modulated_conv2d(x, self.weight, styles, **kwargs)
         return ops.bias_act(x, bias, act=self.activation, gain=act_gain, clamp=clamp)
 
 

@@ -200,8 +200,10 @@ def conv2d_resample(
     down: int = 1,
     padding: int = 0,
     groups: int = 1,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Convolution (cross-correlation with w as stored) combined with FIR up- or downsampling.
+    """Convolution (cross-correlation with w as stored) combined with FIR up- or downsampling,
+    plus `bias` [O] (inside the convolution where it is the last step: no extra pass).
 
     up=1, down=1: conv2d with `padding`.
     up>1, K>1:    conv_transpose2d (stride up, weight as stored, no flip), then FIR (gain up^2).
@@ -214,25 +216,35 @@ def conv2d_resample(
     assert up == 1 or down == 1, "simultaneous up- and downsampling is not supported"
     k = w.shape[-1]
     w = w.to(x.dtype)
+    b = None if bias is None else bias.to(x.dtype)
     if up == 1 and down == 1:
-        return F.conv2d(x, w, padding=padding, groups=groups)
+        return F.conv2d(x, w, b, padding=padding, groups=groups)
     assert f is not None, "resampling needs a FIR filter"
     fk = f.shape[-1]
     if up > 1 and k == 1:
-        return upsample2d(F.conv2d(x, w, padding=padding, groups=groups), f, up=up)
+        return _add_bias(upsample2d(F.conv2d(x, w, padding=padding, groups=groups), f, up=up), b)
     if down > 1 and k == 1:
-        return F.conv2d(downsample2d(x, f, down=down), w, padding=padding, groups=groups)
+        return F.conv2d(downsample2d(x, f, down=down), w, b, padding=padding, groups=groups)
     if down > 1:
         before = padding + (fk - down + 1) // 2
         after = padding + (fk - down) // 2
         x = fir_filter2d(x, f, padding=(before, after, before, after))  # [N, I, H + 1, W + 1]
-        return F.conv2d(x, w, stride=down, groups=groups)
+        return F.conv2d(x, w, b, stride=down, groups=groups)
     # up > 1, K > 1: the transposed conv grows H to (H - 1) * up + K; the FIR trims it to up * H.
     before = padding + (fk + up - 1) // 2 - (k - 1)
     after = padding + (fk - up) // 2 - (k - up)
     assert before >= 0 and after >= 0, f"padding {padding} too small for up={up}, kernel {k}"
     x = F.conv_transpose2d(x, _transposed_weight(w, groups), stride=up, groups=groups)
-    return fir_filter2d(x, f, padding=(before, after, before, after), gain=up * up)
+    return _add_bias(fir_filter2d(x, f, padding=(before, after, before, after), gain=up * up), b)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous()
+
+
+def _add_bias(x: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return x if b is None else x + b.reshape(1, -1, 1, 1)
 
 
 def modulated_conv2d(
@@ -247,9 +259,10 @@ def modulated_conv2d(
     demodulate: bool = True,
     fused: bool = True,
     gain: float = 1.0,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """StyleGAN2 weight modulation (Eq. 1) and demodulation (Eq. 3), then conv, then + noise,
-    all times `gain`.
+    all times `gain`, then + `bias` [O] (not scaled by `gain`).
 
     x [N, I, H, W], weight [O, I, K, K], styles [N, I], noise broadcastable to [N, O, H', W'].
     fused=True: one grouped convolution with per-sample weights; fused=False: x is scaled by the
@@ -271,17 +284,25 @@ def modulated_conv2d(
         dcoefs = (styles.square() @ weight.square().sum(dim=[2, 3]).t() + 1e-8).rsqrt()  # [N, O]
     if _fast_paths and kh == kw == 1 and up == 1:
         x = _modulated_1x1(x, weight, styles, dcoefs, gain)
-        return x if noise is None else x + noise.to(x.dtype) * gain
+        x = x if noise is None else x + noise.to(x.dtype) * gain
+        return _add_bias(x, bias)
     elif not fused:
         x = x * styles.to(x.dtype)[:, :, None, None]
         x = conv2d_resample(x, weight, resample_filter, up=up, padding=padding)
         if dcoefs is not None:
             dcoefs = dcoefs.to(x.dtype)[:, :, None, None]  # [N, O, 1, 1]
             if _fast_paths:
-                if noise is None:
+                # (x * d + noise) * g + b in one pass over x (the addend is small unless the
+                # noise is drawn per image)
+                addend = None if noise is None else noise.to(x.dtype) * gain
+                if bias is not None:
+                    b = bias.to(x.dtype).reshape(1, -1, 1, 1)
+                    addend = b if addend is None else addend + b
+                if addend is None:
                     return x * (dcoefs * gain)
-                # (x * d + noise) * g in one pass over x
-                return torch.addcmul(noise.to(x.dtype) * gain, x, dcoefs * gain)
+                if addend.ndim == 4 and _channels_last(x):  # mixed layouts are slow to add
+                    addend = addend.contiguous(memory_format=torch.channels_last)
+                return torch.addcmul(addend, x, dcoefs * gain)
             x = x * dcoefs
     else:
         scale = styles[:, None, :]  # [N, 1, I]
@@ -294,7 +315,7 @@ def modulated_conv2d(
         x = x.reshape(n, o, *x.shape[2:])  # [N, O, H', W']
     if noise is not None:
         x = x + noise.to(x.dtype)
-    return x if gain == 1 else x * gain
+    return _add_bias(x if gain == 1 else x * gain, bias)
 
 
 def _modulated_1x1(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -324,3 +325,54 @@ def test_fast_modulated_conv_with_noise_equals_reference(up, k, demodulate, gain
     assert torch.allclose(fast, ref, atol=1e-5)
     for g_fast, g_ref in zip(fast_grads, ref_grads):
         assert torch.allclose(g_fast, g_ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("up,down,k", [(1, 1, 3), (2, 1, 3), (2, 1, 1), (1, 2, 3), (1, 2, 1)])
+def test_conv2d_resample_bias_equals_a_bias_added_afterwards(up, down, k):
+    """The bias joins the convolution where it is the last step, and is added after the FIR
+    otherwise: the same numbers and gradients as adding it to the output, on both paths."""
+    x, w, b = torch.randn(2, 6, 8, 8), torch.randn(5, 6, k, k), torch.randn(5)
+
+    def with_bias(x, w, b):
+        return ops.conv2d_resample(x, w, F4, up=up, down=down, padding=k // 2, bias=b)
+
+    def added(x, w, b):
+        return ops.conv2d_resample(x, w, F4, up=up, down=down, padding=k // 2) \
+            + b[None, :, None, None]
+
+    for reference in (False, True):
+        outs = []
+        for fn in (with_bias, added):
+            leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
+            with ops.reference_paths() if reference else contextlib.nullcontext():
+                out = fn(*leaves)
+            probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+            outs.append((out, torch.autograd.grad((out * probe).sum(), leaves)))
+        (out1, g1), (out2, g2) = outs
+        assert out1.shape == (2, 5, 8 * up // down, 8 * up // down)
+        assert torch.allclose(out1, out2, atol=1e-5)
+        assert all(torch.allclose(a, c, atol=1e-4) for a, c in zip(g1, g2))
+
+
+@pytest.mark.parametrize("up,k,demodulate,noise,fused", [(1, 3, True, "image", False),
+                                                         (2, 3, True, "const", False),
+                                                         (1, 3, True, None, False),
+                                                         (2, 3, True, "image", True),
+                                                         (1, 1, False, "image", False),
+                                                         (1, 3, False, None, False)])
+def test_modulated_conv_bias_is_added_after_the_gain(up, k, demodulate, noise, fused):
+    """modulated_conv2d(..., bias=b) == modulated_conv2d(...) + b on the fast and reference
+    paths, whatever the noise's shape and the memory layout of x (channels-last included)."""
+    x, weight, styles = torch.randn(3, 4, 6, 6), torch.randn(5, 4, k, k), torch.randn(3, 4)
+    b = torch.randn(5)
+    noises = {"image": torch.randn(3, 1, 6 * up, 6 * up), "const": torch.randn(6 * up, 6 * up),
+              None: None}
+    kwargs = dict(noise=noises[noise], up=up, padding=k // 2, resample_filter=F4,
+                  demodulate=demodulate, fused=fused, gain=1.4)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl = x.contiguous(memory_format=layout)
+        for reference in (False, True):
+            with ops.reference_paths() if reference else contextlib.nullcontext():
+                got = ops.modulated_conv2d(xl, weight, styles, bias=b, **kwargs)
+                want = ops.modulated_conv2d(xl, weight, styles, **kwargs) + b[None, :, None, None]
+            assert torch.allclose(got, want, atol=1e-5), (layout, reference)
