@@ -25,6 +25,7 @@ from stylegan.errors import UserError
 TRANSFORMS = ("center-crop", "resize", "pad")
 RESIZE_FILTERS = {"box": Image.Resampling.BOX, "lanczos": Image.Resampling.LANCZOS}
 COLOUR_NORMS = ("none", "shades-of-gray")
+BORDERS = ("keep", "fill")
 POLICY_KEY = "preprocessing"  # key in prepare.json and in checkpoint metadata
 
 
@@ -38,6 +39,9 @@ class Preprocessing:
     resize_filter: str = "box"  # 'box' (fast, JPEG DCT draft) | 'lanczos'
     colour: str = "none"  # 'none' | 'shades-of-gray' (colour constancy after fitting)
     colour_p: float = 6.0  # Minkowski norm of shades-of-gray (Barata et al. 2015: 6)
+    # 'keep' | 'fill': a dark circular field-of-view border (a dermatoscope's vignette) is
+    # filled with the skin colour just inside it (fill_fov_border), before colour constancy
+    border: str = "keep"
 
     def __post_init__(self):
         checks = [(self.transform in TRANSFORMS, f"transform {self.transform!r} is not one of "
@@ -47,6 +51,8 @@ class Preprocessing:
                    f"{', '.join(RESIZE_FILTERS)}"),
                   (self.colour in COLOUR_NORMS, f"colour {self.colour!r} is not one of "
                                                 f"{', '.join(COLOUR_NORMS)}"),
+                  (self.border in BORDERS, f"border {self.border!r} is not one of "
+                                           f"{', '.join(BORDERS)}"),
                   (self.channels in (1, 3), f"channels {self.channels} is not 1 or 3"),
                   (self.resolution >= 1, f"resolution {self.resolution} is not positive"),
                   (self.colour_p >= 1, f"colour_p {self.colour_p} is below 1")]
@@ -123,6 +129,72 @@ def normalise_colour(img: Image.Image, colour: str, p: float) -> Image.Image:
     raise ValueError(f"unknown colour normalisation {colour!r}")
 
 
+def fov_circle(image: np.ndarray, *, dark: float = 40.0, purity: float = 0.9,
+               min_outside: float = 0.02) -> tuple[float, float, float] | None:
+    """(centre x, centre y, radius) of a dark circular field-of-view border, or None.
+
+    uint8 [H, W] or [H, W, C]. A border is found only when all four corners are dark
+    (luminance below `dark`), at least `min_outside` of the image lies outside the circle, and
+    at least `purity` of that outside is dark; so a dark lesion that reaches one edge, or
+    black padding bars, are left alone. The centre is the centroid of the bright pixels; the
+    radius is that of the outermost one-pixel ring (around the centre) that is mostly bright.
+    """
+    a = image.astype(np.float32)
+    lum = a @ np.array([0.299, 0.587, 0.114], dtype=np.float32) if a.ndim == 3 else a
+    isdark = lum < dark  # [H, W]
+    h, w = isdark.shape
+    k = max(2, min(h, w) // 20)  # corner patch
+    corners = (isdark[:k, :k], isdark[:k, -k:], isdark[-k:, :k], isdark[-k:, -k:])
+    if min(c.mean() for c in corners) < purity or isdark.all():
+        return None
+    yy, xx = np.mgrid[0:h, 0:w]
+    cy, cx = yy[~isdark].mean(), xx[~isdark].mean()
+    dist = np.hypot(yy - cy, xx - cx)
+    rings = np.floor(dist).astype(np.int64).ravel()
+    counts = np.bincount(rings)
+    dark_share = np.bincount(rings, weights=isdark.ravel()) / np.maximum(counts, 1)
+    bright = np.nonzero((counts > 0) & (dark_share < 0.5))[0]
+    if len(bright) == 0:
+        return None
+    radius = float(bright.max() + 1)
+    outside = dist > radius
+    if outside.mean() < min_outside or isdark[outside].mean() < purity:
+        return None
+    return float(cx), float(cy), radius
+
+
+def fill_fov_border(img: Image.Image, *, margin: float = 0.03) -> Image.Image:
+    """The image with its dark circular field-of-view border (fov_circle), from `margin` of
+    the side inside the circle outwards, filled with the median colour of the non-dark pixels
+    in the ring two margins wide just inside that; unchanged when there is no such border."""
+    a = np.array(img)  # [H, W] or [H, W, C], a copy
+    found = fov_circle(a)
+    if found is None:
+        return img
+    cx, cy, radius = found
+    h, w = a.shape[:2]
+    m = max(1.0, margin * min(h, w))
+    yy, xx = np.mgrid[0:h, 0:w]
+    dist = np.hypot(yy - cy, xx - cx)
+    lum = a.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32) \
+        if a.ndim == 3 else a.astype(np.float32)
+    ring = (dist > radius - 3 * m) & (dist <= radius - m) & (lum >= 40.0)
+    if not ring.any():
+        return img
+    a[dist > radius - m] = np.median(a[ring], axis=0).round().astype(np.uint8)
+    return Image.fromarray(a, mode=img.mode)
+
+
+def fit_image(img: Image.Image, policy: Preprocessing) -> Image.Image:
+    """A decoded 8-bit image -> the fitted image: square at the policy's resolution, border
+    filled (policy.border), colour normalised (policy.colour); prepare's very steps."""
+    img = fit_square(img, policy.resolution, transform=policy.transform,
+                     resize_filter=policy.resize_filter)
+    if policy.border == "fill":
+        img = fill_fov_border(img)
+    return normalise_colour(img, policy.colour, policy.colour_p)
+
+
 def fit_raw(data: bytes, suffix: str, policy: Preprocessing) -> Image.Image:
     """Encoded bytes of a raw file -> the fitted 8-bit PIL image, exactly as prepare makes it.
 
@@ -130,9 +202,7 @@ def fit_raw(data: bytes, suffix: str, policy: Preprocessing) -> Image.Image:
     """
     draft = policy.resolution if policy.resize_filter == "box" else None
     img = decode(data, suffix=suffix, channels=policy.channels, draft_size=draft)
-    img = fit_square(img, policy.resolution, transform=policy.transform,
-                     resize_filter=policy.resize_filter)
-    return normalise_colour(img, policy.colour, policy.colour_p)
+    return fit_image(img, policy)
 
 
 def fit_array(data: bytes, suffix: str, policy: Preprocessing) -> np.ndarray:

@@ -50,8 +50,8 @@ import numpy as np
 from tqdm import tqdm
 
 from anodata.imageio import ImageRejected
-from anodata.policy import (COLOUR_NORMS, POLICY_KEY, RESIZE_FILTERS, TRANSFORMS, Preprocessing,
-                            fit_raw)
+from anodata.policy import (BORDERS, COLOUR_NORMS, POLICY_KEY, RESIZE_FILTERS, TRANSFORMS,
+                            Preprocessing, fit_raw)
 from anodata.sources import (SPLITS, Candidate, CsvSpec, Rejection, find_candidates,
                              normalise_split)
 from stylegan.errors import UserError
@@ -86,6 +86,7 @@ class PrepareOptions:
     resize_filter: str = Preprocessing.resize_filter
     colour: str = Preprocessing.colour
     colour_p: float = Preprocessing.colour_p
+    border: str = Preprocessing.border
     channels: int = Preprocessing.channels
     val: float = 0.1
     test: float = 0.2
@@ -111,7 +112,7 @@ class PrepareOptions:
         """The preprocessing policy these options apply (recorded in prepare.json)."""
         return Preprocessing(resolution=self.resolution, channels=self.channels,
                              transform=self.transform, resize_filter=self.resize_filter,
-                             colour=self.colour, colour_p=self.colour_p)
+                             colour=self.colour, colour_p=self.colour_p, border=self.border)
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,8 @@ def _validate(o: PrepareOptions) -> None:
     if o.transform not in TRANSFORMS or o.resize_filter not in RESIZE_FILTERS:
         raise UserError(f"--transform must be one of {', '.join(TRANSFORMS)} and --resize-filter "
                         f"one of {', '.join(RESIZE_FILTERS)}.")
+    if o.border not in BORDERS:
+        raise UserError(f"--border must be one of {', '.join(BORDERS)}.")
     if o.colour not in COLOUR_NORMS:
         raise UserError(f"--colour must be one of {', '.join(COLOUR_NORMS)}.")
     if not 1 <= o.colour_p <= 64:

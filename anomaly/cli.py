@@ -214,6 +214,10 @@ def _comma_list(ctx: click.Context, param: click.Parameter, value: str | None) -
                    "cast (Barata et al. 2015).")
 @_prep("--colour-p", type=click.FloatRange(1, 64),
               help="Minkowski norm of shades-of-gray (1: grey world; large: max-RGB).")
+@_prep("--border", type=click.Choice(["keep", "fill"]),
+              help="fill: a dark circular field-of-view border (a dermatoscope's vignette, "
+                   "which HAM10000 lacks) is filled with the skin colour just inside it, so "
+                   "that the detector does not score the border instead of the lesion.")
 @click.option("--channels", default="3", show_default=True, type=click.Choice(["3", "1"]),
               help="3: RGB PNGs; 1: grayscale PNGs.")
 @_prep("--val", type=click.FloatRange(0, 1, max_open=True),
@@ -240,7 +244,7 @@ def prepare(channels: str, model: str | None, **flags) -> None:
         --id-column image_id --label-column dx --group-column lesion_id --normal nv \\
         --dest prepared --resolution 256
 
-    With --model DIR the resolution, transform, filter and colour settings are the model's
+    With --model DIR the resolution, transform, filter, colour and border settings are the model's
     (a flag that contradicts them is refused).
     """
     from click.core import ParameterSource

@@ -30,6 +30,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from anodata.policy import Preprocessing
 from anomaly import detector_scores as ds
 from anomaly.model import AnoModel, Forward
 from anomaly.scores import METHODS as CLASSIC
@@ -653,7 +654,8 @@ def load_detector(model: AnoModel, path: str | os.PathLike) -> DetectorScorer:
             raise UserError(f"--detector {path} was tuned for another {what} than {file} "
                             f"(sha256 differs); tune again for this model.")
     policy = model.recorded_policy
-    if det.preprocessing and policy is not None and det.preprocessing != policy.to_dict():
+    tuned = det.preprocessing and Preprocessing.from_dict(det.preprocessing, source=str(path))
+    if tuned and policy is not None and tuned != policy:
         raise UserError(f"--detector {path} was tuned on data with another preprocessing "
                         f"policy than the model records; tune again for this model.")
     bank = None

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from anodata.imageio import to_8bit
-from anodata.policy import POLICY_KEY, Preprocessing, fit_array, fit_square, normalise_colour
+from anodata.policy import POLICY_KEY, Preprocessing, fit_array, fit_image
 from anomaly.encoder import Encoder
 from anomaly.encoder_io import check_compatible, check_pairing, load_encoder, sha256_file
 from anomaly.reconstruct import (check_feature_layer, discriminator_features, encode,
@@ -166,10 +166,8 @@ class AnoModel:
         if isinstance(image, (bytes, bytearray)):
             return fit_array(bytes(image), "", self.policy)
         if isinstance(image, Image.Image):
-            p = self.policy
-            img = fit_square(to_8bit(image, p.channels), p.resolution, transform=p.transform,
-                             resize_filter=p.resize_filter)
-            array = np.array(normalise_colour(img, p.colour, p.colour_p), dtype=np.uint8)
+            img = fit_image(to_8bit(image, self.policy.channels), self.policy)
+            array = np.array(img, dtype=np.uint8)
             array = array[:, :, None] if array.ndim == 2 else array  # [H, W, C]
             return np.ascontiguousarray(array.transpose(2, 0, 1))  # [C, H, W]
         raise TypeError(f"cannot fit a {type(image).__name__}; give a PIL image, bytes or a path")

@@ -1,0 +1,123 @@
+"""The field-of-view border policy (prepare --border fill): a dermatoscope's dark circular
+vignette, which HAM10000 lacks, is filled with the skin colour just inside it."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from anodata.policy import (Preprocessing, fill_fov_border, fit_image, fit_raw, fov_circle)
+from anomaly.cli import main
+from stylegan.dataset import ImageDataset
+from stylegan.errors import UserError
+
+SKIN = (200, 150, 130)
+LESION = (90, 50, 40)
+
+
+def _lesion(size: int = 64, lesion_radius: float = 10.0, seed: int = 0) -> np.ndarray:
+    """Skin with mild noise and a dark round lesion in the middle: uint8 [H, W, 3]."""
+    rng = np.random.default_rng(seed)
+    img = np.empty((size, size, 3), np.float64)
+    img[:] = SKIN
+    img += rng.normal(0, 3, img.shape)
+    yy, xx = np.mgrid[0:size, 0:size]
+    img[np.hypot(yy - size / 2, xx - size / 2) < lesion_radius] = LESION
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _vignette(img: np.ndarray, radius: float, centre=None) -> np.ndarray:
+    h, w = img.shape[:2]
+    cy, cx = centre if centre is not None else ((h - 1) / 2, (w - 1) / 2)
+    yy, xx = np.mgrid[0:h, 0:w]
+    out = img.copy()
+    out[np.hypot(yy - cy, xx - cx) > radius] = (6, 5, 5)
+    return out
+
+
+@pytest.mark.parametrize("radius,centre", [(31.5, None), (26.0, None), (36.0, None),
+                                           (28.0, (30.0, 34.0))])
+def test_a_dark_circular_border_is_found_and_filled_with_skin(radius, centre):
+    plain = _lesion()
+    vignetted = _vignette(plain, radius, centre)
+    cx, cy, r = fov_circle(vignetted)
+    want_cy, want_cx = centre if centre is not None else (31.5, 31.5)
+    assert abs(cx - want_cx) < 1.5 and abs(cy - want_cy) < 1.5 and abs(r - radius) < 1.5
+    filled = np.asarray(fill_fov_border(Image.fromarray(vignetted)))
+    yy, xx = np.mgrid[0:64, 0:64]
+    dist = np.hypot(yy - want_cy, xx - want_cx)
+    outside = dist > radius
+    assert np.abs(filled[outside].astype(int) - SKIN).max() <= 8  # skin, not black
+    inner = dist < radius - 3 * 0.03 * 64 - 1
+    np.testing.assert_array_equal(filled[inner], vignetted[inner])  # the lesion is untouched
+
+
+@pytest.mark.parametrize("case", ["plain", "lesion at an edge", "black bars", "all dark"])
+def test_images_without_such_a_border_are_left_alone(case):
+    img = _lesion()
+    if case == "lesion at an edge":  # dark, reaching one edge and two corners
+        img[:, :20] = LESION
+        img[:, :6] = (10, 8, 8)
+    elif case == "black bars":  # what --transform pad gives a 4:3 image
+        img[:8], img[-8:] = 0, 0
+    elif case == "all dark":
+        img[:] = 5
+    assert fov_circle(img) is None
+    pil = Image.fromarray(img)
+    assert fill_fov_border(pil) is pil
+
+
+def test_grey_images_are_filled_too():
+    grey = np.asarray(Image.fromarray(_vignette(_lesion(), 28.0)).convert("L"))
+    filled = np.asarray(fill_fov_border(Image.fromarray(grey, mode="L")))
+    skin_grey = np.asarray(Image.fromarray(_lesion()).convert("L"))[2, 32]
+    assert filled.ndim == 2 and abs(int(filled[0, 0]) - int(skin_grey)) <= 8
+
+
+def test_the_policy_records_the_border_and_old_records_mean_keep():
+    policy = Preprocessing(resolution=64, border="fill")
+    assert Preprocessing.from_dict(policy.to_dict(), source="x") == policy
+    old = policy.to_dict()
+    del old["border"]  # written before the option existed
+    assert Preprocessing.from_dict(old, source="x").border == "keep"
+    with pytest.raises(UserError, match="border 'crop' is not one of keep, fill"):
+        Preprocessing(border="crop")
+
+
+def test_fitting_fills_before_colour_constancy_in_prepare_and_in_the_model():
+    """fit_raw (prepare) and fit_image (AnoModel.fit of a PIL image) take the same steps: the
+    border is filled at the output resolution, then shades-of-gray runs."""
+    wide = np.zeros((256, 320, 3), np.uint8)  # a 5:4 photo with the circle in its middle
+    wide[:, 32:288] = _vignette(_lesion(256, 40.0), 120.0)
+    big = Image.fromarray(wide)
+    buf = io.BytesIO()
+    big.save(buf, "PNG")
+    policy = Preprocessing(resolution=64, colour="shades-of-gray", border="fill")
+    raw = np.asarray(fit_raw(buf.getvalue(), ".png", policy))
+    np.testing.assert_array_equal(raw, np.asarray(fit_image(big, policy)))
+    assert raw[0, 0].min() > 60  # the black corner became (colour-normalised) skin
+    kept = np.asarray(fit_raw(buf.getvalue(), ".png", Preprocessing(resolution=64)))
+    assert kept[0, 0].max() < 20  # the default keeps the border
+
+
+def test_prepare_border_fill_writes_filled_images_and_records_it(tmp_path):
+    src = tmp_path / "src"
+    for cls, n in (("nv", 6), ("mel", 3)):
+        (src / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(_vignette(_lesion(64, seed=i), 30.0)).save(src / cls / f"{i}.png")
+    result = CliRunner().invoke(main, ["prepare", "--source", str(src), "--normal", "nv",
+                                       "--dest", str(tmp_path / "out"), "--resolution", "32",
+                                       "--border", "fill", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    info = json.loads((tmp_path / "out" / "prepare.json").read_text())
+    assert info["preprocessing"]["border"] == "fill"
+    for split in ("train", "val", "test"):
+        dataset = ImageDataset(tmp_path / "out" / f"{split}.zip")
+        images = np.stack([dataset[i][0] for i in range(len(dataset))])  # [N, C, H, W]
+        assert len(images) and images[:, :, 0, 0].min() > 60  # no black corner left
