@@ -50,8 +50,8 @@ import numpy as np
 from tqdm import tqdm
 
 from anodata.imageio import ImageRejected
-from anodata.policy import (BORDERS, COLOUR_NORMS, POLICY_KEY, RESIZE_FILTERS, TRANSFORMS,
-                            Preprocessing, fit_raw)
+from anodata.policy import (BORDERS, COLOUR_NORMS, INTENSITIES, POLICY_KEY, RESIZE_FILTERS,
+                            TRANSFORMS, Preprocessing, fit_raw)
 from anodata.sources import (SPLITS, Candidate, CsvSpec, Rejection, find_candidates,
                              normalise_split)
 from stylegan.errors import UserError
@@ -87,6 +87,8 @@ class PrepareOptions:
     colour: str = Preprocessing.colour
     colour_p: float = Preprocessing.colour_p
     border: str = Preprocessing.border
+    intensity: str = Preprocessing.intensity
+    intensity_target: float = Preprocessing.intensity_target
     channels: int = Preprocessing.channels
     val: float = 0.1
     test: float = 0.2
@@ -112,7 +114,8 @@ class PrepareOptions:
         """The preprocessing policy these options apply (recorded in prepare.json)."""
         return Preprocessing(resolution=self.resolution, channels=self.channels,
                              transform=self.transform, resize_filter=self.resize_filter,
-                             colour=self.colour, colour_p=self.colour_p, border=self.border)
+                             colour=self.colour, colour_p=self.colour_p, border=self.border,
+                             intensity=self.intensity, intensity_target=self.intensity_target)
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,11 @@ def _validate(o: PrepareOptions) -> None:
     if o.transform not in TRANSFORMS or o.resize_filter not in RESIZE_FILTERS:
         raise UserError(f"--transform must be one of {', '.join(TRANSFORMS)} and --resize-filter "
                         f"one of {', '.join(RESIZE_FILTERS)}.")
+    if o.intensity not in INTENSITIES:
+        raise UserError(f"--intensity must be one of {', '.join(INTENSITIES)}.")
+    if not 0 < o.intensity_target <= 255:
+        raise UserError(f"--intensity-target {o.intensity_target} is out of range; use a "
+                        f"brightness in (0, 255], e.g. 172.")
     if o.border not in BORDERS:
         raise UserError(f"--border must be one of {', '.join(BORDERS)}.")
     if o.colour not in COLOUR_NORMS:

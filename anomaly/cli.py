@@ -218,6 +218,12 @@ def _comma_list(ctx: click.Context, param: click.Parameter, value: str | None) -
               help="fill: a dark circular field-of-view border (a dermatoscope's vignette, "
                    "which HAM10000 lacks) is filled with the skin colour just inside it, so "
                    "that the detector does not score the border instead of the lesion.")
+@_prep("--intensity", type=click.Choice(["keep", "normalise"]),
+              help="normalise: scale every image so that its skin brightness (the Minkowski "
+                   "illuminant estimate of --colour-p) is --intensity-target, so that a "
+                   "camera's exposure does not change the score.")
+@_prep("--intensity-target", type=click.FloatRange(0, 255, min_open=True),
+              help="Skin brightness (0-255) of --intensity normalise.")
 @click.option("--channels", default="3", show_default=True, type=click.Choice(["3", "1"]),
               help="3: RGB PNGs; 1: grayscale PNGs.")
 @_prep("--val", type=click.FloatRange(0, 1, max_open=True),
@@ -244,8 +250,8 @@ def prepare(channels: str, model: str | None, **flags) -> None:
         --id-column image_id --label-column dx --group-column lesion_id --normal nv \\
         --dest prepared --resolution 256
 
-    With --model DIR the resolution, transform, filter, colour and border settings are the model's
-    (a flag that contradicts them is refused).
+    With --model DIR the resolution, transform, filter, colour, border and intensity settings
+    are the model's (a flag that contradicts them is refused).
     """
     from click.core import ParameterSource
 

@@ -121,3 +121,29 @@ def test_prepare_border_fill_writes_filled_images_and_records_it(tmp_path):
         dataset = ImageDataset(tmp_path / "out" / f"{split}.zip")
         images = np.stack([dataset[i][0] for i in range(len(dataset))])  # [N, C, H, W]
         assert len(images) and images[:, :, 0, 0].min() > 60  # no black corner left
+
+
+def test_intensity_normalisation_undoes_an_exposure_change():
+    """normalise_intensity sets |e| / sqrt(3) of the Minkowski-6 illuminant to the target, by
+    hand on one pixel, so that a darker exposure of the same scene fits to the same image."""
+    from anodata.policy import illuminant, normalise_intensity
+
+    scene = _lesion(32)
+    e = np.mean(scene.astype(np.float64) ** 6, axis=(0, 1)) ** (1 / 6)
+    np.testing.assert_allclose(illuminant(scene, 6.0), e)
+    out = np.asarray(normalise_intensity(Image.fromarray(scene), 150.0))
+    scale = 150.0 / (np.linalg.norm(e) / np.sqrt(3))
+    np.testing.assert_array_equal(out[3, 5], np.clip(np.rint(scene[3, 5] * scale), 0, 255))
+    dark = np.rint(scene * 0.7).astype(np.uint8)
+    again = np.asarray(normalise_intensity(Image.fromarray(dark), 150.0)).astype(int)
+    assert np.abs(again - out).max() <= 2  # the exposure is gone (to rounding)
+    black = Image.fromarray(np.zeros((4, 4, 3), np.uint8))
+    assert normalise_intensity(black, 150.0) is black
+    policy = Preprocessing(resolution=32, colour="shades-of-gray", intensity="normalise",
+                           intensity_target=150.0)
+    assert Preprocessing.from_dict(policy.to_dict(), source="x") == policy
+    fitted = np.asarray(fit_image(Image.fromarray(dark), policy))
+    e_fit = np.linalg.norm(illuminant(fitted, 6.0)) / np.sqrt(3)
+    assert abs(e_fit - 150.0) < 1.0
+    with pytest.raises(UserError, match="intensity 'auto' is not one of keep, normalise"):
+        Preprocessing(intensity="auto")

@@ -258,7 +258,8 @@ def _model_folder(folder: Path, *, network_policy: dict | None,
 def test_prepare_with_model_uses_its_policy_and_refuses_contradictions(tmp_path):
     images, csv_path = _write_set(tmp_path, LESIONS)
     pad = Preprocessing(resolution=16, transform="pad", resize_filter="lanczos",
-                        colour="shades-of-gray", colour_p=4.0, border="fill")
+                        colour="shades-of-gray", colour_p=4.0, border="fill",
+                        intensity="normalise", intensity_target=150.0)
     model = _model_folder(tmp_path / "model", network_policy=pad.to_dict())
     base = ["prepare", "--source", images, "--labels", csv_path, "--label-column", "dx",
             "--group-column", "lesion_id", "--normal", "nv", "--workers", 1, "--model", model]
