@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,3 +148,21 @@ def test_intensity_normalisation_undoes_an_exposure_change():
     assert abs(e_fit - 150.0) < 1.0
     with pytest.raises(UserError, match="intensity 'auto' is not one of keep, normalise"):
         Preprocessing(intensity="auto")
+
+
+def test_the_painted_border_of_the_robustness_check_is_found_on_real_images():
+    """bench/acquisition.py paints a dermatoscope border on HAM10000 images (data/demo); at 64 px
+    the fitted image then has one that fov_circle finds and --border fill removes, while the
+    same images without it are left alone."""
+    from bench import acquisition as bench
+
+    repo = Path(__file__).resolve().parents[1]
+    keep = Preprocessing(resolution=64, colour="shades-of-gray")
+    fill = Preprocessing(resolution=64, colour="shades-of-gray", border="fill")
+    for path in sorted((repo / "data" / "demo" / "images").glob("*.jpg"))[:6]:
+        img = Image.open(path).convert("RGB")
+        assert fov_circle(np.asarray(fit_image(img, keep))) is None
+        painted = bench.paint_border(img, 1.0)
+        kept = np.asarray(fit_image(painted, keep))
+        assert fov_circle(kept) is not None and kept[0, 0].max() < 30
+        assert np.asarray(fit_image(painted, fill))[0, 0].min() > 60
