@@ -581,7 +581,7 @@ class DetectorScorer:
         """(score, percentile, decision) of one image: a fitted uint8 [C, H, W] array/tensor, or
         a raw image (PIL, bytes, path), which is fitted by the model's recorded policy."""
         if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 3:
-            batch = self.model.batch(torch.as_tensor(np.asarray(image))[None])
+            batch = self.model.batch(torch.as_tensor(np.array(image))[None])
         else:
             batch = self.model.batch(image)
         score = float(self.score_batch(batch)[0])

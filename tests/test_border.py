@@ -166,3 +166,33 @@ def test_the_painted_border_of_the_robustness_check_is_found_on_real_images():
         kept = np.asarray(fit_image(painted, keep))
         assert fov_circle(kept) is not None and kept[0, 0].max() < 30
         assert np.asarray(fit_image(painted, fill))[0, 0].min() > 60
+
+
+def test_the_shipped_detector_ignores_a_painted_border_and_a_darker_exposure():
+    """End to end through the Python API: models/ham64-cpu records border fill and intensity
+    normalisation, so `judge` of a demo photo with a dermatoscope border painted on, or taken
+    0.7x darker, scores close to the photo itself; with the guards switched off the border
+    alone puts it far above (the failure the policy prevents)."""
+    import dataclasses
+
+    from PIL import ImageEnhance
+
+    from anomaly.detector import load_model_dir
+    from bench import acquisition as bench
+
+    repo = Path(__file__).resolve().parents[1]
+    model, detector = load_model_dir(repo / "models" / "ham64-cpu", device="cpu")
+    assert model.policy.border == "fill" and model.policy.intensity == "normalise"
+    plain, painted, darker, unguarded = [], [], [], []
+    for path in sorted((repo / "data" / "demo" / "images").glob("*.jpg"))[:8]:
+        img = Image.open(path).convert("RGB")
+        plain.append(detector.judge(img).percentile)
+        painted.append(detector.judge(bench.paint_border(img, 1.0)).percentile)
+        darker.append(detector.judge(ImageEnhance.Brightness(img).enhance(0.7)).percentile)
+        keep = dataclasses.replace(model.policy, border="keep")
+        fitted = np.asarray(fit_image(bench.paint_border(img, 1.0), keep)).transpose(2, 0, 1)
+        unguarded.append(detector.judge(fitted).percentile)
+    plain, painted, darker = np.array(plain), np.array(painted), np.array(darker)
+    assert np.abs(darker - plain).max() < 5  # percentiles among validation naevi
+    assert np.abs(painted - plain).mean() < 15
+    assert np.mean(unguarded) > 95 and np.mean(unguarded) - np.mean(plain) > 30
