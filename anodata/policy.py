@@ -158,19 +158,20 @@ def normalise_colour(img: Image.Image, colour: str, p: float) -> Image.Image:
     raise ValueError(f"unknown colour normalisation {colour!r}")
 
 
-def fov_circle(image: np.ndarray, *, dark: float = 40.0, purity: float = 0.9,
-               min_outside: float = 0.02) -> tuple[float, float, float] | None:
-    """(centre x, centre y, radius) of a dark circular field-of-view border, or None.
+DARK = 40.0  # luminance (0-255) below which a pixel counts as part of a dark border
 
-    uint8 [H, W] or [H, W, C]. A border is found only when all four corners are dark
-    (luminance below `dark`), at least `min_outside` of the image lies outside the circle, and
-    at least `purity` of that outside is dark; so a dark lesion that reaches one edge, or
-    black padding bars, are left alone. The centre is the centroid of the bright pixels; the
-    radius is that of the outermost one-pixel ring (around the centre) that is mostly bright.
-    """
+
+def _luminance(image: np.ndarray) -> np.ndarray:
+    """uint8 [H, W] or [H, W, 3] -> float32 luminance [H, W] (ITU-R BT.601 weights)."""
     a = image.astype(np.float32)
-    lum = a @ np.array([0.299, 0.587, 0.114], dtype=np.float32) if a.ndim == 3 else a
-    isdark = lum < dark  # [H, W]
+    return a @ np.array([0.299, 0.587, 0.114], dtype=np.float32) if a.ndim == 3 else a
+
+
+def _fov(lum: np.ndarray, *, purity: float = 0.9, min_outside: float = 0.02
+         ) -> tuple[float, float, float, np.ndarray] | None:
+    """(centre x, centre y, radius, distance of every pixel from the centre [H, W]) of a dark
+    circular field-of-view border in a luminance image, or None (see fov_circle)."""
+    isdark = lum < DARK  # [H, W]
     h, w = isdark.shape
     k = max(2, min(h, w) // 20)  # corner patch
     corners = (isdark[:k, :k], isdark[:k, -k:], isdark[-k:, :k], isdark[-k:, -k:])
@@ -189,7 +190,20 @@ def fov_circle(image: np.ndarray, *, dark: float = 40.0, purity: float = 0.9,
     outside = dist > radius
     if outside.mean() < min_outside or isdark[outside].mean() < purity:
         return None
-    return float(cx), float(cy), radius
+    return float(cx), float(cy), radius, dist
+
+
+def fov_circle(image: np.ndarray) -> tuple[float, float, float] | None:
+    """(centre x, centre y, radius) of a dark circular field-of-view border, or None.
+
+    uint8 [H, W] or [H, W, C]. A border is found only when all four corners are dark
+    (luminance below DARK), at least 2% of the image lies outside the circle, and at least 90%
+    of that outside is dark; so a dark lesion that reaches one edge, or black padding bars, are
+    left alone. The centre is the centroid of the bright pixels; the radius is that of the
+    outermost one-pixel ring (around the centre) that is mostly bright.
+    """
+    found = _fov(_luminance(image))
+    return None if found is None else found[:3]
 
 
 def fill_fov_border(img: Image.Image, *, margin: float = 0.03) -> Image.Image:
@@ -197,17 +211,13 @@ def fill_fov_border(img: Image.Image, *, margin: float = 0.03) -> Image.Image:
     the side inside the circle outwards, filled with the median colour of the non-dark pixels
     in the ring two margins wide just inside that; unchanged when there is no such border."""
     a = np.array(img)  # [H, W] or [H, W, C], a copy
-    found = fov_circle(a)
+    lum = _luminance(a)
+    found = _fov(lum)
     if found is None:
         return img
-    cx, cy, radius = found
-    h, w = a.shape[:2]
-    m = max(1.0, margin * min(h, w))
-    yy, xx = np.mgrid[0:h, 0:w]
-    dist = np.hypot(yy - cy, xx - cx)
-    lum = a.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32) \
-        if a.ndim == 3 else a.astype(np.float32)
-    ring = (dist > radius - 3 * m) & (dist <= radius - m) & (lum >= 40.0)
+    _cx, _cy, radius, dist = found
+    m = max(1.0, margin * min(a.shape[:2]))
+    ring = (dist > radius - 3 * m) & (dist <= radius - m) & (lum >= DARK)
     if not ring.any():
         return img
     a[dist > radius - m] = np.median(a[ring], axis=0).round().astype(np.uint8)

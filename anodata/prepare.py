@@ -50,8 +50,8 @@ import numpy as np
 from tqdm import tqdm
 
 from anodata.imageio import ImageRejected
-from anodata.policy import (BORDERS, COLOUR_NORMS, INTENSITIES, POLICY_KEY, RESIZE_FILTERS,
-                            TRANSFORMS, Preprocessing, fit_raw)
+from anodata.policy import (COLOUR_NORMS, POLICY_KEY, RESIZE_FILTERS, TRANSFORMS, Preprocessing,
+                            fit_raw)
 from anodata.sources import (SPLITS, Candidate, CsvSpec, Rejection, find_candidates,
                              normalise_split)
 from stylegan.errors import UserError
@@ -159,13 +159,6 @@ def _validate(o: PrepareOptions) -> None:
     if o.transform not in TRANSFORMS or o.resize_filter not in RESIZE_FILTERS:
         raise UserError(f"--transform must be one of {', '.join(TRANSFORMS)} and --resize-filter "
                         f"one of {', '.join(RESIZE_FILTERS)}.")
-    if o.intensity not in INTENSITIES:
-        raise UserError(f"--intensity must be one of {', '.join(INTENSITIES)}.")
-    if not 0 < o.intensity_target <= 255:
-        raise UserError(f"--intensity-target {o.intensity_target} is out of range; use a "
-                        f"brightness in (0, 255], e.g. 172.")
-    if o.border not in BORDERS:
-        raise UserError(f"--border must be one of {', '.join(BORDERS)}.")
     if o.colour not in COLOUR_NORMS:
         raise UserError(f"--colour must be one of {', '.join(COLOUR_NORMS)}.")
     if not 1 <= o.colour_p <= 64:
@@ -173,6 +166,7 @@ def _validate(o: PrepareOptions) -> None:
                         f"e.g. 6.")
     if o.channels not in (1, 3):
         raise UserError(f"--channels {o.channels} is not 1 or 3.")
+    _ = o.policy  # the other policy fields (border, intensity) are checked where defined
     if not (0 <= o.val < 1 and 0 <= o.test < 1 and o.val + o.test < 1):
         raise UserError(f"--val {o.val} and --test {o.test} must be fractions >= 0 whose sum is "
                         f"below 1 (the rest of the normal images is train).")

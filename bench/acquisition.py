@@ -61,18 +61,15 @@ def shift_image(img: Image.Image, args) -> Image.Image:
     return ImageEnhance.Brightness(img).enhance(args.factor)
 
 
-def score_images(scorer, model, rows, images: Path, shifted: np.ndarray, args,
-                 override: dict | None, batch: int = 64) -> np.ndarray:
-    """Detector scores of the raw source images of `rows` (the `shifted` ones shifted), fitted
-    by the model's policy with `override` (field -> value) applied."""
+def score_images(scorer, model, images: list[Image.Image], override: dict | None,
+                 batch: int = 64) -> np.ndarray:
+    """Detector scores of decoded raw images, fitted by the model's policy with `override`
+    (field -> value) applied."""
     policy = dataclasses.replace(model.policy, **(override or {}))
     out = []
-    for i in tqdm(range(0, len(rows), batch), desc=str(override or "as is"), disable=None):
-        fitted = []
-        for row, shift in zip(rows[i:i + batch], shifted[i:i + batch]):
-            img = Image.open(images / row["source"]).convert("RGB")
-            img = shift_image(img, args) if shift else img
-            fitted.append(np.asarray(fit_image(img, policy)).transpose(2, 0, 1))
+    for i in tqdm(range(0, len(images), batch), desc=str(override or "as is"), disable=None):
+        fitted = [np.asarray(fit_image(img, policy)).transpose(2, 0, 1)
+                  for img in images[i:i + batch]]
         out.append(scorer.score_batch(torch.from_numpy(np.stack(fitted))))
     return np.concatenate(out)
 
@@ -115,8 +112,16 @@ def main() -> None:
               **({"radius": args.radius} if args.shift == "border" else {"factor": args.factor}),
               "conditions": {}}
     normal = y == 0
+    paths = [Path(args.images) / r["source"] for r in rows]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise SystemExit(f"{len(missing)} source images of {args.prepared} are not in "
+                         f"--images {args.images} (e.g. {missing[0].name}); give the folder "
+                         f"they were prepared from.")
+    raw = [Image.open(p).convert("RGB") for p in paths]  # decoded once for every condition
+    shifted_raw = [shift_image(img, args) if s else img for img, s in zip(raw, shifted)]
     for name, (shift, override) in conditions.items():
-        s = score_images(scorer, model, rows, Path(args.images), shift, args, override)
+        s = score_images(scorer, model, shifted_raw if shift.any() else raw, override)
         ci = bootstrap_cis(y, s, groups, n=args.bootstrap, seed=args.seed).get("auc")
         report["conditions"][name] = {
             "auc": round(roc_auc(y, s), 4), "auc_ci": None if ci is None else

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from stylegan import ops
@@ -188,9 +187,7 @@ class Conv2dLayer(nn.Module):
             # own fresh output (its backward needs only that output): one pass over x, not two.
             x = ops.conv2d_resample(x, w, self.resample_filter, up=self.up, down=self.down,
                                     padding=self.padding, bias=bias)
-            if self.activation == "lrelu":
-                x = F.leaky_relu_(x, ops.LRELU_SLOPE)
-            return x if clamp is None else x.clamp(-clamp, clamp)
+            return ops.activate_(x, self.activation, clamp)
         x = ops.conv2d_resample(x, w, self.resample_filter, up=self.up, down=self.down,
                                 padding=self.padding)  # [N, O, H * up / down, W * up / down]
         return ops.bias_act(x, bias, act=self.activation, gain=act_gain, clamp=clamp)
@@ -319,9 +316,7 @@ class SynthesisLayer(nn.Module):
             # The bias joins the noise in the demodulation pass; lrelu overwrites that pass's
             # fresh output (its backward needs only the output).
             x = ops.modulated_conv2d(x, self.weight, styles, bias=bias, **kwargs)
-            if self.activation == "lrelu":
-                x = F.leaky_relu_(x, ops.LRELU_SLOPE)
-            return x if clamp is None else x.clamp(-clamp, clamp)
+            return ops.activate_(x, self.activation, clamp)
         x = ops.modulated_conv2d(x, self.weight, styles, **kwargs)
         return ops.bias_act(x, bias, act=self.activation, gain=act_gain, clamp=clamp)
 

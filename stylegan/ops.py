@@ -89,6 +89,17 @@ def bias_act(
     return x
 
 
+def activate_(x: torch.Tensor, act: str, clamp: float | None = None) -> torch.Tensor:
+    """Activation `act` (gain 1) in place on a fresh tensor nothing else holds, e.g. a
+    convolution's output with its bias already added, then clamp to [-clamp, clamp]. lrelu's
+    backward needs only its output, so autograd allows the in-place form."""
+    if act == "lrelu":
+        x = F.leaky_relu_(x, LRELU_SLOPE)
+    elif act != "linear":
+        raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
+    return x if clamp is None else x.clamp(-clamp, clamp)
+
+
 def normalize_2nd_moment(x: torch.Tensor, *, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
     """Scale x so that its mean square along `dim` is 1 (pixel norm of the latent)."""
     return x * (x.square().mean(dim=dim, keepdim=True) + eps).rsqrt()

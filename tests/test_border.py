@@ -88,6 +88,10 @@ def test_the_policy_records_the_border_and_old_records_mean_keep():
     assert Preprocessing.from_dict(old, source="x").border == "keep"
     with pytest.raises(UserError, match="border 'crop' is not one of keep, fill"):
         Preprocessing(border="crop")
+    from anodata.prepare import PrepareOptions  # the library refuses it as the CLI does
+    with pytest.raises(UserError, match=r"intensity_target 300.0 is not in \(0, 255\]"):
+        PrepareOptions(source=Path(__file__).parent, dest="x", normal=("nv",),
+                       intensity_target=300.0)
 
 
 def test_fitting_fills_before_colour_constancy_in_prepare_and_in_the_model():
