@@ -154,6 +154,8 @@ def _resolve_model(flags: dict) -> str | None:
 @_gan("--fp32", type=bool, metavar="BOOL",
               help="Disable mixed precision (CUDA only; CPU always computes in float32).")
 @device_option("Where to train.")
+@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), metavar="M",
+              help="Stop after M minutes of wall time, with a final snapshot [--kimg decides].")
 @click.option("-n", "--dry-run", is_flag=True, help="Print the resolved options and exit.")
 def train_gan(dry_run: bool, **flags) -> None:
     """Train or fine-tune a StyleGAN2-ADA generator (flags as in the NVlabs tools).
@@ -455,12 +457,18 @@ def report(graphics_dir: str, title: str) -> None:
                    "b4.conv or b4.fc (these mix the batch through minibatch-stddev).")
 @_fit("--w-reg", type=click.FloatRange(min=0),
               help="Weight of a pull of the codes towards W (normalised distance from w_avg).")
-@_fit("--snap", type=click.IntRange(min=0),
-              help="Iterations between checkpoints and rec grids (0: only at the end).")
+@click.option("--snap", type=click.IntRange(min=0),
+              help="Iterations between checkpoints and rec grids (0: only at the end) [a sixth "
+                   "of the run, at most 1000].")
 @_fit("--tick", type=click.IntRange(min=1),
               help="Iterations between lines in stats.jsonl and log.txt.")
 @click.option("--resume", metavar="latest|PATH",
               help="Continue from the newest checkpoint in --outdir, or from an encoder file.")
+@click.option("--init", type=click.Path(), metavar="CKPT",
+              help="Start a new run from this encoder's weights (warm start at iteration 0, "
+                   "e.g. a model folder's encoder.safetensors for a new collection).")
+@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), metavar="M",
+              help="Stop after M minutes of wall time, with a final checkpoint [--kimg decides].")
 @_fit("--seed", type=int, help="Random seed.")
 @_fit("--workers", type=click.IntRange(min=0),
               help="DataLoader worker processes.")

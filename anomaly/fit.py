@@ -30,7 +30,6 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from anodata.policy import POLICY_KEY, Preprocessing, read_prepared_policy
 from anomaly.encoder import LATENTS, Encoder, EncoderConfig
@@ -45,6 +44,7 @@ from stylegan.dataset import ImageDataset
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_path, atomic_write_json
 from stylegan.imageutil import from_uint8, save_grid, to_uint8
+from stylegan.progress import progress
 from stylegan.runtime import EndlessSampler, RunLog, cuda_backend_settings
 
 DEFAULT_KIMG = 200.0
@@ -66,9 +66,15 @@ class FitOptions:
     latent: str | None = None  # 'wplus' | 'w'; None: 'wplus', or the resumed encoder's
     feature_layer: str = "b8"
     w_reg: float = 0.0  # weight of the pull towards the W distribution
-    snap: int = 1000  # iterations between checkpoints (and reconstruction grids); 0: end only
+    # iterations between checkpoints (and reconstruction grids); 0: end only; None: a sixth of
+    # the run (at most 1000), so that even a short run leaves checkpoints for --val to choose from
+    snap: int | None = None
     tick: int = 100  # iterations between lines in stats.jsonl / log.txt
     resume: str | None = None  # 'latest' or an encoder .safetensors
+    # an encoder .safetensors whose weights start a NEW run (warm start: iteration 0, fresh
+    # optimizer); e.g. a parent model's encoder adapted to a new collection
+    init: str | None = None
+    max_minutes: float | None = None  # stop (with a final checkpoint) after this wall time
     seed: int = 0
     workers: int = 2
     device: str = "auto"
@@ -79,6 +85,12 @@ class FitOptions:
     rot90: bool = False  # and on copies rotated by 90/180/270 degrees
     val: str | None = None  # val.zip: the checkpoint is chosen on its normals' izif loss
     val_images: int = 256  # seeded subset of the validation normals scored per checkpoint
+
+    def snap_iters(self) -> int:
+        """Iterations between checkpoints (`snap`, or a sixth of the run, at most 1000)."""
+        if self.snap is not None:
+            return self.snap
+        return max(1, min(1000, self.total_iters() // 6))
 
     def total_iters(self) -> int:
         """The iteration at which training stops."""
@@ -227,6 +239,9 @@ def training_policy(data: str, model: AnoModel) -> Preprocessing | None:
 
 
 def _resume_path(opts: FitOptions, outdir: Path) -> Path | None:
+    if opts.init is not None and opts.resume is not None:
+        raise UserError("give either --init (a new run from an encoder's weights) or --resume "
+                        "(continue a run), not both.")
     if opts.resume is None:
         if encoder_checkpoints(outdir):
             raise UserError(f"--outdir {outdir} already holds encoder checkpoints; pass "
@@ -244,6 +259,8 @@ def _resume_path(opts: FitOptions, outdir: Path) -> Path | None:
 def _build_encoder(opts: FitOptions, G: torch.nn.Module, D: torch.nn.Module | None,
                    resume: Path | None, device: torch.device) -> tuple[Encoder, dict | None]:
     """A new encoder (head at zero: it starts at G's w_avg), or the resumed one and its meta."""
+    if resume is None and opts.init is not None:
+        return _warm_start(opts, G, device), None
     if resume is None:
         cfg = EncoderConfig(img_resolution=G.img_resolution, img_channels=G.img_channels,
                             num_ws=G.num_ws, w_dim=G.w_dim, latent=opts.latent or "wplus",
@@ -259,6 +276,20 @@ def _build_encoder(opts: FitOptions, G: torch.nn.Module, D: torch.nn.Module | No
                             f"{getattr(E.cfg, field)!r}, not {value!r}; drop the flag or start "
                             f"a new run in another --outdir.")
     return E.train().requires_grad_(True), meta
+
+
+def _warm_start(opts: FitOptions, G: torch.nn.Module, device: torch.device) -> Encoder:
+    """The --init encoder's weights, for a new run against --network (iteration 0)."""
+    path = Path(opts.init)
+    if not path.is_file():
+        raise UserError(f"--init {path} does not exist; give an encoder .safetensors file (e.g. "
+                        f"a model folder's encoder.safetensors).")
+    E, _meta = load_encoder(path, device=device)
+    check_compatible(E, G, encoder_path=path, network_path=opts.network)
+    if opts.latent is not None and opts.latent != E.cfg.latent:
+        raise UserError(f"--init {path} predicts {E.cfg.latent!r}, not --latent {opts.latent}; "
+                        f"drop --latent.")
+    return E.train().requires_grad_(True)
 
 
 def _capacity(opts: FitOptions, G: torch.nn.Module, D: torch.nn.Module | None
@@ -311,8 +342,10 @@ def _loop(run: _Run, total: int) -> None:
     grid = _grid_images(run)
     sums: dict[str, float] = {}
     count, tick_start = 0, time.time()
-    with tqdm(total=total, initial=run.iteration, desc="train-encoder", unit="it",
-              disable=None) as bar, contextlib.closing(batches):  # closing: stops the workers
+    deadline = None if opts.max_minutes is None else time.time() + 60 * opts.max_minutes
+    snap = opts.snap_iters()
+    with progress(total=total, initial=run.iteration, desc="train-encoder", unit="it") as bar, \
+            contextlib.closing(batches):  # closing: stops the workers
         while run.iteration < total:
             losses = _step(run, next(batches))
             run.iteration += 1
@@ -321,13 +354,19 @@ def _loop(run: _Run, total: int) -> None:
                 sums[key] = sums.get(key, 0.0) + value
             bar.update(1)
             bar.set_postfix(loss=f"{losses['loss']:.4g}")
-            done = run.iteration == total
+            out_of_time = deadline is not None and time.time() >= deadline
+            done = run.iteration == total or out_of_time
             if run.iteration % max(opts.tick, 1) == 0 or done:
+                # sec/iter counts everything since the last record, checkpoints and validation
+                # included: it is what the run really costs per iteration
                 run.log.stats(_record(run, sums, count, time.time() - tick_start))
                 sums, count, tick_start = {}, 0, time.time()
-            if (opts.snap and run.iteration % opts.snap == 0) or done:
+            if (snap and run.iteration % snap == 0) or done:
                 _snapshot(run, grid)
-                tick_start = time.time()  # sec/iter leaves the snapshot time out
+            if out_of_time:
+                run.log(f"--max-minutes {opts.max_minutes:g} reached at iteration "
+                        f"{run.iteration} of {total}; stopped with a checkpoint")
+                break
 
 
 def _izif_losses(run: _Run, E: Encoder, x: torch.Tensor
@@ -491,7 +530,7 @@ def _validate_earlier_checkpoints(run: _Run) -> None:
     todo = [p for p in encoder_checkpoints(run.opts.outdir)
             if int(p.stem.removeprefix(ENCODER_PREFIX)) <= run.iteration
             and int(p.stem.removeprefix(ENCODER_PREFIX)) not in done]
-    for path in tqdm(todo, desc="validate checkpoints", disable=None):
+    for path in progress(todo, desc="validate checkpoints"):
         E, meta = load_encoder(path, device=run.device)
         it = int(meta.get("iter", path.stem.removeprefix(ENCODER_PREFIX)))
         run.val_history.append({"checkpoint": path.name, "iter": it,

@@ -50,6 +50,7 @@ class TrainFlags:
     seed: int = 0
     fp32: bool = False
     device: str = "auto"
+    max_minutes: float | None = None  # stop with a final snapshot after this wall time
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def resolve(flags: TrainFlags) -> Resolved:
         resume=None if resume is None else str(resume), strict_resume=flags.strict_resume,
         device=flags.device, generator=G_cfg, discriminator=D_cfg,
         ada_kimg=100.0 if resume is not None else 500.0,  # official: react faster when resuming
-        preprocessing=recorded_preprocessing(flags.data))
+        preprocessing=recorded_preprocessing(flags.data), max_minutes=flags.max_minutes)
     return Resolved(options=opts, overridden=overridden, resume_networks=networks,
                     warnings=few_images_warning(len(dataset), flags.data))
 

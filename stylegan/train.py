@@ -32,7 +32,6 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from stylegan import losses
 from stylegan.augment import AdaController, AugmentConfig, AugmentPipe
@@ -43,6 +42,7 @@ from stylegan.errors import UserError
 from stylegan.fileio import atomic_write_json
 from stylegan.imageutil import from_uint8, save_grid, to_uint8
 from stylegan.networks import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
+from stylegan.progress import progress
 from stylegan.runtime import EndlessSampler, RunLog, cuda_backend_settings, resolve_device
 
 SNAPSHOT_PREFIX = "network-snapshot-"
@@ -88,6 +88,7 @@ class TrainOptions:
     pl_decay: float = 0.01
     ada_interval: int = 4
     ada_kimg: float = 500.0
+    max_minutes: float | None = None  # stop with a final snapshot after this wall time
     # The data's preprocessing policy (prepare.json beside --data), carried opaquely into every
     # snapshot so that raw images are later fitted the same way; None when the data records none.
     preprocessing: dict | None = None
@@ -206,12 +207,17 @@ def _loop(opts: TrainOptions, env: Dist, state: TrainState, reals: Iterator[torc
     total = int(opts.kimg * 1000)
     tick_nimg, tick_start, tick_idx = state.cur_nimg, time.time(), 0
     stats = _StatsCollector()
-    bar = tqdm(total=opts.kimg, initial=state.cur_nimg / 1000, unit="kimg", disable=not env.main,
-               bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} kimg [{elapsed}<{remaining}{postfix}]")
-    while state.cur_nimg < total:
+    bar = progress(total=opts.kimg, initial=state.cur_nimg / 1000, desc="train-gan", unit="kimg",
+                   disable=not env.main,
+                   bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} kimg [{elapsed}<{remaining}"
+                              "{postfix}]")
+    deadline = None if opts.max_minutes is None else time.time() + 60 * opts.max_minutes
+    out_of_time = False
+    while state.cur_nimg < total and not out_of_time:
         _iteration(opts, env, state, reals, stats)
         bar.update(opts.batch / 1000)
-        done = state.cur_nimg >= total
+        out_of_time = _time_is_up(deadline, env)
+        done = state.cur_nimg >= total or out_of_time
         if not done and state.cur_nimg < tick_nimg + opts.tick * 1000:
             continue
         tick_idx += 1
@@ -228,7 +234,20 @@ def _loop(opts: TrainOptions, env: Dist, state: TrainState, reals: Iterator[torc
         tick_nimg, tick_start = state.cur_nimg, time.time()
     bar.close()
     if env.main:
+        if out_of_time:
+            log(f"--max-minutes {opts.max_minutes:g} reached: stopped with a snapshot")
         log(f"done: {state.cur_nimg / 1000:.3f} kimg")
+
+
+def _time_is_up(deadline: float | None, env: Dist) -> bool:
+    """Whether the wall-time limit has passed; every process gets the main process's answer,
+    so all stop after the same iteration."""
+    if deadline is None:
+        return False
+    up = torch.tensor([float(time.time() >= deadline)], device=env.device)
+    if env.world > 1:
+        dist.broadcast(up, src=0)
+    return bool(up.item())
 
 
 def _iteration(opts: TrainOptions, env: Dist, state: TrainState, reals: Iterator[torch.Tensor],

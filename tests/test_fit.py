@@ -218,8 +218,10 @@ def test_cli_dry_run_and_a_short_run(setup, tmp_path):
     result = runner.invoke(main, base + ["--kimg", "1", "--dry-run"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["total_iters"] == math.ceil(1000 / 16) == 63
+    assert json.loads(result.output)["snap"] is None  # sized from the run: 63 // 6 = 10
     assert not (tmp_path / "cli").exists()
-    result = runner.invoke(main, base + ["--iters", "2", "--tick", "1"], catch_exceptions=False)
+    result = runner.invoke(main, base + ["--iters", "2", "--tick", "1", "--snap", "0"],
+                           catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "encoder-000002.safetensors" in result.output
     names = sorted(p.name for p in (tmp_path / "cli").iterdir())
@@ -334,3 +336,32 @@ def test_checkpoints_trained_without_val_are_validated_afterwards(setup, tmp_pat
         want = _izif_of(setup, out / record["checkpoint"], setup["heldout"][:24])
         assert record["loss"] == pytest.approx(want, rel=1e-4)
     assert best_encoder(out) == out / body["best"]["checkpoint"]
+
+
+def test_snap_default_is_sized_from_the_run(setup, tmp_path):
+    """A short run gets several checkpoints for --val to choose from; a long one every 1000."""
+    short = options(setup, tmp_path / "s", kimg=2.0, iters=None, batch=16, snap=None)  # 125 its
+    assert short.snap is None and short.snap_iters() == 125 // 6 == 20
+    assert options(setup, tmp_path / "l", kimg=200.0, iters=None, batch=16,
+                   snap=None).snap_iters() == 1000
+    assert options(setup, tmp_path / "e", iters=3, snap=0).snap_iters() == 0
+
+
+def test_init_warm_starts_a_new_run_and_max_minutes_stops_it(setup, tmp_path):
+    """--init copies an encoder's weights into a new run at iteration 0 with a fresh
+    optimizer; --max-minutes stops the run early with a checkpoint; --init with --resume is
+    refused."""
+    first = fit_encoder(options(setup, tmp_path / "a", iters=2, snap=0), echo=quiet)
+    E0, _ = load_encoder(first)
+    run = fit_encoder(options(setup, tmp_path / "b", iters=50, snap=0, init=str(first),
+                              max_minutes=1e-9), echo=quiet)
+    assert run.name == "encoder-000001.safetensors"  # stopped after the first iteration
+    info = json.loads((tmp_path / "b" / "encoder_options.json").read_text())
+    assert info["start_iter"] == 0 and info["options"]["init"] == str(first)
+    E1, _ = load_encoder(run)
+    moved = [float((a - b).abs().max()) for a, b in zip(E0.parameters(), E1.parameters())]
+    assert 0 < max(moved) < 0.1  # one Adam step away from the --init weights, not a new net
+    with pytest.raises(UserError, match="either --init"):
+        fit_encoder(options(setup, tmp_path / "c", iters=2, init=str(first), resume="latest"))
+    with pytest.raises(UserError, match="--init .* does not exist"):
+        fit_encoder(options(setup, tmp_path / "d", iters=2, init=str(tmp_path / "none")))

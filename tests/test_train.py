@@ -244,3 +244,13 @@ def test_no_weight_grads_leaves_only_the_active_network_with_gradients(tmp_path)
     assert all(p.grad is None for p in D.parameters())
     assert G.synthesis.b16.conv1.weight.grad is not None
     assert all(p.requires_grad for p in D.parameters())
+
+
+def test_max_minutes_stops_with_a_snapshot(tmp_path):
+    """--max-minutes ends the run after the iteration that crosses it, with a final snapshot,
+    long before --kimg (here 0.004 kimg of 1)."""
+    run_dir = train(resolve(tiny_flags(tmp_path, kimg=1.0, snap=0, max_minutes=1e-9)).options)
+    snaps = sorted(run_dir.glob("network-snapshot-*.safetensors"))
+    assert [p.name for p in snaps] == ["network-snapshot-000000.004.safetensors"]
+    log = (run_dir / "log.txt").read_text()
+    assert "--max-minutes 1e-09 reached" in log and "done: 0.004 kimg" in log
