@@ -178,32 +178,57 @@ def _comma_list(ctx: click.Context, param: click.Parameter, value: str | None) -
     return tuple(part.strip() for part in (value or "").split(",") if part.strip())
 
 
+def collection_options(*, required: bool):
+    """The options that say where a raw collection is and how it is labelled and split, shared
+    by `prepare` and `adapt` (--source and --normal are required when `required`)."""
+    options = [
+        click.option("--source", required=required, type=click.Path(), metavar="DIR",
+                     help="Raw images: DIR/<class>/*, DIR/{train,val,test}/<class>/*, or any "
+                          "folder (searched recursively) with --labels."),
+        click.option("--labels", type=click.Path(), metavar="CSV",
+                     help="Metadata CSV with one row per image (e.g. HAM10000_metadata.csv)."),
+        click.option("--id-column", metavar="C",
+                     help="CSV column with the image file stem/name [image_id, image or "
+                          "isic_id]."),
+        click.option("--label-column", metavar="C",
+                     help="CSV column with the class name (e.g. dx)."),
+        click.option("--group-column", metavar="C",
+                     help="CSV column grouping images for splits (e.g. lesion_id) [each image "
+                          "alone]."),
+        click.option("--onehot-columns", callback=_comma_list, metavar="A,B,..",
+                     help="CSV one-hot class columns instead of --label-column (e.g. "
+                          "MEL,NV,BCC)."),
+        click.option("--onehot-zero-class", metavar="NAME",
+                     help="Class of rows whose one-hot columns are all 0 (e.g. nevus for ISIC "
+                          "2017)."),
+        click.option("--split-column", metavar="C",
+                     help="CSV column with each image's split: train, val or test (e.g. an "
+                          "official split) [seeded grouped split]."),
+        click.option("--splits-from", type=click.Path(), metavar="CSV",
+                     help="Reproduce an earlier split: its manifest.csv or a splits.csv "
+                          "(group,split); groups not in it are split by the seeded rule and "
+                          "reported."),
+        click.option("--normal", required=required, callback=_comma_list,
+                     metavar="CLASS[,CLASS]",
+                     help="Normal class(es): label 0, the only ones in train.zip (e.g. nv)."),
+        click.option("--max-per-class", type=click.IntRange(min=1), metavar="N",
+                     help="Use at most N images per class (whole groups, seeded) [all]."),
+        click.option("--workers", type=click.IntRange(min=1), metavar="N",
+                     help="Decoding processes [number of CPUs]."),
+    ]
+
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return decorate
+
+
 @main.command("prepare")
-@click.option("--source", required=True, type=click.Path(), metavar="DIR",
-              help="Raw images: DIR/<class>/*, DIR/{train,val,test}/<class>/*, or any folder "
-                   "(searched recursively) with --labels.")
-@click.option("--labels", type=click.Path(), metavar="CSV",
-              help="Metadata CSV with one row per image (e.g. HAM10000_metadata.csv).")
-@click.option("--id-column", metavar="C",
-              help="CSV column with the image file stem/name [image_id, image or isic_id].")
-@click.option("--label-column", metavar="C", help="CSV column with the class name (e.g. dx).")
-@click.option("--group-column", metavar="C",
-              help="CSV column grouping images for splits (e.g. lesion_id) [each image alone].")
-@click.option("--onehot-columns", callback=_comma_list, metavar="A,B,..",
-              help="CSV one-hot class columns instead of --label-column (e.g. MEL,NV,BCC).")
-@click.option("--onehot-zero-class", metavar="NAME",
-              help="Class of rows whose one-hot columns are all 0 (e.g. nevus for ISIC 2017).")
-@click.option("--split-column", metavar="C",
-              help="CSV column with each image's split: train, val or test (e.g. an official "
-                   "split) [seeded grouped split].")
-@click.option("--splits-from", type=click.Path(), metavar="CSV",
-              help="Reproduce an earlier split: its manifest.csv or a splits.csv (group,split); "
-                   "groups not in it are split by the seeded rule and reported.")
+@collection_options(required=True)
 @click.option("--model", type=click.Path(), metavar="DIR",
               help="Prepare with the preprocessing recorded by this model folder (e.g. "
                    "models/ham64-cpu); its splits.csv is applied only with --splits-from.")
-@click.option("--normal", required=True, callback=_comma_list, metavar="CLASS[,CLASS]",
-              help="Normal class(es): label 0, the only ones in train.zip (e.g. nv).")
 @click.option("--dest", required=True, type=click.Path(), metavar="DIR",
               help="Output folder for train/val/test.zip, manifest.csv, rejected.csv.")
 @_prep("--resolution", type=int,
@@ -234,10 +259,6 @@ def _comma_list(ctx: click.Context, param: click.Parameter, value: str | None) -
               help="Fraction of the normal images for test.")
 @_prep("--seed", type=click.IntRange(0, 2**32 - 1),
               help="Seed of the grouped random split.")
-@click.option("--max-per-class", type=click.IntRange(min=1), metavar="N",
-              help="Use at most N images per class (whole groups, seeded) [all].")
-@click.option("--workers", type=click.IntRange(min=1), metavar="N",
-              help="Decoding processes [number of CPUs].")
 @click.option("--strict", is_flag=True, help="Exit with status 1 if any input was rejected.")
 def prepare(channels: str, model: str | None, **flags) -> None:
     """Build NVlabs-compatible train/val/test zips from raw dermoscopy images.
@@ -670,6 +691,82 @@ def tune(by: tuple[str, ...], **flags) -> None:
                f"{sel['best_value']:.4f}, tolerance {sel['tolerance']:g}; threshold "
                f"{chosen['threshold']:.4g} {chosen['threshold_rule']})")
     click.echo(f"wrote {', '.join(str(p) for p in written.values())}")
+
+
+# ---- adapt -----------------------------------------------------------------------------------
+
+_adapt = config_option("anomaly.adapt:AdaptOptions")
+
+
+@main.command("adapt")
+@click.option("--model", required=True, type=click.Path(), metavar="DIR",
+              help="The parent model folder (e.g. models/ham64-cpu).")
+@click.option("--dest", required=True, type=click.Path(), metavar="DIR",
+              help="The new model folder (e.g. models/mine); it must not exist yet.")
+@click.option("--prepared", type=click.Path(), metavar="DIR",
+              help="An already prepared collection (prepared with the parent's policy) instead "
+                   "of --source.")
+@collection_options(required=False)
+@_adapt("--val", type=click.FloatRange(0, 1, max_open=True),
+        help="Fraction of the normal images for val when the collection has no split "
+             "(anomalies: val:test ratio).")
+@_adapt("--test", type=click.FloatRange(0, 1, max_open=True),
+        help="Fraction of the normal images for test when the collection has no split.")
+@_adapt("--seed", type=click.IntRange(0, 2**32 - 1),
+        help="Seed of the split, the bank subset, the bootstrap and the training runs.")
+@_adapt("--kimg", type=click.FloatRange(min=0),
+        help="Fine-tune the GAN from the parent's network for N kimg on the training normals "
+             "(0: keep the parent's network).")
+@_adapt("--encoder-kimg", type=click.FloatRange(min=0),
+        help="Train the encoder from the parent's for N kimg, checkpoint chosen on the "
+             "validation normals (0: keep the parent's encoder).")
+@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), metavar="M",
+              help="Time budget: the training steps stop in time for the whole run to take "
+                   "about M minutes (the split is printed) [no limit].")
+@_adapt("--grid", type=str, metavar="M,M,...", help="Methods to try (see `tune --help`).")
+@_adapt("--select", type=str, metavar="auc|worst:COLUMN",
+        help="Selection rule of `tune` (a simpler one is used, and said, where the validation "
+             "split is too small for it).")
+@_adapt("--tolerance", type=click.FloatRange(min=0),
+        help="The cheapest configuration within this of the best selection value is chosen.")
+@click.option("--by", multiple=True, metavar="COLUMN",
+              help="Also report validation AUCs per subgroup of normals by this column.")
+@_adapt("--min-subgroup", type=click.IntRange(min=1),
+        help="Smallest subgroup of normals counted by worst:COLUMN.")
+@click.option("--normal-class", metavar="NAME", help="Normal class [the class labelled 0].")
+@click.option("--anomaly-class", metavar="NAME|all",
+              help="Anomaly class of the main comparison [mel when present, else all].")
+@_adapt("--threshold", type=str, metavar="youden|p95|VALUE",
+        help="Decision threshold, chosen on validation.")
+@_adapt("--bootstrap", type=click.IntRange(min=0), help="Lesion-level bootstrap resamples.")
+@_adapt("--bank-size", type=click.IntRange(min=2), help="Training normals in the bank.")
+@click.option("--no-test", is_flag=True,
+              help="Do not read the test split (otherwise it is read once, at the end).")
+@_adapt("--batch", type=click.IntRange(min=1), help="Images per forward pass.")
+@device_option("Where to compute.")
+def adapt(no_test: bool, **flags) -> None:
+    """Your own collection: a tuned model folder from a parent model folder, in one command.
+
+    Steps: prepare the collection with the parent's preprocessing (or take --prepared), fine-tune
+    the GAN and the encoder if asked (--kimg, --encoder-kimg), choose the scoring configuration on
+    the collection's validation split with its training normals as the bank, write the model
+    folder (network, encoder, detector.json, bank, splits.csv, tune.xlsx, README.md model card),
+    and read the test split once, at the end, into DEST/evaluation. A killed run continues when
+    the same command is given again.
+
+    \b
+    Example:
+      anostyle adapt --model models/ham64-cpu --dest models/mine --source my/images \\
+        --labels my/labels.csv --id-column image --label-column diagnosis \\
+        --split-column split --normal nevus --anomaly-class melanoma
+    """
+    import shlex
+    import sys
+
+    from anomaly.adapt import AdaptOptions, adapt as run_adapt
+
+    command = "anostyle " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    run_adapt(AdaptOptions(read_test=not no_test, **flags), command=command, echo=click.echo)
 
 
 # ---- score / tsne ----------------------------------------------------------------------------
