@@ -35,6 +35,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import tempfile
 import time
 import zipfile
@@ -129,6 +130,7 @@ class PrepareSummary:
     elapsed_seconds: float
     splits: str = "seeded"  # how the splits were made: seeded, folders, column or file
     new_groups: tuple[str, ...] = ()  # --splits-from: groups not in the file (seeded rule)
+    rejected_kinds: tuple[tuple[str, int], ...] = ()  # (kind of reason, count): reason_counts
 
     @property
     def num_images(self) -> int:
@@ -242,7 +244,8 @@ def prepare_dataset(options: PrepareOptions) -> PrepareSummary:
                 {it.candidate.group for it in items} - set(known)))
             summary = PrepareSummary(options.dest, class_map, count_images(rows, class_map),
                                      len(rejected), round(time.perf_counter() - start, 3),
-                                     splits=origin, new_groups=new_groups)
+                                     splits=origin, new_groups=new_groups,
+                                     rejected_kinds=tuple(reason_counts(rejected)))
             _write_csv(tmp["manifest.csv"], MANIFEST_COLUMNS + tuple(meta_columns.values()),
                        rows)
             _write_rejected(tmp["rejected.csv"], rejected)
@@ -329,7 +332,7 @@ def _decode_all(candidates: list[Candidate], rejected: list[Rejection], *, spool
     """
     encode = partial(_encode_file, policy=options.policy)
     paths = [str(options.source / c.source) for c in candidates]
-    first_seen: dict[str, str] = {}
+    first_seen: dict[str, Candidate] = {}
     items = []
     with _pool(options.workers or os.cpu_count() or 1) as pool:
         for c, (png, sha, reason) in zip(candidates, _map(encode, paths, pool=pool,
@@ -337,12 +340,32 @@ def _decode_all(candidates: list[Candidate], rejected: list[Rejection], *, spool
             if reason is not None:
                 rejected.append(Rejection(c.source, reason))
             elif sha in first_seen:
-                rejected.append(Rejection(c.source, f"duplicate of {first_seen[sha]}"))
+                kept = first_seen[sha]
+                rejected.append(Rejection(c.source, f"duplicate of {kept.source}"
+                                          + _split_note(kept, c)))
             else:
-                first_seen[sha] = c.source
+                first_seen[sha] = c
                 items.append(_Item(c, sha, offset=spool.tell(), length=len(png)))
                 spool.write(png)
     return items
+
+
+def _split_note(kept: Candidate, dropped: Candidate) -> str:
+    """' (kept in train; this copy was given test)' when the two copies were given different
+    splits (an official split that holds the same file twice), else ''."""
+    if dropped.split is None or kept.split == dropped.split:
+        return ""
+    return f" (kept in {kept.split or 'the seeded split'}; this copy was given {dropped.split})"
+
+
+def reason_counts(rejected: list[Rejection]) -> list[tuple[str, int]]:
+    """(kind of reason, count), most frequent first: a reason with its file names, line numbers
+    and quoted values replaced by '…', so that rejections of one kind count together."""
+    counts: dict[str, int] = {}
+    for r in rejected:
+        kind = re.sub(r"'[^']*'|\"[^\"]*\"|\S+\.[A-Za-z0-9]{2,5}\b|\b\d+\b", "…", r.reason)
+        counts[kind] = counts.get(kind, 0) + 1
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
 # ----------------------------------------------------------------------------- splits
@@ -620,4 +643,5 @@ def format_summary(summary: PrepareSummary) -> str:
     lines.append(f"{summary.num_images} images written to {summary.dest} in "
                  f"{summary.elapsed_seconds:.1f} s; {summary.num_rejected} inputs rejected"
                  + (f" (see {summary.dest / 'rejected.csv'})" if summary.num_rejected else ""))
+    lines += [f"  {n:>6}  {kind}" for kind, n in summary.rejected_kinds]
     return "\n".join(lines)

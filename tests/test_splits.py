@@ -293,3 +293,23 @@ def test_model_policy_encoder_first_then_defaults(tmp_path):
     assert bare.policy == Preprocessing(resolution=16) and "records no preprocessing" in bare.note
     with pytest.raises(UserError, match="has no network.safetensors"):
         read_model_policy(tmp_path)
+
+
+def test_a_cross_split_duplicate_says_which_split_kept_it_and_reasons_are_counted(tmp_path):
+    """The same bytes in train and in test (an official split listing a file twice) are kept
+    once, and the rejection says which split kept them; the summary counts rejections by kind."""
+    from anodata.prepare import format_summary
+
+    images, csv_path = _write_set(tmp_path, LESIONS)
+    # ISIC_L06_0 (test) becomes a byte copy of ISIC_L00_0 (train)
+    (images / "ISIC_L06_0.jpg").write_bytes((images / "ISIC_L00_0.jpg").read_bytes())
+    (images / "stray.jpg").write_bytes((images / "ISIC_L01_0.jpg").read_bytes()[:10])
+    summary = prepare_dataset(_opts(images, csv_path, tmp_path / "out", split_column="split"))
+    reasons = {r["source"]: r["reason"] for r in _rows(tmp_path / "out" / "rejected.csv")}
+    assert reasons["ISIC_L06_0.jpg"] == ("duplicate of ISIC_L00_0.jpg (kept in train; this "
+                                         "copy was given test)")
+    assert summary.counts["test"]["nv"] == 2
+    assert summary.rejected_kinds == (("duplicate of … (kept in train; this copy was given "
+                                       "test)", 1), ("no row for this image in …", 1))
+    text = format_summary(summary)
+    assert "2 inputs rejected" in text and "       1  no row for this image in …" in text
