@@ -13,7 +13,8 @@ The protocol (metrics and tests are in anomaly/metrics.py, figures in anomaly/pl
   metrics.py). Without a `group` column each image is its own group and a note says so.
 - Every method is compared with the best baseline on the same images by a paired test: the
   paired group bootstrap of the AUC difference, or DeLong's test when groups are absent. A
-  method "earns its keep" when its AUC is higher and the two-sided p-value is below 0.05.
+  method "earns its keep" when its AUC is higher, the two-sided p-value is below 0.05, and its
+  own AUC's CI lies above 0.5 (beating a baseline that is itself at chance earns nothing).
 - Subgroups (`by`): a subgroup restricts the NORMAL images to one value of a column and keeps
   every anomaly of the comparison ("normals" scope), so on HAM10000 `--by dx_type` shows
   histology-confirmed naevi vs all melanomas next to all naevi vs melanomas (every HAM10000
@@ -211,6 +212,14 @@ def classification_table(result: ComparisonResult) -> pd.DataFrame:
 # ------------------------------------------------------------------------------ paired tests
 
 
+def above_chance(row: dict) -> bool:
+    """Whether a method's own AUC is shown to be above 0.5: its CI's lower end when there is one
+    (beating a baseline that is itself at chance earns nothing), else the AUC."""
+    low = row.get("auc_ci_low", math.nan)
+    return bool(low > 0.5) if low is not None and math.isfinite(low) else \
+        bool(row.get("auc", math.nan) > 0.5)
+
+
 def paired_row(result: ComparisonResult, reference: ComparisonResult,
                options: EvaluateOptions) -> dict:
     """Paired comparison of `result` with `reference` on the images both scored."""
@@ -224,7 +233,7 @@ def paired_row(result: ComparisonResult, reference: ComparisonResult,
     groups = None if result.groups is None else result.groups[ia]
     res = metrics.paired_comparison(y, result.s[ia], reference.s[ib], groups,
                                     n=options.bootstrap, seed=options.seed)
-    earns = bool(res.difference > 0 and res.p_value < ALPHA)
+    earns = bool(res.difference > 0 and res.p_value < ALPHA and above_chance(result.row))
     verdict = "" if result.method in BASELINES else "yes" if earns else "no"
     return {"vs_baseline": reference.method, "auc_diff": res.difference,
             "auc_diff_ci_low": res.ci_low, "auc_diff_ci_high": res.ci_high,

@@ -225,7 +225,7 @@ def _summary_section(summary: dict) -> tuple[str, str, str] | None:
             f"before {_esc(split)} was read); other methods are exploratory. Best baseline "
             f"(on validation): <b>{_esc(summary.get('best_baseline') or 'none')}</b>. A method "
             f"earns its keep when its AUC is higher than the best baseline's and the two-sided "
-            f"paired p-value is below 0.05.</p>")
+            f"paired p-value is below 0.05, and its own AUC's 95% CI lies above 0.5.</p>")
     body += summary_table(rows)
     body += "<h3>Operating points (thresholds chosen on validation)</h3>" + operating_table(rows)
     subgroups = [r for r in summary.get("subgroups", []) or [] if isinstance(r, dict)]

@@ -368,3 +368,12 @@ def test_evaluate_repeats_mean_and_sd(tmp_path):
     assert "±" in result.output and "izif" in result.output.splitlines()[1]
     bad = CliRunner().invoke(main, ["evaluate-repeats", "--scores", str(tmp_path / "nope")])
     assert bad.exit_code == 1 and "is not a folder" in bad.output
+
+
+def test_a_method_at_chance_never_earns_its_keep():
+    """Beating a baseline that is itself at chance earns nothing: the method's own AUC CI must
+    lie above 0.5 (with no CI, its AUC must)."""
+    assert ev.above_chance({"auc": 0.62, "auc_ci_low": 0.55})
+    assert not ev.above_chance({"auc": 0.539, "auc_ci_low": 0.48})
+    assert not ev.above_chance({"auc": 0.50, "auc_ci_low": float("nan")})
+    assert ev.above_chance({"auc": 0.51, "auc_ci_low": float("nan")})
