@@ -36,6 +36,12 @@ if head -n 1 "${LABELS:-/dev/null}" 2>/dev/null | tr ',' '\n' | grep -qx 'dx_typ
 else
   SELECT=${SELECT:-auc}; BY=${BY-}
 fi
+# Step 10 (your own collection): the parent model folder, the new one, and how much to train.
+PARENT=${PARENT:-$ROOT/models/ham64-cpu}
+ADAPTED=${ADAPTED:-$OUT/models/adapted}            # must not exist yet
+SPLIT_COLUMN=${SPLIT_COLUMN-}                       # a CSV column with an official split
+ADAPT_KIMG=${ADAPT_KIMG:-0}                         # 0: keep the parent's GAN
+ADAPT_ENCODER_KIMG=${ADAPT_ENCODER_KIMG:-0}         # 0: keep the parent's encoder
 SCORES=${SCORES:-$OUT/scores}                      # Excel score sheets
 GRAPHICS=${GRAPHICS:-$OUT/graphics}                # figures and index.html
 METHODS=${METHODS:-izif,sklearn:euclidean,sklearn:manhattan,sklearn:cosine,torch-euclidean,latent}

@@ -24,6 +24,11 @@ def test_numbered_scripts_run_the_whole_pipeline(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for step in range(1, 9):
         assert f"== 0{step} " in result.stdout
+    assert "== 10 adapt" in result.stdout  # your own collection: the shipped model, adapted
+    adapted = tmp_path / "models" / "adapted"
+    assert {"detector.json", "README.md", "splits.csv"} <= {p.name for p in adapted.iterdir()}
+    assert json.loads((adapted / "evaluation" / "summary.json").read_text())["primary"] \
+        == "detector"
     dataset = tmp_path / "datasets" / "demo-32"
     n_test = len(json.loads(zipfile.ZipFile(dataset / "test.zip").read("dataset.json"))["labels"])
     assert len(list((tmp_path / "generated_img").rglob("*_residual.png"))) == n_test
