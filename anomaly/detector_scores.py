@@ -221,6 +221,24 @@ def check_finite_score(score: float, *, image: str = "the image") -> float:
     return value
 
 
+def refuse_non_finite(scores: dict[str, np.ndarray], *, command: str, outputs: str) -> None:
+    """The batch commands' form of the rule: NonFiniteScore (one sentence: how many images,
+    from which methods) when any image has a non-finite score in {method: [N]}; the command
+    then writes none of its `outputs`."""
+    bad = {name: ~np.isfinite(np.asarray(v, dtype=np.float64).reshape(-1))
+           for name, v in scores.items()}
+    rows = np.any(np.stack(list(bad.values())), axis=0)  # [N]
+    if not rows.any():
+        return
+    names = [name for name, b in bad.items() if b.any()]
+    which = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    raise NonFiniteScore(f"{int(rows.sum())} of {len(rows)} images got a non-finite score (NaN "
+                         f"or infinity) from {which}, so {command} wrote no {outputs}; the "
+                         f"network or encoder weights overflow or are damaged (or the method "
+                         f"is undefined for these images): check those files, or leave the "
+                         f"method out.")
+
+
 def decide(score: float, threshold: float, *, image: str = "the image") -> str:
     """'anomalous' when score >= threshold, else 'normal'; NonFiniteScore for a non-finite
     score."""

@@ -10,13 +10,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from anodata.prepare import PrepareOptions, prepare_dataset
 from anomaly import detector as det
 from anomaly import detector_scores as ds
 from anomaly.app.model import ServeOptions, load_serve_model
+from anomaly.cli import main
 from anomaly.encoder_io import save_encoder, sha256_file
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
+from stylegan.dataset import ImageDataset
 from encoder_helpers import (sample_images, save_tiny_networks, tiny_encoder, tiny_networks,
                              write_folder)
 
@@ -100,3 +103,58 @@ def test_serve_model_judge_follows_the_same_rule(overflow):
     with pytest.raises(ds.NonFiniteScore):
         ds.weak_percentile(float("nan"), np.array([0.1, 0.2]))
     assert ds.decide(0.5, 0.5) == "anomalous" and ds.decide(0.49, 0.5) == "normal"
+
+
+# ----------------------------------------------------------------------------------------------
+# Item 3: batch commands refuse NaN results and leave no sheet
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def refused_in_one_sentence(result, start: str) -> str:
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output, result.output
+    (line,) = [line for line in result.output.splitlines() if start in line]
+    sentence = line[line.index(start):]
+    assert sentence.endswith(".") and ". " not in sentence, sentence
+    return sentence
+
+
+def test_score_refuses_non_finite_scores_and_writes_no_sheet(overflow, tmp_path):
+    out = tmp_path / "scored"
+    r = run("score", "--model", overflow["broken"], "--data", overflow["prepared"] / "val.zip",
+            "--methods", "izif,residual:mean", "--outdir", out, "--device", "cpu")
+    n = len(ImageDataset(overflow["prepared"] / "val.zip"))
+    sentence = refused_in_one_sentence(r, f"{n} of {n} images got a non-finite score")
+    assert "from izif, residual:mean, detector, so score wrote no sheet" in sentence
+    assert not list(out.glob("*.xlsx")) and not (out / "score.json").exists()
+    sound = run("score", "--model", overflow["sound"], "--data",
+                overflow["prepared"] / "val.zip", "--methods", "izif", "--outdir", out,
+                "--device", "cpu")
+    assert sound.exit_code == 0 and (out / "detector.xlsx").exists(), sound.output
+
+
+def test_reconstruct_refuses_non_finite_reconstructions(overflow, tmp_path):
+    out = tmp_path / "rec"
+    source = overflow["image"].parent
+    r = run("reconstruct", "--model", overflow["broken"], "--source", source, "--outdir", out,
+            "--device", "cpu")
+    n = len(list(source.glob("*.png")))
+    sentence = refused_in_one_sentence(r, f"{n} of {n} images got a non-finite reconstruction")
+    assert "mean MSE" not in r.output and "so reconstruct wrote no reconstruction.csv" in sentence
+    assert not out.exists() or not list(out.iterdir())
+    sound = run("reconstruct", "--model", overflow["sound"], "--source", source, "--outdir",
+                out, "--device", "cpu")
+    assert sound.exit_code == 0 and (out / "reconstruction.csv").exists(), sound.output
+
+
+def test_tune_refuses_non_finite_scores_without_a_traceback(overflow, tmp_path):
+    out = tmp_path / "tuned"
+    r = run("tune", "--model", overflow["broken"], "--data", overflow["prepared"] / "val.zip",
+            "--outdir", out, "--grid", "residual:mean,izif", "--tta", "off", "--bootstrap", 10,
+            "--combine", 0, "--device", "cpu")
+    sentence = refused_in_one_sentence(r, "images got a non-finite score")
+    assert "from residual:mean, izif, so tune wrote no tune.xlsx or detector.json" in sentence
+    assert not out.exists() or not list(out.iterdir())
