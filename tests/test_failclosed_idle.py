@@ -189,3 +189,17 @@ def test_body_bytes_in_flight_are_bounded_across_requests():
         asyncio.run(uploads.read_uploads("multipart/form-data; boundary=B", None, chunks(1),
                                          limits, budget=budget))
     assert budget.used == 900
+
+
+def test_a_complete_request_over_the_limit_is_a_503(nets, model, monkeypatch):  # noqa: F811
+    """The place is taken when the body has arrived: with none free, the upload is read and
+    then refused with one sentence (and the connection closed)."""
+    from fastapi.testclient import TestClient
+
+    monkeypatch.setattr(app_server, "REQUEST_LIMIT", 0)
+    client = TestClient(create_app(model, upload_limits(ServeOptions("n", "e", "s"))))
+    r = post_images(client, ("x.png", nets["png"]))
+    assert r.status_code == 503 and r.headers["connection"] == "close"
+    assert r.json()["detail"] == ("The server is answering 0 requests already; try again in a "
+                                  "few seconds.")
+    assert client.get("/healthz").status_code == 503  # without a body: refused at once

@@ -675,11 +675,14 @@ def timed_protocol(*, header_timeout: float, request_timeout: float,
             super().on_response_complete()
             if self.transport.is_closing():
                 return
-            if self.conn.their_state is h11.IDLE:  # ready for the next request
+            ours, theirs = self.conn.our_state, self.conn.their_state
+            if theirs is h11.IDLE:  # ready for the next request
                 self._since = time.monotonic()
                 self._arm("headers")
-            elif self.conn.their_state is not h11.DONE:  # answered before its body was read
+            elif ours is h11.DONE and theirs is not h11.DONE:  # answered before its body came
                 self._close_with(None)
+            elif ours is h11.SEND_RESPONSE:  # a pipelined request has begun
+                self._arm("request")
 
         def connection_lost(self, exc) -> None:
             self._arm(None)
