@@ -523,7 +523,7 @@ def create_app(model: ServeModel, limits: UploadLimits, *,
 
     if login is not None:
         login_routes(app, login, timeout=request_timeout)
-    app.add_middleware(Admission, limit=REQUEST_LIMIT)  # inside Gate: refused logins count not
+    app.add_middleware(Admission, limit=REQUEST_LIMIT)  # inside Gate: a 401 takes no place
     app.add_middleware(Gate, login=login, allowed_hosts=allowed_hosts)
     app.add_middleware(SecurityHeaders)
     return app
