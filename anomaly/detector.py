@@ -579,15 +579,18 @@ class DetectorScorer:
 
     def judge(self, image) -> Judgement:
         """(score, percentile, decision) of one image: a fitted uint8 [C, H, W] array/tensor, or
-        a raw image (PIL, bytes, path), which is fitted by the model's recorded policy."""
+        a raw image (PIL, bytes, path), which is fitted by the model's recorded policy.
+        A score that is not finite raises detector_scores.NonFiniteScore (no percentile, no
+        decision), as serve refuses it."""
         if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 3:
             batch = self.model.batch(torch.as_tensor(np.array(image))[None])
         else:
             batch = self.model.batch(image)
         score = float(self.score_batch(batch)[0])
         d = self.detector
-        return Judgement(score, ds.weak_percentile(score, self._reference),
-                         "anomalous" if score >= d.threshold else "normal", d.threshold,
+        name = f"'{image}'" if isinstance(image, (str, os.PathLike)) else "the image"
+        return Judgement(score, ds.weak_percentile(score, self._reference, image=name),
+                         ds.decide(score, d.threshold, image=name), d.threshold,
                          d.threshold_rule, d.method)
 
 

@@ -21,6 +21,9 @@ over the dihedral group and rank averaging. Tensors/arrays in, tensors/arrays ou
 - Rank average: each score becomes its percentile among validation normals (linear
   interpolation between sorted scores at plotting positions (i + 0.5) / M, clipped to [0, 100]),
   so a single image can be scored; the combination is the mean of those percentiles.
+- One image's answer (`decide`, `weak_percentile`): the one rule of every entry point (the
+  Python API's `judge`, serve): a score that is not a finite number gets no percentile and no
+  decision; NonFiniteScore is raised, naming the cause.
 
 Shape letters: N images, C channels, H/W height/width, F feature dims, M bank points, d PCA dims.
 """
@@ -33,6 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from stylegan.errors import UserError
 
 N_VIEWS = 8
 
@@ -200,7 +205,50 @@ def rank_average(scores: list[np.ndarray], references: list[np.ndarray]) -> np.n
     return np.mean([percentile_among(s, r) for s, r in zip(scores, references)], axis=0)
 
 
-def weak_percentile(score: float, reference_sorted: np.ndarray) -> float:
-    """100 * (number of reference scores <= score) / M (serve's percentile of rank)."""
+class NonFiniteScore(UserError):
+    """A score that is not a finite number (NaN or infinity): no percentile, no decision."""
+
+
+def check_finite_score(score: float, *, image: str = "the image") -> float:
+    """`score` as a float when it is finite; NonFiniteScore (one sentence) otherwise. NaN would
+    compare as 'normal' with any threshold and +inf would rank at the 100th percentile: a model
+    that cannot score must never answer either."""
+    value = float(score)
+    if not math.isfinite(value):
+        raise NonFiniteScore(f"The model gave a non-finite score ({value}) for {image}, so it "
+                             f"gives no percentile and no decision; its network or encoder "
+                             f"weights overflow or are damaged: check or replace those files.")
+    return value
+
+
+def refuse_non_finite(scores: dict[str, np.ndarray], *, command: str, outputs: str) -> None:
+    """The batch commands' form of the rule: NonFiniteScore (one sentence: how many images,
+    from which methods) when any image has a non-finite score in {method: [N]}; the command
+    then writes none of its `outputs`."""
+    bad = {name: ~np.isfinite(np.asarray(v, dtype=np.float64).reshape(-1))
+           for name, v in scores.items()}
+    rows = np.any(np.stack(list(bad.values())), axis=0)  # [N]
+    if not rows.any():
+        return
+    names = [name for name, b in bad.items() if b.any()]
+    which = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    raise NonFiniteScore(f"{int(rows.sum())} of {len(rows)} images got a non-finite score (NaN "
+                         f"or infinity) from {which}, so {command} wrote no {outputs}; the "
+                         f"network or encoder weights overflow or are damaged (or the method "
+                         f"is undefined for these images): check those files, or leave the "
+                         f"method out.")
+
+
+def decide(score: float, threshold: float, *, image: str = "the image") -> str:
+    """'anomalous' when score >= threshold, else 'normal'; NonFiniteScore for a non-finite
+    score."""
+    return "anomalous" if check_finite_score(score, image=image) >= threshold else "normal"
+
+
+def weak_percentile(score: float, reference_sorted: np.ndarray, *,
+                    image: str = "the image") -> float:
+    """100 * (number of reference scores <= score) / M (serve's percentile of rank);
+    NonFiniteScore for a non-finite score."""
+    score = check_finite_score(score, image=image)
     ref = np.asarray(reference_sorted, dtype=np.float64)
     return float(100.0 * np.searchsorted(ref, score, side="right") / len(ref))

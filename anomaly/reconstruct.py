@@ -183,21 +183,31 @@ def reconstruct_folder(opts: ReconstructOptions) -> ReconstructSummary:
     outdir = Path(opts.outdir)
     paths = output_paths(outdir, source.names, renamed=original_names(source))
     skipped: list[tuple[str, str]] = []
-    rows = []
+    rows, non_finite = [], 0
     batches = iterate_source(source, policy=model.policy, batch=opts.batch, skipped=skipped)
     with tqdm(total=len(source.names), desc="reconstruct", unit="img", disable=None) as bar:
         for images, names in batches:
             x = from_uint8(images.to(model.device))  # [N, C, H, W]
             with torch.no_grad():
                 _ws, rec = model.reconstruct(x)
+            finite = torch.isfinite(rec.flatten(1)).all(dim=1).tolist()  # [N]
+            non_finite += finite.count(False)
+            keep = [i for i, ok in enumerate(finite) if ok]  # no picture of what overflowed
             mse = (x - rec).square().flatten(1).mean(dim=1).tolist()  # [N]
-            _write_batch(rec, x, [paths[n] for n in names], residual=opts.residual)
+            if keep:
+                _write_batch(rec[keep], x[keep], [paths[names[i]] for i in keep],
+                             residual=opts.residual)
             rows += [(n, paths[n].relative_to(outdir.resolve()).as_posix(), m)
                      for n, m in zip(names, mse)]
             bar.update(len(names))
     if not rows:
         raise UserError(f"--source {opts.source} holds no readable image "
                         f"({skipped[0][0]}: {skipped[0][1]}); check the files.")
+    if non_finite:
+        raise UserError(f"{non_finite} of {len(rows)} images got a non-finite reconstruction "
+                        f"(NaN or infinity), so reconstruct wrote no reconstruction.csv and no "
+                        f"picture of them; the network or encoder weights overflow or are "
+                        f"damaged: check or replace those files.")
     csv_path = write_csv(outdir / "reconstruction.csv", ["file", "output", "mse"], rows)
     return ReconstructSummary(outdir, len(rows), tuple(skipped),
                               float(np.mean([r[2] for r in rows])), csv_path)

@@ -141,9 +141,14 @@ def manifest_meta(row: dict[str, str]) -> dict[str, str]:
 
 def _write_outputs(opts: ScoreOptions, table: ScoreTable, model: AnoModel,
                    seconds: float, *, detector: str | None = None) -> dict[str, Path]:
+    """The sheets, all_scores.xlsx and score.json; none of them when a score is not finite."""
+    from anomaly.detector_scores import refuse_non_finite
+
+    frames = table.frames()
+    refuse_non_finite({m: df["score"].to_numpy() for m, df in frames.items()},
+                      command="score", outputs="sheet")
     outdir = Path(opts.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    frames = table.frames()
     written = {m: write_score_sheet(df, outdir / f"{method_filename(m)}.xlsx")
                for m, df in frames.items()}
     written["all"] = write_all_scores(frames, outdir / "all_scores.xlsx")

@@ -129,6 +129,7 @@ def tune(opts: TuneOptions) -> dict[str, Path]:
     scores = {det.config_name(m, t): det.method_scores(
         m, cache.q["tta" if t else "plain"], mode="tta" if t else "plain", bank=bank,
         model_layer=model.feature_layer) for m, t in configs}
+    ds.refuse_non_finite(scores, command="tune", outputs="tune.xlsx or detector.json")
     rows = [_evaluate(name, s, cache.rows, normal, anomalies, by, opts)
             for name, s in scores.items()]
     rows += _combinations(rows, scores, cache.rows, normal, anomalies, by, opts)

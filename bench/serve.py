@@ -15,8 +15,16 @@ sent decompression-amplifying PNGs: `--attack-requests` (2) concurrent requests 
 `--attack-files` (2) files each, and how long a normal request takes meanwhile. Scenarios: the
 issue's 7000x7000 all-zero 16-bit PNG (95 KB; over the 24-megapixel default, refused from its
 header), and the worst the defaults admit: 6000x4000 all-zero 16-bit gray and 8-bit RGBA PNGs.
+
+`--attack idle` starts `anostyle serve` the same way and opens `--idle-clients` (100)
+connections that each send `POST /api/info` with `Content-Length: 100000000`, read the answer,
+send one body byte and then idle; a closed one is opened again at once, for `--attack-seconds`
+(20). Meanwhile a normal request (one image, ?images=false) is sent every 0.25 s and timed, and
+the server's resident memory is sampled. Reports the normal requests' statuses and latencies,
+how many attack connections were opened, and RSS before, during (peak of the samples) and 3 s
+after the attack.
 Usage: `.venv/bin/python bench/serve.py [--requests 100] [--concurrency 8] [--threads 2]`
-       `.venv/bin/python bench/serve.py --attack`
+       `.venv/bin/python bench/serve.py --attack [memory | idle]`
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import json
 import os
 import platform
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -173,8 +182,12 @@ def post_detail(port: int, body: bytes) -> tuple[int, float, str]:
         conn.request("POST", "/api/score?images=false", body=body,
                      headers={"content-type": "multipart/form-data; boundary=BENCH"})
         response = conn.getresponse()
-        payload = json.loads(response.read() or b"{}")
-        return response.status, time.perf_counter() - start, str(payload.get("detail", ""))
+        raw = response.read()
+        try:
+            detail = str(json.loads(raw or b"{}").get("detail", ""))
+        except ValueError:  # not JSON (e.g. uvicorn's own 503)
+            detail = raw[:200].decode("latin-1")
+        return response.status, time.perf_counter() - start, detail
     finally:
         conn.close()
 
@@ -230,6 +243,99 @@ def attack(opts: ServeOptions, name: str, png: bytes, *, requests: int, files: i
                                "seconds": round(normal_answer[1], 3)}}
 
 
+IDLE_HEAD = (b"POST /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000000\r\n"
+             b"Content-Type: application/octet-stream\r\n\r\n")
+
+
+def idle_connection(port: int) -> socket.socket | None:
+    """The issue's attacker: the head of a large POST /api/info, read the answer, one body byte,
+    then nothing. None when the server refused the connection."""
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=2)
+        sock.sendall(IDLE_HEAD)
+        answer = b""
+        while b"\r\n\r\n" not in answer and (part := sock.recv(65536)):
+            answer += part
+        sock.sendall(b"x")
+        sock.setblocking(False)
+        return sock
+    except OSError:
+        return None
+
+
+def is_closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(65536) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def idle_attackers(port: int, clients: int, stop: threading.Event, opened: list) -> None:
+    """Keep `clients` idle connections open until `stop`: reopen each one the server closes."""
+    socks: list[socket.socket] = []
+    while not stop.is_set():
+        socks = [s for s in socks if not (is_closed(s) and (s.close() or True))]
+        while len(socks) < clients and not stop.is_set():
+            sock = idle_connection(port)
+            opened[0] += 1
+            if sock is not None:
+                socks.append(sock)
+        stop.wait(0.1)
+    for sock in socks:
+        sock.close()
+
+
+def idle_attack(opts: ServeOptions, normal: bytes, *, clients: int, seconds: float,
+                threads: int) -> dict:
+    """Normal requests and the server's RSS while `clients` idle connections are held open."""
+    proc, port = start_server(opts, threads=threads)
+    try:
+        post_detail(port, normal)  # warm-up: the model has run once
+        before = proc_memory(proc.pid)["VmRSS"]
+        stop, opened = threading.Event(), [0]
+        attackers = threading.Thread(target=idle_attackers, args=(port, clients, stop, opened))
+        attackers.start()
+        time.sleep(2.0)  # the attackers' connections are open
+        answers, rss = [], []
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            status, took, _detail = post_detail(port, normal)
+            answers.append((status, took))
+            rss.append(proc_memory(proc.pid)["VmRSS"])
+            time.sleep(0.25)
+        stop.set()
+        attackers.join(timeout=30)
+        time.sleep(3.0)
+        after = proc_memory(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    took = np.array([t for _s, t in answers]) * 1000
+    return {"scenario": f"{clients} idle clients (POST /api/info, Content-Length 100000000, "
+                        f"one body byte)", "attack_seconds": seconds,
+            "attack_connections_opened": opened[0], "normal_requests": len(answers),
+            "normal_statuses": {str(k): int(v) for k, v in zip(*np.unique(
+                [s for s, _t in answers], return_counts=True))},
+            "normal_p50_ms": round(float(np.percentile(took, 50)), 1),
+            "normal_max_ms": round(float(took.max()), 1),
+            "all_200_within_1s": all(s == 200 and t < 1.0 for s, t in answers),
+            "rss_before_mb": before, "rss_during_max_mb": max(rss),
+            "rss_after_mb": after["VmRSS"], "peak_rss_mb": after["VmHWM"]}
+
+
+def run_idle_attack(clients: int, seconds: float, threads: int) -> dict:
+    name, data = upload_image()
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = build_model_files(Path(tmp))
+        result = idle_attack(opts, multipart_body([(name, data)]), clients=clients,
+                             seconds=seconds, threads=threads)
+    return {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "load_avg": os.getloadavg(), "server": "anostyle serve, default limits, subprocess",
+            "results": [result]}
+
+
 def run_attack(requests: int, files: int, threads: int) -> dict:
     name, data = upload_image()
     normal = multipart_body([(name, data)])
@@ -250,15 +356,22 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=100, help="requests per level")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--threads", type=int, help="torch threads [min(4, cores), as serve]")
-    parser.add_argument("--attack", action="store_true",
-                        help="peak server memory under amplifying PNGs instead of latency")
+    parser.add_argument("--attack", nargs="?", const="memory", choices=("memory", "idle"),
+                        help="memory: peak server memory under amplifying PNGs; idle: normal "
+                             "requests while idle clients hold connections")
     parser.add_argument("--attack-requests", type=int, default=2)
     parser.add_argument("--attack-files", type=int, default=2)
+    parser.add_argument("--idle-clients", type=int, default=100)
+    parser.add_argument("--attack-seconds", type=float, default=20.0)
     args = parser.parse_args()
     threads = args.threads or min(4, os.cpu_count() or 1)
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    if args.attack:
+    if args.attack == "idle":
+        if not 0 < args.idle_clients <= 1000 or not 0 < args.attack_seconds <= 300:
+            parser.error("--idle-clients must be 1..1000 and --attack-seconds 1..300")
+        results = run_idle_attack(args.idle_clients, args.attack_seconds, threads)
+    elif args.attack:
         results = run_attack(args.attack_requests, args.attack_files, threads)
     else:
         results = run(args.requests, args.concurrency)

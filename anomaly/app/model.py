@@ -43,6 +43,7 @@ import torch
 
 from anodata.imageio import MAX_PIXELS
 from anodata.policy import Preprocessing
+from anomaly import detector_scores as ds
 from anomaly.detector import Detector, DetectorScorer, load_detector, resolve_model_dir
 from anomaly.model import AnoModel
 from anomaly.reconstruct import residual_images
@@ -167,10 +168,12 @@ class Reference:
         return 0 if self.scores is None else int(len(self.scores))
 
     def percentile(self, score: float) -> float | None:
-        """100 * (number of reference scores <= score) / M; None without reference."""
+        """100 * (number of reference scores <= score) / M; None without reference;
+        NonFiniteScore for a non-finite score."""
         if self.scores is None:
+            ds.check_finite_score(score)
             return None
-        return 100.0 * np.searchsorted(self.scores, score, side="right") / len(self.scores)
+        return ds.weak_percentile(score, self.scores)
 
 
 def load_decision(path: str | os.PathLike) -> tuple[Decision, dict[str, Any]]:
@@ -348,13 +351,15 @@ class ServeModel:
     notes: tuple[str, ...] = ()
 
     def judge(self, score: float) -> dict[str, Any]:
-        """Percentile among validation naevi and the decision at the validation threshold."""
+        """Percentile among validation naevi and the decision at the validation threshold;
+        a non-finite score raises detector_scores.NonFiniteScore (serve refuses it before, with
+        the upload's name: Inference's checked_score)."""
         ref = self.reference
         return {
             "percentile": ref.percentile(score),
             "percentile_note": ref.note,
             "reference_count": ref.count,
-            "decision": "anomalous" if score >= self.decision.threshold else "normal",
+            "decision": ds.decide(score, self.decision.threshold),
             "threshold": self.decision.threshold,
             "threshold_rule": self.decision.rule,
             "comparison": self.decision.comparison,

@@ -1,8 +1,8 @@
 """The web application of `anostyle serve` and the code that starts it.
 
 Why FastAPI on uvicorn: uvicorn is a production ASGI server (HTTP/1.1 through h11, keep-alive
-timeouts, a connection limit that answers 503 instead of queueing without bound, clean
-shutdown on Ctrl-C), so the page can stay up on a lab server without a separate web server
+timeouts, clean shutdown on Ctrl-C; its connection limit is replaced here, see 'connections'
+below), so the page can stay up on a lab server without a separate web server
 in front; FastAPI (on Starlette) hands us the raw request stream, so uploads are parsed in
 memory and cut off at the size limit instead of being spooled to temporary files, returns JSON
 errors by default, and ships an in-process test client for the API tests. Flask + waitress
@@ -39,7 +39,15 @@ Fail closed, off loopback too:
                cannot post to an http server, nor another site to this one);
   time         request headers within --header-timeout (a connection that drips them is closed),
                the body within --request-timeout, and decoding + scoring within what is left of
-               it (503 after);
+               it (503 after); whatever the route, a connection whose request is not answered
+               within --request-timeout + REQUEST_GRACE is closed (timed_protocol);
+  connections  every error answer (4xx, 5xx) closes its connection, and so does an answer given
+               before the request's body was read; at most REQUEST_LIMIT requests are answered
+               at once, counted once their body has arrived (Admission: a client that sends a
+               request head and then nothing holds no place); at most CONNECTION_LIMIT open
+               connections, a new one beyond closing the one that waited longest without a
+               request being answered; bytes of upload bodies being received at once are
+               bounded (uploads.BodyBudget: BODY_BUDGET_UPLOADS x --max-upload-mb), 503 beyond;
   memory       decoded bytes per request (--max-decoded-mb) and decoding memory across requests
                (uploads.DecodeBudget: 8 bytes x --max-pixels) are bounded; an image that
                would need more (e.g. 24 megapixels with transparency) is refused.
@@ -54,6 +62,7 @@ import base64
 import hashlib
 import hmac
 import io
+import json
 import math
 import os
 import re
@@ -74,8 +83,8 @@ from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from anomaly.app.model import ServeModel, ServeOptions, load_serve_model
-from anomaly.app.uploads import (DecodeBudget, Upload, UploadError, UploadLimits, fit_upload,
-                                 read_headers, read_uploads)
+from anomaly.app.uploads import (BodyBudget, BodyBudgetFull, DecodeBudget, Upload, UploadError,
+                                 UploadLimits, fit_upload, read_headers, read_uploads)
 from stylegan.errors import UserError
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -84,7 +93,11 @@ SMALL_DECODE = 16 * 2**20  # images estimated below this decode in a lane of the
 SESSION_COOKIE = "anostyle_session"
 MIN_TOKEN_CHARS = 16
 LOGIN_BODY_BYTES = 4096
-CONNECTION_LIMIT = 64  # uvicorn answers 503 beyond this many open connections + tasks
+REQUEST_LIMIT = 64  # requests whose body has arrived, answered at once; 503 beyond
+CONNECTION_LIMIT = 512  # open connections; beyond, the longest-waiting one without a request
+#                         being answered is closed (503 for the newcomer when all are busy)
+BODY_BUDGET_UPLOADS = 16  # bytes of upload bodies in flight: this many times --max-upload-mb
+REQUEST_GRACE = 2.0  # s after --request-timeout before the connection itself is closed
 SECURITY_HEADERS = (  # on every response; the page replaces the CSP with its own
     ("content-security-policy", "default-src 'none'; frame-ancestors 'none'"),
     ("x-content-type-options", "nosniff"),
@@ -115,7 +128,9 @@ def page_and_policy() -> tuple[str, str]:
 
 
 class SecurityHeaders:
-    """ASGI middleware: SECURITY_HEADERS on every HTTP response (kept where a route set one)."""
+    """ASGI middleware: SECURITY_HEADERS on every HTTP response (kept where a route set one),
+    and 'connection: close' on every error answer (status >= 400): the rest of a request that
+    was refused is never read, so its connection must not stay open waiting for it."""
 
     def __init__(self, app):
         self.app = app
@@ -129,6 +144,8 @@ class SecurityHeaders:
                 present = {k.lower() for k, _ in message.get("headers", [])}
                 extra = [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS
                          if k.encode() not in present]
+                if message["status"] >= 400 and b"connection" not in present:
+                    extra.append((b"connection", b"close"))
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
@@ -317,6 +334,50 @@ class Gate:
                          [(b"www-authenticate", b'Bearer realm="anostyle"')])
 
 
+class Admission:
+    """ASGI middleware: at most `limit` requests at once, each counted from when its body has
+    arrived (at once for a request without a body) until it is answered; beyond, a 503. A
+    client that sends a request head and then nothing never holds a place: the connection's
+    time limits (timed_protocol) cut it off instead."""
+
+    def __init__(self, app, *, limit: int):
+        self.app, self.limit, self.active = app, limit, 0  # one event loop: no lock needed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        held = False
+
+        def take() -> None:
+            nonlocal held
+            if held:
+                return
+            if self.active >= self.limit:
+                raise Refusal(503, f"The server is answering {self.limit} requests already; "
+                                   f"try again in a few seconds.")
+            self.active += 1
+            held = True
+
+        async def counted_receive():
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                take()  # the body is complete: from now on the request costs memory and time
+            return message
+
+        headers = dict(scope.get("headers", []))
+        try:
+            if headers.get(b"content-length", b"0").strip() in (b"", b"0") \
+                    and b"transfer-encoding" not in headers:
+                try:
+                    take()
+                except Refusal as exc:
+                    return await _send_json(send, 503, exc.message, [(b"retry-after", b"10")])
+            await self.app(scope, counted_receive, send)
+        finally:
+            if held:
+                self.active -= 1
+
+
 LOGIN_PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="referrer" content="no-referrer">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -391,6 +452,7 @@ def create_app(model: ServeModel, limits: UploadLimits, *,
     app = FastAPI(title="AnoStyle", docs_url=None, redoc_url=None, openapi_url=None)
     page, policy = page_and_policy()
     inference = Inference(model, limits, model_name=model_name, timeout=request_timeout)
+    bodies = BodyBudget(BODY_BUDGET_UPLOADS * limits.max_bytes)
     login = None if token is None else Login(token)
 
     @app.exception_handler(UploadError)
@@ -448,7 +510,10 @@ def create_app(model: ServeModel, limits: UploadLimits, *,
             async with asyncio.timeout(request_timeout):
                 uploads = await read_uploads(request.headers.get("content-type"),
                                              request.headers.get("content-length"),
-                                             request.stream(), limits)
+                                             request.stream(), limits, budget=bodies)
+        except BodyBudgetFull:
+            raise Refusal(503, f"The server is receiving {bodies.capacity / 2**20:g} MB of "
+                               f"other uploads; try again in a few seconds.") from None
         except TimeoutError:
             raise UploadError(408, f"The upload did not arrive within the server's limit of "
                                    f"{request_timeout:g} s; send it again over a faster "
@@ -458,6 +523,7 @@ def create_app(model: ServeModel, limits: UploadLimits, *,
 
     if login is not None:
         login_routes(app, login, timeout=request_timeout)
+    app.add_middleware(Admission, limit=REQUEST_LIMIT)  # inside Gate: a 401 takes no place
     app.add_middleware(Gate, login=login, allowed_hosts=allowed_hosts)
     app.add_middleware(SecurityHeaders)
     return app
@@ -552,67 +618,125 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def header_timeout_protocol(seconds: float):
-    """uvicorn's h11 protocol with a limit on the time to send the request line and headers:
-    a connection that has not finished them `seconds` after it opened (or after its previous
-    response) gets a 408 and is closed. uvicorn itself only limits idle keep-alive time."""
+def timed_protocol(*, header_timeout: float, request_timeout: float,
+                   connection_limit: int):
+    """uvicorn's h11 protocol with limits on every connection, whatever the route:
+      headers   the request line and headers within `header_timeout` of the connection opening
+                (or of its previous answer), else a 408 and the connection is closed;
+      request   the whole request answered within `request_timeout` + REQUEST_GRACE of its
+                headers, else the connection is closed (after a 408 or 503 when nothing was
+                answered yet); the routes' own limits answer before, with their own sentence;
+      body      after an answer, a request whose body was not read to its end closes the
+                connection (uvicorn would discard the rest for as long as the client sends it);
+      count     at most `connection_limit` connections: a new one beyond closes the one that has
+                waited longest without a request being answered (idle, or still sending its
+                head or body), or gets a 503 when every connection is being answered.
+    uvicorn itself only limits idle keep-alive time, and its limit_concurrency counts open
+    connections, which clients that send nothing can fill."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class HeaderTimeoutProtocol(H11Protocol):
+    class TimedProtocol(H11Protocol):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            self._arm_header_timer()
+            self._timer, self._phase, self._since = None, None, time.monotonic()
+            self._arm("headers")
+            if len(self.connections) > connection_limit:
+                self._make_room()
 
-        def _arm_header_timer(self) -> None:
-            self._header_timer = self.loop.call_later(seconds, self._headers_too_slow)
+        def answering(self) -> bool:
+            """A complete request whose answer is being made."""
+            return (self.conn.their_state in (h11.DONE, h11.MUST_CLOSE)
+                    and self.conn.our_state in (h11.SEND_RESPONSE, h11.SEND_BODY))
 
-        def _cancel_header_timer(self) -> None:
-            timer = getattr(self, "_header_timer", None)
-            if timer is not None:
-                timer.cancel()
-                self._header_timer = None
+        def _make_room(self) -> None:
+            waiting = [c for c in self.connections if c is not self
+                       and not c.transport.is_closing() and not c.answering()]
+            if waiting:
+                min(waiting, key=lambda c: c._since)._close_with(None)
+            else:
+                self._close_with((503, "The server is answering as many connections as it "
+                                       "takes; try again in a few seconds."))
+
+        def _arm(self, phase: str | None) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer, self._phase = None, phase
+            if phase is not None:
+                seconds = header_timeout if phase == "headers" else request_timeout + REQUEST_GRACE
+                self._timer = self.loop.call_later(seconds, self._too_slow)
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
-            if self.conn.their_state is not h11.IDLE:  # the request head has arrived
-                self._cancel_header_timer()
+            if self._phase == "headers" and self.conn.their_state is not h11.IDLE:
+                self._arm("request")  # the request head has arrived
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
-                self._cancel_header_timer()
-                self._arm_header_timer()  # the next request on this connection
+            if self.transport.is_closing():
+                return
+            ours, theirs = self.conn.our_state, self.conn.their_state
+            if theirs is h11.IDLE:  # ready for the next request
+                self._since = time.monotonic()
+                self._arm("headers")
+            elif ours is h11.DONE and theirs is not h11.DONE:  # answered before its body came
+                self._close_with(None)
+            elif ours is h11.SEND_RESPONSE:  # a pipelined request has begun
+                self._arm("request")
 
         def connection_lost(self, exc) -> None:
-            self._cancel_header_timer()
+            self._arm(None)
             super().connection_lost(exc)
 
-        def _headers_too_slow(self) -> None:
-            self._header_timer = None
-            if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+        def _too_slow(self) -> None:
+            self._timer = None
+            if self.transport.is_closing():
                 return
-            body = (b'{"detail":"The request headers did not arrive within the server\'s '
-                    b'limit of %g s."}' % seconds)
-            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: "
-                                 b"application/json\r\nconnection: close\r\ncontent-length: "
-                                 b"%d\r\n\r\n%s" % (len(body), body))
+            if self._phase == "headers":
+                if self.conn.their_state is h11.IDLE:
+                    self._close_with((408, f"The request headers did not arrive within the "
+                                           f"server's limit of {header_timeout:g} s."))
+            elif self.cycle is None or not self.cycle.response_started:
+                complete = self.conn.their_state in (h11.DONE, h11.MUST_CLOSE)
+                self._close_with((503, f"The answer took longer than the server's limit of "
+                                       f"{request_timeout:g} s; try again.") if complete else
+                                 (408, f"The request did not arrive within the server's limit "
+                                       f"of {request_timeout:g} s."))
+            else:  # answering, but the client does not read the answer
+                self._close_with(None)
+
+        def _close_with(self, answer: tuple[int, str] | None) -> None:
+            """Close the connection, after writing `answer` (status, sentence) if given; the
+            request being handled (if any) sees a disconnect and writes nothing more."""
+            self._arm(None)
+            if self.cycle is not None:
+                self.cycle.disconnected = True
+            if answer is not None:
+                status, detail = answer
+                body = json.dumps({"detail": detail}).encode()
+                reason = {408: b"Request Timeout", 503: b"Service Unavailable"}[status]
+                self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
+                                     b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
+                                     % (status, reason, len(body), body))
             self.transport.close()
 
-    return HeaderTimeoutProtocol
+    return TimedProtocol
 
 
 def uvicorn_server(app, *, log_level: str = "info", header_timeout: float = 10.0,
-                   proxy: str | None = None):
-    """A uvicorn Server for `app` (HTTP/1.1 via h11, no websockets, no lifespan events).
+                   request_timeout: float = 60.0, proxy: str | None = None):
+    """A uvicorn Server for `app` (HTTP/1.1 via h11, no websockets, no lifespan events), with
+    the connection limits of timed_protocol (uvicorn's own limit_concurrency is off).
 
     proxy: address(es) whose X-Forwarded-Proto/For are trusted (None: none).
     """
     import uvicorn
 
-    config = uvicorn.Config(app, http=header_timeout_protocol(header_timeout), loop="asyncio",
+    protocol = timed_protocol(header_timeout=header_timeout, request_timeout=request_timeout,
+                              connection_limit=CONNECTION_LIMIT)
+    config = uvicorn.Config(app, http=protocol, loop="asyncio",
                             ws="none", lifespan="off", log_level=log_level,
-                            limit_concurrency=CONNECTION_LIMIT, timeout_keep_alive=5,
+                            limit_concurrency=None, timeout_keep_alive=5,
                             server_header=False, proxy_headers=proxy is not None,
                             forwarded_allow_ips=proxy)
     return uvicorn.Server(config)
@@ -661,16 +785,16 @@ def run_server(opts: ServeOptions, access: AccessOptions | None = None, *,
         announce(f"warning: --no-auth with --host {opts.host}: anyone who reaches this port can "
                  f"use the page; keep it behind a firewall or a reverse proxy with a login.")
     uvicorn_server(app, header_timeout=access.header_timeout,
-                   proxy=access.proxy).run(sockets=[sock])
+                   request_timeout=access.request_timeout, proxy=access.proxy).run(sockets=[sock])
 
 
 class BackgroundServer:
     """uvicorn serving `app` on a free loopback port in a daemon thread (tests, benchmarks)."""
 
     def __init__(self, app, *, host: str = "127.0.0.1", log_level: str = "warning",
-                 header_timeout: float = 10.0):
+                 header_timeout: float = 10.0, request_timeout: float = 60.0):
         self.app, self.host, self.log_level = app, host, log_level
-        self.header_timeout = header_timeout
+        self.header_timeout, self.request_timeout = header_timeout, request_timeout
         self.port = 0
         self._server = self._thread = None
 
@@ -682,7 +806,8 @@ class BackgroundServer:
         sock = bind_socket(self.host, 0)
         self.port = sock.getsockname()[1]
         self._server = uvicorn_server(self.app, log_level=self.log_level,
-                                      header_timeout=self.header_timeout)
+                                      header_timeout=self.header_timeout,
+                                      request_timeout=self.request_timeout)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
                                         daemon=True)
         self._thread.start()

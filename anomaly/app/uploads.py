@@ -2,7 +2,9 @@
 
 Limits, each checked as early as it can be:
   body size    Content-Length before reading, then the bytes counted while streaming (a body
-               without Content-Length is cut off at the limit, not read to its end);
+               without Content-Length is cut off at the limit, not read to its end); the bytes
+               received at once across requests within a BodyBudget (what has arrived, not
+               what a Content-Length announces, so that clients who send nothing hold none);
   files        at most `max_files` parts, all in the field 'image', each with a file name;
   pixels       width x height from the image header, before any pixel is decoded
                (decompression bombs), then decoded by the project's one policy
@@ -152,6 +154,27 @@ class _Parts:
         self.ended = True
 
 
+class BodyBudgetFull(Exception):
+    """The server holds as many bytes of bodies being received as its BodyBudget allows."""
+
+
+class BodyBudget:
+    """Bytes of request bodies being received at once, across requests (used from one event
+    loop: no lock)."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.used = capacity, 0
+
+    def take(self, n: int) -> None:
+        """Count `n` more bytes, or raise BodyBudgetFull (counting nothing)."""
+        if self.used + n > self.capacity:
+            raise BodyBudgetFull
+        self.used += n
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
 def _boundary(content_type: str | None) -> bytes:
     """The multipart boundary of a Content-Type header, or an UploadError."""
     if not content_type:
@@ -172,8 +195,10 @@ def _too_large(limits: UploadLimits) -> UploadError:
 
 
 async def read_uploads(content_type: str | None, content_length: str | None,
-                       chunks: AsyncIterator[bytes], limits: UploadLimits) -> list[Upload]:
-    """The 'image' files of a multipart body, read from `chunks` without exceeding the limits."""
+                       chunks: AsyncIterator[bytes], limits: UploadLimits, *,
+                       budget: BodyBudget | None = None) -> list[Upload]:
+    """The 'image' files of a multipart body, read from `chunks` without exceeding the limits;
+    the bytes received count in `budget` (if given) until the body has been read."""
     boundary = _boundary(content_type)
     if content_length is not None:
         if not content_length.strip().isdigit():
@@ -181,17 +206,22 @@ async def read_uploads(content_type: str | None, content_length: str | None,
         if int(content_length) > limits.max_bytes:
             raise _too_large(limits)  # refused before one byte of the body is read
     parts = _Parts(limits.max_files)
+    received = 0
     try:
         parser = MultipartParser(boundary, parts.callbacks())
-        received = 0
         async for chunk in chunks:
-            received += len(chunk)
-            if received > limits.max_bytes:
+            if received + len(chunk) > limits.max_bytes:
                 raise _too_large(limits)
+            if budget is not None:
+                budget.take(len(chunk))
+            received += len(chunk)
             parser.write(chunk)
         parser.finalize()
     except FormParserError as exc:
         raise UploadError(400, f"The multipart/form-data body is malformed ({exc}).") from None
+    finally:
+        if budget is not None:
+            budget.give(received)
     if received == 0:
         raise UploadError(400, f"Empty request: the body holds no image in the field '{FIELD}'.")
     if not parts.ended:
