@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from anodata.policy import DARK, shades_of_gray
+from anodata.policy import DARK
 
 WORK_SIDE = 128  # long side (px) the mask is computed at
 BLUR_SIGMA = 0.01  # Gaussian blur, fraction of the short side (at least 0.5 px)
@@ -114,11 +114,17 @@ def _reduce(image: np.ndarray) -> np.ndarray:
 
 
 def _luminance(image: np.ndarray) -> np.ndarray:
-    """BT.601 luminance of the shades-of-gray corrected RGB image (or the grey image itself)."""
+    """BT.601 luminance of the shades-of-gray corrected RGB image (anodata.policy.shades_of_gray
+    with p = 6, without its rounding), or the grey image itself: float32 [H, W]."""
     if image.ndim == 2:
         return image.astype(np.float32)
-    rgb = shades_of_gray(image).astype(np.float32)
-    return rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    rgb = image.astype(np.float32)  # [H, W, 3]
+    squared = rgb * rgb
+    e = np.mean((squared * squared * squared).reshape(-1, 3), axis=0, dtype=np.float64)
+    e = np.power(e, 1 / 6)  # [3] Minkowski-6 illuminant
+    gain = np.linalg.norm(e) / (np.sqrt(3.0) * e) if np.all(e > 0) else np.ones(3)
+    weights = np.array([0.299, 0.587, 0.114]) * gain
+    return rgb @ weights.astype(np.float32)
 
 
 def _border(lum: np.ndarray, side: int) -> np.ndarray:
@@ -147,8 +153,8 @@ def _best_component(dark: np.ndarray, usable: np.ndarray, side: int) -> np.ndarr
         return None
     h, w = dark.shape
     outline = usable & ~ndimage.binary_erosion(usable, border_value=0)  # [h, w] bool
-    yy, xx = np.mgrid[0:h, 0:w]
-    dist = np.hypot(yy - (h - 1) / 2, xx - (w - 1) / 2).ravel() / (side / 2)
+    dist = np.hypot(np.arange(h)[:, None] - (h - 1) / 2,
+                    np.arange(w)[None, :] - (w - 1) / 2).ravel() / (side / 2)  # [h * w]
     flat = labels.ravel()
     area = np.bincount(flat, minlength=count + 1)[1:].astype(np.float64)  # [count]
     mean_dist = np.bincount(flat, weights=dist, minlength=count + 1)[1:] / area

@@ -180,3 +180,18 @@ def test_it_is_fast_at_64_px():
     for _ in range(20):
         lesion_mask(img)
     assert (time.perf_counter() - start) / 20 < 0.01  # about 1 ms on one idle core
+
+
+def test_the_luminance_is_that_of_the_shades_of_gray_image():
+    """The fused colour constancy + luminance equals anodata.policy's shades_of_gray followed
+    by BT.601 weights, to its rounding."""
+    from anodata.lesion import _luminance
+    from anodata.policy import shades_of_gray
+
+    rng = np.random.default_rng(5)
+    img = (rng.random((20, 30, 3)) * np.array([200, 150, 100])).astype(np.uint8)  # a warm cast
+    want = shades_of_gray(img).astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    got = _luminance(img)
+    assert np.abs(got - want).max() <= 0.6 and np.ptp(got - want) > 0.01  # rounding only
+    grey = img[:, :, 0]
+    np.testing.assert_array_equal(_luminance(grey), grey.astype(np.float32))
