@@ -5,7 +5,7 @@ every network snapshot (as an opaque dict, stylegan never imports this module) a
 `train-encoder` into every encoder checkpoint. Whatever fits a raw image later (reconstruct,
 score of raw folders, serve, the Python API) applies exactly the policy its model recorded, with
 `fit_raw` (or `fit_image` for a decoded image), the very code prepare runs on each file
-(`fit_raw_framed`, which also tells why an image kept its whole frame under lesion framing).
+(`fit_raw_framed`, which also tells why lesion framing left an image as framed).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class Preprocessing:
     intensity: str = "keep"
     intensity_target: float = 172.0
     # 'frame' | 'lesion': the decoded image is first cropped to a square around the lesion
-    # (crop_to_lesion); an image where no lesion is found keeps the whole frame
+    # (crop_to_lesion); an image where no lesion is found is fitted as with 'frame'
     framing: str = "frame"
 
     def __post_init__(self):
@@ -281,12 +281,12 @@ def fov_circle(image: np.ndarray) -> tuple[float, float, float] | None:
     below dark_level (a grey vignette). The border may be a whole ring, a circle larger than
     the frame (cut by the image edges) or off-centre: the circle is fitted (_fit_circle) to the
     bright pixels next to the dark regions that reach an image edge. It counts only when at
-    least FOV_CORNERS corner is dark, FOV_INLIERS of the boundary points lie on the circle, its
-    centre is inside the image and its radius between a quarter of the short side and the long
-    side, at least FOV_MIN_OUTSIDE of the image lies outside it, at least 90% of that outside
-    (one pixel past the circle) is dark and at most half of the inside; so a dark lesion that
-    reaches one edge (dark inside its round edge), black padding bars (straight edges) and an
-    all-dark image are left alone.
+    least FOV_CORNERS corner patch is mostly dark, FOV_INLIERS of the boundary points lie on
+    the circle, its centre is inside the image and its radius between a quarter of the short
+    side and the long side, at least FOV_MIN_OUTSIDE of the image lies outside it, at least 90%
+    of that outside (one pixel past the circle) is dark and at most half of the inside; so a
+    dark lesion that reaches one edge (dark inside its round edge), black padding bars (straight
+    edges) and an all-dark image are left alone.
     """
     found = _fov(_luminance(image))
     return None if found is None else found[:3]
@@ -374,11 +374,17 @@ def fit_raw_framed(data: bytes, suffix: str, policy: Preprocessing) -> tuple[Ima
 
     Raises anodata.imageio.ImageRejected for a file that is not a usable image.
     """
-    draft = None
-    if policy.resize_filter == "box":
-        draft = policy.resolution
-        if policy.framing == "lesion":
-            draft = int(np.ceil(policy.resolution / LESION_MIN_SIDE))
+    draft = policy.resolution if policy.resize_filter == "box" else None
+    if draft is not None and policy.framing == "lesion":
+        img = decode(data, suffix=suffix, channels=policy.channels,
+                     draft_size=int(np.ceil(policy.resolution / LESION_MIN_SIDE)))
+        fitted, note = fit_image_framed(img, policy)
+        if not note:
+            return fitted, note
+        # no lesion: decoded again as framing 'frame' decodes, so the image is the same
+        policy = dataclasses.replace(policy, framing="frame")
+        return fit_image_framed(decode(data, suffix=suffix, channels=policy.channels,
+                                       draft_size=draft), policy)[0], note
     img = decode(data, suffix=suffix, channels=policy.channels, draft_size=draft)
     return fit_image_framed(img, policy)
 

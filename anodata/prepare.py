@@ -15,7 +15,7 @@ Writes into `dest`:
                                  a name that clashes with these gets the prefix `meta_`)
   rejected.csv                   source,reason (every input left out, and why)
   framing.csv                    with --framing lesion only: source,file,split,reason (every
-                                 image written with the whole frame, as no lesion was found)
+                                 image fitted as with framing 'frame', as no lesion was found)
   prepare.json                   options, policy, class map {name: label}, counts, how the splits
                                  were made (and the groups new to --splits-from), elapsed seconds
 
@@ -135,7 +135,7 @@ class PrepareSummary:
     splits: str = "seeded"  # how the splits were made: seeded, folders, column or file
     new_groups: tuple[str, ...] = ()  # --splits-from: groups not in the file (seeded rule)
     framing: str = Preprocessing.framing
-    num_unframed: int = 0  # framing 'lesion': images that kept the whole frame (framing.csv)
+    num_unframed: int = 0  # framing 'lesion': images fitted as with 'frame' (framing.csv)
 
     @property
     def num_images(self) -> int:
@@ -619,7 +619,7 @@ def _info(options: PrepareOptions, summary: PrepareSummary) -> dict:
             "zip_names": "{split}.zip with NNNNN/imgNNNNNNNN.png and dataset.json",
             "image_records": "dataset.json anostyle.images: {zip name: {image, group}}",
             "framing.num_whole_frame": "framing lesion: images where no lesion was found, "
-                                       "which keep the whole frame (listed in framing.csv)",
+                                       "fitted as with framing frame (listed in framing.csv)",
             "splits.made_by": "seeded (--seed rule), folders (train/val/test folders), column "
                               "(--split-column) or file (--splits-from; new_groups: groups not "
                               "in the file, split by the seeded rule)",
@@ -646,6 +646,6 @@ def format_summary(summary: PrepareSummary) -> str:
                  + (f" (see {summary.dest / 'rejected.csv'})" if summary.num_rejected else ""))
     if summary.framing == "lesion":
         lines.append(f"framing: {summary.num_images - summary.num_unframed} images cropped "
-                     f"around their lesion, {summary.num_unframed} kept the whole frame (no "
+                     f"around their lesion, {summary.num_unframed} kept the photo's framing (no "
                      f"lesion found; see {summary.dest / FRAMING_CSV})")
     return "\n".join(lines)

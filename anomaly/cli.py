@@ -229,8 +229,8 @@ def _comma_list(ctx: click.Context, param: click.Parameter, value: str | None) -
                    "found without labels (a dark, central region), with a margin of a quarter "
                    "of the lesion's size on each side, so that the lesion fills the same share "
                    "of every image however the photo was framed; an image where no lesion is "
-                   "found keeps the whole frame and is listed in DEST/framing.csv. frame: the "
-                   "whole photo.")
+                   "found is fitted as with frame and listed in DEST/framing.csv. frame: the "
+                   "photo as it was framed, made square by --transform.")
 @click.option("--channels", default="3", show_default=True, type=click.Choice(["3", "1"]),
               help="3: RGB PNGs; 1: grayscale PNGs.")
 @_prep("--val", type=click.FloatRange(0, 1, max_open=True),

@@ -648,8 +648,8 @@ def test_prepare_lists_images_without_a_lesion_and_keeps_their_frame(tmp_path):
             "--workers", "1", "--framing", "lesion"]
     result = CliRunner().invoke(main, args + ["--dest", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    assert ("framing: 9 images cropped around their lesion, 2 kept the whole frame (no lesion "
-            "found; see") in result.output
+    assert ("framing: 9 images cropped around their lesion, 2 kept the photo's framing (no "
+            "lesion found; see") in result.output
     dest = tmp_path / "out"
     listed = _rows(dest / "framing.csv")
     assert [(r["source"], r["reason"]) for r in listed] == [
@@ -701,3 +701,21 @@ def test_prepare_with_a_model_carries_its_framing(tmp_path):
     bad = run(main, base + ["--model", str(models["old"]), "--framing", "lesion",
                             "--dest", str(tmp_path / "c")])
     assert bad.exit_code == 1 and "framing lesion (the model's: frame)" in bad.output
+
+
+def test_a_large_jpeg_without_a_lesion_is_fitted_exactly_as_framed():
+    """Lesion framing decodes box-filtered JPEGs larger (the crop is resized down); a photo
+    where no lesion is found is decoded again so that it equals framing 'frame' bit for bit."""
+    from anodata.policy import Preprocessing, fit_raw, fit_raw_framed
+
+    skin = _encode(Image.fromarray(_skin_with_lesion(None, size=(600, 450), radius=0)), "JPEG")
+    frame = Preprocessing(resolution=32)
+    lesion = Preprocessing(resolution=32, framing="lesion")
+    fitted, note = fit_raw_framed(skin, ".jpg", lesion)
+    assert note == "no dark region"
+    np.testing.assert_array_equal(np.asarray(fitted), np.asarray(fit_raw(skin, ".jpg", frame)))
+    mole = _encode(Image.fromarray(_skin_with_lesion(None, size=(600, 450), centre=(420, 150),
+                                                     radius=40)), "JPEG")
+    fitted, note = fit_raw_framed(mole, ".jpg", lesion)
+    assert note == "" and np.asarray(fitted)[16, 16].mean() < 110  # the lesion in the middle
+    assert np.asarray(fit_raw(mole, ".jpg", frame))[16, 16].mean() > 150  # skin there
