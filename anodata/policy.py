@@ -4,7 +4,8 @@
 every network snapshot (as an opaque dict, stylegan never imports this module) and
 `train-encoder` into every encoder checkpoint. Whatever fits a raw image later (reconstruct,
 score of raw folders, serve, the Python API) applies exactly the policy its model recorded, with
-`fit_raw`, which is the very code prepare runs on each file.
+`fit_raw` (or `fit_image` for a decoded image), the very code prepare runs on each file
+(`fit_raw_framed`, which also tells why lesion framing left an image as framed).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from anodata.imageio import decode
 from stylegan.errors import UserError
@@ -27,6 +29,17 @@ RESIZE_FILTERS = {"box": Image.Resampling.BOX, "lanczos": Image.Resampling.LANCZ
 COLOUR_NORMS = ("none", "shades-of-gray")
 BORDERS = ("keep", "fill")
 INTENSITIES = ("keep", "normalise")
+FRAMINGS = ("frame", "lesion")
+# Lesion framing (crop_to_lesion): the square around the lesion's bounding box leaves a margin
+# of LESION_MARGIN of the box's long side on each side, so the lesion's box fills 1 / (1 + 2 *
+# 0.25) = 2/3 of the fitted image: its border and a ring of the skin around it stay in view (the
+# contrast between the two is part of what is scored, and a rough mask tends to stop short of a
+# faint rim), while the share of the image the lesion fills no longer depends on how the photo
+# was framed. The square is at least LESION_MIN_SIDE of the short side (a speck is not blown up
+# beyond 4x), and box-filtered JPEGs are decoded with at least resolution / LESION_MIN_SIDE
+# pixels, so that even the smallest crop is resized down, never up, when the file is that large.
+LESION_MARGIN = 0.25
+LESION_MIN_SIDE = 0.25
 POLICY_KEY = "preprocessing"  # key in prepare.json and in checkpoint metadata
 
 
@@ -49,6 +62,9 @@ class Preprocessing:
     # naevi after shades-of-gray at 64 px.
     intensity: str = "keep"
     intensity_target: float = 172.0
+    # 'frame' | 'lesion': the decoded image is first cropped to a square around the lesion
+    # (crop_to_lesion); an image where no lesion is found is fitted as with 'frame'
+    framing: str = "frame"
 
     def __post_init__(self):
         checks = [(self.transform in TRANSFORMS, f"transform {self.transform!r} is not one of "
@@ -62,6 +78,8 @@ class Preprocessing:
                                            f"{', '.join(BORDERS)}"),
                   (self.intensity in INTENSITIES, f"intensity {self.intensity!r} is not one "
                                                    f"of {', '.join(INTENSITIES)}"),
+                  (self.framing in FRAMINGS, f"framing {self.framing!r} is not one of "
+                                             f"{', '.join(FRAMINGS)}"),
                   (0 < self.intensity_target <= 255,
                    f"intensity_target {self.intensity_target} is not in (0, 255]"),
                   (self.channels in (1, 3), f"channels {self.channels} is not 1 or 3"),
@@ -159,6 +177,16 @@ def normalise_colour(img: Image.Image, colour: str, p: float) -> Image.Image:
 
 
 DARK = 40.0  # luminance (0-255) below which a pixel counts as part of a dark border
+# A grey border (a vignette shading into grey rather than black, as in PH2) is looked for with
+# the dark level FOV_DARK_SHARE x the skin's luminance when no black one is found.
+FOV_DARK_SHARE = 0.55
+# One dark corner is enough (an off-centre field of view often darkens one corner only): the
+# circle fit then tells a border (dark outside a bright disc) from a dark lesion in a corner
+# (dark inside its own round edge).
+FOV_CORNERS = 1
+FOV_MIN_OUTSIDE = 0.002  # smallest share of the image outside the circle (the corners' wedges)
+FOV_TOLERANCE = 0.03  # boundary points within this share of the short side lie on the circle
+FOV_INLIERS = 0.7  # share of the boundary points that must lie on the fitted circle
 
 
 def _luminance(image: np.ndarray) -> np.ndarray:
@@ -167,40 +195,98 @@ def _luminance(image: np.ndarray) -> np.ndarray:
     return a @ np.array([0.299, 0.587, 0.114], dtype=np.float32) if a.ndim == 3 else a
 
 
-def _fov(lum: np.ndarray, *, purity: float = 0.9, min_outside: float = 0.02
-         ) -> tuple[float, float, float, np.ndarray] | None:
-    """(centre x, centre y, radius, distance of every pixel from the centre [H, W]) of a dark
-    circular field-of-view border in a luminance image, or None (see fov_circle)."""
-    isdark = lum < DARK  # [H, W]
+def _fov(lum: np.ndarray, *, purity: float = 0.9
+         ) -> tuple[float, float, float, np.ndarray, float] | None:
+    """(centre x, centre y, radius, distance of every pixel from the centre [H, W], dark level)
+    of a dark circular field-of-view border in a luminance image, or None (see fov_circle):
+    looked for with the dark level DARK (a black border), then with dark_level (a grey one)."""
+    found = _fov_at(lum, DARK, purity=purity)
+    level = dark_level(lum)
+    if found is None and level > DARK:
+        found = _fov_at(lum, level, purity=purity)
+    return found
+
+
+def _fov_at(lum: np.ndarray, level: float, *, purity: float
+            ) -> tuple[float, float, float, np.ndarray, float] | None:
+    """_fov with pixels darker than `level` as the dark ones."""
+    isdark = lum < level  # [H, W]
     h, w = isdark.shape
+    if isdark.all() or not isdark.any():
+        return None
     k = max(2, min(h, w) // 20)  # corner patch
     corners = (isdark[:k, :k], isdark[:k, -k:], isdark[-k:, :k], isdark[-k:, -k:])
-    if min(c.mean() for c in corners) < purity or isdark.all():
+    if sum(c.mean() >= 0.5 for c in corners) < FOV_CORNERS:  # mostly dark corner patches
+        return None
+    labels, _count = ndimage.label(isdark)
+    edge = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    outer = np.isin(labels, np.unique(edge[edge > 0]))  # dark regions that reach an edge
+    # the boundary: bright pixels 4-adjacent to that outer dark region
+    cross = ndimage.generate_binary_structure(2, 1)
+    points = ~isdark & ndimage.binary_dilation(outer, structure=cross)
+    circle = _fit_circle(*np.nonzero(points), tolerance=max(1.5, FOV_TOLERANCE * min(h, w)))
+    if circle is None:
+        return None
+    cy, cx, radius = circle
+    if not (0 <= cx < w and 0 <= cy < h and min(h, w) / 4 < radius <= max(h, w)):
         return None
     yy, xx = np.mgrid[0:h, 0:w]
-    cy, cx = yy[~isdark].mean(), xx[~isdark].mean()
     dist = np.hypot(yy - cy, xx - cx)
-    rings = np.floor(dist).astype(np.int64).ravel()
-    counts = np.bincount(rings)
-    dark_share = np.bincount(rings, weights=isdark.ravel()) / np.maximum(counts, 1)
-    bright = np.nonzero((counts > 0) & (dark_share < 0.5))[0]
-    if len(bright) == 0:
-        return None
-    radius = float(bright.max() + 1)
     outside = dist > radius
-    if outside.mean() < min_outside or isdark[outside].mean() < purity:
+    beyond = dist > radius + 1  # past the pixel of shading at the border's edge
+    if outside.mean() < FOV_MIN_OUTSIDE or not beyond.any() or isdark[beyond].mean() < purity \
+            or isdark[~outside].mean() > 0.5:
         return None
-    return float(cx), float(cy), radius, dist
+    return float(cx), float(cy), radius, dist, level
+
+
+def dark_level(lum: np.ndarray) -> float:
+    """The luminance below which a pixel belongs to a grey field-of-view border: DARK, or
+    FOV_DARK_SHARE of the skin's luminance (the 75th percentile) where that is higher."""
+    return max(DARK, FOV_DARK_SHARE * float(np.percentile(lum, 75)))
+
+
+def _fit_circle(ys: np.ndarray, xs: np.ndarray, *, tolerance: float
+                ) -> tuple[float, float, float] | None:
+    """(centre y, centre x, radius) of the circle through most of the points, or None.
+
+    The algebraic least-squares fit of x^2 + y^2 + a x + b y + c = 0 (Kasa 1976), refitted
+    twice to the points within `tolerance` of the circle (a lesion's edge or hair that touches
+    the border is left out); None when fewer than FOV_INLIERS of the points end on the circle.
+    """
+    if len(xs) < 8:
+        return None
+    x, y = xs.astype(np.float64), ys.astype(np.float64)
+    keep = np.ones(len(x), bool)
+    for _ in range(3):
+        if keep.sum() < 8:
+            return None
+        design = np.stack([x[keep], y[keep], np.ones(keep.sum())], axis=1)  # [n, 3]
+        (a, b, c), *_ = np.linalg.lstsq(design, -(x[keep] ** 2 + y[keep] ** 2), rcond=None)
+        cx, cy = -a / 2, -b / 2
+        r2 = cx * cx + cy * cy - c
+        if r2 <= 0:
+            return None
+        radius = float(np.sqrt(r2))
+        keep = np.abs(np.hypot(x - cx, y - cy) - radius) <= tolerance
+    if keep.mean() < FOV_INLIERS:
+        return None
+    return float(cy), float(cx), radius + 0.5  # the bright boundary pixels lie half a pixel in
 
 
 def fov_circle(image: np.ndarray) -> tuple[float, float, float] | None:
     """(centre x, centre y, radius) of a dark circular field-of-view border, or None.
 
-    uint8 [H, W] or [H, W, C]. A border is found only when all four corners are dark
-    (luminance below DARK), at least 2% of the image lies outside the circle, and at least 90%
-    of that outside is dark; so a dark lesion that reaches one edge, or black padding bars, are
-    left alone. The centre is the centroid of the bright pixels; the radius is that of the
-    outermost one-pixel ring (around the centre) that is mostly bright.
+    uint8 [H, W] or [H, W, C]. Dark means luminance below DARK or, when no border is found so,
+    below dark_level (a grey vignette). The border may be a whole ring, a circle larger than
+    the frame (cut by the image edges) or off-centre: the circle is fitted (_fit_circle) to the
+    bright pixels next to the dark regions that reach an image edge. It counts only when at
+    least FOV_CORNERS corner patch is mostly dark, FOV_INLIERS of the boundary points lie on
+    the circle, its centre is inside the image and its radius between a quarter of the short
+    side and the long side, at least FOV_MIN_OUTSIDE of the image lies outside it, at least 90%
+    of that outside (one pixel past the circle) is dark and at most half of the inside; so a
+    dark lesion that reaches one edge (dark inside its round edge), black padding bars (straight
+    edges) and an all-dark image are left alone.
     """
     found = _fov(_luminance(image))
     return None if found is None else found[:3]
@@ -215,19 +301,58 @@ def fill_fov_border(img: Image.Image, *, margin: float = 0.03) -> Image.Image:
     found = _fov(lum)
     if found is None:
         return img
-    _cx, _cy, radius, dist = found
+    _cx, _cy, radius, dist, level = found
     m = max(1.0, margin * min(a.shape[:2]))
-    ring = (dist > radius - 3 * m) & (dist <= radius - m) & (lum >= DARK)
+    ring = (dist > radius - 3 * m) & (dist <= radius - m) & (lum >= level)
     if not ring.any():
         return img
     a[dist > radius - m] = np.median(a[ring], axis=0).round().astype(np.uint8)
     return Image.fromarray(a, mode=img.mode)
 
 
-def fit_image(img: Image.Image, policy: Preprocessing) -> Image.Image:
-    """A decoded 8-bit image -> the fitted image: square at the policy's resolution, border
-    filled (policy.border), colour normalised (policy.colour), intensity normalised
+def lesion_square(mask: np.ndarray, *, margin: float = LESION_MARGIN,
+                  min_side: float = LESION_MIN_SIDE) -> tuple[int, int, int]:
+    """(left, top, side) of the square crop around a lesion mask (bool [H, W], not empty).
+
+    The square is centred on the mask's bounding box, its side max(box width, box height) *
+    (1 + 2 * margin), at least min_side of the short side and at most the short side; it is
+    shifted inside the image where it would cross an edge (so it stays as near the lesion's
+    centre as the image allows).
+    """
+    h, w = mask.shape
+    ys, xs = np.nonzero(mask)
+    assert len(xs), "an empty mask has no square"
+    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
+    side = int(round(min(max(side, min_side * min(h, w)), min(h, w))))
+    left = int(round(min(max((x0 + x1 - side) / 2, 0), w - side)))
+    top = int(round(min(max((y0 + y1 - side) / 2, 0), h - side)))
+    return left, top, side
+
+
+def crop_to_lesion(img: Image.Image, *, border: str = "keep") -> tuple[Image.Image, str]:
+    """(the square crop around the lesion (anodata.lesion.find_lesion, lesion_square), '') or,
+    when no lesion is found, (img itself, the reason). With border 'fill' the lesion is looked
+    for after fill_fov_border (the crop is still taken from img); a dark border is ignored
+    either way."""
+    from anodata.lesion import find_lesion  # anodata.lesion imports this module
+
+    seen = fill_fov_border(img) if border == "fill" else img
+    mask, reason = find_lesion(np.asarray(seen))
+    if mask is None:
+        return img, reason
+    left, top, side = lesion_square(mask)
+    return img.crop((left, top, left + side, top + side)), ""
+
+
+def fit_image_framed(img: Image.Image, policy: Preprocessing) -> tuple[Image.Image, str]:
+    """A decoded 8-bit image -> (the fitted image, '' or why the lesion framing was not
+    applied): cropped around the lesion (policy.framing), square at the policy's resolution,
+    border filled (policy.border), colour normalised (policy.colour), intensity normalised
     (policy.intensity); prepare's very steps."""
+    note = ""
+    if policy.framing == "lesion":
+        img, note = crop_to_lesion(img, border=policy.border)
     img = fit_square(img, policy.resolution, transform=policy.transform,
                      resize_filter=policy.resize_filter)
     if policy.border == "fill":
@@ -235,7 +360,33 @@ def fit_image(img: Image.Image, policy: Preprocessing) -> Image.Image:
     img = normalise_colour(img, policy.colour, policy.colour_p)
     if policy.intensity == "normalise":
         img = normalise_intensity(img, policy.intensity_target, policy.colour_p)
-    return img
+    return img, note
+
+
+def fit_image(img: Image.Image, policy: Preprocessing) -> Image.Image:
+    """A decoded 8-bit image -> the fitted image (fit_image_framed without its note)."""
+    return fit_image_framed(img, policy)[0]
+
+
+def fit_raw_framed(data: bytes, suffix: str, policy: Preprocessing) -> tuple[Image.Image, str]:
+    """Encoded bytes of a raw file -> (the fitted 8-bit PIL image, framing note), exactly as
+    prepare makes it (fit_image_framed after decoding).
+
+    Raises anodata.imageio.ImageRejected for a file that is not a usable image.
+    """
+    draft = policy.resolution if policy.resize_filter == "box" else None
+    if draft is not None and policy.framing == "lesion":
+        img = decode(data, suffix=suffix, channels=policy.channels,
+                     draft_size=int(np.ceil(policy.resolution / LESION_MIN_SIDE)))
+        fitted, note = fit_image_framed(img, policy)
+        if not note:
+            return fitted, note
+        # no lesion: decoded again as framing 'frame' decodes, so the image is the same
+        policy = dataclasses.replace(policy, framing="frame")
+        return fit_image_framed(decode(data, suffix=suffix, channels=policy.channels,
+                                       draft_size=draft), policy)[0], note
+    img = decode(data, suffix=suffix, channels=policy.channels, draft_size=draft)
+    return fit_image_framed(img, policy)
 
 
 def fit_raw(data: bytes, suffix: str, policy: Preprocessing) -> Image.Image:
@@ -243,9 +394,7 @@ def fit_raw(data: bytes, suffix: str, policy: Preprocessing) -> Image.Image:
 
     Raises anodata.imageio.ImageRejected for a file that is not a usable image.
     """
-    draft = policy.resolution if policy.resize_filter == "box" else None
-    img = decode(data, suffix=suffix, channels=policy.channels, draft_size=draft)
-    return fit_image(img, policy)
+    return fit_raw_framed(data, suffix, policy)[0]
 
 
 def fit_array(data: bytes, suffix: str, policy: Preprocessing) -> np.ndarray:

@@ -14,6 +14,8 @@ Writes into `dest`:
                                  then every other column of the --labels CSV (e.g. dx_type, age;
                                  a name that clashes with these gets the prefix `meta_`)
   rejected.csv                   source,reason (every input left out, and why)
+  framing.csv                    with --framing lesion only: source,file,split,reason (every
+                                 image fitted as with framing 'frame', as no lesion was found)
   prepare.json                   options, policy, class map {name: label}, counts, how the splits
                                  were made (and the groups new to --splits-from), elapsed seconds
 
@@ -52,7 +54,7 @@ from tqdm import tqdm
 
 from anodata.imageio import ImageRejected
 from anodata.policy import (COLOUR_NORMS, POLICY_KEY, RESIZE_FILTERS, TRANSFORMS, Preprocessing,
-                            fit_raw)
+                            fit_raw_framed)
 from anodata.sources import (SPLITS, Candidate, CsvSpec, Rejection, find_candidates,
                              normalise_split)
 from stylegan.errors import UserError
@@ -62,6 +64,7 @@ MANIFEST_COLUMNS = ("file", "source", "class", "label", "group", "split", "sha25
 META_PREFIX = "meta_"  # for a metadata column whose name clashes with MANIFEST_COLUMNS
 RECORDS_KEY = "anostyle"  # dataset.json key of the image records (NVlabs tools read "labels")
 OUTPUT_NAMES = ("train.zip", "val.zip", "test.zip", "manifest.csv", "rejected.csv", "prepare.json")
+FRAMING_CSV = "framing.csv"  # written (with the others) when the policy frames the lesion
 PNG_COMPRESS_LEVEL = 6  # zlib level (PIL default): 15% smaller than 3 for half the speed
 
 
@@ -90,6 +93,7 @@ class PrepareOptions:
     border: str = Preprocessing.border
     intensity: str = Preprocessing.intensity
     intensity_target: float = Preprocessing.intensity_target
+    framing: str = Preprocessing.framing
     channels: int = Preprocessing.channels
     val: float = 0.1
     test: float = 0.2
@@ -116,7 +120,8 @@ class PrepareOptions:
         return Preprocessing(resolution=self.resolution, channels=self.channels,
                              transform=self.transform, resize_filter=self.resize_filter,
                              colour=self.colour, colour_p=self.colour_p, border=self.border,
-                             intensity=self.intensity, intensity_target=self.intensity_target)
+                             intensity=self.intensity, intensity_target=self.intensity_target,
+                             framing=self.framing)
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,8 @@ class PrepareSummary:
     splits: str = "seeded"  # how the splits were made: seeded, folders, column or file
     new_groups: tuple[str, ...] = ()  # --splits-from: groups not in the file (seeded rule)
     rejected_kinds: tuple[tuple[str, int], ...] = ()  # (kind of reason, count): reason_counts
+    framing: str = Preprocessing.framing
+    num_unframed: int = 0  # framing 'lesion': images fitted as with 'frame' (framing.csv)
 
     @property
     def num_images(self) -> int:
@@ -146,6 +153,7 @@ class _Item:
     offset: int
     length: int
     split: str = ""
+    framing_note: str = ""  # why the lesion framing was not applied ('' when it was or not asked)
 
 
 def _validate(o: PrepareOptions) -> None:
@@ -168,7 +176,7 @@ def _validate(o: PrepareOptions) -> None:
                         f"e.g. 6.")
     if o.channels not in (1, 3):
         raise UserError(f"--channels {o.channels} is not 1 or 3.")
-    _ = o.policy  # the other policy fields (border, intensity) are checked where defined
+    _ = o.policy  # the other policy fields (border, intensity, framing) are checked there
     if not (0 <= o.val < 1 and 0 <= o.test < 1 and o.val + o.test < 1):
         raise UserError(f"--val {o.val} and --test {o.test} must be fractions >= 0 whose sum is "
                         f"below 1 (the rest of the normal images is train).")
@@ -229,9 +237,10 @@ def prepare_dataset(options: PrepareOptions) -> PrepareSummary:
         check_group_splits(candidates)
         meta_columns = manifest_meta_columns(candidates)
         options.dest.mkdir(parents=True, exist_ok=True)
+        names = OUTPUT_NAMES + ((FRAMING_CSV,) if options.framing == "lesion" else ())
         with ExitStack() as outputs:
             tmp = {name: outputs.enter_context(atomic_path(options.dest / name))
-                   for name in OUTPUT_NAMES}
+                   for name in names}
             # Decoded PNGs wait in an anonymous file (gone even after a crash) until the splits
             # are known.
             with tempfile.TemporaryFile(dir=options.dest, prefix=".prepare-spool-") as spool:
@@ -242,14 +251,23 @@ def prepare_dataset(options: PrepareOptions) -> PrepareSummary:
                 rows = _write_zips(items, class_map, meta_columns, spool=spool, tmp=tmp)
             new_groups = () if known is None else tuple(sorted(
                 {it.candidate.group for it in items} - set(known)))
+            unframed = [(it, row) for it, row in zip(items, rows) if it.framing_note]
             summary = PrepareSummary(options.dest, class_map, count_images(rows, class_map),
                                      len(rejected), round(time.perf_counter() - start, 3),
                                      splits=origin, new_groups=new_groups,
-                                     rejected_kinds=tuple(reason_counts(rejected)))
+                                     rejected_kinds=tuple(reason_counts(rejected)),
+                                     framing=options.framing, num_unframed=len(unframed))
             _write_csv(tmp["manifest.csv"], MANIFEST_COLUMNS + tuple(meta_columns.values()),
                        rows)
             _write_rejected(tmp["rejected.csv"], rejected)
+            if FRAMING_CSV in tmp:
+                _write_csv(tmp[FRAMING_CSV], ("source", "file", "split", "reason"),
+                           [{"source": it.candidate.source, "file": row["file"],
+                             "split": it.split, "reason": it.framing_note}
+                            for it, row in sorted(unframed, key=lambda p: p[0].candidate.source)])
             tmp["prepare.json"].write_text(json.dumps(_info(options, summary), indent=2) + "\n")
+        if options.framing != "lesion":  # not to be mistaken for this run's
+            (options.dest / FRAMING_CSV).unlink(missing_ok=True)
     except UserError:
         if rejected:
             with atomic_path(options.dest / "rejected.csv") as path:
@@ -335,8 +353,8 @@ def _decode_all(candidates: list[Candidate], rejected: list[Rejection], *, spool
     first_seen: dict[str, Candidate] = {}
     items = []
     with _pool(options.workers or os.cpu_count() or 1) as pool:
-        for c, (png, sha, reason) in zip(candidates, _map(encode, paths, pool=pool,
-                                                          desc="decoding")):
+        for c, (png, sha, reason, note) in zip(candidates, _map(encode, paths, pool=pool,
+                                                                desc="decoding")):
             if reason is not None:
                 rejected.append(Rejection(c.source, reason))
             elif sha in first_seen:
@@ -345,7 +363,8 @@ def _decode_all(candidates: list[Candidate], rejected: list[Rejection], *, spool
                                           + _split_note(kept, c)))
             else:
                 first_seen[sha] = c
-                items.append(_Item(c, sha, offset=spool.tell(), length=len(png)))
+                items.append(_Item(c, sha, offset=spool.tell(), length=len(png),
+                                   framing_note=note))
                 spool.write(png)
     return items
 
@@ -492,22 +511,24 @@ def split_group_sizes(sizes: list[int], *, val: float, test: float, train: bool)
 
 # ----------------------------------------------------------------------------- pixels
 
-def _encode_file(path: str, *, policy: Preprocessing) -> tuple[bytes | None, str, str | None]:
-    """Worker: (PNG bytes or None, sha256 of the file bytes, rejection reason or None)."""
+def _encode_file(path: str, *, policy: Preprocessing
+                 ) -> tuple[bytes | None, str, str | None, str]:
+    """Worker: (PNG bytes or None, sha256 of the file bytes, rejection reason or None, why the
+    lesion framing was not applied or '')."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        return None, "", f"cannot read the file: {exc.strerror or exc}"
+        return None, "", f"cannot read the file: {exc.strerror or exc}", ""
     sha = hashlib.sha256(data).hexdigest()  # of the source bytes: finds duplicate files
     try:
-        img = fit_raw(data, Path(path).suffix, policy)
+        img, note = fit_raw_framed(data, Path(path).suffix, policy)
         buffer = io.BytesIO()
         img.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     except ImageRejected as exc:
-        return None, sha, str(exc)
+        return None, sha, str(exc), ""
     except Exception as exc:  # one odd file must not end a run over thousands
-        return None, sha, f"unexpected error while decoding ({type(exc).__name__}: {exc})"
-    return buffer.getvalue(), sha, None
+        return None, sha, f"unexpected error while decoding ({type(exc).__name__}: {exc})", ""
+    return buffer.getvalue(), sha, None, note
 
 
 # ----------------------------------------------------------------------------- writing
@@ -608,6 +629,7 @@ def _info(options: PrepareOptions, summary: PrepareSummary) -> dict:
         "counts": summary.counts,
         "num_images": summary.num_images,
         "num_rejected": summary.num_rejected,
+        "framing": {"framing": summary.framing, "num_whole_frame": summary.num_unframed},
         "splits": {"made_by": summary.splits,
                    "num_new_groups": len(summary.new_groups),
                    "new_groups": list(summary.new_groups)},
@@ -619,6 +641,8 @@ def _info(options: PrepareOptions, summary: PrepareSummary) -> dict:
             "16-bit": "value >> 8",
             "zip_names": "{split}.zip with NNNNN/imgNNNNNNNN.png and dataset.json",
             "image_records": "dataset.json anostyle.images: {zip name: {image, group}}",
+            "framing.num_whole_frame": "framing lesion: images where no lesion was found, "
+                                       "fitted as with framing frame (listed in framing.csv)",
             "splits.made_by": "seeded (--seed rule), folders (train/val/test folders), column "
                               "(--split-column) or file (--splits-from; new_groups: groups not "
                               "in the file, split by the seeded rule)",
@@ -644,4 +668,8 @@ def format_summary(summary: PrepareSummary) -> str:
                  f"{summary.elapsed_seconds:.1f} s; {summary.num_rejected} inputs rejected"
                  + (f" (see {summary.dest / 'rejected.csv'})" if summary.num_rejected else ""))
     lines += [f"  {n:>6}  {kind}" for kind, n in summary.rejected_kinds]
+    if summary.framing == "lesion":
+        lines.append(f"framing: {summary.num_images - summary.num_unframed} images cropped "
+                     f"around their lesion, {summary.num_unframed} kept the photo's framing (no "
+                     f"lesion found; see {summary.dest / FRAMING_CSV})")
     return "\n".join(lines)

@@ -251,6 +251,13 @@ def collection_options(*, required: bool):
                    "camera's exposure does not change the score.")
 @_prep("--intensity-target", type=click.FloatRange(0, 255, min_open=True),
               help="Skin brightness (0-255) of --intensity normalise.")
+@_prep("--framing", type=click.Choice(["frame", "lesion"]),
+              help="lesion: before resizing, crop each image to a square around its lesion, "
+                   "found without labels (a dark, central region), with a margin of a quarter "
+                   "of the lesion's size on each side, so that the lesion fills the same share "
+                   "of every image however the photo was framed; an image where no lesion is "
+                   "found is fitted as with frame and listed in DEST/framing.csv. frame: the "
+                   "photo as it was framed, made square by --transform.")
 @click.option("--channels", default="3", show_default=True, type=click.Choice(["3", "1"]),
               help="3: RGB PNGs; 1: grayscale PNGs.")
 @_prep("--val", type=click.FloatRange(0, 1, max_open=True),
@@ -273,8 +280,8 @@ def prepare(channels: str, model: str | None, **flags) -> None:
         --id-column image_id --label-column dx --group-column lesion_id --normal nv \\
         --dest prepared --resolution 256
 
-    With --model DIR the resolution, transform, filter, colour, border and intensity settings
-    are the model's (a flag that contradicts them is refused).
+    With --model DIR the resolution, transform, filter, colour, border, intensity and framing
+    settings are the model's (a flag that contradicts them is refused).
     """
     from click.core import ParameterSource
 

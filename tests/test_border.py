@@ -58,6 +58,46 @@ def test_a_dark_circular_border_is_found_and_filled_with_skin(radius, centre):
     np.testing.assert_array_equal(filled[inner], vignetted[inner])  # the lesion is untouched
 
 
+@pytest.mark.parametrize("radius,centre,dark", [
+    (42.0, None, (6, 5, 5)),  # larger than the frame: four small corner wedges (1.2%)
+    (36.0, (40.0, 24.0), (6, 5, 5)),  # off-centre: three dark corners, cut by two edges
+    (50.0, (44.0, 44.0), (6, 5, 5)),  # off-centre and large: one dark corner
+    (30.0, (33.0, 30.0), (60, 55, 50)),  # grey (luminance 56, above DARK), as PH2's are
+    (40.0, (30.0, 36.0), (60, 55, 50)),  # grey, cut by the edges, off-centre
+])
+def test_partial_off_centre_and_grey_borders_are_found_and_filled(radius, centre, dark):
+    """Fields of view that the circle fit finds (an earlier finder needed four dark corners,
+    2% of the image outside the circle and luminance below DARK)."""
+    plain = _lesion()
+    cy, cx = centre if centre is not None else (31.5, 31.5)
+    yy, xx = np.mgrid[0:64, 0:64]
+    dist = np.hypot(yy - cy, xx - cx)
+    vignetted = plain.copy()
+    vignetted[dist > radius] = dark
+    found = fov_circle(vignetted)
+    assert found is not None
+    outside, found_outside = dist > radius, np.hypot(yy - found[1], xx - found[0]) > found[2]
+    assert (outside & found_outside).sum() / (outside | found_outside).sum() > 0.8
+    if centre != (44.0, 44.0):  # one corner's short arc leaves the centre loose along the diagonal
+        assert abs(found[0] - cx) < 1.5 and abs(found[1] - cy) < 1.5
+        assert abs(found[2] - radius) < 1.5
+    filled = np.asarray(fill_fov_border(Image.fromarray(vignetted)))
+    assert np.abs(filled[outside].astype(int) - SKIN).max() <= 8  # skin, not the border
+    inner = dist < radius - 3 * 0.03 * 64 - 1
+    np.testing.assert_array_equal(filled[inner], vignetted[inner])
+
+
+def test_a_dark_round_lesion_in_a_corner_is_not_a_border():
+    """Dark inside its own round edge: the circle fit puts the dark side inside."""
+    img = _lesion()
+    yy, xx = np.mgrid[0:64, 0:64]
+    img[np.hypot(yy - 4, xx - 4) < 22] = (10, 8, 8)
+    assert fov_circle(img) is None
+    img = _lesion()
+    img[np.hypot(yy - 40, xx - 70) < 20] = (30, 20, 20)  # cut by the right edge
+    assert fov_circle(img) is None
+
+
 @pytest.mark.parametrize("case", ["plain", "lesion at an edge", "black bars", "all dark"])
 def test_images_without_such_a_border_are_left_alone(case):
     img = _lesion()

@@ -546,3 +546,176 @@ def test_shades_of_gray_makes_the_illuminant_grey_and_keeps_neutral_images():
     padded = np.zeros((32, 16, 3), np.uint8)
     padded[8:24] = cast
     np.testing.assert_array_equal(shades_of_gray(padded)[8:24], shades_of_gray(cast))
+
+
+# ----------------------------------------------------------------------------- lesion framing
+
+SKIN, LESION = (200, 150, 130), (100, 60, 45)
+
+
+def _skin_with_lesion(path: Path | None, *, size=(160, 120), centre=(100, 50), radius=12,
+                      seed=0) -> np.ndarray:
+    """A 4:3 photo of noisy skin with a dark round lesion (none when radius is 0)."""
+    w, h = size
+    img = np.empty((h, w, 3), np.float64)
+    img[:] = SKIN
+    img += np.random.default_rng(seed).normal(0, 3, img.shape)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img[np.hypot(xx - centre[0], yy - centre[1]) < radius] = LESION
+    img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    if path is not None:
+        _save(path, Image.fromarray(img))
+    return img
+
+
+def test_the_policy_records_the_framing_and_old_records_mean_frame():
+    from anodata.policy import Preprocessing
+
+    policy = Preprocessing(resolution=64, framing="lesion")
+    assert Preprocessing.from_dict(policy.to_dict(), source="x") == policy
+    old = policy.to_dict()
+    del old["framing"]  # written before the option existed
+    assert Preprocessing.from_dict(old, source="x").framing == "frame"
+    with pytest.raises(UserError, match="framing 'crop' is not one of frame, lesion"):
+        Preprocessing(framing="crop")
+    with pytest.raises(UserError, match="framing 'crop' is not one of frame, lesion"):
+        _opts(Path(__file__).parent, Path("x"), framing="crop")
+
+
+@pytest.mark.parametrize("box,want", [
+    ((40, 60, 30, 40), (35, 20, 30)),  # side 20 * 1.5, centred on (50, 35)
+    ((90, 100, 30, 50), (70, 25, 30)),  # at the right edge: shifted inside
+    ((0, 100, 20, 60), (10, 0, 80)),  # larger than the short side: the whole height, centred
+    ((50, 51, 79, 80), (40, 60, 20)),  # a speck: a quarter of the short side, at the bottom
+])
+def test_lesion_square_by_hand(box, want):
+    from anodata.policy import lesion_square
+
+    mask = np.zeros((80, 100), bool)  # H 80, W 100
+    x0, x1, y0, y1 = box
+    mask[y0:y1, x0:x1] = True
+    assert lesion_square(mask) == want
+
+
+def test_a_real_demo_photo_is_framed_around_its_lesion(ham_dir):
+    """On real photos whose lesion is small in the frame, lesion framing makes it fill more of
+    the fitted image, about as much as the margin says; the fitted image is the same through
+    the PIL path (AnoModel.fit) and the file path (prepare) for these small JPEGs."""
+    from anodata.lesion import lesion_mask
+    from anodata.policy import Preprocessing, fit_image, fit_raw_framed
+
+    frame = Preprocessing(resolution=64, colour="shades-of-gray")
+    lesion = Preprocessing(resolution=64, colour="shades-of-gray", framing="lesion")
+    grown = []
+    for path in sorted((ham_dir / "images").glob("*.jpg"))[:40]:
+        data = path.read_bytes()
+        before = lesion_mask(np.asarray(fit_raw_framed(data, ".jpg", frame)[0])).mean()
+        if not 0.02 < before < 0.12:  # small lesions only
+            continue
+        framed, note = fit_raw_framed(data, ".jpg", lesion)
+        assert note == ""
+        np.testing.assert_array_equal(np.asarray(framed), np.asarray(
+            fit_image(Image.open(path).convert("RGB"), lesion)))
+        grown.append(lesion_mask(np.asarray(framed)).mean() / before)
+    assert len(grown) >= 5 and min(grown) > 1.2 and np.median(grown) > 1.8
+
+
+def test_a_synthetic_lesion_off_centre_is_centred_and_sized():
+    from anodata.lesion import lesion_mask
+    from anodata.policy import Preprocessing, fit_image
+
+    img = Image.fromarray(_skin_with_lesion(None, centre=(120, 40), radius=15))
+    fitted = np.asarray(fit_image(img, Preprocessing(resolution=64, framing="lesion")))
+    mask = lesion_mask(fitted)
+    ys, xs = np.nonzero(mask)
+    assert abs(xs.mean() - 31.5) < 1.5 and abs(ys.mean() - 31.5) < 1.5  # in the middle
+    assert abs((xs.max() - xs.min() + 1) / 64 - 1 / 1.5) < 0.05  # 2/3 of the side
+    centre_crop = np.asarray(fit_image(img, Preprocessing(resolution=64)))
+    assert lesion_mask(centre_crop).mean() < 0.5 * mask.mean()
+
+
+def test_prepare_lists_images_without_a_lesion_and_keeps_their_frame(tmp_path):
+    from anodata.policy import Preprocessing, fit_image
+
+    src = tmp_path / "src"
+    for i in range(6):
+        _skin_with_lesion(src / "nv" / f"n{i}.png", centre=(60 + 8 * i, 50), seed=i)
+    for i in range(2):
+        _skin_with_lesion(src / "nv" / f"skin{i}.png", radius=0, seed=10 + i)
+    for i in range(3):
+        _skin_with_lesion(src / "mel" / f"m{i}.png", radius=20, seed=20 + i)
+    args = ["prepare", "--source", str(src), "--normal", "nv", "--resolution", "32",
+            "--workers", "1", "--framing", "lesion"]
+    result = CliRunner().invoke(main, args + ["--dest", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert ("framing: 9 images cropped around their lesion, 2 kept the photo's framing (no "
+            "lesion found; see") in result.output
+    dest = tmp_path / "out"
+    listed = _rows(dest / "framing.csv")
+    assert [(r["source"], r["reason"]) for r in listed] == [
+        ("nv/skin0.png", "no dark region"), ("nv/skin1.png", "no dark region")]
+    info = json.loads((dest / "prepare.json").read_text())
+    assert info["preprocessing"]["framing"] == "lesion"
+    assert info["framing"] == {"framing": "lesion", "num_whole_frame": 2}
+    manifest = {r["source"]: r for r in _rows(dest / "manifest.csv")}
+    for row in listed:  # written as the centre crop of today's framing
+        data = ImageDataset(dest / f"{row['split']}.zip")
+        got = data[data.names.index(row["file"])][0].transpose(1, 2, 0)
+        want = fit_image(Image.open(src / row["source"]), Preprocessing(resolution=32))
+        np.testing.assert_array_equal(got, np.asarray(want))
+        assert manifest[row["source"]]["file"] == row["file"]
+    again = CliRunner().invoke(main, args[:-2] + ["--dest", str(dest)])  # framing frame
+    assert again.exit_code == 0 and "framing:" not in again.output
+    assert not (dest / "framing.csv").exists()  # no stale list from the run before
+
+
+def test_prepare_with_a_model_carries_its_framing(tmp_path):
+    from encoder_helpers import tiny_networks
+
+    from anodata.policy import Preprocessing
+    from stylegan.checkpoint import save_networks
+
+    src = tmp_path / "src"
+    for i in range(4):
+        _skin_with_lesion(src / "nv" / f"n{i}.png", seed=i)
+    _skin_with_lesion(src / "mel" / "m0.png", radius=20, seed=9)
+    G, D = tiny_networks(16)
+    models = {}
+    for name, policy in (("lesion", Preprocessing(resolution=16, framing="lesion").to_dict()),
+                         ("old", {k: v for k, v in Preprocessing(resolution=16).to_dict().items()
+                                  if k != "framing"})):
+        models[name] = tmp_path / name
+        models[name].mkdir()
+        save_networks(models[name] / "network.safetensors", G=G, D=D, G_ema=G,
+                      extra={"preprocessing": policy})
+    base = ["prepare", "--source", str(src), "--normal", "nv", "--workers", "1"]
+    run = CliRunner().invoke
+    ok = run(main, base + ["--model", str(models["lesion"]), "--dest", str(tmp_path / "a")])
+    assert ok.exit_code == 0, ok.output
+    info = json.loads((tmp_path / "a" / "prepare.json").read_text())
+    assert info["preprocessing"]["framing"] == "lesion" and (tmp_path / "a" / "framing.csv").is_file()
+    old = run(main, base + ["--model", str(models["old"]), "--dest", str(tmp_path / "b")])
+    assert old.exit_code == 0, old.output
+    assert json.loads((tmp_path / "b" / "prepare.json").read_text())[
+        "preprocessing"]["framing"] == "frame"
+    bad = run(main, base + ["--model", str(models["old"]), "--framing", "lesion",
+                            "--dest", str(tmp_path / "c")])
+    assert bad.exit_code == 1 and "framing lesion (the model's: frame)" in bad.output
+
+
+def test_a_large_jpeg_without_a_lesion_is_fitted_exactly_as_framed():
+    """Lesion framing decodes box-filtered JPEGs larger (the crop is resized down); a photo
+    where no lesion is found is decoded again so that it equals framing 'frame' bit for bit."""
+    from anodata.policy import Preprocessing, fit_raw, fit_raw_framed
+
+    skin = _encode(Image.fromarray(_skin_with_lesion(None, size=(600, 450), radius=0)), "JPEG")
+    frame = Preprocessing(resolution=32)
+    lesion = Preprocessing(resolution=32, framing="lesion")
+    fitted, note = fit_raw_framed(skin, ".jpg", lesion)
+    assert note == "no dark region"
+    np.testing.assert_array_equal(np.asarray(fitted), np.asarray(fit_raw(skin, ".jpg", frame)))
+    mole = _encode(Image.fromarray(_skin_with_lesion(None, size=(600, 450), centre=(420, 150),
+                                                     radius=40)), "JPEG")
+    fitted, note = fit_raw_framed(mole, ".jpg", lesion)
+    assert note == "" and np.asarray(fitted)[16, 16].mean() < 110  # the lesion in the middle
+    assert np.asarray(fit_raw(mole, ".jpg", frame))[16, 16].mean() > 150  # skin there
