@@ -10,12 +10,12 @@ here: pass it to `prepare --splits-from` to reproduce the model's split.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 from anodata.policy import POLICY_KEY, Preprocessing
 from stylegan.errors import UserError
+from stylegan.fileio import UntrustedJSONError, loads_untrusted
 
 NETWORK_FILE, ENCODER_FILE = "network.safetensors", "encoder.safetensors"
 POLICY_FIELDS = tuple(f.name for f in dataclasses.fields(Preprocessing))
@@ -46,9 +46,9 @@ def _body(path: Path, *, fmt: str) -> dict[str, Any]:
         raise UserError(f"{path} is not an AnoStyle {fmt} checkpoint; a model folder holds "
                         f"{NETWORK_FILE} (and {ENCODER_FILE}) written by AnoStyle.")
     try:
-        body = json.loads(metadata["anostyle"])
-    except json.JSONDecodeError:
-        raise UserError(f"{path} has unreadable metadata; the file is damaged.") from None
+        body = loads_untrusted(metadata["anostyle"])
+    except UntrustedJSONError as exc:
+        raise UserError(f"{path} has unreadable metadata ({exc}); the file is damaged.") from None
     return body if isinstance(body, dict) else {}
 
 

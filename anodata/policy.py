@@ -10,7 +10,6 @@ score of raw folders, serve, the Python API) applies exactly the policy its mode
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from PIL import Image
 
 from anodata.imageio import decode
 from stylegan.errors import UserError
+from stylegan.fileio import UntrustedJSONError, loads_untrusted
 
 TRANSFORMS = ("center-crop", "resize", "pad")
 RESIZE_FILTERS = {"box": Image.Resampling.BOX, "lanczos": Image.Resampling.LANCZOS}
@@ -279,9 +279,9 @@ def read_prepare_json(dataset: str | os.PathLike) -> dict | None:
     if not path.is_file():
         return None
     try:
-        body = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); prepare the data again.") from None
+        body = loads_untrusted(path.read_bytes())
+    except UntrustedJSONError as exc:
+        raise UserError(f"{path} cannot be read: {exc}; prepare the data again.") from None
     return body if isinstance(body, dict) else None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -65,13 +66,65 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# Limits of untrusted JSON (dataset.json, detector.json, prepare.json, checkpoint metadata): far
+# beyond anything AnoStyle writes (a few levels of nesting, int64 labels and counts, floats as
+# `repr` gives them, under 25 characters), and low enough that a hostile file cannot make the
+# parser raise ValueError (Python's 4300-digit limit), OverflowError (an int turned into a
+# float or int64 later) or RecursionError (json.loads recurses once per level).
+MAX_JSON_DEPTH = 64
+MAX_NUMBER_CHARS = 40
+_INT64 = 2**63
+_STRING_OR_BRACKET = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+class UntrustedJSONError(ValueError):
+    """JSON that breaks one of the limits above or is not JSON; the message is one clause."""
+
+
+def loads_untrusted(text: str | bytes) -> Any:
+    """json.loads with the limits above; breaking one raises UntrustedJSONError (a clause
+    naming what is wrong, for the caller's sentence that names the file)."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UntrustedJSONError(f"it is not UTF-8 text ({exc.reason})") from None
+    depth = 0
+    for match in _STRING_OR_BRACKET.finditer(text):  # depth before the recursive parser runs
+        char = match.group()
+        if char in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise UntrustedJSONError(f"it nests arrays or objects deeper than "
+                                         f"{MAX_JSON_DEPTH} levels")
+        elif char in "]}":
+            depth -= 1
+
+    def parse_int(digits: str) -> int:
+        if len(digits) > MAX_NUMBER_CHARS or not -_INT64 <= int(digits) < _INT64:
+            shown = digits if len(digits) <= 24 else f"{digits[:12]}... ({len(digits)} digits)"
+            raise UntrustedJSONError(f"it holds the integer {shown}, beyond the 64-bit range")
+        return int(digits)
+
+    def parse_float(text: str) -> float:
+        if len(text) > MAX_NUMBER_CHARS:
+            raise UntrustedJSONError(f"it holds a number of {len(text)} characters (at most "
+                                     f"{MAX_NUMBER_CHARS})")
+        return float(text)
+
+    try:
+        return json.loads(text, parse_int=parse_int, parse_float=parse_float)
+    except json.JSONDecodeError as exc:
+        raise UntrustedJSONError(f"it is not valid JSON ({exc})") from None
+
+
 def read_user_json(path: str | os.PathLike, *, flag: str, fix: str):
-    """The JSON body of a file the user named with `flag`; a missing or unreadable file ends in
-    one sentence that ends with `fix` (what to give instead)."""
+    """The JSON body of a file the user named with `flag`; a missing or unreadable file, or one
+    beyond the limits of `loads_untrusted`, ends in one sentence that ends with `fix`."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{flag} {path} does not exist; {fix}.")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{flag} {path} is not valid JSON ({exc}); {fix}.") from None
+        return loads_untrusted(path.read_bytes())
+    except UntrustedJSONError as exc:
+        raise UserError(f"{flag} {path} cannot be read: {exc}; {fix}.") from None
