@@ -20,7 +20,6 @@ Shape letters: N images, C channels, H/W height/width, K style vectors, D w_dim.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -446,6 +445,7 @@ class Detector:
     kappa: float
     feature_layer: str
     extra: dict = field(default_factory=dict)  # val AUC, CI, tune options ...
+    bank_sha256: str | None = None  # sha256 of the bank file (load_detector refuses another)
 
     @property
     def method(self) -> str:
@@ -466,6 +466,7 @@ class Detector:
                 "threshold": self.threshold, "threshold_rule": self.threshold_rule,
                 "comparison": self.comparison, "val_normal_scores": list(self.val_normals),
                 "selection": self.selection, "bank": self.bank,
+                **({"bank_sha256": self.bank_sha256} if self.bank_sha256 else {}),
                 "network_sha256": self.network_sha256, "encoder_sha256": self.encoder_sha256,
                 "preprocessing": self.preprocessing, "kappa": self.kappa,
                 "feature_layer": self.feature_layer, **self.extra}
@@ -478,6 +479,12 @@ class Detector:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Detector":
+        """detector.json checked by its schema (anomaly.schemas.DetectorRecord) and its method
+        names by the grammar; anything else ends in one sentence naming the field."""
+        from anomaly.schemas import DetectorRecord
+        from anomaly.scores import parse_methods
+        from stylegan.schemas import validated
+
         path = Path(path)
         fix = "give the detector.json that `anostyle tune` wrote"
         body = read_user_json(path, flag="--detector", fix=fix)
@@ -486,34 +493,19 @@ class Detector:
         if body.get("version") != VERSION:
             raise UserError(f"--detector {path} has version {body.get('version')!r}; this "
                             f"AnoStyle reads version {VERSION}.")
-        try:
-            comps = tuple(Component(str(c["method"]), bool(c["tta"]),
-                                    tuple(float(v) for v in c.get("reference", ())))
-                          for c in body["configuration"])
-            for c in comps:
-                if is_detector_method(c.method):
-                    parse_method(c.method)
-            known = {"format", "version", "method", "combine", "tta", "configuration",
-                     "threshold", "threshold_rule", "comparison", "val_normal_scores",
-                     "selection", "bank", "network_sha256", "encoder_sha256", "preprocessing",
-                     "kappa", "feature_layer"}
-            det = cls(comps, str(body["combine"]), float(body["threshold"]),
-                      str(body["threshold_rule"]), str(body["comparison"]),
-                      tuple(float(v) for v in body["val_normal_scores"]),
-                      dict(body.get("selection") or {}), body.get("bank"),
-                      body.get("network_sha256"), body.get("encoder_sha256"),
-                      body.get("preprocessing"), float(body["kappa"]),
-                      str(body["feature_layer"]),
-                      {k: v for k, v in body.items() if k not in known})
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"--detector {path} is incomplete or malformed ({exc!r}); {fix}.") \
-                from None
-        if det.combine not in ("single", "rank-average") or not comps \
-                or (det.combine == "rank-average" and any(not c.reference for c in comps)) \
-                or not det.val_normals or not math.isfinite(det.threshold):
-            raise UserError(f"--detector {path} is inconsistent (combination, references, "
-                            f"threshold or validation scores); {fix}.")
-        return det
+        rec = validated(DetectorRecord, body, where=f"--detector {path}", fix=fix)
+        for i, c in enumerate(rec.configuration):
+            try:
+                parse_method(c.method) if is_detector_method(c.method) else parse_methods(c.method)
+            except UserError as exc:
+                raise UserError(f"--detector {path} has a bad field configuration.{i}.method: "
+                                f"{str(exc).rstrip('.')}.") from None
+        comps = tuple(Component(c.method, c.tta, tuple(c.reference or ()))
+                      for c in rec.configuration)
+        return cls(comps, rec.combine, rec.threshold, rec.threshold_rule, rec.comparison,
+                   tuple(rec.val_normal_scores), dict(rec.selection), rec.bank,
+                   rec.network_sha256, rec.encoder_sha256, rec.preprocessing, rec.kappa,
+                   rec.feature_layer, dict(rec.model_extra or {}), bank_sha256=rec.bank_sha256)
 
 
 # ------------------------------------------------------------------------------ scoring
