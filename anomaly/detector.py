@@ -32,6 +32,7 @@ import torch
 from anodata.policy import Preprocessing
 from anomaly import detector_scores as ds
 from anomaly.model import AnoModel, Forward
+from anomaly.scores import MAX_KAPPA
 from anomaly.scores import METHODS as CLASSIC
 from anomaly.scores import check_sklearn_metric
 from stylegan.errors import UserError
@@ -77,25 +78,58 @@ def parse_method(name: str) -> Method:
          lambda m: Method(text, "izif", kappa=float(m[1]), layers=(m[2],) if m[2] else ())),
         (r"dfeat-res:(b\d+(?:\+b\d+)*)",
          lambda m: Method(text, "dfeat-res", layers=tuple(m[1].split("+")))),
-        (r"knn-latent:(\d+)", lambda m: Method(text, "knn", space="latent", k=int(m[1]))),
+        (r"knn-latent:(\d+)", lambda m: Method(text, "knn", space="latent", k=_count(m[1]))),
         (r"maha-latent", lambda m: Method(text, "maha", space="latent")),
         (r"knn-dfeat:(b\d+):(\d+)",
-         lambda m: Method(text, "knn", space=f"dfeat:{m[1]}", layers=(m[1],), k=int(m[2]))),
+         lambda m: Method(text, "knn", space=f"dfeat:{m[1]}", layers=(m[1],), k=_count(m[2]))),
         (r"maha-dfeat:(b\d+)",
          lambda m: Method(text, "maha", space=f"dfeat:{m[1]}", layers=(m[1],))),
     ]
     for pattern, build in patterns:
         match = re.fullmatch(pattern, text)
         if match:
-            method = build(match)
-            if method.family == "knn" and method.k < 1:
-                break
-            if method.family == "residual" and method.sigma <= 0:
-                break
-            return method
+            return _check_bounds(build(match))
     raise UserError(f"Unknown scoring method '{name}'; use residual:mean|p99|smax[:SIGMA], "
                     f"izif:KAPPA[:LAYER], dfeat-res:b8+b16, knn-latent:K, maha-latent, "
                     f"knn-dfeat:LAYER:K or maha-dfeat:LAYER (or a classic method).")
+
+
+# Bounds of the grammar's numbers: far beyond any setting that ranks lesions, tight enough that
+# no name can ask for gigabytes (residual:smax:1e7 meant a Gaussian of 6e7 taps over padded
+# maps of 1e14 pixels). SIGMA: a blur wider than 64 px (half of a 128 px image) flattens any
+# lesion, and `needs_of` also holds it to half the model's resolution. K: neighbours among the
+# bank's at most `bank_size` points (2000 by default); more than 1000 is a density estimate no
+# longer local, and `load_detector` also holds K to the bank's size. kappa: izif weighs the
+# feature term 0.1-10 in practice; beyond 1e6 the pixel term vanishes in float32 rounding.
+# Layers: D blocks b8 to b4096, each at most once, at most 8 in one name.
+MAX_SIGMA, MAX_K, MAX_LAYERS = 64.0, 1000, 8
+
+
+def _count(digits: str) -> int:
+    """A whole number of the grammar; more than 9 digits is read as 10**9 (out of every bound
+    and never converted: Python refuses int() of over 4300 digits)."""
+    return int(digits) if len(digits) <= 9 else 10**9
+
+
+def _check_bounds(m: Method) -> Method:
+    """`m` when its numbers lie within the bounds above; one sentence otherwise."""
+    problem = ""
+    if m.family == "residual" and m.agg == "smax" and not 0 < m.sigma <= MAX_SIGMA:
+        problem = f"SIGMA {m.sigma:g} must lie in (0, {MAX_SIGMA:g}] pixels"
+    elif m.family == "knn" and not 1 <= m.k <= MAX_K:
+        problem = f"K {m.k} must lie in [1, {MAX_K}] neighbours"
+    elif m.family == "izif" and not 0 <= m.kappa <= MAX_KAPPA:
+        problem = f"kappa {m.kappa:g} must lie in [0, {MAX_KAPPA:g}]"
+    elif len(m.layers) > MAX_LAYERS or len(set(m.layers)) != len(m.layers):
+        problem = f"it names {len(m.layers)} layers; give at most {MAX_LAYERS}, each once"
+    else:
+        sizes = {lay: _count(lay[1:]) for lay in m.layers}
+        bad = [lay for lay, r in sizes.items() if not (8 <= r <= 4096 and r & (r - 1) == 0)]
+        if bad:
+            problem = f"the layer {bad[0][:12]} is not a D block b8 to b4096 (a power of two)"
+    if problem:
+        raise UserError(f"The scoring method '{m.name[:80]}' is out of bounds: {problem}.")
+    return m
 
 
 def is_detector_method(name: str) -> bool:
@@ -170,6 +204,11 @@ def needs_of(methods: Iterable[str], model: AnoModel) -> Needs:
         needs.rec |= m.needs_rec
     for layer in needs.d_layers:
         _check_block_layer(model, layer)
+    for agg, sigma in needs.aggs:
+        if agg == "smax" and sigma > model.resolution / 2:
+            raise UserError(f"residual:smax:{sigma:g} smooths wider than half of the model's "
+                            f"{model.resolution} px images; give SIGMA <= "
+                            f"{model.resolution / 2:g}.")
     return needs
 
 
@@ -657,6 +696,13 @@ def load_detector(model: AnoModel, path: str | os.PathLike) -> DetectorScorer:
             raise UserError(f"--detector {path} names the bank {det.bank}, which is not beside "
                             f"it; copy bank.safetensors along with detector.json.")
         bank = Bank.load(bank_path)
+        for c in det.components:
+            m = parse_method(c.method) if is_detector_method(c.method) else None
+            space = m and m.family == "knn" and bank.spaces.get((m.space, "tta" if c.tta
+                                                                   else "plain"))
+            if space and m.k > space.bank.shape[0]:
+                raise UserError(f"--detector {path} asks {c.method} for more neighbours than "
+                                f"its bank holds ({space.bank.shape[0]} points); tune again.")
     return DetectorScorer(model, det, bank)
 
 
