@@ -315,12 +315,22 @@ class Bank:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Bank":
+    def load(cls, path: str | os.PathLike, *, sha256: str | None = None,
+             detector: str | os.PathLike = "detector.json") -> "Bank":
+        """The bank file at `path`; with `sha256` (what `detector` records), a file with other
+        bytes is refused (the bytes hashed are the bytes read)."""
+        import hashlib
+
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors.torch import load as load_bytes
 
         try:
-            tensors = load_file(str(path))
+            data = Path(path).read_bytes()
+            if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+                raise UserError(f"--detector {detector} was tuned with another bank than the "
+                                f"{Path(path).name} beside it (sha256 differs); copy the bank "
+                                f"tune wrote with this detector.json, or tune again.")
+            tensors = load_bytes(data)
         except (OSError, SafetensorError) as exc:
             raise UserError(f"The bank {path} cannot be read ({exc}); run `anostyle tune` "
                             f"again.") from None
@@ -695,7 +705,7 @@ def load_detector(model: AnoModel, path: str | os.PathLike) -> DetectorScorer:
         if not bank_path.is_file():
             raise UserError(f"--detector {path} names the bank {det.bank}, which is not beside "
                             f"it; copy bank.safetensors along with detector.json.")
-        bank = Bank.load(bank_path)
+        bank = Bank.load(bank_path, sha256=det.bank_sha256, detector=path)
         for c in det.components:
             m = parse_method(c.method) if is_detector_method(c.method) else None
             space = m and m.family == "knn" and bank.spaces.get((m.space, "tta" if c.tta

@@ -6,9 +6,11 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from stylegan.errors import UserError
 
@@ -34,6 +36,69 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def check_own_folder(dest: str | os.PathLike, owned: Iterable[str]) -> None:
+    """Refuse an existing `dest` that holds anything but the files `owned` (a command's own
+    output), which `output_folder` would otherwise replace with it."""
+    dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"{dest} is a file, not a folder; give an output folder.")
+    stray = sorted(p.name for p in dest.iterdir() if p.name not in set(owned)) \
+        if dest.is_dir() else []
+    if stray:
+        raise UserError(f"{dest} holds files this command does not write ({', '.join(stray[:3])}"
+                        f"{' ...' if len(stray) > 3 else ''}); give an output folder of its own, "
+                        f"which each run replaces as a whole.")
+
+
+@contextlib.contextmanager
+def output_folder(dest: str | os.PathLike, *, owned: Iterable[str]) -> Iterator[Path]:
+    """Yield an empty folder beside `dest` to assemble an output of several files; on success
+    it replaces `dest` as one unit (`replace_folder`), so a kill never leaves files of two runs
+    side by side. On an exception the folder is removed and `dest` is left as it was.
+
+    `owned`: the names the command writes; an existing `dest` holding others is refused.
+    Leftovers of a killed earlier run are cleared first (an older output moved aside but not
+    replaced is put back)."""
+    dest = Path(dest)
+    _clear_leftovers(dest)
+    check_own_folder(dest, owned)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".new", dir=dest.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual permissions
+    try:
+        yield tmp
+        replace_folder(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_folder(new: Path, dest: Path) -> None:
+    """Move the folder `new` onto `dest`: the old `dest` is renamed aside, `new` renamed in, the
+    old one removed; each rename is atomic, and between them `dest` is absent, never mixed."""
+    if not dest.exists():
+        os.replace(new, dest)
+        _fsync_dir(dest.parent)
+        return
+    old = dest.parent / f".{dest.name}.{time.time_ns()}-{os.getpid()}.old"  # sorts by time
+    os.replace(dest, old)
+    try:
+        os.replace(new, dest)
+    except BaseException:
+        os.replace(old, dest)
+        raise
+    _fsync_dir(dest.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _clear_leftovers(dest: Path) -> None:
+    old = sorted(dest.parent.glob(f".{dest.name}.*.old")) if dest.parent.is_dir() else []
+    if old and not dest.exists():
+        os.replace(old.pop(), dest)  # killed between the two renames: the newest older output
+    for leftover in [*old, *dest.parent.glob(f".{dest.name}.*.new")]:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def atomic_write_bytes(dest: str | os.PathLike, data: bytes) -> None:
