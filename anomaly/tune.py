@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -143,9 +144,11 @@ def tune(opts: TuneOptions) -> dict[str, Path]:
                          anomalies, comparison, model, opts,
                          bank_images=min(opts.bank_size, len(ImageDataset(train))))
     outdir = Path(opts.outdir)
+    options = provenance(opts, outdir)
+    detector = replace(detector, extra={**detector.extra, "tune": options})
     with output_folder(outdir, owned=OUTPUT_FILES) as unit:
         written = _write_outputs(unit, table, detector, bank, {
-            "options": config_dict(opts), "network": network, "encoder": encoder,
+            "options": options, "network": options["network"], "encoder": options["encoder"],
             "configurations": len(table), "chosen": detector.method,
             "selection": detector.selection, "validation_images": len(cache.rows),
             "subgroups_not_counted": dropped, "seconds_for_passes": round(seconds, 2)})
@@ -169,6 +172,24 @@ def _write_outputs(unit: Path, table: pd.DataFrame, detector: det.Detector, bank
     atomic_write_json(unit / "tune.json", record)
     written["config"] = unit / "tune.json"
     return written
+
+
+PATH_OPTIONS = ("data", "network", "encoder", "model", "train")
+
+
+def provenance(opts: TuneOptions, outdir: Path) -> dict:
+    """The options as recorded in detector.json and tune.json: input paths relative to the
+    output folder (no machine's absolute folders in a shipped file), outdir as '.', and the
+    sha256 of val.zip and train.zip (the networks' are detector.json's own fields)."""
+    record = config_dict(opts)
+    base = outdir.resolve()
+    for key in PATH_OPTIONS:
+        if record.get(key):
+            record[key] = Path(os.path.relpath(Path(record[key]).resolve(), base)).as_posix()
+    train = Path(opts.train) if opts.train else Path(opts.data).with_name("train.zip")
+    record.update(outdir=".", train=Path(os.path.relpath(train.resolve(), base)).as_posix(),
+                  data_sha256=sha256_file(opts.data), train_sha256=sha256_file(train))
+    return record
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -424,4 +445,4 @@ def _detector(best: pd.Series, best_value: float, scores: dict[str, np.ndarray],
         None if policy is None else policy.to_dict(), model.kappa, model.feature_layer,
         {"val_auc": float(best["auc"]), "val_auc_ci": [float(best["auc_low"]),
                                                         float(best["auc_high"])],
-         "bank_images": bank_images, "bank_dims": opts.dims, "tune": config_dict(opts)})
+         "bank_images": bank_images, "bank_dims": opts.dims})
