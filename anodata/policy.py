@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from anodata.imageio import decode
+from anodata.imageio import check_source_image, decode
 from stylegan.errors import UserError
 from stylegan.fileio import UntrustedJSONError, loads_untrusted
 
@@ -227,7 +227,9 @@ def fill_fov_border(img: Image.Image, *, margin: float = 0.03) -> Image.Image:
 def fit_image(img: Image.Image, policy: Preprocessing) -> Image.Image:
     """A decoded 8-bit image -> the fitted image: square at the policy's resolution, border
     filled (policy.border), colour normalised (policy.colour), intensity normalised
-    (policy.intensity); prepare's very steps."""
+    (policy.intensity); prepare's very steps. An image too small, too elongated or flat to
+    be a photo of a lesion is refused first (anodata.imageio.check_source_image)."""
+    check_source_image(img)
     img = fit_square(img, policy.resolution, transform=policy.transform,
                      resize_filter=policy.resize_filter)
     if policy.border == "fill":
