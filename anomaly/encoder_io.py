@@ -23,13 +23,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from anomaly.encoder import Encoder, EncoderConfig
-from anomaly.schemas import EncoderBody
 from stylegan.checkpoint import FORMAT as NETWORK_FORMAT
 from stylegan.checkpoint import check_finite, config_from_dict
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_path, loads_untrusted
 from stylegan.legacy import load_tensors
-from stylegan.schemas import CheckpointMeta, json_field, validated
+from stylegan.schemas import CheckpointMeta, EncoderBody, json_field, validated
 
 ENCODER_FORMAT = "anostyle-encoder"
 ENCODER_VERSION = 1

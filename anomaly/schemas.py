@@ -1,6 +1,5 @@
-"""Schemas of the anomaly stage's files: the encoder checkpoint's `anostyle` JSON and
-detector.json (format anostyle-detector, version 1). The shared pieces (strict base, finite
-floats, sha256, `validated`) are stylegan.schemas'.
+"""Schema of detector.json (format anostyle-detector, version 1). The shared pieces (strict
+base, finite floats, sha256, `validated`) and the checkpoint metadata are stylegan.schemas'.
 
 detector.json rules beyond types: a known `combine`; 'single' has exactly one component and no
 reference, 'rank-average' at least two, each with a sorted, finite reference; the validation
@@ -26,39 +25,6 @@ def _sorted(values: list[float], what: str) -> list[float]:
     if any(b < a for a, b in zip(values, values[1:])):
         raise ValueError(f"{what} must be sorted in increasing order")
     return values
-
-
-class EncoderNetwork(Open):
-    """The network an encoder was trained against."""
-
-    path: str | None = None
-    sha256: Sha256 | None = None
-
-
-class EncoderExtra(Open):
-    network: EncoderNetwork | None = None
-    training_options: dict[str, Any] = {}
-    preprocessing: dict[str, Any] | None = None
-
-    @field_validator("training_options")
-    @classmethod
-    def _kappa_is_a_finite_number(cls, options: dict[str, Any]) -> dict[str, Any]:
-        kappa = options.get("kappa")  # recorded as text by the CLI ("1.0"), read as izif's kappa
-        if kappa not in (None, "None"):
-            try:
-                value = float(kappa) if not isinstance(kappa, bool) else float("nan")
-            except (TypeError, ValueError):
-                value = float("nan")
-            if not 0 <= value <= 1e6:
-                raise ValueError(f"kappa {str(kappa)[:40]!r} must be a number in [0, 1e6]")
-        return options
-
-
-class EncoderBody(Strict):
-    """The `anostyle` JSON of an encoder checkpoint (config checked by its own schema)."""
-
-    config: dict[str, Any]
-    extra: EncoderExtra = EncoderExtra()
 
 
 class ComponentRecord(Strict):

@@ -2,10 +2,10 @@
 bool/str coercion), with ranges, finite numbers and known names; `validated` turns the first
 violation into one sentence naming the file and the field.
 
-Here: the safetensors metadata shared by network and encoder checkpoints, the network body
+Here: the safetensors metadata shared by network and encoder checkpoints, their bodies
 (`anostyle` JSON), and the config dataclasses inside both (a model built from the dataclass's
-own fields, so the dataclass stays the one place that lists them). The detector.json and encoder
-bodies live in anomaly/schemas.py.
+own fields, so the dataclass stays the one place that lists them). detector.json's lives in
+anomaly/schemas.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import functools
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from stylegan.errors import UserError
 from stylegan.fileio import UntrustedJSONError, loads_untrusted
@@ -82,6 +82,39 @@ class NetworkBody(Strict):
 
     configs: dict[Literal["G", "D", "G_ema"], dict[str, Any]]
     extra: NetworkExtra = NetworkExtra()
+
+
+class EncoderNetwork(Open):
+    """The network an encoder was trained against."""
+
+    path: str | None = None
+    sha256: Sha256 | None = None
+
+
+class EncoderExtra(Open):
+    network: EncoderNetwork | None = None
+    training_options: dict[str, Any] = {}
+    preprocessing: dict[str, Any] | None = None
+
+    @field_validator("training_options")
+    @classmethod
+    def _kappa_is_a_finite_number(cls, options: dict[str, Any]) -> dict[str, Any]:
+        kappa = options.get("kappa")  # recorded as text by the CLI ("1.0"), read as izif's kappa
+        if kappa not in (None, "None"):
+            try:
+                value = float(kappa) if not isinstance(kappa, bool) else float("nan")
+            except (TypeError, ValueError):
+                value = float("nan")
+            if not 0 <= value <= 1e6:
+                raise ValueError(f"kappa {str(kappa)[:40]!r} must be a number in [0, 1e6]")
+        return options
+
+
+class EncoderBody(Strict):
+    """The `anostyle` JSON of an encoder checkpoint (config checked by its own schema)."""
+
+    config: dict[str, Any]
+    extra: EncoderExtra = EncoderExtra()
 
 
 @functools.cache

@@ -206,3 +206,25 @@ def test_the_shipped_checkpoints_still_load():
     assert nets["G_ema"].img_resolution == 64
     E, extra = load_encoder(SHIPPED / "encoder.safetensors")
     assert E.img_resolution == 64 and len(extra["network"]["sha256"]) == 64
+
+
+def test_the_model_folder_policy_reader_uses_the_same_schemas(tmp_path, network_file):
+    import shutil
+
+    from anodata.modelpolicy import read_model_policy
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shutil.copy(network_file, folder / "network.safetensors")
+    assert read_model_policy(folder).policy.resolution == 16
+    metadata = metadata_of(folder / "network.safetensors")
+    body = json.loads(metadata["anostyle"])
+    body["configs"]["G_ema"]["img_resolution"] = "16"
+    metadata["anostyle"] = json.dumps(body)
+    rewrite(folder / "network.safetensors", metadata)
+    with pytest.raises(UserError, match="img_resolution"):
+        read_model_policy(folder)
+    metadata["anostyle"] = json.dumps(dict(body, configs="G"))
+    rewrite(folder / "network.safetensors", metadata)
+    with pytest.raises(UserError, match="bad field configs"):
+        read_model_policy(folder)
