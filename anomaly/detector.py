@@ -547,8 +547,9 @@ class Detector:
             try:
                 parse_method(c.method) if is_detector_method(c.method) else parse_methods(c.method)
             except UserError as exc:
+                why = str(exc).rstrip(".")
                 raise UserError(f"--detector {path} has a bad field configuration.{i}.method: "
-                                f"{str(exc).rstrip('.')}.") from None
+                                f"{why[:1].lower()}{why[1:]}.") from None
         comps = tuple(Component(c.method, c.tta, tuple(c.reference or ()))
                       for c in rec.configuration)
         return cls(comps, rec.combine, rec.threshold, rec.threshold_rule, rec.comparison,
@@ -707,6 +708,13 @@ def load_detector(model: AnoModel, path: str | os.PathLike) -> DetectorScorer:
                             f"it; copy bank.safetensors along with detector.json.")
         bank = Bank.load(bank_path, sha256=det.bank_sha256, detector=path)
         for c in det.components:
+            spaces, layers = _bank_keys([c.method], c.tta)
+            lacking = sorted(f"{s} ({m})" for s, m in spaces - set(bank.spaces)) \
+                + sorted(f"spread {lay}" for lay in layers - set(bank.spreads))
+            if lacking:
+                raise UserError(f"--detector {path}: its bank {det.bank} holds no "
+                                f"{', '.join(lacking)} for {c.name}; copy the bank tune wrote "
+                                f"with this detector.json, or tune again.")
             m = parse_method(c.method) if is_detector_method(c.method) else None
             space = m and m.family == "knn" and bank.spaces.get((m.space, "tta" if c.tta
                                                                    else "plain"))

@@ -109,3 +109,21 @@ def test_a_bank_from_another_run_is_refused(setup, tmp_path):  # noqa: F811
     text = str(refused.value)
     assert "was tuned with another bank than the bank.safetensors beside it" in text
     assert text.count(". ") == 0 and "\n" not in text
+
+
+def test_a_bank_without_the_space_a_detector_needs_is_refused(setup, tmp_path):  # noqa: F811
+    """An older detector.json (no bank_sha256) beside a bank of another configuration: one
+    sentence, not KeyError ('latent', 'plain')."""
+    import json
+
+    model = AnoModel.load(setup["network"], setup["encoder"], device="cpu")
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert tune(setup, a, "knn-latent:1").exit_code == 0
+    assert tune(setup, b, "knn-dfeat:b8:1").exit_code == 0
+    body = json.loads((a / "detector.json").read_text())
+    del body["bank_sha256"]
+    (a / "detector.json").write_text(json.dumps(body))
+    (a / "bank.safetensors").write_bytes((b / "bank.safetensors").read_bytes())
+    with pytest.raises(UserError, match=r"its bank bank\.safetensors holds no latent \(plain\) "
+                                        r"for knn-latent:1; copy the bank"):
+        det.load_detector(model, a / "detector.json")
