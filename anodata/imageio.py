@@ -98,6 +98,32 @@ def check_size(size: tuple[int, int]) -> None:
                             f"over the {MAX_PIXELS // 1_000_000}-megapixel limit")
 
 
+# What a decoded source image must be to become a model input (anodata.policy.fit_image, the
+# one fitting path of prepare, the API and serve, checks it): at least MIN_SIDE px on its short
+# side (a 1x1 or 3x3 "photo" scaled to 64 px is a flat patch), at most MAX_ASPECT times longer
+# than wide (a 1x10000 strip holds no lesion to crop), and not a blank frame: one grey level
+# (standard deviation below FLAT_STD) that is black or white (mean within BLANK_LEVELS of 0 or
+# 255), as a failed capture gives. Real dermoscopy photos are hundreds of pixels with aspect
+# ratios near 4:3. A one-colour image of another tone, and sides of 6-15 px, stay allowed:
+# the synthetic test images of prepare and the reader are such.
+MIN_SIDE, MAX_ASPECT, FLAT_STD, BLANK_LEVELS = 6, 8.0, 1.0, 8
+
+
+def check_source_image(img: Image.Image) -> None:
+    """Refuse (ImageRejected, with the reason) a decoded image too small, too elongated or
+    blank to be a photo of a lesion."""
+    width, height = img.size
+    if min(width, height) < MIN_SIDE:
+        raise ImageRejected(f"image is {width}x{height} px, smaller than {MIN_SIDE} px on a side")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise ImageRejected(f"image is {width}x{height} px, more elongated than 1:{MAX_ASPECT:g}")
+    grey = np.asarray(img.convert("L"), dtype=np.float32)
+    mean, std = float(grey.mean()), float(grey.std())
+    if std < FLAT_STD and not BLANK_LEVELS < mean < 255 - BLANK_LEVELS:
+        raise ImageRejected(f"image is blank ({'black' if mean < 128 else 'white'}: one grey "
+                            f"level {mean:.0f}); no lesion to see")
+
+
 def channels_of_mode(mode: str) -> int:
     """Number of channels (1 or 3) that `to_8bit(img, channels=None)` gives for a PIL mode."""
     return 1 if mode in _GRAY_MODES else 3

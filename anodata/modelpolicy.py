@@ -10,7 +10,6 @@ here: pass it to `prepare --splits-from` to reproduce the model's split.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +37,21 @@ class ModelPolicy:
 
 
 def _body(path: Path, *, fmt: str) -> dict[str, Any]:
-    """The JSON body of an AnoStyle safetensors checkpoint's metadata."""
+    """The JSON body of an AnoStyle safetensors checkpoint's metadata, checked by its schema
+    (stylegan.schemas)."""
     from stylegan.checkpoint import read_metadata  # torch is imported only when needed
+    from stylegan.schemas import (CheckpointMeta, EncoderBody, NetworkBody, json_field,
+                                  validated)
 
     metadata = read_metadata(path)
     if metadata.get("format") != fmt or "anostyle" not in metadata:
         raise UserError(f"{path} is not an AnoStyle {fmt} checkpoint; a model folder holds "
                         f"{NETWORK_FILE} (and {ENCODER_FILE}) written by AnoStyle.")
-    try:
-        body = json.loads(metadata["anostyle"])
-    except json.JSONDecodeError:
-        raise UserError(f"{path} has unreadable metadata; the file is damaged.") from None
-    return body if isinstance(body, dict) else {}
+    where, fix = f"The metadata of {path}", "the file is damaged"
+    meta = validated(CheckpointMeta, metadata, where=where, fix=fix)
+    schema = NetworkBody if fmt == "anostyle-networks" else EncoderBody
+    body = json_field(meta.anostyle, where=where, fix=fix)
+    return validated(schema, body, where=where, fix=fix).model_dump(exclude_unset=True)
 
 
 def read_model_policy(model: str | Path) -> ModelPolicy:
@@ -65,6 +67,11 @@ def read_model_policy(model: str | Path) -> ModelPolicy:
     if "img_resolution" not in g or "img_channels" not in g:
         raise UserError(f"{network} holds no generator configuration; give a full AnoStyle "
                         f"network snapshot.")
+    from stylegan.checkpoint import config_from_dict
+    from stylegan.networks import GeneratorConfig
+
+    cfg = config_from_dict(GeneratorConfig, g, source=str(network))  # its schema's checks
+    g = {"img_resolution": cfg.img_resolution, "img_channels": cfg.img_channels}
     extras = []
     if (model / ENCODER_FILE).is_file():
         extras.append(("the encoder", _body(model / ENCODER_FILE, fmt="anostyle-encoder")))

@@ -11,7 +11,6 @@ score of raw folders, serve, the Python API) applies exactly the policy its mode
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +20,9 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from anodata.imageio import decode
+from anodata.imageio import check_source_image, decode
 from stylegan.errors import UserError
+from stylegan.fileio import UntrustedJSONError, loads_untrusted
 
 TRANSFORMS = ("center-crop", "resize", "pad")
 RESIZE_FILTERS = {"box": Image.Resampling.BOX, "lanczos": Image.Resampling.LANCZOS}
@@ -349,7 +349,9 @@ def fit_image_framed(img: Image.Image, policy: Preprocessing) -> tuple[Image.Ima
     """A decoded 8-bit image -> (the fitted image, '' or why the lesion framing was not
     applied): cropped around the lesion (policy.framing), square at the policy's resolution,
     border filled (policy.border), colour normalised (policy.colour), intensity normalised
-    (policy.intensity); prepare's very steps."""
+    (policy.intensity); prepare's very steps. An image too small, too elongated or flat to
+    be a photo of a lesion is refused first (anodata.imageio.check_source_image)."""
+    check_source_image(img)
     note = ""
     if policy.framing == "lesion":
         img, note = crop_to_lesion(img, border=policy.border)
@@ -428,9 +430,9 @@ def read_prepare_json(dataset: str | os.PathLike) -> dict | None:
     if not path.is_file():
         return None
     try:
-        body = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); prepare the data again.") from None
+        body = loads_untrusted(path.read_bytes())
+    except UntrustedJSONError as exc:
+        raise UserError(f"{path} cannot be read: {exc}; prepare the data again.") from None
     return body if isinstance(body, dict) else None
 
 

@@ -40,6 +40,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 import zipfile
 import zlib
 from collections import Counter
@@ -257,6 +258,9 @@ def prepare_dataset(options: PrepareOptions) -> PrepareSummary:
                                      splits=origin, new_groups=new_groups,
                                      rejected_kinds=tuple(reason_counts(rejected)),
                                      framing=options.framing, num_unframed=len(unframed))
+            note = empty_splits_note(summary.counts, origin, options)
+            if note:
+                warnings.warn(note, UserWarning, stacklevel=2)
             _write_csv(tmp["manifest.csv"], MANIFEST_COLUMNS + tuple(meta_columns.values()),
                        rows)
             _write_rejected(tmp["rejected.csv"], rejected)
@@ -443,6 +447,26 @@ def check_group_splits(candidates: list[Candidate]) -> None:
         if first != c.split:
             raise UserError(f"Group {c.group} has images in both {first} and {c.split} (e.g. "
                             f"{c.source}); give all images of a group (lesion) one split.")
+
+def empty_splits_note(counts: dict[str, dict[str, int]], origin: str,
+                      options: PrepareOptions) -> str | None:
+    """A sentence naming the splits that hold no image, or None. Splits given by the data (a
+    split column, --splits-from, split folders) may legitimately leave some empty (only val.zip
+    and test.zip for an existing model), so this warns rather than refuses; with the seeded
+    rule a split asked for with a fraction of 0 is expected to be empty."""
+    asked = {"train": True, "val": options.val > 0, "test": options.test > 0}
+    empty = [s for s in SPLITS if not sum(counts.get(s, {}).values())
+             and (origin != "seeded" or asked[s])]
+    if not empty:
+        return None
+    how = {"column": f"the split column {options.split_column!r}",
+           "file": f"--splits-from {options.splits_from}", "folders": "the split folders",
+           "seeded": "the seeded split"}[origin]
+    return (f"{' and '.join(f'{s}.zip' for s in empty)} hold{'s' * (len(empty) == 1)} no image: "
+            f"{how} gives {'it' if len(empty) == 1 else 'them'} none; that is right when only "
+            f"the other splits are wanted (e.g. val/test for an existing model), otherwise check "
+            f"{how}")
+
 
 def assign_splits(items: list[_Item], class_map: dict[str, int], rejected: list[Rejection], *,
                   val: float, test: float, seed: int) -> list[_Item]:

@@ -12,7 +12,6 @@ split), so that both give the same answer.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import zipfile
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from anodata.prepare import RECORDS_KEY, original_id
 from stylegan.errors import UserError
+from stylegan.fileio import UntrustedJSONError, loads_untrusted
 
 DATASET_JSON = "dataset.json"
 
@@ -60,9 +60,9 @@ def _dataset_json(path: Path) -> dict | None:
     if text is None:
         return None
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: {DATASET_JSON} is not valid JSON ({exc}); prepare the data "
+        return loads_untrusted(text)
+    except UntrustedJSONError as exc:
+        raise UserError(f"{path}: {DATASET_JSON} cannot be read: {exc}; prepare the data "
                         f"again.") from None
 
 

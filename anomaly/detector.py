@@ -20,7 +20,6 @@ Shape letters: N images, C channels, H/W height/width, K style vectors, D w_dim.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import torch
 from anodata.policy import Preprocessing
 from anomaly import detector_scores as ds
 from anomaly.model import AnoModel, Forward
+from anomaly.scores import MAX_KAPPA
 from anomaly.scores import METHODS as CLASSIC
 from anomaly.scores import check_sklearn_metric
 from stylegan.errors import UserError
@@ -78,25 +78,58 @@ def parse_method(name: str) -> Method:
          lambda m: Method(text, "izif", kappa=float(m[1]), layers=(m[2],) if m[2] else ())),
         (r"dfeat-res:(b\d+(?:\+b\d+)*)",
          lambda m: Method(text, "dfeat-res", layers=tuple(m[1].split("+")))),
-        (r"knn-latent:(\d+)", lambda m: Method(text, "knn", space="latent", k=int(m[1]))),
+        (r"knn-latent:(\d+)", lambda m: Method(text, "knn", space="latent", k=_count(m[1]))),
         (r"maha-latent", lambda m: Method(text, "maha", space="latent")),
         (r"knn-dfeat:(b\d+):(\d+)",
-         lambda m: Method(text, "knn", space=f"dfeat:{m[1]}", layers=(m[1],), k=int(m[2]))),
+         lambda m: Method(text, "knn", space=f"dfeat:{m[1]}", layers=(m[1],), k=_count(m[2]))),
         (r"maha-dfeat:(b\d+)",
          lambda m: Method(text, "maha", space=f"dfeat:{m[1]}", layers=(m[1],))),
     ]
     for pattern, build in patterns:
         match = re.fullmatch(pattern, text)
         if match:
-            method = build(match)
-            if method.family == "knn" and method.k < 1:
-                break
-            if method.family == "residual" and method.sigma <= 0:
-                break
-            return method
+            return _check_bounds(build(match))
     raise UserError(f"Unknown scoring method '{name}'; use residual:mean|p99|smax[:SIGMA], "
                     f"izif:KAPPA[:LAYER], dfeat-res:b8+b16, knn-latent:K, maha-latent, "
                     f"knn-dfeat:LAYER:K or maha-dfeat:LAYER (or a classic method).")
+
+
+# Bounds of the grammar's numbers: far beyond any setting that ranks lesions, tight enough that
+# no name can ask for gigabytes (residual:smax:1e7 meant a Gaussian of 6e7 taps over padded
+# maps of 1e14 pixels). SIGMA: a blur wider than 64 px (half of a 128 px image) flattens any
+# lesion, and `needs_of` also holds it to half the model's resolution. K: neighbours among the
+# bank's at most `bank_size` points (2000 by default); more than 1000 is a density estimate no
+# longer local, and `load_detector` also holds K to the bank's size. kappa: izif weighs the
+# feature term 0.1-10 in practice; beyond 1e6 the pixel term vanishes in float32 rounding.
+# Layers: D blocks b8 to b4096, each at most once, at most 8 in one name.
+MAX_SIGMA, MAX_K, MAX_LAYERS = 64.0, 1000, 8
+
+
+def _count(digits: str) -> int:
+    """A whole number of the grammar; more than 9 digits is read as 10**9 (out of every bound
+    and never converted: Python refuses int() of over 4300 digits)."""
+    return int(digits) if len(digits) <= 9 else 10**9
+
+
+def _check_bounds(m: Method) -> Method:
+    """`m` when its numbers lie within the bounds above; one sentence otherwise."""
+    problem = ""
+    if m.family == "residual" and m.agg == "smax" and not 0 < m.sigma <= MAX_SIGMA:
+        problem = f"SIGMA {m.sigma:g} must lie in (0, {MAX_SIGMA:g}] pixels"
+    elif m.family == "knn" and not 1 <= m.k <= MAX_K:
+        problem = f"K {m.k} must lie in [1, {MAX_K}] neighbours"
+    elif m.family == "izif" and not 0 <= m.kappa <= MAX_KAPPA:
+        problem = f"kappa {m.kappa:g} must lie in [0, {MAX_KAPPA:g}]"
+    elif len(m.layers) > MAX_LAYERS or len(set(m.layers)) != len(m.layers):
+        problem = f"it names {len(m.layers)} layers; give at most {MAX_LAYERS}, each once"
+    else:
+        sizes = {lay: _count(lay[1:]) for lay in m.layers}
+        bad = [lay for lay, r in sizes.items() if not (8 <= r <= 4096 and r & (r - 1) == 0)]
+        if bad:
+            problem = f"the layer {bad[0][:12]} is not a D block b8 to b4096 (a power of two)"
+    if problem:
+        raise UserError(f"The scoring method '{m.name[:80]}' is out of bounds: {problem}.")
+    return m
 
 
 def is_detector_method(name: str) -> bool:
@@ -171,6 +204,11 @@ def needs_of(methods: Iterable[str], model: AnoModel) -> Needs:
         needs.rec |= m.needs_rec
     for layer in needs.d_layers:
         _check_block_layer(model, layer)
+    for agg, sigma in needs.aggs:
+        if agg == "smax" and sigma > model.resolution / 2:
+            raise UserError(f"residual:smax:{sigma:g} smooths wider than half of the model's "
+                            f"{model.resolution} px images; give SIGMA <= "
+                            f"{model.resolution / 2:g}.")
     return needs
 
 
@@ -277,12 +315,22 @@ class Bank:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Bank":
+    def load(cls, path: str | os.PathLike, *, sha256: str | None = None,
+             detector: str | os.PathLike = "detector.json") -> "Bank":
+        """The bank file at `path`; with `sha256` (what `detector` records), a file with other
+        bytes is refused (the bytes hashed are the bytes read)."""
+        import hashlib
+
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors.torch import load as load_bytes
 
         try:
-            tensors = load_file(str(path))
+            data = Path(path).read_bytes()
+            if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+                raise UserError(f"--detector {detector} was tuned with another bank than the "
+                                f"{Path(path).name} beside it (sha256 differs); copy the bank "
+                                f"tune wrote with this detector.json, or tune again.")
+            tensors = load_bytes(data)
         except (OSError, SafetensorError) as exc:
             raise UserError(f"The bank {path} cannot be read ({exc}); run `anostyle tune` "
                             f"again.") from None
@@ -446,6 +494,7 @@ class Detector:
     kappa: float
     feature_layer: str
     extra: dict = field(default_factory=dict)  # val AUC, CI, tune options ...
+    bank_sha256: str | None = None  # sha256 of the bank file (load_detector refuses another)
 
     @property
     def method(self) -> str:
@@ -466,6 +515,7 @@ class Detector:
                 "threshold": self.threshold, "threshold_rule": self.threshold_rule,
                 "comparison": self.comparison, "val_normal_scores": list(self.val_normals),
                 "selection": self.selection, "bank": self.bank,
+                **({"bank_sha256": self.bank_sha256} if self.bank_sha256 else {}),
                 "network_sha256": self.network_sha256, "encoder_sha256": self.encoder_sha256,
                 "preprocessing": self.preprocessing, "kappa": self.kappa,
                 "feature_layer": self.feature_layer, **self.extra}
@@ -478,6 +528,12 @@ class Detector:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Detector":
+        """detector.json checked by its schema (anomaly.schemas.DetectorRecord) and its method
+        names by the grammar; anything else ends in one sentence naming the field."""
+        from anomaly.schemas import DetectorRecord
+        from anomaly.scores import parse_methods
+        from stylegan.schemas import validated
+
         path = Path(path)
         fix = "give the detector.json that `anostyle tune` wrote"
         body = read_user_json(path, flag="--detector", fix=fix)
@@ -486,34 +542,20 @@ class Detector:
         if body.get("version") != VERSION:
             raise UserError(f"--detector {path} has version {body.get('version')!r}; this "
                             f"AnoStyle reads version {VERSION}.")
-        try:
-            comps = tuple(Component(str(c["method"]), bool(c["tta"]),
-                                    tuple(float(v) for v in c.get("reference", ())))
-                          for c in body["configuration"])
-            for c in comps:
-                if is_detector_method(c.method):
-                    parse_method(c.method)
-            known = {"format", "version", "method", "combine", "tta", "configuration",
-                     "threshold", "threshold_rule", "comparison", "val_normal_scores",
-                     "selection", "bank", "network_sha256", "encoder_sha256", "preprocessing",
-                     "kappa", "feature_layer"}
-            det = cls(comps, str(body["combine"]), float(body["threshold"]),
-                      str(body["threshold_rule"]), str(body["comparison"]),
-                      tuple(float(v) for v in body["val_normal_scores"]),
-                      dict(body.get("selection") or {}), body.get("bank"),
-                      body.get("network_sha256"), body.get("encoder_sha256"),
-                      body.get("preprocessing"), float(body["kappa"]),
-                      str(body["feature_layer"]),
-                      {k: v for k, v in body.items() if k not in known})
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"--detector {path} is incomplete or malformed ({exc!r}); {fix}.") \
-                from None
-        if det.combine not in ("single", "rank-average") or not comps \
-                or (det.combine == "rank-average" and any(not c.reference for c in comps)) \
-                or not det.val_normals or not math.isfinite(det.threshold):
-            raise UserError(f"--detector {path} is inconsistent (combination, references, "
-                            f"threshold or validation scores); {fix}.")
-        return det
+        rec = validated(DetectorRecord, body, where=f"--detector {path}", fix=fix)
+        for i, c in enumerate(rec.configuration):
+            try:
+                parse_method(c.method) if is_detector_method(c.method) else parse_methods(c.method)
+            except UserError as exc:
+                why = str(exc).rstrip(".")
+                raise UserError(f"--detector {path} has a bad field configuration.{i}.method: "
+                                f"{why[:1].lower()}{why[1:]}.") from None
+        comps = tuple(Component(c.method, c.tta, tuple(c.reference or ()))
+                      for c in rec.configuration)
+        return cls(comps, rec.combine, rec.threshold, rec.threshold_rule, rec.comparison,
+                   tuple(rec.val_normal_scores), dict(rec.selection), rec.bank,
+                   rec.network_sha256, rec.encoder_sha256, rec.preprocessing, rec.kappa,
+                   rec.feature_layer, dict(rec.model_extra or {}), bank_sha256=rec.bank_sha256)
 
 
 # ------------------------------------------------------------------------------ scoring
@@ -667,7 +709,21 @@ def load_detector(model: AnoModel, path: str | os.PathLike) -> DetectorScorer:
         if not bank_path.is_file():
             raise UserError(f"--detector {path} names the bank {det.bank}, which is not beside "
                             f"it; copy bank.safetensors along with detector.json.")
-        bank = Bank.load(bank_path)
+        bank = Bank.load(bank_path, sha256=det.bank_sha256, detector=path)
+        for c in det.components:
+            spaces, layers = _bank_keys([c.method], c.tta)
+            lacking = sorted(f"{s} ({m})" for s, m in spaces - set(bank.spaces)) \
+                + sorted(f"spread {lay}" for lay in layers - set(bank.spreads))
+            if lacking:
+                raise UserError(f"--detector {path}: its bank {det.bank} holds no "
+                                f"{', '.join(lacking)} for {c.name}; copy the bank tune wrote "
+                                f"with this detector.json, or tune again.")
+            m = parse_method(c.method) if is_detector_method(c.method) else None
+            space = m and m.family == "knn" and bank.spaces.get((m.space, "tta" if c.tta
+                                                                   else "plain"))
+            if space and m.k > space.bank.shape[0]:
+                raise UserError(f"--detector {path} asks {c.method} for more neighbours than "
+                                f"its bank holds ({space.bank.shape[0]} points); tune again.")
     return DetectorScorer(model, det, bank)
 
 

@@ -26,8 +26,9 @@ from anomaly.encoder import Encoder, EncoderConfig
 from stylegan.checkpoint import FORMAT as NETWORK_FORMAT
 from stylegan.checkpoint import check_finite, config_from_dict
 from stylegan.errors import UserError
-from stylegan.fileio import atomic_path
+from stylegan.fileio import atomic_path, loads_untrusted
 from stylegan.legacy import load_tensors
+from stylegan.schemas import CheckpointMeta, EncoderBody, json_field, validated
 
 ENCODER_FORMAT = "anostyle-encoder"
 ENCODER_VERSION = 1
@@ -81,10 +82,14 @@ def load_encoder(path: str | os.PathLike, *, device: str | torch.device = "cpu"
                             f"--network.")
         raise UserError(f"{path} is not an AnoStyle encoder checkpoint (format {kind!r}); give "
                         f"an encoder-<iter>.safetensors file written by `anostyle train-encoder`.")
-    if int(metadata.get("format_version", "0")) > ENCODER_VERSION:
+    fix = "the file is damaged: copy it again or use another checkpoint"
+    where = f"The metadata of --encoder {path}"
+    meta = validated(CheckpointMeta, metadata, where=where, fix=fix)
+    if int(meta.format_version) > ENCODER_VERSION:
         raise UserError(f"{path} was written by a newer AnoStyle (encoder format version "
-                        f"{metadata['format_version']}); upgrade AnoStyle to read it.")
-    body = json.loads(metadata["anostyle"])
+                        f"{meta.format_version}); upgrade AnoStyle to read it.")
+    body = validated(EncoderBody, json_field(meta.anostyle, where=where, fix=fix), where=where,
+                     fix=fix).model_dump(exclude_unset=True)
     cfg = config_from_dict(EncoderConfig, body["config"], source=str(path))
     tensors = load_file(str(path), device="cpu")
     check_finite(tensors, what=f"--encoder {path}")
@@ -122,7 +127,7 @@ def best_encoder(outdir: str | os.PathLike) -> Path | None:
     """The checkpoint validation.json (train-encoder --val) names as best, when it is there."""
     path = Path(outdir) / VALIDATION_FILE
     try:
-        name = json.loads(path.read_text(encoding="utf-8"))["best"]["checkpoint"]
+        name = loads_untrusted(path.read_bytes())["best"]["checkpoint"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     best = Path(outdir) / str(name)

@@ -25,6 +25,7 @@ The protocol (metrics and tests are in anomaly/metrics.py, figures in anomaly/pl
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -42,6 +43,7 @@ SKIPPED_PREFIXES = (".", "~$", "report_", "tsne")  # temporary/lock files, evalu
 BASELINES = baseline.METHODS
 BASELINE_CHOICES = ("knn", "knn-pixels", "none")  # 'knn-pixels': the old name of 'knn'
 SPLITS = ("test", "val")
+SHEET_SPLITS = ("train", "val", "test")  # the split names `score` writes
 DEFAULT_ANOMALY_CLASS = "mel"
 SHARED_COLUMNS = ("group", "image")  # copied between sheets by (split, file)
 ALPHA = 0.05
@@ -415,9 +417,41 @@ def load_score_sheets(scores_dir: Path, *, split: str = "test") -> dict[str, pd.
     keep = ("val",) if split == "val" else ("val", "test")
     frames = {}
     for p in paths:
-        df = sheets.read_score_sheet(p)
+        df = checked_rows(sheets.read_score_sheet(p), p.name, keep=keep)
         frames[p.stem] = df[df["split"].isin(keep)].reset_index(drop=True)
     return frames
+
+
+def checked_rows(df: pd.DataFrame, name: str, *, keep: tuple[str, ...]) -> pd.DataFrame:
+    """A score sheet's rows fit to evaluate: split names as `score` writes them (lower case),
+    some rows of the `keep` splits, and each (split, file) once. Split names in another case or
+    with spaces, a sheet without such rows and an image listed twice with different scores or
+    labels are refused; exact repeats are dropped with a warning giving their count."""
+    odd = sorted({s for s in df["split"] if s not in SHEET_SPLITS
+                  and s.strip().lower() in SHEET_SPLITS})
+    if odd:
+        raise UserError(f"{name} names the split(s) {', '.join(repr(s) for s in odd)}; the split "
+                        f"column must read {', '.join(SHEET_SPLITS)} in lower case, as "
+                        f"`anostyle score` writes it.")
+    if not df["split"].isin(keep).any():
+        found = sorted(set(df["split"])) or ["none: the sheet is empty"]
+        raise UserError(f"{name} holds no {' or '.join(keep)} rows (splits found: "
+                        f"{', '.join(found)}); score the prepared {keep[-1]}.zip into it.")
+    repeated = df.duplicated(["split", "file"], keep=False)
+    if repeated.any():
+        differing = df[repeated].groupby(["split", "file"])[["score", "label", "class"]] \
+            .nunique().max(axis=1) > 1
+        if differing.any():
+            split, file = differing[differing].index[0]
+            raise UserError(f"{name} lists {split}/{file} more than once with different scores "
+                            f"or labels ({int(differing.sum())} such images); score each image "
+                            f"once.")
+        dropped = int(df.duplicated(["split", "file"]).sum())
+        warnings.warn(f"{name} lists {dropped} row(s) again with the same split and file; the "
+                      f"repeats are dropped, so each image counts once", UserWarning,
+                      stacklevel=3)
+        df = df.drop_duplicates(["split", "file"]).reset_index(drop=True)
+    return df
 
 
 def share_columns(frames: dict[str, pd.DataFrame], columns: tuple[str, ...]

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,7 +212,10 @@ def _setup(opts: FitOptions, *, echo) -> _Run:
                         f"network's resolution.")
     E, saved = _build_encoder(opts, G, D, resume, device)
     opt = torch.optim.Adam(E.parameters(), lr=opts.lr, betas=(0.9, 0.999))
-    network_info = {"path": str(Path(opts.network).resolve()), "sha256": model.network_sha256,
+    # The path relative to the encoder's folder (no machine's absolute folders in a shipped
+    # file); the sha256 pairs the encoder with its network.
+    relative = os.path.relpath(Path(opts.network).resolve(), Path(opts.outdir).resolve())
+    network_info = {"path": Path(relative).as_posix(), "sha256": model.network_sha256,
                     "generator": _plain(dataclasses.asdict(G.cfg)) if hasattr(G, "cfg") else None}
     policy = training_policy(opts.data, model)
     log = _Log(outdir, echo)

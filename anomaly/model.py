@@ -33,8 +33,8 @@ from anomaly.encoder_io import check_compatible, check_pairing, load_encoder, sh
 from anomaly.reconstruct import (check_feature_layer, discriminator_features, encode,
                                  reconstruct_batch)
 from stylegan.runtime import resolve_device
-from anomaly.scores import (METHODS, izif_score, latent_distance, parse_methods, pixel_distance,
-                            torch_euclidean)
+from anomaly.scores import (METHODS, check_kappa, izif_score, latent_distance, parse_methods,
+                            pixel_distance, torch_euclidean)
 from stylegan.checkpoint import load_network
 from stylegan.errors import UserError
 from stylegan.imageutil import from_uint8
@@ -56,7 +56,8 @@ def resolve_izif(kappa: float | None, layer: str | None, *, scored_with: dict[st
                          f"was scored with: the percentile compares unlike scores")
     kappa = kappa if kappa is not None else scored_with.get("kappa", trained.get("kappa"))
     layer = layer or scored_with.get("feature_layer") or trained.get("feature_layer")
-    return (DEFAULT_KAPPA if kappa is None else float(kappa)), (layer or DEFAULT_LAYER), notes
+    kappa = DEFAULT_KAPPA if kappa is None else check_kappa(kappa, where="izif's kappa")
+    return kappa, (layer or DEFAULT_LAYER), notes
 
 
 @dataclass

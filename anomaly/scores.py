@@ -96,6 +96,19 @@ def izif_score(
     return residual + kappa * discrimination
 
 
+# izif's kappa: 0.1-10 in practice; beyond 1e6 the pixel term vanishes in float32 rounding.
+MAX_KAPPA = 1e6
+
+
+def check_kappa(kappa: float, *, where: str = "kappa") -> float:
+    """`kappa` as a float when it is finite and in [0, MAX_KAPPA]; one sentence otherwise."""
+    value = float(kappa)
+    if not 0 <= value <= MAX_KAPPA:  # also refuses NaN
+        raise UserError(f"{where} {kappa} must be a number in [0, {MAX_KAPPA:g}] (the weight of "
+                        f"the feature term of izif).")
+    return value
+
+
 def check_sklearn_metric(metric: str) -> str:
     """Return `metric` if it can compare an image with its reconstruction, else a UserError."""
     if metric in SKLEARN_METRICS:

@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +43,12 @@ from tqdm import tqdm
 from anomaly import detector as det
 from anomaly import detector_scores as ds
 from anomaly import metrics
+from anomaly.encoder_io import sha256_file
 from anomaly.model import AnoModel
 from anomaly.sheets import config_dict, write_frames
 from stylegan.dataset import ImageDataset, iterate_batches
 from stylegan.errors import UserError
-from stylegan.fileio import atomic_write_json
+from stylegan.fileio import atomic_write_json, check_own_folder, output_folder
 
 DEFAULT_GRID = ("residual:mean,residual:p99,residual:smax:1,residual:smax:2,residual:smax:4,"
                 "izif:0.1,izif:1,izif:10,dfeat-res:b8,dfeat-res:b16,dfeat-res:b32,"
@@ -54,6 +56,7 @@ DEFAULT_GRID = ("residual:mean,residual:p99,residual:smax:1,residual:smax:2,resi
                 "knn-dfeat:b8:5,knn-dfeat:b16:5,knn-dfeat:b32:5,knn-dfeat:b8:20,"
                 "maha-dfeat:b8,maha-dfeat:b16,maha-dfeat:b32,sklearn:cosine,sklearn:manhattan")
 BANK_LIMIT_BYTES = 1_000_000
+OUTPUT_FILES = ("tune.xlsx", "tune.json", "detector.json", "bank.safetensors")
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,7 @@ class ValCache:
 def tune(opts: TuneOptions) -> dict[str, Path]:
     """Run the grid on validation data; write tune.xlsx, tune.json, detector.json, bank."""
     data, train = _checked_paths(opts)
+    check_own_folder(opts.outdir, OUTPUT_FILES)  # before the passes, not after
     if opts.model is None and opts.network and not opts.encoder:  # D-only grids need no E
         network, encoder = opts.network, None
     else:
@@ -141,24 +145,52 @@ def tune(opts: TuneOptions) -> dict[str, Path]:
                          anomalies, comparison, model, opts,
                          bank_images=min(opts.bank_size, len(ImageDataset(train))))
     outdir = Path(opts.outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    written = {"table": write_frames({"tune": _ordered(table)}, outdir / "tune.xlsx",
+    options = provenance(opts, outdir)
+    detector = replace(detector, extra={**detector.extra, "tune": options})
+    with output_folder(outdir, owned=OUTPUT_FILES) as unit:
+        written = _write_outputs(unit, table, detector, bank, {
+            "options": options, "network": options["network"], "encoder": options["encoder"],
+            "configurations": len(table), "chosen": detector.method,
+            "selection": detector.selection, "validation_images": len(cache.rows),
+            "subgroups_not_counted": dropped, "seconds_for_passes": round(seconds, 2)})
+    return {key: outdir / path.name for key, path in written.items()}
+
+
+def _write_outputs(unit: Path, table: pd.DataFrame, detector: det.Detector, bank: det.Bank,
+                   record: dict) -> dict[str, Path]:
+    """tune.xlsx, the bank (with its sha256 in detector.json), detector.json and tune.json into
+    the folder `unit` that `output_folder` then moves into place."""
+    written = {"table": write_frames({"tune": _ordered(table)}, unit / "tune.xlsx",
                                      float_format="0.0000")}
-    needed = [(c.method, c.tta) for c in detector.components]
     if detector.bank:
-        written["bank"] = bank.subset(needed).save(outdir / detector.bank)
+        needed = [(c.method, c.tta) for c in detector.components]
+        written["bank"] = bank.subset(needed).save(unit / detector.bank)
         if written["bank"].stat().st_size > BANK_LIMIT_BYTES:
-            raise UserError(f"The bank {written['bank']} is larger than 1 MB; lower --bank-size "
-                            f"or --dims.")
-    written["detector"] = detector.save(outdir / "detector.json")
-    atomic_write_json(outdir / "tune.json", {
-        "options": config_dict(opts), "network": network, "encoder": encoder,
-        "configurations": len(table), "chosen": detector.method,
-        "selection": detector.selection, "validation_images": len(cache.rows),
-        "subgroups_not_counted": dropped,
-        "seconds_for_passes": round(seconds, 2)})
-    written["config"] = outdir / "tune.json"
+            raise UserError(f"The bank of {len(detector.components)} configuration(s) is larger "
+                            f"than 1 MB; lower --bank-size or --dims.")
+        detector = replace(detector, bank_sha256=sha256_file(written["bank"]))
+    written["detector"] = detector.save(unit / "detector.json")
+    atomic_write_json(unit / "tune.json", record)
+    written["config"] = unit / "tune.json"
     return written
+
+
+PATH_OPTIONS = ("data", "network", "encoder", "model", "train")
+
+
+def provenance(opts: TuneOptions, outdir: Path) -> dict:
+    """The options as recorded in detector.json and tune.json: input paths relative to the
+    output folder (no machine's absolute folders in a shipped file), outdir as '.', and the
+    sha256 of val.zip and train.zip (the networks' are detector.json's own fields)."""
+    record = config_dict(opts)
+    base = outdir.resolve()
+    for key in PATH_OPTIONS:
+        if record.get(key):
+            record[key] = Path(os.path.relpath(Path(record[key]).resolve(), base)).as_posix()
+    train = Path(opts.train) if opts.train else Path(opts.data).with_name("train.zip")
+    record.update(outdir=".", train=Path(os.path.relpath(train.resolve(), base)).as_posix(),
+                  data_sha256=sha256_file(opts.data), train_sha256=sha256_file(train))
+    return record
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -414,4 +446,4 @@ def _detector(best: pd.Series, best_value: float, scores: dict[str, np.ndarray],
         None if policy is None else policy.to_dict(), model.kappa, model.feature_layer,
         {"val_auc": float(best["auc"]), "val_auc_ci": [float(best["auc_low"]),
                                                         float(best["auc_high"])],
-         "bank_images": bank_images, "bank_dims": opts.dims, "tune": config_dict(opts)})
+         "bank_images": bank_images, "bank_dims": opts.dims})

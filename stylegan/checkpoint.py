@@ -37,6 +37,13 @@ from stylegan.networks import (
     GeneratorConfig,
     channels_at,
 )
+from stylegan.schemas import (
+    CheckpointMeta,
+    NetworkBody,
+    config_from_record,
+    json_field,
+    validated,
+)
 
 FORMAT = "anostyle-networks"
 FORMAT_VERSION = 1
@@ -101,22 +108,30 @@ def _check_format(path: Path, metadata: dict[str, str]) -> dict:
                             "pass it to --encoder.")
         raise UserError(f"{path.name} is not an AnoStyle network checkpoint (format "
                         f"{fmt or 'unknown'!r}); pass a network .safetensors or an official .pkl.")
-    version = int(metadata.get("format_version", "0"))
+    fix = "the file is damaged: copy it again or use another snapshot"
+    meta = validated(CheckpointMeta, metadata, where=f"The metadata of {path.name}", fix=fix)
+    version = int(meta.format_version)
     if version > FORMAT_VERSION:
         raise UserError(f"{path.name} was written by a newer AnoStyle (checkpoint format "
                         f"{version}); upgrade AnoStyle to read it.")
-    return json.loads(metadata["anostyle"])
+    body = json_field(meta.anostyle, where=f"The metadata of {path.name}", fix=fix)
+    return validated(NetworkBody, body, where=f"The metadata of {path.name}",
+                     fix=fix).model_dump(exclude_unset=True)
 
 
-def config_from_dict(cls: type, values: dict, *, source: str = "the checkpoint") -> Any:
-    """Rebuild a frozen config dataclass from its `asdict` (JSON lists become tuples again)."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+def config_from_dict(cls: type, values: Any, *, source: str = "the checkpoint") -> Any:
+    """Rebuild a frozen config dataclass from its `asdict` (JSON lists become tuples again),
+    checked by its schema (stylegan.schemas.config_model): unknown settings, wrong types or
+    sizes beyond any network end in one sentence."""
+    if not isinstance(values, dict):
+        raise UserError(f"{source} records its {cls.__name__} as {type(values).__name__}, not "
+                        f"an object; the file is damaged.")
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
         raise UserError(f"{source} has {cls.__name__} settings {unknown} that this AnoStyle "
                         "does not know; upgrade AnoStyle.")
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return cls(**kwargs)
+    return config_from_record(cls, values, where=f"{source} ({cls.__name__})",
+                              fix="the file is damaged: copy it again or use another snapshot")
 
 
 def check_finite(tensors: dict[str, torch.Tensor], *, what: str) -> None:

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from stylegan.errors import UserError
+from stylegan.fileio import UntrustedJSONError, loads_untrusted
 # The one decoder and image-name rule of the data package; anodata.imageio is a leaf module
 # (numpy and PIL only), so stylegan <-> anodata has no import cycle.
 from anodata.imageio import (IMAGE_EXTENSIONS, ImageRejected, channels_of_mode, is_image_name,
@@ -155,12 +156,12 @@ class ImageDataset(torch.utils.data.Dataset):
     def _load_labels(self, names: list[str]) -> np.ndarray | None:
         """Labels from dataset.json in file order, or None when it is absent or null."""
         try:
-            raw = json.loads(self._read_bytes(DATASET_JSON))
+            raw = loads_untrusted(self._read_bytes(DATASET_JSON))
         except (FileNotFoundError, KeyError):
             return None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"{self._where(DATASET_JSON)} is not valid JSON ({exc}); "
-                            f"rebuild the dataset with `anostyle prepare`.") from None
+        except UntrustedJSONError as exc:
+            raise UserError(f"{self._where(DATASET_JSON)} cannot be read: {exc}; rebuild the "
+                            f"dataset with `anostyle prepare`.") from None
         pairs = raw.get("labels") if isinstance(raw, dict) else None
         if pairs is None:
             return None

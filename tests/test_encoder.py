@@ -87,13 +87,13 @@ def test_checkpoint_round_trip(tmp_path):
     E = tiny_encoder(G, latent="w")
     perturb_head(E)
     path = tmp_path / "encoder-000012.safetensors"
-    save_encoder(path, E, extra={"iter": 12, "network": {"sha256": "ab"}})
+    save_encoder(path, E, extra={"iter": 12, "network": {"sha256": "ab" * 32}})
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     assert meta["format"] == ENCODER_FORMAT
     assert json.loads(meta["anostyle"])["config"]["latent"] == "w"
     E2, extra = load_encoder(path)
-    assert E2.cfg == E.cfg and extra == {"iter": 12, "network": {"sha256": "ab"}}
+    assert E2.cfg == E.cfg and extra == {"iter": 12, "network": {"sha256": "ab" * 32}}
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(E2(x), E(x))
     assert not E2.training and not any(p.requires_grad for p in E2.parameters())

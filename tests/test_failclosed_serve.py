@@ -300,7 +300,7 @@ def test_decoded_bytes_are_capped_per_request_before_decoding(nets, model, monke
     real = app_uploads.read_fitted
     monkeypatch.setattr(app_uploads, "read_fitted",
                         lambda *a, **k: decoded.append(1) or real(*a, **k))
-    zeros = png_bytes(np.zeros((1500, 1500, 3), np.uint8))  # 6.4 MB decoded, ~7 kB file
+    zeros = png_bytes(np.full((1500, 1500, 3), 128, np.uint8))  # 6.4 MB decoded, ~7 kB file
     client = client_for(model, max_decoded_bytes=16 * 2**20)
     assert post_images(client, ("a.png", zeros), ("b.png", zeros)).status_code == 200
     decoded.clear()
