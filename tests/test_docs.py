@@ -1,8 +1,9 @@
-"""README.md and docs/*.md: every repository path they name exists, every link and anchor
-resolves, every ```python block runs, and the layout names every module."""
+"""README.md and docs/*.md: every repository path and Python object they name exists, every
+link and anchor resolves, every ```python block runs, and the layout names every module."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
@@ -14,7 +15,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
-# A token in backticks or in a code block is a repository path when it starts like one.
+# A token in backticks or in a code block is a repository path when it starts like one; the
+# output folders the workflow writes at the top (datasets/, training-runs/, tuned/, scores/,
+# graphics/, ...) and paths outside the repository (../shared/...) are not checked.
 PATH_PREFIXES = ("anodata/", "anomaly/", "stylegan/", "bench/", "scripts/", "tests/", "docs/",
                  "models/", "data/")
 ROOT_FILES = {"Makefile", "pyproject.toml", "requirements.txt", "requirements-test.txt",
@@ -54,7 +57,7 @@ def _named_paths(text: str) -> set[str]:
 
 
 def _exists(path: str) -> bool:
-    if path.startswith(GENERATED):
+    if any(path.rstrip("/") == g or path.startswith(g + "/") for g in GENERATED):
         return True
     pattern = re.sub(r"<[^>]*>|\{[^}]*\}|\[[^\]]*\]", "*", path)
     if "*" in pattern:
@@ -69,13 +72,47 @@ def test_path_tokens_are_found():
     assert _named_paths(text) == {"models/ham64-cpu/splits.csv", "Makefile", "bench/y.py",
                                   "scripts/01_prepare_data.sh"}
     assert _exists("scripts/<n>_prepare_data.sh") and not _exists("bench/border.py")
-    assert _exists("models/mine/evaluation/") and not _exists("models/none")
+    assert _exists("models/mine/evaluation/") and not _exists("models/minefield")
+    assert _python_names("`from x import anomaly.model.AnoModel` and `stylegan.ops`") == \
+        {"anomaly.model.AnoModel", "stylegan.ops"}
+    assert _resolves("anomaly.model.AnoModel") and not _resolves("anomaly.model.NoSuchModel")
+    assert not _resolves("anomaly.no_such_module")
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.relative_to(REPO).as_posix())
 def test_every_named_path_exists(doc):
     missing = sorted(p for p in _named_paths(_text(doc)) if not _exists(p))
     assert not missing, f"{doc.name} names paths that do not exist: {missing}"
+
+
+def _python_names(text: str) -> set[str]:
+    """Dotted names of our packages in prose backticks, e.g. anomaly.detector.load_model_dir."""
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return {name for span in re.findall(r"`([^`\n]+)`", prose)
+            for name in re.findall(r"(?<![\w.])((?:anodata|anomaly|stylegan)(?:\.\w+)+)", span)}
+
+
+def _resolves(name: str) -> bool:
+    """The longest importable module prefix of `name` holds the rest as attributes."""
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return False
+        return True
+    return False
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_every_named_python_object_exists(doc):
+    missing = sorted(n for n in _python_names(_text(doc)) if not _resolves(n))
+    assert not missing, f"{doc.name} names Python objects that do not exist: {missing}"
 
 
 def _slug(heading: str) -> str:
