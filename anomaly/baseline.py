@@ -95,13 +95,6 @@ def dataset_features(dataset: ImageDataset, grid: BaselineGrid, *,
     return {k: np.stack(v) for k, v in rows.items()}
 
 
-def pixel_features(dataset: ImageDataset, *, size: int, desc: str = "pixels") -> np.ndarray:
-    """All images of a dataset as shrunk pixel vectors: [N, C * size * size]."""
-    rows = [shrink(dataset[i][0], size)
-            for i in tqdm(range(len(dataset)), desc=desc, unit="img", disable=None, leave=False)]
-    return np.stack(rows) if rows else np.zeros((0, 3 * size * size), dtype=np.float32)
-
-
 def knn_mean_distances(train: np.ndarray, queries: np.ndarray, ks: Sequence[int], *,
                        metric: str) -> dict[int, np.ndarray]:
     """{k: mean distance [M] of each query to its k nearest training rows} for every k."""
@@ -205,31 +198,6 @@ def baseline_frames(prepared: str | os.PathLike, grid: BaselineGrid = BaselineGr
 def _finite(value: float) -> float | None:
     """JSON-safe number: None for NaN (no validation anomalies to compute an AUC)."""
     return None if value is None or not np.isfinite(value) else float(value)
-
-
-def knn_pixel_scores(train_zip: str | os.PathLike, eval_zips: Sequence[str | os.PathLike], *,
-                     size: int = 16, k: int = 5) -> pd.DataFrame:
-    """Score every image of `eval_zips` by its mean distance to the k nearest training images.
-
-    The split of each eval zip is its file stem (val.zip -> 'val'); class names and extra columns
-    come from the manifest.csv beside `train_zip` (without one, the class is the label as text).
-    Returns columns score, label (0 normal, 1 anomaly), file, class, split [+ manifest columns].
-    """
-    if size < 1 or k < 1:
-        raise ValueError(f"size and k must be positive, got size={size}, k={k}")
-    train = ImageDataset(train_zip)
-    if len(train) < k:
-        raise UserError(f"{train_zip} holds {len(train)} images, fewer than k={k} neighbours; "
-                        f"prepare more normal training images.")
-    manifest = _manifest(Path(train_zip).parent)
-    features = pixel_features(train, size=size, desc="train")
-    parts = []
-    for path in eval_zips:
-        data = ImageDataset(path)
-        dist = knn_mean_distances(features, pixel_features(data, size=size, desc=Path(path).stem),
-                                  [k], metric="euclidean")[k]
-        parts.append(_identity_frame(data, Path(path).stem, manifest).assign(score=dist))
-    return sheets.order_score_columns(pd.concat(parts, ignore_index=True))
 
 
 def find_prepared(scores_dir: Path, prepared: Path | None) -> Path | None:

@@ -29,8 +29,9 @@ class _Group(click.Group):
 def main() -> None:
     """AnoStyle: unsupervised anomaly detection in dermoscopy with StyleGAN2-ADA and an izif encoder.
 
-    Typical order: prepare -> train-gan -> train-encoder -> reconstruct -> score -> tsne ->
-    evaluate -> report. Every command has --help.
+    Typical order: prepare -> train-gan -> train-encoder -> tune -> reconstruct -> score ->
+    tsne -> evaluate -> report; your own collection: adapt (a tuned model folder from a parent
+    one). Every command has --help.
     """
 
 

@@ -64,9 +64,14 @@ def test_shrink_is_an_area_average():
     assert np.allclose(baseline.shrink(rgb, 1), [0.0, 0.2, 1.0])
 
 
+def _knn_pixels(prepared, *, size: int, k: int) -> pd.DataFrame:
+    """The knn-pixels sheet of one configuration (the only one on the grid)."""
+    grid = baseline.BaselineGrid(sizes=(size,), bins=(2,), ks=(k,))
+    return baseline.baseline_frames(prepared, grid)[0]["knn-pixels"]
+
+
 def test_knn_scores_by_hand(prepared):
-    df = baseline.knn_pixel_scores(prepared / "train.zip",
-                                   [prepared / "val.zip", prepared / "test.zip"], size=4, k=2)
+    df = _knn_pixels(prepared, size=4, k=2)
     # the manifest's other columns (lesion id, source, ...) travel into the sheet; sha256 does not
     assert list(df.columns) == ["score", "label", "file", "class", "split", "source", "group"]
     got = df.set_index("file")
@@ -140,14 +145,13 @@ def test_baseline_sheets_written_reused_and_found_via_score_json(prepared, tmp_p
 
 def test_too_few_training_images(prepared):
     with pytest.raises(UserError, match="k=7"):
-        baseline.knn_pixel_scores(prepared / "train.zip", [prepared / "test.zip"], k=7)
+        baseline.baseline_frames(prepared, baseline.BaselineGrid(ks=(1, 7)))
 
 
 @pytest.mark.slow
 def test_evaluate_includes_the_baseline(prepared, tmp_path):
     scores = tmp_path / "scores"
-    df = baseline.knn_pixel_scores(prepared / "train.zip",
-                                   [prepared / "val.zip", prepared / "test.zip"], size=4, k=2)
+    df = _knn_pixels(prepared, size=4, k=2)
     from anomaly import sheets
 
     sheets.write_score_sheet(df.assign(score=-df["score"]), scores / "izif.xlsx")
