@@ -357,7 +357,7 @@ def _loop(run: _Run, total: int) -> None:
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0.0) + value
             bar.update(1)
-            bar.set_postfix(loss=f"{losses['loss']:.4g}")
+            bar.set_postfix(loss=f"{losses['loss']:.4g}", refresh=False)
             out_of_time = deadline is not None and time.time() >= deadline
             done = run.iteration == total or out_of_time
             if run.iteration % max(opts.tick, 1) == 0 or done:

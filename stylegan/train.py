@@ -222,7 +222,7 @@ def _loop(opts: TrainOptions, env: Dist, state: TrainState, reals: Iterator[torc
             continue
         tick_idx += 1
         sec_per_kimg = (time.time() - tick_start) / max((state.cur_nimg - tick_nimg) / 1000, 1e-9)
-        bar.set_postfix_str(f"{sec_per_kimg:.1f} s/kimg")
+        bar.set_postfix_str(f"{sec_per_kimg:.1f} s/kimg", refresh=False)
         record = stats.summary(state, sec_per_kimg, env)
         snapshot = done or (opts.snap > 0 and tick_idx % opts.snap == 0)
         if snapshot and env.world > 1:

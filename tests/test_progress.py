@@ -30,3 +30,15 @@ def test_a_terminal_gets_the_redrawn_bar():
     with progress(total=3, desc="bank", stream=tty) as bar:
         bar.update(3)
     assert "\r" in tty.getvalue() and "3/3" in tty.getvalue()
+
+
+def test_postfix_updates_do_not_flood_a_log_file():
+    """A loop that updates its postfix every step (train-encoder's loss) writes the opening
+    and closing lines only when LOG_SECONDS has not passed."""
+    log = io.StringIO()
+    with progress(total=200, desc="train-encoder", stream=log) as bar:
+        for step in range(200):
+            bar.update(1)
+            bar.set_postfix(loss=f"{1 / (step + 1):.4g}", refresh=False)
+    lines = log.getvalue().splitlines()
+    assert len(lines) <= 3 and "200/200" in lines[-1], lines
