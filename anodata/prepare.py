@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-from tqdm import tqdm
 
 from anodata.imageio import ImageRejected
 from anodata.policy import (COLOUR_NORMS, POLICY_KEY, RESIZE_FILTERS, TRANSFORMS, Preprocessing,
@@ -60,6 +59,7 @@ from anodata.sources import (SPLITS, Candidate, CsvSpec, Rejection, find_candida
                              normalise_split)
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_path
+from stylegan.progress import progress
 
 MANIFEST_COLUMNS = ("file", "source", "class", "label", "group", "split", "sha256")
 META_PREFIX = "meta_"  # for a metadata column whose name clashes with MANIFEST_COLUMNS
@@ -340,7 +340,7 @@ def _map(fn: Callable, args: list, *, pool, desc: str) -> Iterator:
     else:
         chunksize = max(1, min(32, len(args) // 64))
         results = pool.imap(fn, args, chunksize=chunksize)
-    yield from tqdm(results, total=len(args), desc=desc, unit="img", disable=None, leave=False)
+    yield from progress(results, total=len(args), desc=desc, unit="img", leave=False)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -592,7 +592,7 @@ def _write_zips(items: list[_Item], class_map: dict[str, int], meta_columns: dic
         zips = {split: stack.enter_context(zipfile.ZipFile(tmp[f"{split}.zip"], "w",
                                                            zipfile.ZIP_STORED))
                 for split in SPLITS}
-        for it in tqdm(items, desc="writing", unit="img", disable=None, leave=False):
+        for it in progress(items, desc="writing", unit="img", leave=False):
             c = it.candidate
             k = len(labels[it.split])
             name = f"{k // 1000:05d}/img{k:08d}.png"

@@ -27,7 +27,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from sklearn.neighbors import NearestNeighbors
-from tqdm import tqdm
 
 from stylegan.dataset import ImageDataset
 from stylegan.errors import UserError
@@ -35,6 +34,7 @@ from stylegan.fileio import atomic_write_json
 
 from anomaly import sheets
 from anomaly.metrics import roc_auc
+from stylegan.progress import progress
 
 METHOD = "knn-pixels"
 COLOUR_METHOD = "knn-colour"
@@ -86,7 +86,7 @@ def dataset_features(dataset: ImageDataset, grid: BaselineGrid, *,
                      desc: str = "features") -> dict[str, np.ndarray]:
     """One pass over a dataset: {'pixels<size>': [N, C*size^2], 'colour<bins>': [N, bins^C]}."""
     rows: dict[str, list[np.ndarray]] = {}
-    for i in tqdm(range(len(dataset)), desc=desc, unit="img", disable=None, leave=False):
+    for i in progress(range(len(dataset)), desc=desc, unit="img", leave=False):
         image = dataset[i][0]
         for size in grid.sizes:
             rows.setdefault(f"pixels{size}", []).append(shrink(image, size))

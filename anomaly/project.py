@@ -26,6 +26,7 @@ from anomaly.reconstruct import (discriminator_features, encode, output_paths,
                                  write_csv)
 from stylegan.errors import UserError
 from stylegan.imageutil import from_uint8, save_image, to_uint8
+from stylegan.progress import progress
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def project_folder(opts: ProjectOptions) -> ProjectSummary:
     skipped: list[tuple[str, str]] = []
     rows = []
     batches = iterate_source(source, policy=model.policy, batch=opts.batch, skipped=skipped)
-    with tqdm(total=len(source.names), desc="project", unit="img", disable=None) as bar:
+    with progress(total=len(source.names), desc="project", unit="img") as bar:
         for images, names in batches:
             rows += _project_and_write(opts, G, D, E, images.to(model.device), names, paths, outdir,
                                       bar)

@@ -19,12 +19,12 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_write_bytes
 from anodata.reader import SourceImages, iterate_source, list_source
 from stylegan.imageutil import from_uint8, save_image, to_uint8
+from stylegan.progress import progress
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ def reconstruct_folder(opts: ReconstructOptions) -> ReconstructSummary:
     skipped: list[tuple[str, str]] = []
     rows, non_finite = [], 0
     batches = iterate_source(source, policy=model.policy, batch=opts.batch, skipped=skipped)
-    with tqdm(total=len(source.names), desc="reconstruct", unit="img", disable=None) as bar:
+    with progress(total=len(source.names), desc="reconstruct", unit="img") as bar:
         for images, names in batches:
             x = from_uint8(images.to(model.device))  # [N, C, H, W]
             with torch.no_grad():

@@ -18,7 +18,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from anodata.prepare import MANIFEST_COLUMNS
 from anomaly.model import DEFAULT_METHODS, AnoModel, Forward
@@ -28,6 +27,7 @@ from stylegan.dataset import ImageDataset, iterate_batches, read_manifest
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_write_json
 from stylegan.imageutil import from_uint8, to_uint8
+from stylegan.progress import progress
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def score_datasets(opts: ScoreOptions) -> dict[str, Path]:
     worst = _WorstImages(opts.num_heatmaps if opts.heatmaps else 0)
     total = sum(len(ds) for ds, _rows in datasets)
     start = time.time()
-    with tqdm(total=total, unit="img", desc="score", disable=None) as bar:
+    with progress(total=total, unit="img", desc="score") as bar:
         for dataset, rows in datasets:
             for images, labels, files in iterate_batches(dataset, opts.batch):
                 per = scorer.score_batch(images)
@@ -277,8 +277,8 @@ def tsne_latents(opts: TsneOptions) -> dict[str, Path]:
 @torch.no_grad()
 def _encode_all(model: AnoModel, dataset: ImageDataset,
                 batch: int) -> Iterator[tuple[torch.Tensor, list[int], list[str]]]:
-    for images, labels, names in tqdm(iterate_batches(dataset, batch), desc="encode",
-                                      total=-(-len(dataset) // batch), disable=None):
+    for images, labels, names in progress(iterate_batches(dataset, batch), desc="encode",
+                                      total=-(-len(dataset) // batch)):
         yield model.encode(from_uint8(images.to(model.device))), labels.tolist(), names
 
 

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from stylegan.checkpoint import load_network
 from stylegan.errors import UserError
 from stylegan.runtime import resolve_device
 from stylegan.imageutil import save_grid, save_image, to_uint8
 from stylegan.networks import NOISE_MODES, Generator, z_from_seed
+from stylegan.progress import progress
 
 GRID_MAX = 64  # grid.png shows at most the first 64 seeds
 _SEED_PART = re.compile(r"^(\d+)(?:-(\d+))?$")
@@ -98,7 +98,7 @@ def generate_images(network: str | os.PathLike, seeds: list[int], outdir: str | 
     class_labels(G.c_dim, class_idx, 1)  # check --class before any work
     outdir = Path(outdir)
     written, grid = [], []
-    for start in tqdm(range(0, len(seeds), batch_size), desc="generate", unit="batch",
+    for start in progress(range(0, len(seeds), batch_size), desc="generate", unit="batch",
                       disable=None):
         batch = seeds[start:start + batch_size]
         images = to_uint8(synthesize(G, batch, truncation_psi=truncation_psi,
