@@ -329,6 +329,12 @@ def evaluate_scores(options: EvaluateOptions) -> Summary:
                                         split=options.split) for m, df in frames.items()}
     primary, best_baseline, selection_notes = select_on_validation(frames, comparisons, options)
     notes += selection_notes
+    main = next(iter(comparisons.values()), [None])[0]
+    if options.anomaly_class is None and main is not None:
+        notes.append(f"the main comparison is {main.name}"
+                     + ("" if DEFAULT_ANOMALY_CLASS in main.anomalies else
+                        f" (no class '{DEFAULT_ANOMALY_CLASS}', the default anomaly class; "
+                        f"pass --anomaly-class NAME to compare the normals with one class)"))
     notes += _group_notes(frames)
     if options.split == "val":
         notes.append("validation-only evaluation (test rows were not read); the operating "

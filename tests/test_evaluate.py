@@ -377,3 +377,14 @@ def test_a_method_at_chance_never_earns_its_keep():
     assert not ev.above_chance({"auc": 0.539, "auc_ci_low": 0.48})
     assert not ev.above_chance({"auc": 0.50, "auc_ci_low": float("nan")})
     assert ev.above_chance({"auc": 0.51, "auc_ci_low": float("nan")})
+
+
+def test_the_main_comparison_is_named_when_the_default_class_is_absent(tmp_path):
+    """A collection that calls its melanomas 'melanoma' gets 'nv vs rest' as the main
+    comparison, and the notes say so and how to choose the class."""
+    df = _lesions(separation=2.0)
+    df = df.assign(**{"class": df["class"].replace({"mel": "melanoma"})})
+    _write(tmp_path, {"izif": df})
+    summary = ev.evaluate_scores(_options(tmp_path, bootstrap=0))
+    assert any(n.startswith("the main comparison is nv vs rest (no class 'mel'")
+               and "--anomaly-class" in n for n in summary.notes), summary.notes
