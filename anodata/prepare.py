@@ -102,6 +102,10 @@ class PrepareOptions:
     max_per_class: int | None = None
     workers: int | None = None  # None: number of CPUs
     strict: bool = False  # the CLI exits 1 when anything was rejected
+    # An abnormal image GIVEN the train split (a split column, folders or --splits-from):
+    # 'reject' it (train.zip holds normals only), or move it to 'val', where it still helps
+    # to choose (nothing but normals is ever trained on, and test stays as given).
+    train_anomalies: str = "reject"
 
     def __post_init__(self):
         for name in ("source", "dest", "labels", "splits_from", "model"):
@@ -186,6 +190,8 @@ def _validate(o: PrepareOptions) -> None:
     if (o.max_per_class is not None and o.max_per_class < 1) or (
             o.workers is not None and o.workers < 1):
         raise UserError("--max-per-class and --workers must be at least 1.")
+    if o.train_anomalies not in ("reject", "val"):
+        raise UserError(f"--train-anomalies {o.train_anomalies!r} must be reject or val.")
     _validate_csv_options(o)
     _validate_split_options(o)
 
@@ -246,7 +252,8 @@ def prepare_dataset(options: PrepareOptions) -> PrepareSummary:
             # are known.
             with tempfile.TemporaryFile(dir=options.dest, prefix=".prepare-spool-") as spool:
                 items = _decode_all(candidates, rejected, spool=spool, options=options)
-                items = assign_splits(items, class_map, rejected, val=options.val,
+                items = assign_splits(items, class_map, rejected,
+                                      train_anomalies=options.train_anomalies, val=options.val,
                                       test=options.test, seed=options.seed)
                 _check_usable(items, options)
                 rows = _write_zips(items, class_map, meta_columns, spool=spool, tmp=tmp)
@@ -469,18 +476,25 @@ def empty_splits_note(counts: dict[str, dict[str, int]], origin: str,
 
 
 def assign_splits(items: list[_Item], class_map: dict[str, int], rejected: list[Rejection], *,
-                  val: float, test: float, seed: int) -> list[_Item]:
+                  val: float, test: float, seed: int,
+                  train_anomalies: str = "reject") -> list[_Item]:
     """Give every item a split; sorted by (split, source). Given splits (split folders, a split
-    column or --splits-from) are kept; an abnormal image given train is rejected.
+    column or --splits-from) are kept; an abnormal image given train is rejected, or moved to
+    val with train_anomalies='val'.
 
     Normal groups go to train/val/test by the fractions; groups with any abnormal image go to
     val/test only, in the same val:test ratio. Each class is split on its own (stratified), its
     groups shuffled by a RandomState of (seed, class).
     """
     out, free = [], []
+    moved = set() if train_anomalies != "val" else {  # whole groups, so a lesion stays whole
+        it.candidate.group for it in items
+        if it.candidate.split == "train" and class_map[it.candidate.class_name] != 0}
     for it in items:
         given = it.candidate.split
-        if given == "train" and class_map[it.candidate.class_name] != 0:
+        if given == "train" and it.candidate.group in moved:
+            out.append(dataclasses.replace(it, split="val"))
+        elif given == "train" and class_map[it.candidate.class_name] != 0:
             rejected.append(Rejection(it.candidate.source, f"class {it.candidate.class_name} is "
                                       f"not normal; train.zip holds normal images only"))
         elif given is not None:

@@ -87,6 +87,9 @@ class AdaptOptions:
     seed: int = 0
     max_per_class: int | None = None
     workers: int | None = None
+    # An official split's training anomalies join val (training uses normals only, and every
+    # choice is made on val: more anomalies there make a steadier choice); test stays as given.
+    train_anomalies: str = "val"
     # Fine-tuning: 0 keeps the parent's network / encoder. On validation the parent's networks
     # with a re-tuned detector did best (see the README), so nothing is trained by default.
     kimg: float = 0.0
@@ -259,7 +262,8 @@ def _step_prepare(opts: AdaptOptions, parent: Path, work: _Work, label: str) -> 
             onehot_zero_class=opts.onehot_zero_class, split_column=opts.split_column,
             splits_from=None if opts.splits_from is None else Path(opts.splits_from),
             model=parent, val=opts.val, test=opts.test, seed=opts.seed,
-            max_per_class=opts.max_per_class, workers=opts.workers, **policy.to_dict()))
+            max_per_class=opts.max_per_class, workers=opts.workers,
+            train_anomalies=opts.train_anomalies, **policy.to_dict()))
         work.echo(format_summary(summary))
     counts = split_counts(work.data)
     check_usable(counts, work.data)

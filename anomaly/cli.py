@@ -268,6 +268,9 @@ def collection_options(*, required: bool):
 @_prep("--seed", type=click.IntRange(0, 2**32 - 1),
               help="Seed of the grouped random split.")
 @click.option("--strict", is_flag=True, help="Exit with status 1 if any input was rejected.")
+@_prep("--train-anomalies", type=click.Choice(["reject", "val"]),
+       help="An abnormal image given the train split (a split column, folders, --splits-from): "
+            "reject it, or move it (with its lesion) to val, where it helps to choose.")
 def prepare(channels: str, model: str | None, **flags) -> None:
     """Build NVlabs-compatible train/val/test zips from raw dermoscopy images.
 
@@ -722,6 +725,9 @@ _adapt = config_option("anomaly.adapt:AdaptOptions")
         help="Fraction of the normal images for test when the collection has no split.")
 @_adapt("--seed", type=click.IntRange(0, 2**32 - 1),
         help="Seed of the split, the bank subset, the bootstrap and the training runs.")
+@_adapt("--train-anomalies", type=click.Choice(["reject", "val"]),
+        help="Abnormal images given the train split join val (training uses normals only), or "
+             "are rejected.")
 @_adapt("--kimg", type=click.FloatRange(min=0),
         help="Fine-tune the GAN from the parent's network for N kimg on the training normals "
              "(0: keep the parent's network).")

@@ -302,3 +302,20 @@ def test_a_cross_split_duplicate_says_which_split_kept_it_and_reasons_are_counte
                                        "test)", 1), ("no row for this image in …", 1))
     text = format_summary(summary)
     assert "2 inputs rejected" in text and "       1  no row for this image in …" in text
+
+
+def test_train_anomalies_join_val_with_their_lesion(tmp_path):
+    """--train-anomalies val: an abnormal image given train moves to val with every image of
+    its lesion (a lesion never sits in two splits); test stays exactly as given."""
+    lesions = LESIONS + [("L12", "mel", 2, "train")]
+    images, csv_path = _write_set(tmp_path, lesions)
+    rejected = prepare_dataset(_opts(images, csv_path, tmp_path / "r", split_column="split"))
+    assert rejected.counts["val"]["mel"] == 1 and rejected.num_rejected == 2
+    moved = prepare_dataset(_opts(images, csv_path, tmp_path / "m", split_column="split",
+                                  train_anomalies="val"))
+    assert moved.num_rejected == 0
+    assert moved.counts["val"]["mel"] == 1 + 2 and moved.counts["test"] == rejected.counts["test"]
+    assert moved.counts["train"] == rejected.counts["train"]
+    assert _split_of_group(tmp_path / "m" / "manifest.csv")["L12"] == "val"
+    with pytest.raises(UserError, match="--train-anomalies 'maybe' must be reject or val"):
+        _opts(images, csv_path, tmp_path / "x", train_anomalies="maybe")
