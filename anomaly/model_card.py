@@ -75,7 +75,10 @@ def adapt_card(record: dict[str, Any], tune_table: pd.DataFrame) -> str:
              "## Data (images per split and class)", "",
              *_counts_table(steps["prepare"]["counts"]), "",
              "`splits.csv` lists the split of every group (lesion), so the same split can be "
-             "prepared again with `--splits-from`.", "",
+             "prepared again with `--splits-from`."
+             + (" Abnormal images that a given split put in train were moved to val with their "
+                "lesion (`--train-anomalies val`): only normals are trained on, and test is "
+                "as given." if opts.get("train_anomalies") == "val" else ""), "",
              "## Validation: the choice", "",
              f"Rule: `--select {tune.get('rule', {}).get('select')}`, tolerance "
              f"{opts['tolerance']}: the cheapest configuration within the tolerance of the best "
