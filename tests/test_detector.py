@@ -477,3 +477,89 @@ def test_small_subgroups_are_named_for_the_worst_case_rule():
                          "dx_type": ["follow_up"] * 21 + ["histo"] * 4 + ["histo"] * 30})
     assert small_subgroups(rows, "nv", "dx_type", 20) == ["histo (4)"]
     assert small_subgroups(rows, "nv", "dx_type", 4) == []
+
+
+# ------------------------------------------------------------------------------ +shifts rule
+
+
+def test_selection_with_shifts_is_the_min_over_routes_and_shifts():
+    import pandas as pd
+
+    from anomaly.tune import _with_cost, parse_select, select_row, selection_value
+
+    assert parse_select("worst:dx_type+shifts") == ("dx_type", True)
+    assert parse_select("auc+shifts") == (None, True)
+    assert parse_select("worst:route") == ("route", False) and parse_select("auc") == (None, False)
+    for bad in ("worst:", "worst:a+b", "shifts", "auc+shift"):
+        with pytest.raises(UserError, match="is not understood"):
+            parse_select(bad)
+    # a score that separates the routes best but collapses under a zoom loses to one that holds
+    table = pd.DataFrame({"configuration": ["residual:mean", "residual:smax:1", "izif:1"],
+                          "components": [None, None, None],
+                          "worst_route": [0.74, 0.70, 0.72],
+                          "auc[shift=zoom:1.33]": [0.65, 0.69, 0.73],
+                          "auc[shift=exposure:0.7]": [0.74, 0.71, 0.71]})
+    shifts = ["auc[shift=zoom:1.33]", "auc[shift=exposure:0.7]"]
+    table["select"] = [selection_value(r["worst_route"], {c: r[c] for c in shifts})
+                       for _, r in table.iterrows()]
+    assert table["select"].tolist() == [0.65, 0.69, 0.71]
+    table = _with_cost(table)
+    assert select_row(table, 0.0)["configuration"] == "izif:1"
+    assert select_row(table.assign(select=table["worst_route"]), 0.0)["configuration"] \
+        == "residual:mean"  # what the routes alone would choose
+    assert np.isnan(selection_value(0.7, {"zoom:2": float("nan")}))
+    assert selection_value(0.7, {}) == 0.7
+
+
+@pytest.fixture(scope="module")
+def tuned_shifts(setup):
+    out = setup["root"] / "tuned-shifts"
+    r = run("tune", "--network", setup["network"], "--encoder", setup["encoder"],
+            "--data", setup["prepared"] / "val.zip", "--outdir", out,
+            "--grid", "residual:mean,residual:smax:1,knn-latent:3", "--tta", "off",
+            "--select", "worst:route+shifts", "--shifts", "zoom:1,exposure:0.5,zoom:0.75",
+            "--min-subgroup", 2, "--bootstrap", 0, "--dims", 8, "--device", "cpu",
+            "--combine", 2, "--seed", 5)
+    assert r.exit_code == 0, r.output
+    return out, r.output
+
+
+def test_tune_with_shifts_takes_the_min_and_records_the_shifts(setup, tuned_shifts):
+    import pandas as pd
+
+    out, output = tuned_shifts
+    table = pd.read_excel(out / "tune.xlsx")
+    shift_cols = ["auc[shift=zoom:1]", "auc[shift=exposure:0.5]", "auc[shift=zoom:0.75]"]
+    assert set(shift_cols) <= set(table.columns)
+    routes = table[["auc[route=a]", "auc[route=b]"]].min(axis=1)
+    assert np.allclose(table["select"], np.minimum(routes, table[shift_cols].min(axis=1)))
+    # zoom:1 shifts nothing: the raw images decoded and fitted again give the cached quantities
+    assert np.allclose(table["auc[shift=zoom:1]"], table["auc"], atol=1e-9)
+    assert not np.allclose(table["auc[shift=exposure:0.5]"], table["auc"])
+    assert (table["method"] == "rank-average").sum() >= 1
+    body = json.loads((out / "detector.json").read_text())
+    sel = body["selection"]
+    assert sel["rule"] == "worst:route+shifts"
+    assert sel["shifts"]["shifts"] == ["zoom:1", "exposure:0.5", "zoom:0.75"]
+    assert sel["shifts"]["share"] == 0.5 and sel["shifts"]["seed"] == 5
+    val = [r for r in csv.DictReader(open(setup["prepared"] / "manifest.csv"))
+           if r["split"] == "val"]
+    n_nv, n_mel = (sum(r["class"] == c for r in val) for c in ("nv", "mel"))
+    assert sel["shifts"]["shifted_normals"] == round(n_nv / 2)
+    assert sel["shifts"]["shifted_anomalies"] == round(n_mel / 2)
+    assert f"for {body['comparison']}" in output and body["comparison"] == "nv vs mel"
+    tune_json = json.loads((out / "tune.json").read_text())
+    assert tune_json["comparison"] == "nv vs mel" and tune_json["selection"] == sel
+
+
+def test_tune_with_shifts_refuses_missing_raw_images(setup, tmp_path):
+    r = run("tune", "--network", setup["network"], "--encoder", setup["encoder"],
+            "--data", setup["prepared"] / "val.zip", "--outdir", tmp_path / "o",
+            "--grid", "residual:mean", "--tta", "off", "--select", "auc+shifts",
+            "--images", tmp_path, "--bootstrap", 0, "--device", "cpu")
+    assert r.exit_code != 0 and "give --images" in r.output
+    r = run("tune", "--network", setup["network"], "--encoder", setup["encoder"],
+            "--data", setup["prepared"] / "val.zip", "--outdir", tmp_path / "o",
+            "--grid", "residual:mean", "--select", "auc+shifts", "--shifts", "blur:2",
+            "--device", "cpu")
+    assert r.exit_code != 0 and "--shifts" in r.output and "is not a shift" in r.output
