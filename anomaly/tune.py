@@ -58,6 +58,7 @@ from stylegan.errors import UserError
 from stylegan.fileio import atomic_write_json
 
 DEFAULT_GRID = ("residual:mean,residual:p99,residual:smax:1,residual:smax:2,residual:smax:4,"
+                "lesion:mean,lesion:edge,lesion:ratio,"
                 "izif:0.1,izif:1,izif:10,dfeat-res:b8,dfeat-res:b16,dfeat-res:b32,"
                 "dfeat-res:b8+b16+b32,knn-latent:1,knn-latent:5,knn-latent:20,maha-latent,"
                 "knn-dfeat:b8:5,knn-dfeat:b16:5,knn-dfeat:b32:5,knn-dfeat:b8:20,"

@@ -73,6 +73,53 @@ def test_smoothed_max_finds_a_small_planted_lesion_that_the_mean_misses():
     assert mean[20] < mean[:20].min()  # the mean would rank it last
 
 
+def _zone_reference(mask: np.ndarray, w: int) -> np.ndarray:
+    """Border zone by brute force: some lesion pixel in the (2w + 1)^2 window within the image,
+    and not all of them."""
+    h, wd = mask.shape
+    out = np.zeros_like(mask)
+    for i in range(h):
+        for j in range(wd):
+            window = mask[max(0, i - w):i + w + 1, max(0, j - w):j + w + 1]
+            out[i, j] = window.any() and not window.all()
+    return out
+
+
+def test_lesion_scores_against_numpy_references():
+    maps = np.arange(16, dtype=np.float64).reshape(1, 4, 4)
+    mask = np.zeros((1, 4, 4), bool)
+    mask[0, :2, :2] = True  # residuals 0, 1, 4, 5 inside; the other 12 sum to 110
+    t, m = torch.from_numpy(maps), torch.from_numpy(mask)
+    assert ds.lesion_residual(t, m, "mean").item() == pytest.approx(2.5)
+    assert ds.lesion_residual(t, m, "ratio").item() == pytest.approx(2.5 / (110 / 12))
+    # 4 px: w = 1; the zone is the 3 x 3 top-left block (the corner pixel 0 is inside the
+    # erosion: its window within the image is all lesion) -> 1, 2, 4, 5, 6, 8, 9, 10
+    assert ds.lesion_residual(t, m, "edge").item() == pytest.approx(45 / 8)
+    rng = np.random.default_rng(0)
+    maps = rng.random((3, 64, 64))
+    masks = np.zeros((3, 64, 64), bool)
+    masks[0, 20:40, 10:35] = True
+    masks[0, 38:50, 30:45] = True
+    masks[1, 50:, 40:] = True  # a lesion cut by two edges
+    masks[1, 5:9, 5:9] = True  # and a small second one
+    t, m = torch.from_numpy(maps), torch.from_numpy(masks)
+    for i in range(2):
+        r, k = maps[i], masks[i]
+        zone = _zone_reference(k, 3)  # 64 px: w = 3
+        assert np.array_equal(ds.border_zone(m[i:i + 1], 3)[0].numpy(), zone)
+        assert ds.lesion_residual(t, m, "mean")[i].item() == pytest.approx(r[k].mean())
+        assert ds.lesion_residual(t, m, "edge")[i].item() == pytest.approx(r[zone].mean())
+        assert ds.lesion_residual(t, m, "ratio")[i].item() == pytest.approx(
+            r[k].mean() / r[~k].mean())
+    # no lesion found: the whole image
+    assert ds.lesion_residual(t, m, "mean")[2].item() == pytest.approx(maps[2].mean())
+    assert ds.lesion_residual(t, m, "edge")[2].item() == pytest.approx(maps[2].mean())
+    assert ds.lesion_residual(t, m, "ratio")[2].item() == 1.0
+    full = torch.ones(1, 64, 64, dtype=torch.bool)
+    assert ds.lesion_residual(t[:1], full, "ratio").item() == 1.0
+    assert ds.lesion_residual(t[:1], full, "edge").item() == pytest.approx(maps[0].mean())
+
+
 def test_knn_and_mahalanobis_against_references_and_a_planted_outlier():
     rng = np.random.default_rng(2)
     train = torch.from_numpy(rng.normal(size=(200, 6)) * [1, 2, 3, 1, 1, 5] + 3).float()
@@ -133,7 +180,11 @@ def test_method_names_parse_and_refuse():
     assert det.parse_method("dfeat-res:b8+b16+b32").layers == ("b8", "b16", "b32")
     assert det.parse_method("izif:0.1").kappa == 0.1
     assert not det.is_detector_method("izif") and det.is_detector_method("maha-latent")
-    for bad in ("residual:p50", "knn-latent:0", "knn-dfeat:b8", "dfeat-res:", "residual:smax:0"):
+    m = det.parse_method("lesion:edge")
+    assert (m.family, m.agg, m.needs_rec) == ("lesion", "lesion-edge", True)
+    assert det.is_detector_method("lesion:ratio")
+    for bad in ("residual:p50", "knn-latent:0", "knn-dfeat:b8", "dfeat-res:", "residual:smax:0",
+                "lesion:max", "lesion"):
         with pytest.raises(UserError):
             det.parse_method(bad)
     assert det.split_config_name("knn-latent:5@tta") == ("knn-latent:5", True)
@@ -216,6 +267,33 @@ def test_new_scores_agree_with_izif_and_rank_planted_anomalies(setup, model, ban
     for method in ("residual:mean", "residual:p99", "izif:0.5", "knn-dfeat:b8:3",
                    "maha-dfeat:b16"):
         assert roc_auc_score(labels, scores[method]) > 0.9, method
+
+
+def test_lesion_scores_of_the_tiny_model_match_a_hand_computation(setup, model):
+    """lesion:* from one pass equal the masked means of the squared residual of x and
+    G(E(x)) under lesion_mask of each input, and are invariant to rotations with TTA."""
+    from anodata.lesion import lesion_mask
+
+    data = ImageDataset(setup["prepared"] / "val.zip")
+    images = torch.from_numpy(np.stack([data[i][0] for i in range(len(data))]))
+    methods = ["lesion:mean", "lesion:edge", "lesion:ratio"]
+    scores = det.Scorer(model, [(m, False) for m in methods]).score_batch(images)
+    x = torch.from_numpy(images.numpy().astype(np.float32) / 127.5 - 1)
+    with torch.no_grad():
+        _ws, rec = model.reconstruct(x)
+    r = ((x - rec) ** 2).mean(1).numpy().astype(np.float64)  # [N, H, W]
+    masks = [lesion_mask(a.transpose(1, 2, 0)) for a in images.numpy()]
+    assert any(k.any() for k in masks)  # some inputs have a lesion, the test sees both paths
+    for i, k in enumerate(masks):
+        k = k if k.any() else np.ones_like(k)
+        assert scores["lesion:mean"][i] == pytest.approx(r[i][k].mean(), rel=1e-5)
+        want = 1.0 if k.all() else r[i][k].mean() / r[i][~k].mean()
+        assert scores["lesion:ratio"][i] == pytest.approx(want, rel=1e-5)
+    tta = det.Scorer(model, [(m, True) for m in methods])
+    base = tta.score_batch(images[:6])
+    moved = tta.score_batch(ds.dihedral_view(images[:6], 1))
+    for name in base:
+        assert np.allclose(moved[name], base[name], rtol=1e-4), name
 
 
 def test_a_training_naevus_is_its_own_nearest_bank_point(setup, model, bank):
