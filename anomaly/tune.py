@@ -119,6 +119,8 @@ def tune(opts: TuneOptions) -> dict[str, Path]:
         det.check_data_policy(model, path)
     configs = _grid(opts)
     shifts = _shifts(opts)
+    if shifts:  # refused before the passes, not after
+        raw_paths(data, None, opts.images)
     needs = det.needs_of(sorted({m for m, _t in configs}), model)
     if encoder is None and (needs.latent or needs.rec):
         raise UserError("--encoder is missing, and the --grid holds methods that need it; give "
@@ -255,22 +257,24 @@ def _shifted_rows(rows: pd.DataFrame, normal: str, anomalies: tuple[str, ...],
     return out
 
 
-def raw_paths(data: Path, files: list[str], images: str | None) -> list[Path]:
-    """The raw source file of each prepared file (manifest `source` under `images`, by default
-    the source folder prepare.json records); refuses in one sentence when one is missing."""
+def raw_paths(data: Path, files: list[str] | None, images: str | None) -> list[Path]:
+    """The raw source file of each prepared file of the split (None: all of them): manifest
+    `source` under `images`, by default the source folder prepare.json records; refuses in one
+    sentence when one is missing."""
     from anodata.policy import read_prepare_json
     from stylegan.dataset import read_manifest
 
     split = data.stem if data.stem in ("train", "val", "test") else "test"  # as scoring reads it
     source = {r["file"]: r.get("source") or "" for r in read_manifest(data)
               if r["split"] == split}  # file names repeat across the splits' zips
+    files = list(source) if files is None else files
     if images is None:
         options = (read_prepare_json(data) or {}).get("options") or {}
         images = options.get("source") if isinstance(options, dict) else None
     paths = [Path(images or ".") / source.get(f, "") for f in files]
     missing = [f for f, p in zip(files, paths) if not source.get(f) or not p.is_file()]
     if images is None or missing:
-        example = missing[0] if missing else files[0]
+        example = missing[0] if missing else (files[0] if files else "its files")
         raise UserError(f"The raw images of {data} that --select +shifts needs are not found "
                         f"({len(missing) or len(files)} missing, e.g. the source of {example} "
                         f"under {images or 'the source folder prepare.json records'}); give "
