@@ -654,9 +654,15 @@ _tune = config_option("anomaly.tune:TuneOptions")
 @click.option("--normal-class", metavar="NAME", help="Normal class [the class labelled 0].")
 @click.option("--anomaly-class", metavar="NAME|all",
               help="Anomaly class of the main comparison [mel when present, else all].")
-@_tune("--select", type=str, metavar="auc|worst:COLUMN",
+@_tune("--select", type=str, metavar="auc|worst:COLUMN[+shifts]",
        help="Selection rule: validation AUC, or the worst AUC over the subgroups of normals by "
-            "a manifest column (each vs all anomalies), e.g. worst:dx_type.")
+            "a manifest column (each vs all anomalies), e.g. worst:dx_type; with +shifts also "
+            "the worst over the AUCs under the simulated --shifts of the validation images.")
+@_tune("--shifts", type=str, metavar="SHIFT,SHIFT,...",
+       help="Shifts of +shifts, each on a seeded half of the normals and of the anomalies: "
+            "border:RADIUS, exposure:FACTOR, zoom:FACTOR (> 1 in, < 1 out).")
+@click.option("--images", type=click.Path(), metavar="DIR",
+              help="Raw images the data were prepared from, for +shifts [prepare.json's].")
 @click.option("--by", multiple=True, metavar="COLUMN",
               help="Also report the AUC per subgroup of normals by this manifest column; "
                    "repeatable.")
@@ -698,7 +704,8 @@ def tune(by: tuple[str, ...], **flags) -> None:
 
     chosen = json.loads(written["detector"].read_text())
     sel = chosen["selection"]
-    click.echo(f"chosen: {chosen['method']} (validation {sel['rule']} {sel['value']:.4f}; best "
+    click.echo(f"chosen: {chosen['method']} for {chosen['comparison']} (validation "
+               f"{sel['rule']} {sel['value']:.4f}; best "
                f"{sel['best_value']:.4f}, tolerance {sel['tolerance']:g}; threshold "
                f"{chosen['threshold']:.4g} {chosen['threshold_rule']})")
     click.echo(f"wrote {', '.join(str(p) for p in written.values())}")

@@ -3,6 +3,7 @@ pass (per TTA view), the training-naevi bank, `detector.json`, and scoring one i
 
 Method names (anomaly/detector_scores.py has the formulas):
     residual:mean | residual:p99 | residual:smax[:SIGMA]   aggregations of the pixel residual
+    lesion:mean | lesion:edge | lesion:ratio               ... over the input's lesion mask
     izif:KAPPA[:LAYER]                                     izif with this kappa (model's layer)
     dfeat-res:b8+b16+b32                                   normalised D-feature residual
     knn-latent:K | maha-latent                             density of E(x) (mean over the ws)
@@ -54,8 +55,8 @@ class Method:
     """A parsed method name of the detector's grammar (see the module docstring)."""
 
     name: str
-    family: str  # residual | izif | dfeat-res | knn | maha
-    agg: str = ""  # residual: mean | p99 | smax
+    family: str  # residual | lesion | izif | dfeat-res | knn | maha
+    agg: str = ""  # residual: mean | p99 | smax; lesion: lesion-mean | lesion-edge | lesion-ratio
     sigma: float = 2.0  # residual:smax
     kappa: float = 0.0  # izif
     layers: tuple[str, ...] = ()  # izif (empty: the model's), dfeat-res, dfeat spaces
@@ -64,7 +65,7 @@ class Method:
 
     @property
     def needs_rec(self) -> bool:
-        return self.family in ("residual", "izif", "dfeat-res")
+        return self.family in ("residual", "lesion", "izif", "dfeat-res")
 
 
 def parse_method(name: str) -> Method:
@@ -72,6 +73,7 @@ def parse_method(name: str) -> Method:
     text = name.strip().lower()
     patterns = [
         (r"residual:(mean|p99)", lambda m: Method(text, "residual", agg=m[1])),
+        (r"lesion:(mean|edge|ratio)", lambda m: Method(text, "lesion", agg=f"lesion-{m[1]}")),
         (rf"residual:smax(?::{_NUM})?",
          lambda m: Method(text, "residual", agg="smax", sigma=float(m[1] or 2.0))),
         (rf"izif:{_NUM}(?::(b\d+))?",
@@ -90,6 +92,7 @@ def parse_method(name: str) -> Method:
         if match:
             return _check_bounds(build(match))
     raise UserError(f"Unknown scoring method '{name}'; use residual:mean|p99|smax[:SIGMA], "
+                    f"lesion:mean|edge|ratio, "
                     f"izif:KAPPA[:LAYER], dfeat-res:b8+b16, knn-latent:K, maha-latent, "
                     f"knn-dfeat:LAYER:K or maha-dfeat:LAYER (or a classic method).")
 
@@ -135,7 +138,7 @@ def _check_bounds(m: Method) -> Method:
 def is_detector_method(name: str) -> bool:
     """True for a name of this module's grammar (not a classic method of anomaly.scores)."""
     head = name.strip().lower().split(":", 1)[0]
-    return head in ("residual", "izif", "dfeat-res", "knn-latent", "maha-latent", "knn-dfeat",
+    return head in ("residual", "lesion", "izif", "dfeat-res", "knn-latent", "maha-latent", "knn-dfeat",
                     "maha-dfeat") and name.strip().lower() != "izif"
 
 
@@ -191,7 +194,7 @@ def needs_of(methods: Iterable[str], model: AnoModel) -> Needs:
                     needs.res_layers.add(model.feature_layer)
             continue
         m = parse_method(name)
-        if m.family in ("residual", "izif"):
+        if m.family in ("residual", "lesion", "izif"):
             needs.aggs.add((m.agg or "mean", m.sigma if m.agg == "smax" else 0.0))
         if m.family == "izif" and m.kappa > 0:
             needs.res_layers.update(m.layers or (model.feature_layer,))
@@ -257,8 +260,15 @@ def extract(model: AnoModel, images_u8: torch.Tensor, needs: Needs, *, tta: bool
     if needs.rec:
         rec = model.G.synthesis(ws, noise_mode="const")
         rmap = ds.residual_map(xv, rec)  # [V * N, H, W]
+        masks = None
         for agg, sigma in needs.aggs:
-            q[f"res:{agg}:{sigma:g}"] = ds.aggregate_residual(rmap, agg, sigma)
+            if agg.startswith("lesion-"):
+                if masks is None:  # the input's lesion, turned with each view
+                    masks = lesion_masks(images_u8)
+                    masks = ds.dihedral_views(masks[:, None])[:, 0] if tta else masks
+                q[f"res:{agg}:0"] = ds.lesion_residual(rmap, masks.to(rmap.device), agg[7:])
+            else:
+                q[f"res:{agg}:{sigma:g}"] = ds.aggregate_residual(rmap, agg, sigma)
     maps_x = maps_rec = {}
     if needs.d_layers:
         maps_x = feature_maps(model.D, xv, needs.d_layers)
@@ -285,6 +295,16 @@ def extract(model: AnoModel, images_u8: torch.Tensor, needs: Needs, *, tta: bool
     if tta:
         result["tta"] = {k: ds.view_mean(v, views) for k, v in q.items()}
     return result
+
+
+def lesion_masks(images_u8: torch.Tensor) -> torch.Tensor:
+    """Lesion masks (anodata.lesion.lesion_mask, all False when none is found) of a fitted
+    uint8 batch [N, C, H, W]: bool [N, H, W]."""
+    from anodata.lesion import lesion_mask
+
+    arrays = images_u8.cpu().numpy()
+    return torch.from_numpy(np.stack([lesion_mask(a.transpose(1, 2, 0) if a.shape[0] == 3
+                                                  else a[0]) for a in arrays]))
 
 
 # ------------------------------------------------------------------------------ the bank
@@ -436,7 +456,7 @@ def method_scores(name: str, q: dict[str, torch.Tensor], *, mode: str, bank: Ban
     if not is_detector_method(name):
         return q[f"classic:{name}"].double().numpy()
     m = parse_method(name)
-    if m.family == "residual":
+    if m.family in ("residual", "lesion"):
         return q[f"res:{m.agg}:{(m.sigma if m.agg == 'smax' else 0.0):g}"].double().numpy()
     if m.family == "izif":
         value = q["res:mean:0"].double()

@@ -5,6 +5,16 @@ over the dihedral group and rank averaging. Tensors/arrays in, tensors/arrays ou
 - Residual aggregations of the per-pixel squared residual r(p) = 1/C sum_c (x - G(E(x)))^2:
   its mean (= the izif pixel term A_R), its 99th percentile, and the maximum of r smoothed by
   a Gaussian of `sigma` pixels ("where the residual is, not just how big on average").
+- Residual normalised by lesion extent, with M the lesion mask of the input image (anodata.lesion
+  on the uint8 fitted image; with TTA each view gets the mask's view) and the same r(p):
+  lesion:mean  = sum_p M(p) r(p) / sum_p M(p)              (residual per lesion pixel)
+  lesion:edge  = mean of r over B = dilate(M, w) & ~erode(M, w), the lesion's border zone: w =
+                 max(1, round(3 H / 64)) pixels (3 at 64 px), square structuring element of side
+                 2w + 1, pixels beyond the image neither add to nor cut the mask
+  lesion:ratio = (mean of r inside M) / max(mean of r outside M, 1e-12)
+  An image where no lesion is found (M empty) falls back to the whole image: lesion:mean and
+  lesion:edge become residual:mean, lesion:ratio becomes 1 (as when M covers every pixel);
+  lesion:edge also falls back when its zone B is empty.
 - Normalised feature residual over D layers l: sum_l mean_{c,h,w} ((f_l(x) - f_l(G(E(x))))_c
   / sd_{l,c})^2, with sd_{l,c} the spread of channel c of layer l over the training naevi
   (images and positions), so that layers of different scale add up.
@@ -103,6 +113,41 @@ def aggregate_residual(maps: torch.Tensor, how: str, sigma: float = 2.0) -> torc
     if how == "smax":
         return gaussian_smooth(maps, sigma).flatten(1).amax(dim=1)
     raise ValueError(f"unknown residual aggregation {how!r}")
+
+
+def border_zone(masks: torch.Tensor, width: int) -> torch.Tensor:
+    """dilate(M, width) & ~erode(M, width) with a square of side 2 width + 1; pixels beyond the
+    image are ignored (neither mask nor background): bool [N, H, W] -> bool [N, H, W]."""
+    assert masks.ndim == 3 and width >= 1, (masks.shape, width)
+    m = masks[:, None].float()  # [N, 1, H, W]
+    k = 2 * width + 1
+    dilated = F.max_pool2d(m, k, stride=1, padding=width) > 0.5
+    eroded = F.max_pool2d(1 - m, k, stride=1, padding=width) < 0.5
+    return (dilated & ~eroded)[:, 0]
+
+
+def lesion_residual(maps: torch.Tensor, masks: torch.Tensor, how: str) -> torch.Tensor:
+    """Residual maps [N, H, W] and lesion masks bool [N, H, W] -> [N]: 'mean', 'edge' or
+    'ratio' (module docstring; an empty mask falls back to the whole image)."""
+    assert maps.shape == masks.shape and maps.ndim == 3, (maps.shape, masks.shape)
+    r = maps.double()
+    found = masks.flatten(1).any(dim=1)  # [N]
+    m = torch.where(found[:, None, None], masks, torch.ones_like(masks)).double()
+
+    def masked_mean(weights: torch.Tensor) -> torch.Tensor:
+        return (r * weights).flatten(1).sum(1) / weights.flatten(1).sum(1).clamp_min(1)
+
+    if how == "mean":
+        return masked_mean(m)
+    if how == "edge":
+        zone = border_zone(m > 0.5, max(1, round(3 * maps.shape[1] / 64))).double()
+        empty = zone.flatten(1).sum(1) == 0
+        return torch.where(empty, r.flatten(1).mean(1), masked_mean(zone))
+    if how == "ratio":
+        inside, outside = masked_mean(m), masked_mean(1 - m)
+        whole = (1 - m).flatten(1).sum(1) == 0  # no lesion found, or it covers every pixel
+        return torch.where(whole, torch.ones_like(inside), inside / outside.clamp_min(1e-12))
+    raise ValueError(f"unknown lesion aggregation {how!r}")
 
 
 def channel_residual(feat: torch.Tensor, feat_rec: torch.Tensor) -> torch.Tensor:

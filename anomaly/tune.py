@@ -12,7 +12,15 @@ the anomaly class, or vs all anomalies) with a lesion-level bootstrap CI
 NORMALS by every `by` column (that subgroup's normals vs all anomalies of the comparison), and n.
 Selection rule: 'auc' (the main AUC) or 'worst:COLUMN' (the minimum subgroup AUC over the values
 of COLUMN with at least `min_subgroup` normals; it guards against scores that only separate one
-acquisition route of the normals). Then rank averages of pairs of the `combine` best single
+acquisition route of the normals), either with '+shifts' (e.g. 'worst:dx_type+shifts'): the
+selection value becomes min(that value, the main AUC under each simulated acquisition shift of
+`shifts`, anodata/shifts.py). A shift is applied to a seeded half (SHIFT_SHARE, `seed`) of the
+normals and, independently, of the anomalies of the comparison: their RAW images (the manifest's
+`source` under `images`, by default the source folder prepare.json records) are decoded, shifted
+and fitted with the model's policy, and one more cached pass over those images replaces their
+raw quantities; the other half keeps its own. It rewards scores that keep their AUC when the
+framing, exposure or dermoscope changes, which one collection's routes alone cannot show.
+Then rank averages of pairs of the `combine` best single
 configurations are evaluated too, each pair followed by its one-pass counterpart (both
 components without TTA). Choice (the "simplest within tolerance" rule, fixed before any
 test figure is read): among the rows whose selection value is within `tolerance` of the best,
@@ -40,6 +48,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from anodata.shifts import DEFAULT_SHIFTS, Shift, parse_shifts, shifted_halves
 from anomaly import detector as det
 from anomaly import detector_scores as ds
 from anomaly import metrics
@@ -51,12 +60,14 @@ from stylegan.errors import UserError
 from stylegan.fileio import atomic_write_json, check_own_folder, output_folder
 
 DEFAULT_GRID = ("residual:mean,residual:p99,residual:smax:1,residual:smax:2,residual:smax:4,"
+                "lesion:mean,lesion:edge,lesion:ratio,"
                 "izif:0.1,izif:1,izif:10,dfeat-res:b8,dfeat-res:b16,dfeat-res:b32,"
                 "dfeat-res:b8+b16+b32,knn-latent:1,knn-latent:5,knn-latent:20,maha-latent,"
                 "knn-dfeat:b8:5,knn-dfeat:b16:5,knn-dfeat:b32:5,knn-dfeat:b8:20,"
                 "maha-dfeat:b8,maha-dfeat:b16,maha-dfeat:b32,sklearn:cosine,sklearn:manhattan")
 BANK_LIMIT_BYTES = 1_000_000
 OUTPUT_FILES = ("tune.xlsx", "tune.json", "detector.json", "bank.safetensors")
+SHIFT_SHARE = 0.5  # share of the normals and of the anomalies each shift is applied to
 
 
 @dataclass(frozen=True)
@@ -73,7 +84,9 @@ class TuneOptions:
     tta: str = "both"  # 'off' | 'on' | 'both': configurations without / with TTA
     normal_class: str | None = None  # None: the class labelled 0
     anomaly_class: str | None = None  # None: 'mel' when present, else all; 'all': all
-    select: str = "auc"  # 'auc' | 'worst:COLUMN'
+    select: str = "auc"  # 'auc' | 'worst:COLUMN', either + '+shifts'
+    shifts: str = DEFAULT_SHIFTS  # simulated shifts of '+shifts' (anodata/shifts.py grammar)
+    images: str | None = None  # raw images of '+shifts' [the source folder in prepare.json]
     tolerance: float = 0.01  # the cheapest row within this of the best selection value wins
     by: tuple[str, ...] = ()  # manifest columns for subgroup AUCs (the select column is added)
     min_subgroup: int = 20  # smallest subgroup of normals in the worst-case rule
@@ -109,6 +122,9 @@ def tune(opts: TuneOptions) -> dict[str, Path]:
     for path in (data, train):
         det.check_data_policy(model, path)
     configs = _grid(opts)
+    shifts = _shifts(opts)
+    if shifts:  # refused before the passes, not after
+        raw_paths(data, None, opts.images)
     needs = det.needs_of(sorted({m for m, _t in configs}), model)
     if encoder is None and (needs.latent or needs.rec):
         raise UserError("--encoder is missing, and the --grid holds methods that need it; give "
@@ -118,8 +134,14 @@ def tune(opts: TuneOptions) -> dict[str, Path]:
     bank = det.bank_from_zip(model, train, needs, modes=modes, bank_size=opts.bank_size,
                              dims=opts.dims, seed=opts.seed, batch=opts.batch)
     cache = _val_pass(model, data, needs, tta="tta" in modes, batch=opts.batch)
-    seconds = time.time() - start
     normal, comparison, anomalies = _comparison(cache.rows, opts)
+    shifted = np.zeros(len(cache.rows), dtype=bool)
+    shift_q = {}
+    if shifts:
+        shifted = _shifted_rows(cache.rows, normal, anomalies, opts.seed)
+        shift_q = shift_passes(model, data, cache, shifted, shifts, needs, tta="tta" in modes,
+                               images=opts.images, batch=opts.batch)
+    seconds = time.time() - start
     by = tuple(dict.fromkeys((*opts.by, *_select_column(opts))))
     _check_columns(cache.rows, by)
     dropped = {c: small_subgroups(cache.rows, normal, c, opts.min_subgroup)
@@ -130,20 +152,22 @@ def tune(opts: TuneOptions) -> dict[str, Path]:
                           f"than {opts.min_subgroup} validation normals and are not counted; "
                           f"the rule guards only the others (lower --min-subgroup, or "
                           f"validate on more images)", UserWarning, stacklevel=2)
-    scores = {det.config_name(m, t): det.method_scores(
-        m, cache.q["tta" if t else "plain"], mode="tta" if t else "plain", bank=bank,
-        model_layer=model.feature_layer) for m, t in configs}
-    ds.refuse_non_finite(scores, command="tune", outputs="tune.xlsx or detector.json")
-    rows = [_evaluate(name, s, cache.rows, normal, anomalies, by, opts)
+    scores = _scores(configs, cache.q, bank, model)
+    under = {name: _scores(configs, q, bank, model) for name, q in shift_q.items()}
+    for q_scores in (scores, *under.values()):
+        ds.refuse_non_finite(q_scores, command="tune", outputs="tune.xlsx or detector.json")
+    rows = [_evaluate(name, s, cache.rows, normal, anomalies, by, opts,
+                      shifted={sh: under[sh][name] for sh in under})
             for name, s in scores.items()]
-    rows += _combinations(rows, scores, cache.rows, normal, anomalies, by, opts)
+    rows += _combinations(rows, scores, cache.rows, normal, anomalies, by, opts, under)
     table = pd.DataFrame(rows)
     table = _with_cost(table)
     best = select_row(table, opts.tolerance)
     table["chosen"] = table.index == best.name
     detector = _detector(best, float(table["select"].max()), scores, cache.rows, normal,
                          anomalies, comparison, model, opts,
-                         bank_images=min(opts.bank_size, len(ImageDataset(train))))
+                         bank_images=min(opts.bank_size, len(ImageDataset(train))),
+                         shifts=_shift_record(shifts, shifted, cache.rows, normal, opts))
     outdir = Path(opts.outdir)
     options = provenance(opts, outdir)
     detector = replace(detector, extra={**detector.extra, "tune": options})
@@ -151,7 +175,7 @@ def tune(opts: TuneOptions) -> dict[str, Path]:
         written = _write_outputs(unit, table, detector, bank, {
             "options": options, "network": options["network"], "encoder": options["encoder"],
             "configurations": len(table), "chosen": detector.method,
-            "selection": detector.selection, "validation_images": len(cache.rows),
+            "comparison": comparison, "selection": detector.selection, "validation_images": len(cache.rows),
             "subgroups_not_counted": dropped, "seconds_for_passes": round(seconds, 2)})
     return {key: outdir / path.name for key, path in written.items()}
 
@@ -257,6 +281,91 @@ def _val_pass(model: AnoModel, data: Path, needs: det.Needs, *, tta: bool,
     return ValCache(pd.DataFrame(records), q)
 
 
+def _shifted_rows(rows: pd.DataFrame, normal: str, anomalies: tuple[str, ...],
+                  seed: int) -> np.ndarray:
+    """Bool [N]: the seeded SHIFT_SHARE of the comparison's normals and of its anomalies."""
+    cls = rows["class"].to_numpy()
+    compared = np.flatnonzero((cls == normal) | np.isin(cls, anomalies))
+    out = np.zeros(len(rows), dtype=bool)
+    out[compared] = shifted_halves(np.isin(cls[compared], anomalies), SHIFT_SHARE, seed)
+    return out
+
+
+def raw_paths(data: Path, files: list[str] | None, images: str | None) -> list[Path]:
+    """The raw source file of each prepared file of the split (None: all of them): manifest
+    `source` under `images`, by default the source folder prepare.json records; refuses in one
+    sentence when one is missing."""
+    from anodata.policy import read_prepare_json
+    from stylegan.dataset import read_manifest
+
+    split = data.stem if data.stem in ("train", "val", "test") else "test"  # as scoring reads it
+    source = {r["file"]: r.get("source") or "" for r in read_manifest(data)
+              if r["split"] == split}  # file names repeat across the splits' zips
+    files = list(source) if files is None else files
+    if images is None:
+        options = (read_prepare_json(data) or {}).get("options") or {}
+        images = options.get("source") if isinstance(options, dict) else None
+    paths = [Path(images or ".") / source.get(f, "") for f in files]
+    missing = [f for f, p in zip(files, paths) if not source.get(f) or not p.is_file()]
+    if images is None or missing:
+        example = missing[0] if missing else (files[0] if files else "its files")
+        raise UserError(f"The raw images of {data} that --select +shifts needs are not found "
+                        f"({len(missing) or len(files)} missing, e.g. the source of {example} "
+                        f"under {images or 'the source folder prepare.json records'}); give "
+                        f"--images, the folder the data were prepared from.")
+    return paths
+
+
+def shift_passes(model: AnoModel, data: Path, cache: ValCache, shifted: np.ndarray,
+                 shifts: tuple[Shift, ...], needs: det.Needs, *, tta: bool,
+                 images: str | None, batch: int) -> dict[str, dict[str, dict]]:
+    """{shift name: raw quantities per mode (as cache.q)}: the `shifted` rows' raw images are
+    decoded, shifted, fitted with the model's policy and passed once; the others keep theirs."""
+    from anodata.imageio import decode
+    from anodata.policy import fit_image
+
+    idx = np.flatnonzero(shifted)
+    paths = raw_paths(data, cache.rows["file"].iloc[idx].tolist(), images)
+    policy = model.policy
+    out = {}
+    for shift in shifts:
+        # prepare decodes JPEGs at a reduced draft size (box filter); a zoom in by F needs F
+        # times the pixels so that it enlarges what prepare would have seen
+        zoom_in = shift.value if shift.kind == "zoom" and shift.value > 1 else 1.0
+        draft = math.ceil(policy.resolution * zoom_in) if policy.resize_filter == "box" else None
+        parts: dict[str, dict[str, list[torch.Tensor]]] = {}
+        for i in tqdm(range(0, len(paths), batch), desc=shift.name, disable=None):
+            fitted = []
+            for p in paths[i:i + batch]:
+                img = decode(p.read_bytes(), suffix=p.suffix, channels=policy.channels,
+                             draft_size=draft)
+                a = np.asarray(fit_image(shift.apply(img), policy), dtype=np.uint8)
+                fitted.append(a.reshape(a.shape[0], a.shape[1], -1).transpose(2, 0, 1))
+            q = det.extract(model, torch.from_numpy(np.stack(fitted)), needs, tta=tta)
+            q.pop("forward", None)
+            for mode, values in q.items():
+                for key, v in values.items():
+                    parts.setdefault(mode, {}).setdefault(key, []).append(v)
+        out[shift.name] = {}
+        for mode, values in cache.q.items():
+            out[shift.name][mode] = {}
+            for key, v in values.items():
+                v = v.clone()
+                v[torch.from_numpy(idx)] = torch.cat(parts[mode][key]).to(v.dtype)
+                out[shift.name][mode][key] = v
+    return out
+
+
+def _shift_record(shifts: tuple[Shift, ...], shifted: np.ndarray, rows: pd.DataFrame,
+                  normal: str, opts: TuneOptions) -> dict | None:
+    if not shifts:
+        return None
+    normals = (rows["class"] == normal).to_numpy()
+    return {"shifts": [s.name for s in shifts], "share": SHIFT_SHARE, "seed": opts.seed,
+            "shifted_normals": int((shifted & normals).sum()),
+            "shifted_anomalies": int((shifted & ~normals).sum())}
+
+
 def _comparison(rows: pd.DataFrame, opts: TuneOptions) -> tuple[str, str, tuple[str, ...]]:
     """(normal class, comparison name, anomaly classes) of the main comparison."""
     classes = sorted(set(rows["class"]))
@@ -275,8 +384,12 @@ def _comparison(rows: pd.DataFrame, opts: TuneOptions) -> tuple[str, str, tuple[
         raise UserError("The validation data hold no anomalies, so nothing can be tuned; "
                         "prepare val.zip with the anomaly classes.")
     target = opts.anomaly_class
-    if target is None:
+    if target is None:  # the default, named in tune.json, detector.json and the chosen line
         target = "mel" if "mel" in others else "all"
+        if target == "all":
+            warnings.warn(f"--anomaly-class is not given and the validation data hold no 'mel': "
+                          f"the comparison is {normal} vs all of {', '.join(others)}",
+                          UserWarning, stacklevel=3)
     if target == "all":
         return normal, f"{normal} vs rest", tuple(others)
     if target not in others:
@@ -285,13 +398,34 @@ def _comparison(rows: pd.DataFrame, opts: TuneOptions) -> tuple[str, str, tuple[
     return normal, f"{normal} vs {target}", (target,)
 
 
+def parse_select(text: str) -> tuple[str | None, bool]:
+    """(worst-case column or None for 'auc', with shifts) of a selection rule such as
+    'auc', 'worst:dx_type' or 'worst:dx_type+shifts'."""
+    rule = text.strip()
+    with_shifts = rule.endswith("+shifts")
+    base = rule[:-len("+shifts")] if with_shifts else rule
+    if base == "auc":
+        return None, with_shifts
+    column = base[6:].strip() if base.startswith("worst:") else ""
+    if column and "+" not in column:
+        return column, with_shifts
+    raise UserError(f"--select {text!r} is not understood; use auc or worst:COLUMN, either "
+                    f"optionally followed by +shifts (e.g. worst:dx_type+shifts).")
+
+
 def _select_column(opts: TuneOptions) -> tuple[str, ...]:
-    if opts.select == "auc":
+    column = parse_select(opts.select)[0]
+    return () if column is None else (column,)
+
+
+def _shifts(opts: TuneOptions) -> tuple[Shift, ...]:
+    """The simulated shifts of a '+shifts' rule (none otherwise)."""
+    if not parse_select(opts.select)[1]:
         return ()
-    if opts.select.startswith("worst:") and opts.select[6:].strip():
-        return (opts.select[6:].strip(),)
-    raise UserError(f"--select {opts.select!r} is not understood; use auc or worst:COLUMN "
-                    f"(e.g. worst:dx_type).")
+    try:
+        return parse_shifts(opts.shifts)
+    except ValueError as exc:
+        raise UserError(f"--shifts: {exc}.") from None
 
 
 def _check_columns(rows: pd.DataFrame, by: tuple[str, ...]) -> None:
@@ -313,9 +447,25 @@ def _groups(rows: pd.DataFrame) -> np.ndarray | None:
     return g.where(g.str.strip() != "", "image:" + rows["file"].astype(str)).to_numpy()
 
 
+def _scores(configs: list[tuple[str, bool]], q: dict, bank, model: AnoModel
+            ) -> dict[str, np.ndarray]:
+    """{configuration name: scores [N]} from the raw quantities of one pass."""
+    return {det.config_name(m, t): det.method_scores(
+        m, q["tta" if t else "plain"], mode="tta" if t else "plain", bank=bank,
+        model_layer=model.feature_layer) for m, t in configs}
+
+
+def selection_value(route_value: float, shift_aucs: dict[str, float]) -> float:
+    """min(the route rule's value, the AUC under each shift); NaN when any is NaN."""
+    values = [route_value, *shift_aucs.values()]
+    return math.nan if any(not math.isfinite(v) for v in values) else min(values)
+
+
 def _evaluate(name: str, s: np.ndarray, rows: pd.DataFrame, normal: str,
-              anomalies: tuple[str, ...], by: tuple[str, ...], opts: TuneOptions) -> dict:
-    """One tune.xlsx row: main AUC with lesion-level CI, subgroup AUCs, selection value."""
+              anomalies: tuple[str, ...], by: tuple[str, ...], opts: TuneOptions, *,
+              shifted: dict[str, np.ndarray] | None = None) -> dict:
+    """One tune.xlsx row: main AUC with lesion-level CI, subgroup AUCs, the main AUC under
+    each shift (`shifted`: shift name -> scores [N]), selection value."""
     cls = rows["class"].to_numpy()
     is_normal, is_anomaly = cls == normal, np.isin(cls, anomalies)
     keep = is_normal | is_anomaly
@@ -342,7 +492,11 @@ def _evaluate(name: str, s: np.ndarray, rows: pd.DataFrame, normal: str,
                 aucs.append(auc)
         worst[column] = min(aucs) if aucs else math.nan
     select_cols = _select_column(opts)
-    row["select"] = worst[select_cols[0]] if select_cols else row["auc"]
+    under = {}
+    for shift, values in (shifted or {}).items():
+        under[shift] = metrics.roc_auc(y, values[keep])
+        row[f"auc[shift={shift}]"] = under[shift]
+    row["select"] = selection_value(worst[select_cols[0]] if select_cols else row["auc"], under)
     return row
 
 
@@ -361,9 +515,11 @@ def combination_pairs(ranked: list[str], available: set[str]) -> list[tuple[str,
 
 
 def _combinations(rows: list[dict], scores: dict[str, np.ndarray], val: pd.DataFrame,
-                  normal: str, anomalies, by, opts: TuneOptions) -> list[dict]:
+                  normal: str, anomalies, by, opts: TuneOptions,
+                  under: dict[str, dict[str, np.ndarray]]) -> list[dict]:
     """Rank averages of pairs of the `combine` best single configurations (by the rule), and of
-    their one-pass counterparts (combination_pairs)."""
+    their one-pass counterparts (combination_pairs); under a shift, each component's score is
+    placed among the same unshifted validation normals."""
     if opts.combine < 2:
         return []
     ranked = sorted((r for r in rows if math.isfinite(r["select"])),
@@ -375,7 +531,10 @@ def _combinations(rows: list[dict], scores: dict[str, np.ndarray], val: pd.DataF
         combined = ds.rank_average([scores[a], scores[b]], refs)
         name = f"rank-average({a} + {b})"
         scores[name] = combined
-        row = _evaluate(name, combined, val, normal, anomalies, by, opts)
+        for shifted in under.values():
+            shifted[name] = ds.rank_average([shifted[a], shifted[b]], refs)
+        row = _evaluate(name, combined, val, normal, anomalies, by, opts,
+                        shifted={sh: under[sh][name] for sh in under})
         row.update({"method": "rank-average", "tta": None, "components": f"{a} + {b}"})
         out.append(row)
     return out
@@ -416,8 +575,8 @@ def _ordered(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _detector(best: pd.Series, best_value: float, scores: dict[str, np.ndarray],
-              val: pd.DataFrame, normal: str, anomalies, comparison: str, model: AnoModel, opts: TuneOptions, *,
-              bank_images: int) -> det.Detector:
+              val: pd.DataFrame, normal: str, anomalies, comparison: str, model: AnoModel,
+              opts: TuneOptions, *, bank_images: int, shifts: dict | None) -> det.Detector:
     name = best["configuration"]
     normals = (val["class"] == normal).to_numpy()
     if best["method"] == "rank-average":
@@ -440,7 +599,7 @@ def _detector(best: pd.Series, best_value: float, scores: dict[str, np.ndarray],
         comps, combine, float(threshold), rule, comparison,
         tuple(np.sort(s[normals]).tolist()),
         {"rule": opts.select, "value": float(best["select"]), "tolerance": opts.tolerance,
-         "best_value": best_value},
+         "best_value": best_value, **({"shifts": shifts} if shifts else {})},
         "bank.safetensors" if uses_bank else None, model.network_sha256,
         model.encoder_sha256,
         None if policy is None else policy.to_dict(), model.kappa, model.feature_layer,

@@ -1,23 +1,33 @@
 """Robustness to what differs between dermoscopes, on the VALIDATION split only.
 
-HAM10000 comes from few devices. Two differences that other collections show are simulated on a
-seeded `--share` of the naevi AND of the melanomas of a prepared split's raw images:
+HAM10000 comes from few devices. Differences that other collections show are simulated
+(anodata/shifts.py) on a seeded `--share` of the naevi AND, independently, of the melanomas of a
+prepared split's raw images:
 
-- `--shift border`: a dermatoscope's dark circular field-of-view border (black outside a centred
-  circle of `--radius` times half the side, edge softened). After the 64 px centre crop no
+- `--shift border`: a dermatoscope's dark circular field-of-view border (black outside a
+  centred circle of `--radius` times half the side, edge softened). After the 64 px centre crop no
   HAM10000 image has one (`prepare --border fill` leaves every one of them unchanged).
 - `--shift exposure`: the brightness times `--factor` (PIL ImageEnhance.Brightness).
+- `--shift zoom`: a zoom about the centre by each of `--zoom` (default 0.75 and 1.33), one
+  condition per factor, each on the same seeded halves: > 1 crops 1/factor of each side and
+  enlarges it, < 1 shrinks the image and reflect-pads it (the margin is the image's own skin
+  mirrored, no flat frame; anodata/shifts.py says why).
+- `--shift all`: all of the above in one run (the images are decoded once).
 
 It reports the AUC (normal vs `--anomaly`, lesion-level 95% CI) of a model folder's tuned
 detector on the images as they are, on the shifted ones fitted with the model's policy with the
 guard off (`border: keep` / `intensity: keep`), and with it on (`border: fill` / `intensity:
-normalise`); and, among the normals, how well the shift alone is told from none
+normalise`); zoom has no guard in the policy, so it is fitted with the model's policy as it is.
+For each condition, among the normals, how well the shift alone is told from none
 (`shifted_vs_not_auc`: 1.0 means it flags every shifted image; its value for the images as they
-are, the same seeded halves with nothing shifted, is what "does not see it" reads as). Test is
-never read here.
+are, the same seeded halves with nothing shifted, is what "does not see it" reads as). And, per
+class on the images as they are, the Pearson correlation of the score with the lesion's area
+(the share of the fitted image's pixels in anodata.lesion.lesion_mask; images where no lesion is
+found count with area 0 and are counted in `no_lesion`). Test is never read here.
 
-Prints one JSON object. Usage: `.venv/bin/python bench/acquisition.py [--shift border|exposure]
-[--model models/ham64-cpu] [--prepared ham64-sog] [--images ../shared/data/ham10000/images]`.
+Prints one JSON object. Usage: `.venv/bin/python bench/acquisition.py
+[--shift border|exposure|zoom|all] [--model models/ham64-cpu] [--prepared ham64-sog]
+[--images ../shared/data/ham10000/images]`.
 """
 
 from __future__ import annotations
@@ -29,52 +39,80 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
+from PIL import Image
 from tqdm import tqdm
 
 from anodata.policy import fit_image
+from anodata.shifts import Shift, shifted_halves
+from anodata.shifts import paint_border  # noqa: F401 (bench.paint_border, tests/test_border.py)
 from anomaly.detector import load_model_dir
 from anomaly.metrics import bootstrap_cis, roc_auc
 from stylegan.dataset import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
+# shift kind -> (policy field of its guard, value off, value on); zoom has no guard
+GUARDS = {"border": ("border", "keep", "fill"), "exposure": ("intensity", "keep", "normalise"),
+          "zoom": None}
 
 
-def paint_border(img: Image.Image, radius: float) -> Image.Image:
-    """Black (8, 6, 6) outside a centred circle of `radius` x half the side of the centre
-    square, its edge blurred by 1% of the side, as a dermatoscope's field of view looks."""
-    w, h = img.size
-    side = min(w, h)
-    r = radius * side / 2
-    mask = Image.new("L", (w, h), 0)
-    ImageDraw.Draw(mask).ellipse((w / 2 - r, h / 2 - r, w / 2 + r, h / 2 + r), fill=255)
-    mask = mask.filter(ImageFilter.GaussianBlur(side / 100))
-    return Image.composite(img, Image.new(img.mode, (w, h), (8, 6, 6)), mask)
+def requested_shifts(args) -> list[Shift]:
+    kinds = ["border", "exposure", "zoom"] if args.shift == "all" else [args.shift]
+    out = []
+    for kind in kinds:
+        if kind == "border":
+            out.append(Shift("border", args.radius))
+        elif kind == "exposure":
+            out.append(Shift("exposure", args.factor))
+        else:
+            out += [Shift("zoom", f) for f in args.zoom]
+    return out
 
 
-GUARDS = {"border": ("border", "keep", "fill"), "exposure": ("intensity", "keep", "normalise")}
-
-
-def shift_image(img: Image.Image, args) -> Image.Image:
-    if args.shift == "border":
-        return paint_border(img, args.radius)
-    return ImageEnhance.Brightness(img).enhance(args.factor)
-
-
-def score_images(scorer, model, images: list[Image.Image], override: dict | None,
-                 batch: int = 64) -> np.ndarray:
-    """Detector scores of decoded raw images, fitted by the model's policy with `override`
+def fit_all(model, images: list[Image.Image], override: dict | None) -> np.ndarray:
+    """uint8 [N, C, H, W]: decoded raw images fitted by the model's policy with `override`
     (field -> value) applied."""
     policy = dataclasses.replace(model.policy, **(override or {}))
-    out = []
-    for i in tqdm(range(0, len(images), batch), desc=str(override or "as is"), disable=None):
-        fitted = [np.asarray(fit_image(img, policy)).transpose(2, 0, 1)
-                  for img in images[i:i + batch]]
-        out.append(scorer.score_batch(torch.from_numpy(np.stack(fitted))))
+    return np.stack([np.asarray(fit_image(img, policy)).reshape(
+        policy.resolution, policy.resolution, -1).transpose(2, 0, 1) for img in images])
+
+
+def score_fitted(scorer, fitted: np.ndarray, desc: str, batch: int = 64) -> np.ndarray:
+    out = [scorer.score_batch(torch.from_numpy(fitted[i:i + batch]))
+           for i in tqdm(range(0, len(fitted), batch), desc=desc, disable=None)]
     return np.concatenate(out)
 
 
-def main() -> None:
+def lesion_areas(fitted: np.ndarray) -> np.ndarray:
+    """Share of each fitted image's pixels [N, C, H, W] inside its lesion mask (0 if none)."""
+    from anodata.lesion import lesion_mask
+
+    return np.array([lesion_mask(img.transpose(1, 2, 0) if img.shape[0] == 3 else img[0]).mean()
+                     for img in fitted], dtype=np.float64)
+
+
+def area_correlation(s: np.ndarray, area: np.ndarray, y: np.ndarray) -> dict:
+    """Per class (normal, anomaly): Pearson r of score and lesion area, n, images without a
+    lesion, and the median area."""
+    out = {}
+    for name, cls in (("normal", 0), ("anomaly", 1)):
+        a, v = area[y == cls], s[y == cls]
+        r = float(np.corrcoef(v, a)[0, 1]) if len(a) > 2 and a.std() > 0 and v.std() > 0 \
+            else float("nan")
+        out[name] = {"pearson_r": round(r, 4), "n": int(len(a)),
+                     "no_lesion": int((a == 0).sum()),
+                     "median_area": round(float(np.median(a)), 4) if len(a) else None}
+    return out
+
+
+def condition(y, s, groups, shifted, normal, args) -> dict:
+    ci = bootstrap_cis(y, s, groups, n=args.bootstrap, seed=args.seed).get("auc")
+    return {"auc": round(roc_auc(y, s), 4),
+            "auc_ci": None if ci is None else [round(ci[0], 4), round(ci[1], 4)],
+            # as_is: the same seeded halves, nothing shifted: what "no difference" reads as
+            "shifted_vs_not_auc": round(roc_auc(shifted[normal].astype(np.int64), s[normal]), 4)}
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(REPO / "models" / "ham64-cpu"))
     parser.add_argument("--prepared", default="ham64-sog",
@@ -85,31 +123,39 @@ def main() -> None:
                         help="validation only: the decision is made here")
     parser.add_argument("--normal", default="nv")
     parser.add_argument("--anomaly", default="mel")
-    parser.add_argument("--shift", default="border", choices=sorted(GUARDS))
+    parser.add_argument("--shift", default="border", choices=[*sorted(GUARDS), "all"])
     parser.add_argument("--radius", type=float, default=1.0,
                         help="border: circle radius / half the side (1: touching the edges)")
     parser.add_argument("--factor", type=float, default=0.7, help="exposure: brightness factor")
+    parser.add_argument("--zoom", type=float, nargs="+", default=[0.75, 1.33],
+                        help="zoom: factors (> 1 in, < 1 out), one condition each")
     parser.add_argument("--share", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--no-area", action="store_true",
+                        help="skip the score-vs-lesion-area correlation")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
     model, scorer = load_model_dir(args.model, device="cpu")
     rows = [r for r in read_manifest(args.prepared)
             if r["split"] == args.split and r["class"] in (args.normal, args.anomaly)]
     y = np.array([r["class"] == args.anomaly for r in rows], dtype=np.int64)
     groups = [r["group"] for r in rows]
-    shifted = np.random.default_rng(args.seed).random(len(rows)) < args.share
-    field, off, on = GUARDS[args.shift]
-    conditions = {"as_is": (np.zeros_like(shifted), None),
-                  f"shifted_{field}_{off}": (shifted, {field: off}),
-                  f"shifted_{field}_{on}": (shifted, {field: on})}
+    shifted = shifted_halves(y == 1, args.share, args.seed)
+    shifts = requested_shifts(args)
     report = {"benchmark": "acquisition", "shift": args.shift, "model": args.model,
               "method": scorer.detector.method, "policy": dataclasses.asdict(model.policy),
               "split": args.split, "n_normal": int((y == 0).sum()),
-              "n_anomaly": int((y == 1).sum()), "share": args.share,
-              **({"radius": args.radius} if args.shift == "border" else {"factor": args.factor}),
+              "n_anomaly": int((y == 1).sum()), "share": args.share, "seed": args.seed,
+              "shifts": [s.name for s in shifts],
+              **({"radius": args.radius} if args.shift in ("border", "all") else {}),
+              **({"factor": args.factor} if args.shift in ("exposure", "all") else {}),
+              **({"zoom": args.zoom} if args.shift in ("zoom", "all") else {}),
               "conditions": {}}
     normal = y == 0
     paths = [Path(args.images) / r["source"] for r in rows]
@@ -119,15 +165,19 @@ def main() -> None:
                          f"--images {args.images} (e.g. {missing[0].name}); give the folder "
                          f"they were prepared from.")
     raw = [Image.open(p).convert("RGB") for p in paths]  # decoded once for every condition
-    shifted_raw = [shift_image(img, args) if s else img for img, s in zip(raw, shifted)]
-    for name, (shift, override) in conditions.items():
-        s = score_images(scorer, model, shifted_raw if shift.any() else raw, override)
-        ci = bootstrap_cis(y, s, groups, n=args.bootstrap, seed=args.seed).get("auc")
-        report["conditions"][name] = {
-            "auc": round(roc_auc(y, s), 4), "auc_ci": None if ci is None else
-            [round(ci[0], 4), round(ci[1], 4)],
-            # as_is: the same seeded halves, nothing shifted: what "no difference" reads as
-            "shifted_vs_not_auc": round(roc_auc(shifted[normal].astype(np.int64), s[normal]), 4)}
+    as_is = fit_all(model, raw, None)
+    s = score_fitted(scorer, as_is, "as is")
+    report["conditions"]["as_is"] = condition(y, s, groups, shifted, normal, args)
+    if not args.no_area:
+        report["lesion_area_correlation"] = area_correlation(s, lesion_areas(as_is), y)
+    for shift in shifts:
+        images = [shift.apply(img) if m else img for img, m in zip(raw, shifted)]
+        guard = GUARDS[shift.kind]
+        overrides = {shift.name: None} if guard is None else {
+            f"{shift.name} {guard[0]}={value}": {guard[0]: value} for value in guard[1:]}
+        for name, override in overrides.items():
+            s = score_fitted(scorer, fit_all(model, images, override), name)
+            report["conditions"][name] = condition(y, s, groups, shifted, normal, args)
     print(json.dumps(report, indent=2))
 
 

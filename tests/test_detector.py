@@ -73,6 +73,53 @@ def test_smoothed_max_finds_a_small_planted_lesion_that_the_mean_misses():
     assert mean[20] < mean[:20].min()  # the mean would rank it last
 
 
+def _zone_reference(mask: np.ndarray, w: int) -> np.ndarray:
+    """Border zone by brute force: some lesion pixel in the (2w + 1)^2 window within the image,
+    and not all of them."""
+    h, wd = mask.shape
+    out = np.zeros_like(mask)
+    for i in range(h):
+        for j in range(wd):
+            window = mask[max(0, i - w):i + w + 1, max(0, j - w):j + w + 1]
+            out[i, j] = window.any() and not window.all()
+    return out
+
+
+def test_lesion_scores_against_numpy_references():
+    maps = np.arange(16, dtype=np.float64).reshape(1, 4, 4)
+    mask = np.zeros((1, 4, 4), bool)
+    mask[0, :2, :2] = True  # residuals 0, 1, 4, 5 inside; the other 12 sum to 110
+    t, m = torch.from_numpy(maps), torch.from_numpy(mask)
+    assert ds.lesion_residual(t, m, "mean").item() == pytest.approx(2.5)
+    assert ds.lesion_residual(t, m, "ratio").item() == pytest.approx(2.5 / (110 / 12))
+    # 4 px: w = 1; the zone is the 3 x 3 top-left block (the corner pixel 0 is inside the
+    # erosion: its window within the image is all lesion) -> 1, 2, 4, 5, 6, 8, 9, 10
+    assert ds.lesion_residual(t, m, "edge").item() == pytest.approx(45 / 8)
+    rng = np.random.default_rng(0)
+    maps = rng.random((3, 64, 64))
+    masks = np.zeros((3, 64, 64), bool)
+    masks[0, 20:40, 10:35] = True
+    masks[0, 38:50, 30:45] = True
+    masks[1, 50:, 40:] = True  # a lesion cut by two edges
+    masks[1, 5:9, 5:9] = True  # and a small second one
+    t, m = torch.from_numpy(maps), torch.from_numpy(masks)
+    for i in range(2):
+        r, k = maps[i], masks[i]
+        zone = _zone_reference(k, 3)  # 64 px: w = 3
+        assert np.array_equal(ds.border_zone(m[i:i + 1], 3)[0].numpy(), zone)
+        assert ds.lesion_residual(t, m, "mean")[i].item() == pytest.approx(r[k].mean())
+        assert ds.lesion_residual(t, m, "edge")[i].item() == pytest.approx(r[zone].mean())
+        assert ds.lesion_residual(t, m, "ratio")[i].item() == pytest.approx(
+            r[k].mean() / r[~k].mean())
+    # no lesion found: the whole image
+    assert ds.lesion_residual(t, m, "mean")[2].item() == pytest.approx(maps[2].mean())
+    assert ds.lesion_residual(t, m, "edge")[2].item() == pytest.approx(maps[2].mean())
+    assert ds.lesion_residual(t, m, "ratio")[2].item() == 1.0
+    full = torch.ones(1, 64, 64, dtype=torch.bool)
+    assert ds.lesion_residual(t[:1], full, "ratio").item() == 1.0
+    assert ds.lesion_residual(t[:1], full, "edge").item() == pytest.approx(maps[0].mean())
+
+
 def test_knn_and_mahalanobis_against_references_and_a_planted_outlier():
     rng = np.random.default_rng(2)
     train = torch.from_numpy(rng.normal(size=(200, 6)) * [1, 2, 3, 1, 1, 5] + 3).float()
@@ -133,7 +180,11 @@ def test_method_names_parse_and_refuse():
     assert det.parse_method("dfeat-res:b8+b16+b32").layers == ("b8", "b16", "b32")
     assert det.parse_method("izif:0.1").kappa == 0.1
     assert not det.is_detector_method("izif") and det.is_detector_method("maha-latent")
-    for bad in ("residual:p50", "knn-latent:0", "knn-dfeat:b8", "dfeat-res:", "residual:smax:0"):
+    m = det.parse_method("lesion:edge")
+    assert (m.family, m.agg, m.needs_rec) == ("lesion", "lesion-edge", True)
+    assert det.is_detector_method("lesion:ratio")
+    for bad in ("residual:p50", "knn-latent:0", "knn-dfeat:b8", "dfeat-res:", "residual:smax:0",
+                "lesion:max", "lesion"):
         with pytest.raises(UserError):
             det.parse_method(bad)
     assert det.split_config_name("knn-latent:5@tta") == ("knn-latent:5", True)
@@ -216,6 +267,33 @@ def test_new_scores_agree_with_izif_and_rank_planted_anomalies(setup, model, ban
     for method in ("residual:mean", "residual:p99", "izif:0.5", "knn-dfeat:b8:3",
                    "maha-dfeat:b16"):
         assert roc_auc_score(labels, scores[method]) > 0.9, method
+
+
+def test_lesion_scores_of_the_tiny_model_match_a_hand_computation(setup, model):
+    """lesion:* from one pass equal the masked means of the squared residual of x and
+    G(E(x)) under lesion_mask of each input, and are invariant to rotations with TTA."""
+    from anodata.lesion import lesion_mask
+
+    data = ImageDataset(setup["prepared"] / "val.zip")
+    images = torch.from_numpy(np.stack([data[i][0] for i in range(len(data))]))
+    methods = ["lesion:mean", "lesion:edge", "lesion:ratio"]
+    scores = det.Scorer(model, [(m, False) for m in methods]).score_batch(images)
+    x = torch.from_numpy(images.numpy().astype(np.float32) / 127.5 - 1)
+    with torch.no_grad():
+        _ws, rec = model.reconstruct(x)
+    r = ((x - rec) ** 2).mean(1).numpy().astype(np.float64)  # [N, H, W]
+    masks = [lesion_mask(a.transpose(1, 2, 0)) for a in images.numpy()]
+    assert any(k.any() for k in masks)  # some inputs have a lesion, the test sees both paths
+    for i, k in enumerate(masks):
+        k = k if k.any() else np.ones_like(k)
+        assert scores["lesion:mean"][i] == pytest.approx(r[i][k].mean(), rel=1e-5)
+        want = 1.0 if k.all() else r[i][k].mean() / r[i][~k].mean()
+        assert scores["lesion:ratio"][i] == pytest.approx(want, rel=1e-5)
+    tta = det.Scorer(model, [(m, True) for m in methods])
+    base = tta.score_batch(images[:6])
+    moved = tta.score_batch(ds.dihedral_view(images[:6], 1))
+    for name in base:
+        assert np.allclose(moved[name], base[name], rtol=1e-4), name
 
 
 def test_a_training_naevus_is_its_own_nearest_bank_point(setup, model, bank):
@@ -477,3 +555,89 @@ def test_small_subgroups_are_named_for_the_worst_case_rule():
                          "dx_type": ["follow_up"] * 21 + ["histo"] * 4 + ["histo"] * 30})
     assert small_subgroups(rows, "nv", "dx_type", 20) == ["histo (4)"]
     assert small_subgroups(rows, "nv", "dx_type", 4) == []
+
+
+# ------------------------------------------------------------------------------ +shifts rule
+
+
+def test_selection_with_shifts_is_the_min_over_routes_and_shifts():
+    import pandas as pd
+
+    from anomaly.tune import _with_cost, parse_select, select_row, selection_value
+
+    assert parse_select("worst:dx_type+shifts") == ("dx_type", True)
+    assert parse_select("auc+shifts") == (None, True)
+    assert parse_select("worst:route") == ("route", False) and parse_select("auc") == (None, False)
+    for bad in ("worst:", "worst:a+b", "shifts", "auc+shift"):
+        with pytest.raises(UserError, match="is not understood"):
+            parse_select(bad)
+    # a score that separates the routes best but collapses under a zoom loses to one that holds
+    table = pd.DataFrame({"configuration": ["residual:mean", "residual:smax:1", "izif:1"],
+                          "components": [None, None, None],
+                          "worst_route": [0.74, 0.70, 0.72],
+                          "auc[shift=zoom:1.33]": [0.65, 0.69, 0.73],
+                          "auc[shift=exposure:0.7]": [0.74, 0.71, 0.71]})
+    shifts = ["auc[shift=zoom:1.33]", "auc[shift=exposure:0.7]"]
+    table["select"] = [selection_value(r["worst_route"], {c: r[c] for c in shifts})
+                       for _, r in table.iterrows()]
+    assert table["select"].tolist() == [0.65, 0.69, 0.71]
+    table = _with_cost(table)
+    assert select_row(table, 0.0)["configuration"] == "izif:1"
+    assert select_row(table.assign(select=table["worst_route"]), 0.0)["configuration"] \
+        == "residual:mean"  # what the routes alone would choose
+    assert np.isnan(selection_value(0.7, {"zoom:2": float("nan")}))
+    assert selection_value(0.7, {}) == 0.7
+
+
+@pytest.fixture(scope="module")
+def tuned_shifts(setup):
+    out = setup["root"] / "tuned-shifts"
+    r = run("tune", "--network", setup["network"], "--encoder", setup["encoder"],
+            "--data", setup["prepared"] / "val.zip", "--outdir", out,
+            "--grid", "residual:mean,residual:smax:1,knn-latent:3", "--tta", "off",
+            "--select", "worst:route+shifts", "--shifts", "zoom:1,exposure:0.5,zoom:0.75",
+            "--min-subgroup", 2, "--bootstrap", 0, "--dims", 8, "--device", "cpu",
+            "--combine", 2, "--seed", 5)
+    assert r.exit_code == 0, r.output
+    return out, r.output
+
+
+def test_tune_with_shifts_takes_the_min_and_records_the_shifts(setup, tuned_shifts):
+    import pandas as pd
+
+    out, output = tuned_shifts
+    table = pd.read_excel(out / "tune.xlsx")
+    shift_cols = ["auc[shift=zoom:1]", "auc[shift=exposure:0.5]", "auc[shift=zoom:0.75]"]
+    assert set(shift_cols) <= set(table.columns)
+    routes = table[["auc[route=a]", "auc[route=b]"]].min(axis=1)
+    assert np.allclose(table["select"], np.minimum(routes, table[shift_cols].min(axis=1)))
+    # zoom:1 shifts nothing: the raw images decoded and fitted again give the cached quantities
+    assert np.allclose(table["auc[shift=zoom:1]"], table["auc"], atol=1e-9)
+    assert not np.allclose(table["auc[shift=exposure:0.5]"], table["auc"])
+    assert (table["method"] == "rank-average").sum() >= 1
+    body = json.loads((out / "detector.json").read_text())
+    sel = body["selection"]
+    assert sel["rule"] == "worst:route+shifts"
+    assert sel["shifts"]["shifts"] == ["zoom:1", "exposure:0.5", "zoom:0.75"]
+    assert sel["shifts"]["share"] == 0.5 and sel["shifts"]["seed"] == 5
+    val = [r for r in csv.DictReader(open(setup["prepared"] / "manifest.csv"))
+           if r["split"] == "val"]
+    n_nv, n_mel = (sum(r["class"] == c for r in val) for c in ("nv", "mel"))
+    assert sel["shifts"]["shifted_normals"] == round(n_nv / 2)
+    assert sel["shifts"]["shifted_anomalies"] == round(n_mel / 2)
+    assert f"for {body['comparison']}" in output and body["comparison"] == "nv vs mel"
+    tune_json = json.loads((out / "tune.json").read_text())
+    assert tune_json["comparison"] == "nv vs mel" and tune_json["selection"] == sel
+
+
+def test_tune_with_shifts_refuses_missing_raw_images(setup, tmp_path):
+    r = run("tune", "--network", setup["network"], "--encoder", setup["encoder"],
+            "--data", setup["prepared"] / "val.zip", "--outdir", tmp_path / "o",
+            "--grid", "residual:mean", "--tta", "off", "--select", "auc+shifts",
+            "--images", tmp_path, "--bootstrap", 0, "--device", "cpu")
+    assert r.exit_code != 0 and "give --images" in r.output
+    r = run("tune", "--network", setup["network"], "--encoder", setup["encoder"],
+            "--data", setup["prepared"] / "val.zip", "--outdir", tmp_path / "o",
+            "--grid", "residual:mean", "--select", "auc+shifts", "--shifts", "blur:2",
+            "--device", "cpu")
+    assert r.exit_code != 0 and "--shifts" in r.output and "is not a shift" in r.output
