@@ -1,8 +1,10 @@
 """`anostyle reference`: the EfficientNet-Lite0 backbone against the packaged weights, the grouped
-cross-validation inside validation (never test), the small CNN."""
+cross-validation inside validation (never test), the small CNN, and the reference row of
+`evaluate` and the report."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import json
@@ -19,7 +21,8 @@ from click.testing import CliRunner
 from PIL import Image
 from sklearn import metrics as skm
 
-from anomaly import sheets
+from anomaly import evaluate as ev
+from anomaly import report, sheets
 from anomaly.cli import main
 from anomaly.reference import classifier, efficientnet as eff, run as ref
 from anomaly.reference.small_cnn import fit_small_cnn, to_input, train_small_cnn
@@ -343,3 +346,83 @@ def test_small_cnn_out_of_fold_scores_match_the_record():
     assert fitted.setting == "epochs" and fitted.value in (1, 2)
     assert skm.roc_auc_score(y, fitted.oof_scores) == pytest.approx(fitted.cv_auc[fitted.value])
     assert fitted.score(images).shape == (12,)
+
+
+# ------------------------------------------------------------------------------ evaluate, report
+
+
+def _sheets(seed=0, lesions=30):
+    """izif (moderate), reference (strong) and a knn-pixels baseline (weak), lesion groups."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for split in ("val", "test"):
+        for cls, count in (("nv", lesions), ("mel", lesions // 2)):
+            for j in range(count):
+                mel = cls == "mel"
+                effect = rng.normal(size=3) + np.array([1.0, 3.0, 0.3]) * mel
+                for i in range(1 + j % 2):
+                    rows.append({"label": int(mel), "file": f"{split}/{cls}{j}_{i}.png",
+                                 "class": cls, "split": split, "group": f"{cls}{split}{j}",
+                                 "s": effect + rng.normal(0, 0.2, 3)})
+    df = pd.DataFrame(rows)
+    frames = {}
+    for k, method in enumerate(("izif", "reference", "knn-pixels")):
+        frames[method] = df.drop(columns="s").assign(score=[s[k] for s in df["s"]])
+    return frames
+
+
+@pytest.mark.slow
+def test_evaluate_shows_the_reference_apart(tmp_path):
+    frames = _sheets()
+    for method, df in frames.items():
+        sheets.write_score_sheet(df, tmp_path / "scores" / f"{method}.xlsx")
+    opts = ev.EvaluateOptions(scores_dir=tmp_path / "scores", outdir=tmp_path / "graphics",
+                              baseline="none", bootstrap=200)
+    summary = ev.evaluate_scores(opts)
+    assert summary.primary == "izif" and summary.best_baseline == "knn-pixels"
+    t = summary.table.set_index(["method", "comparison"])
+    row = t.loc[("reference", "nv vs mel")]
+    assert row["role"] == "reference (uses labels)"
+    assert pd.isna(row["p_value"]) and pd.isna(row["earns_keep"])
+    assert t.loc[("izif", "nv vs mel"), "vs_baseline"] == "knn-pixels"  # not the reference
+    assert list(summary.table["method"].drop_duplicates()) == ["izif", "knn-pixels", "reference"]
+    body = json.loads((tmp_path / "graphics" / "summary.json").read_text())
+    entry = body["reference"]
+    test = frames["reference"][frames["reference"]["split"] == "test"]
+    y = (test["class"] == "mel").to_numpy()
+    assert entry["auc"] == pytest.approx(skm.roc_auc_score(y, test["score"]))
+    assert entry["auc_ci_low"] < entry["auc"] < entry["auc_ci_high"]
+    assert entry["ci_unit"] == "lesion" and entry["role"] == "reference (uses labels)"
+    izif = frames["izif"].loc[test.index, "score"].to_numpy()
+    paired = ev.metrics.paired_bootstrap(y, izif, test["score"].to_numpy(),
+                                         test["group"].to_numpy(), n=200, seed=0)
+    diff = entry["primary_minus_reference"]
+    assert diff["primary"] == "izif" and diff["auc_diff"] == pytest.approx(paired.difference)
+    assert diff["auc_diff"] < 0 and (diff["ci_low"], diff["p_value"]) == pytest.approx(
+        (paired.ci_low, paired.p_value))
+    assert any("not required to beat it" in n for n in body["notes"])
+    with pytest.raises(UserError, match="cannot be the primary"):
+        ev.evaluate_scores(dataclasses.replace(opts, primary="reference"))
+
+    page = report.build_page(tmp_path / "graphics", "t")
+    assert "Reference (uses labels)" in page and "not required to beat it" in page
+    assert '<tr class="reference"><td class="text">reference</td>' in page
+    assert f"{diff['auc_diff']:+.3f}" in page
+    main_table = page.split("Reference (uses labels)</h3>")[0]
+    best = f"{t.loc[('izif', 'nv vs mel'), 'auc']:.3f}"
+    assert f'<td class="best">{best}' in main_table  # bold among the methods, reference aside
+
+
+@pytest.mark.slow
+def test_without_a_reference_nothing_changes(tmp_path):
+    frames = _sheets()
+    del frames["reference"]
+    for method, df in frames.items():
+        sheets.write_score_sheet(df, tmp_path / "scores" / f"{method}.xlsx")
+    ev.evaluate_scores(ev.EvaluateOptions(scores_dir=tmp_path / "scores",
+                                          outdir=tmp_path / "graphics", baseline="none",
+                                          bootstrap=0))
+    body = json.loads((tmp_path / "graphics" / "summary.json").read_text())
+    assert body["reference"] is None
+    assert not any("not required" in n for n in body["notes"])
+    assert "Reference (uses labels)" not in report.build_page(tmp_path / "graphics", "t")
