@@ -365,6 +365,17 @@ def reference(**flags) -> None:
     from anomaly.reference.run import ReferenceOptions, run_reference
 
     written = run_reference(ReferenceOptions(**flags))
+    import json
+
+    record = json.loads(written["record"].read_text())
+    (setting, value), = [(k, v) for k, v in record["chosen"].items()
+                         if k not in ("folds", "cv_auc")]
+    click.echo(f"{record['backbone']} at {record['input_size']} px, trained on "
+               f"{record['trained_on']['images']} validation images "
+               f"({record['normal_class']} vs {'+'.join(record['anomaly_classes'])}); {setting} "
+               f"{value:g} by {record['chosen']['folds']}-fold lesion-grouped CV (val AUC "
+               f"{record['chosen']['cv_auc']:.3f}); {record['images']} images in "
+               f"{record['seconds']:g} s")
     click.echo(f"wrote {written['sheet']} and {written['record']}")
 
 

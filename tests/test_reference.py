@@ -259,6 +259,8 @@ def test_cross_validation_never_reads_test(tmp_path, monkeypatch):
     assert skm.roc_auc_score(v["class"] == "mel", v["score"]) == pytest.approx(
         record["chosen"]["cv_auc"])
     assert record["chosen"]["C"] in ref.ReferenceOptions.cs
+    assert f"C {record['chosen']['C']:g} by 3-fold lesion-grouped CV (val AUC " \
+        f"{record['chosen']['cv_auc']:.3f})" in r.output
     assert record["trained_on"] == {"split": "val", "images": int(nv_mel.sum()),
                                     "anomalies": int((v["class"] == "mel").sum()),
                                     "lesions": int(v["group"].nunique())}
