@@ -25,8 +25,8 @@ REFERENCE_TEXT = (
     "The reference is a supervised classifier trained on the labels of the validation split "
     "(its setting chosen by cross-validation inside validation), scored on the same test images. "
     "The unsupervised detector is not required to beat it: it shows what the labels buy where "
-    "labels exist, and so what the unsupervised route gives up for working without them "
-    "(rare or unseen anomalies, no labels at all).")
+    "labels exist. The unsupervised route is for what labels do not cover: rare or unseen "
+    "anomalies, or no labels at all.")
 KINDS = ("roc", "pr", "confusion", "violin", "report")  # per-method figures, in page order
 KIND_TITLES = {"roc": "ROC", "pr": "Precision-recall", "confusion": "Confusion",
                "violin": "Scores by class", "report": "Classification report"}
@@ -239,7 +239,8 @@ def _summary_section(summary: dict) -> tuple[str, str, str] | None:
             f"(on validation): <b>{_esc(summary.get('best_baseline') or 'none')}</b>. A method "
             f"earns its keep when its AUC is higher than the best baseline's and the two-sided "
             f"paired p-value is below 0.05.</p>")
-    body += summary_table([r for r in rows if not _is_reference(r)])
+    methods = [r for r in rows if not _is_reference(r)]
+    body += summary_table(methods) if methods else ""
     body += _reference_part([r for r in rows if _is_reference(r)], summary.get("reference"))
     body += "<h3>Operating points (thresholds chosen on validation)</h3>" + operating_table(rows)
     subgroups = [r for r in summary.get("subgroups", []) or [] if isinstance(r, dict)]
