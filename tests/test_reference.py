@@ -309,7 +309,6 @@ def test_reference_defaults_are_written_once():
 # ------------------------------------------------------------------------------ small CNN
 
 
-@pytest.mark.slow
 def test_small_cnn_reference_through_the_command(tmp_path):
     prepared = _prepared(tmp_path / "prepared", lesions=(40, 24))
     r = run("reference", "--prepared", prepared, "--outdir", tmp_path / "scores",
@@ -373,7 +372,6 @@ def _sheets(seed=0, lesions=30):
     return frames
 
 
-@pytest.mark.slow
 def test_evaluate_shows_the_reference_apart(tmp_path):
     frames = _sheets()
     for method, df in frames.items():
@@ -415,7 +413,6 @@ def test_evaluate_shows_the_reference_apart(tmp_path):
     assert f'<td class="best">{best}' in main_table  # bold among the methods, reference aside
 
 
-@pytest.mark.slow
 def test_without_a_reference_nothing_changes(tmp_path):
     frames = _sheets()
     del frames["reference"]
