@@ -357,6 +357,62 @@ def generate(seeds: str, **flags) -> None:
     click.echo(f"wrote {len(written) - 1} images and {written[-1]}")
 
 
+# ---- reference -------------------------------------------------------------------------------
+
+_ref = config_option("anomaly.reference.run:ReferenceOptions")
+
+
+@main.command("reference")
+@click.option("--prepared", required=True, type=click.Path(), metavar="DIR",
+              help="Folder of `anostyle prepare`: val.zip (trained on), test.zip (scored).")
+@click.option("--outdir", required=True, type=click.Path(), metavar="DIR",
+              help="The score folder: reference.xlsx and reference.json go here.")
+@_ref("--backbone", type=click.Choice(["efficientnet-lite0", "small-cnn"]),
+      help="ImageNet EfficientNet-Lite0 features + logistic regression (the `reference` "
+           "extra), or a small CNN trained from scratch.")
+@click.option("--size", type=click.IntRange(min=16), metavar="PX",
+              help="Backbone input size [224 for efficientnet-lite0, 64 for small-cnn].")
+@click.option("--normal-class", metavar="NAME", help="Normal class [the class labelled 0].")
+@click.option("--anomaly-class", metavar="NAME",
+              help="Anomaly class trained against [mel when present, else all others].")
+@_ref("--folds", type=click.IntRange(min=2),
+      help="Lesion-grouped cross-validation folds inside validation.")
+@_ref("--cs", type=click.FloatRange(min=0, min_open=True), multiple=True, metavar="C",
+      help="Logistic regression C values tried by cross-validation; repeat the flag.")
+@_ref("--epochs", type=click.IntRange(min=1), multiple=True, metavar="N",
+      help="small-cnn epoch counts tried by cross-validation; repeat the flag.")
+@_ref("--seed", type=int, help="Seed of the folds and the classifier.")
+@_ref("--batch", type=click.IntRange(min=1), help="Images per forward pass.")
+@click.option("--cache", type=click.Path(), metavar="DIR",
+              help="Feature cache folder [DIR/features of --prepared].")
+def reference(**flags) -> None:
+    """Supervised reference: what the validation labels buy -> reference.xlsx.
+
+    A classifier is trained on the labelled VALIDATION images only (its setting chosen by
+    lesion-grouped cross-validation inside validation), then scores test like any method.
+    `evaluate` shows it as a "reference (uses labels)" row apart from the baselines.
+
+    \b
+    Example:
+      anostyle reference --prepared prepared --outdir scores
+    """
+    from anomaly.reference.run import ReferenceOptions, run_reference
+
+    written = run_reference(ReferenceOptions(**flags))
+    import json
+
+    record = json.loads(written["record"].read_text())
+    (setting, value), = [(k, v) for k, v in record["chosen"].items()
+                         if k not in ("folds", "cv_auc")]
+    click.echo(f"{record['backbone']} at {record['input_size']} px, trained on "
+               f"{record['trained_on']['images']} validation images "
+               f"({record['normal_class']} vs {'+'.join(record['anomaly_classes'])}); {setting} "
+               f"{value:g} by {record['chosen']['folds']}-fold lesion-grouped CV (val AUC "
+               f"{record['chosen']['cv_auc']:.3f}); {record['images']} images in "
+               f"{record['seconds']:g} s")
+    click.echo(f"wrote {written['sheet']} and {written['record']}")
+
+
 # ---- evaluate / report -----------------------------------------------------------------------
 
 @main.command("evaluate")

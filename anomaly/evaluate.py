@@ -20,6 +20,10 @@ The protocol (metrics and tests are in anomaly/metrics.py, figures in anomaly/pl
   histology-confirmed naevi vs all melanomas next to all naevi vs melanomas (every HAM10000
   melanoma is histology-confirmed, while many naevi are follow-up images). When the anomalies
   differ across the subgroup's values, a second row restricts both classes ("both" scope).
+- A `reference.xlsx` (`anostyle reference`: a supervised classifier of the validation labels) is
+  shown as a "reference (uses labels)" row: never primary, never a baseline, never judged by
+  "earns its keep"; summary.json carries it under "reference" with the primary's paired AUC
+  difference to it.
 """
 
 from __future__ import annotations
@@ -41,6 +45,12 @@ from anomaly import baseline, metrics, plots, sheets
 SKIPPED_SHEETS = ("all_scores.xlsx", "summary.xlsx", "repeats.xlsx")
 SKIPPED_PREFIXES = (".", "~$", "report_", "tsne")  # temporary/lock files, evaluate's own sheets
 BASELINES = baseline.METHODS
+REFERENCE = "reference"  # reference.xlsx of `anostyle reference`: a classifier of the val labels
+REFERENCE_ROLE = "reference (uses labels)"
+REFERENCE_NOTE = ("reference (uses labels): a supervised classifier trained on the validation "
+                  "labels (its setting chosen by cross-validation inside validation); the "
+                  "unsupervised detector is not required to beat it: where labels exist, this is "
+                  "what they buy")
 BASELINE_CHOICES = ("knn", "knn-pixels", "none")  # 'knn-pixels': the old name of 'knn'
 SPLITS = ("test", "val")
 SHEET_SPLITS = ("train", "val", "test")  # the split names `score` writes
@@ -355,14 +365,19 @@ def evaluate_scores(options: EvaluateOptions) -> Summary:
     if len(subgroups):
         subgroups.insert(1, "role", subgroups["method"].map(
             table.drop_duplicates("method").set_index("method")["role"]))
+    reference = reference_entry(results, primary, options)
+    if reference is not None:
+        notes.append(REFERENCE_NOTE)
     files = _figures(frames, results, options)
     files += write_summary(table, options, notes, primary=primary, best_baseline=best_baseline,
-                           subgroups=subgroups)
+                           subgroups=subgroups, reference=reference)
     return Summary(table=table, notes=tuple(notes), files=tuple(files), primary=primary,
                    best_baseline=best_baseline, subgroups=subgroups, split=options.split)
 
 
 def _role(method: str, primary: str | None, best_baseline: str | None) -> str:
+    if method == REFERENCE:
+        return REFERENCE_ROLE
     if method == primary:
         return "primary"
     if method in BASELINES:
@@ -372,7 +387,8 @@ def _role(method: str, primary: str | None, best_baseline: str | None) -> str:
 
 def _ordered(frames: dict, primary: str | None, best_baseline: str | None) -> list[str]:
     """Primary first, then exploratory methods, then the best baseline, then other baselines."""
-    rank = {"primary": 0, "exploratory": 1, "baseline (best on val)": 2, "baseline": 3}
+    rank = {"primary": 0, "exploratory": 1, "baseline (best on val)": 2, "baseline": 3,
+            REFERENCE_ROLE: 4}
     return sorted(frames, key=lambda m: rank[_role(m, primary, best_baseline)])
 
 
@@ -385,10 +401,36 @@ def _table(results: dict[str, list[ComparisonResult]], primary: str | None,
         for res in found:
             row = dict(res.row, role=_role(method, primary, best_baseline))
             ref = reference.get(res.comparison.name)
-            if ref is not None and method != best_baseline:
+            if ref is not None and method not in (best_baseline, REFERENCE):
                 row.update(paired_row(res, ref, options))
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def reference_entry(results: dict[str, list[ComparisonResult]], primary: str | None,
+                    options: EvaluateOptions) -> dict | None:
+    """summary.json's "reference": the reference's main comparison (AUC with CI, its validation
+    AUC = cross-validated) and the primary's paired AUC difference to it; None without one."""
+    if REFERENCE not in results:
+        return None
+    ref = results[REFERENCE][0]
+    entry = {k: _json_value(ref.row[k]) for k in (
+        "comparison", "split", "auc", "auc_ci_low", "auc_ci_high", "val_auc", "n_normal",
+        "n_anomaly", "n_groups", "ci_unit")}
+    entry.update(method=REFERENCE, role=REFERENCE_ROLE, primary_minus_reference=None)
+    mine = [r for r in results.get(primary, []) if r.comparison.name == ref.comparison.name]
+    if not mine:
+        return entry
+    common, ia, ib = np.intersect1d(mine[0].keys, ref.keys, return_indices=True)
+    if len(common) and (mine[0].y[ia] == ref.y[ib]).all():
+        groups = None if mine[0].groups is None else mine[0].groups[ia]
+        res = metrics.paired_comparison(mine[0].y[ia], mine[0].s[ia], ref.s[ib], groups,
+                                        n=options.bootstrap, seed=options.seed)
+        entry["primary_minus_reference"] = {
+            "primary": primary, "auc_diff": _json_value(res.difference),
+            "ci_low": _json_value(res.ci_low), "ci_high": _json_value(res.ci_high),
+            "p_value": _json_value(res.p_value), "test": res.test, "n_paired": int(len(common))}
+    return entry
 
 
 def _checked(options: EvaluateOptions) -> EvaluateOptions:
@@ -539,11 +581,14 @@ def select_on_validation(frames: dict[str, pd.DataFrame], comparisons: dict[str,
             y, s = comparisons[method][0].select(df[df["split"] == "val"])
             val_auc[method] = metrics.roc_auc(y, s)
     notes = []
-    methods = [m for m in frames if m not in BASELINES]
+    methods = [m for m in frames if m not in BASELINES and m != REFERENCE]
     if options.primary is not None:
         if options.primary not in frames:
             raise UserError(f"--primary '{options.primary}' has no score sheet in "
                             f"{options.scores_dir}; methods found: {', '.join(frames)}.")
+        if options.primary == REFERENCE:
+            raise UserError("--primary reference: the supervised reference uses the labels and "
+                            "cannot be the primary method; name an unsupervised method.")
         primary = options.primary
         notes.append(f"primary method {primary}: given by --primary")
     else:
@@ -605,7 +650,8 @@ def _method_outputs(method: str, df: pd.DataFrame, results: list[ComparisonResul
 
 def write_summary(table: pd.DataFrame, options: EvaluateOptions, notes: list[str], *,
                   primary: str | None = None, best_baseline: str | None = None,
-                  subgroups: pd.DataFrame | None = None) -> list[Path]:
+                  subgroups: pd.DataFrame | None = None,
+                  reference: dict | None = None) -> list[Path]:
     """summary.xlsx (summary, subgroups, options, notes) and summary.json (the same)."""
     config = sheets.config_dict(options)
     subgroups = pd.DataFrame() if subgroups is None else subgroups
@@ -624,7 +670,7 @@ def write_summary(table: pd.DataFrame, options: EvaluateOptions, notes: list[str
     json_path = options.outdir / "summary.json"
     atomic_write_json(json_path, {"options": config, "split": options.split,
                                   "primary": primary, "best_baseline": best_baseline,
-                                  "rows": _records(table), "subgroups": _records(subgroups),
+                                  "reference": reference, "rows": _records(table), "subgroups": _records(subgroups),
                                   "notes": notes})
     return [xlsx, json_path]
 

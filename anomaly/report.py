@@ -20,6 +20,13 @@ from stylegan.errors import UserError
 from stylegan.fileio import atomic_write_bytes
 
 BASELINES = ("knn-pixels", "knn-colour")  # shown grey also in summaries without a role column
+REFERENCE_ROLE = "reference (uses labels)"  # anomaly.evaluate.REFERENCE_ROLE (no import: light)
+REFERENCE_TEXT = (
+    "The reference is a supervised classifier trained on the labels of the validation split "
+    "(its setting chosen by cross-validation inside validation), scored on the same test images. "
+    "The unsupervised detector is not required to beat it: it shows what the labels buy where "
+    "labels exist. The unsupervised route is for what labels do not cover: rare or unseen "
+    "anomalies, or no labels at all.")
 KINDS = ("roc", "pr", "confusion", "violin", "report")  # per-method figures, in page order
 KIND_TITLES = {"roc": "ROC", "pr": "Precision-recall", "confusion": "Confusion",
                "violin": "Scores by class", "report": "Classification report"}
@@ -45,6 +52,7 @@ table { border-collapse: collapse; font-size: 0.88em; }
 th, td { border: 1px solid #d9e2ec; padding: 4px 8px; text-align: right; }
 th { background: #e4ebf3; position: sticky; top: 0; } td.text { text-align: left; }
 tr.baseline td { color: #7b8794; font-style: italic; } td.best { font-weight: bold; }
+tr.reference td { color: #1d4e89; }
 .table-wrap { overflow-x: auto; max-height: 70vh; }
 ul.notes li { color: #8d2b0b; } code { background: #f0f4f8; padding: 1px 4px; }
 """
@@ -95,12 +103,17 @@ def _is_baseline(row: dict) -> bool:
     return str(row.get("role", "")).startswith("baseline") or row.get("method") in BASELINES
 
 
+def _is_reference(row: dict) -> bool:
+    return row.get("role") == REFERENCE_ROLE
+
+
 def _html_table(head: tuple[str, ...], rows: list[dict], cells) -> str:
     """A table with one row per record; `cells(record)` gives (html text, css class) pairs."""
     lines = ["<div class=\"table-wrap\"><table><thead><tr>"
              + "".join(f"<th>{_esc(h)}</th>" for h in head) + "</tr></thead><tbody>"]
     for r in rows:
-        css = ' class="baseline"' if _is_baseline(r) else ""
+        css = (' class="baseline"' if _is_baseline(r) else
+               ' class="reference"' if _is_reference(r) else "")
         lines.append(f"<tr{css}>" + "".join(f'<td class="{c}">{t}</td>' for t, c in cells(r))
                      + "</tr>")
     lines.append("</tbody></table></div>")
@@ -112,7 +125,7 @@ def summary_table(rows: list[dict]) -> str:
     the best AUC of each comparison in bold."""
     best: dict[str, float] = {}
     for r in rows:
-        if isinstance(r.get("auc"), (int, float)):
+        if isinstance(r.get("auc"), (int, float)) and not _is_reference(r):
             best[r.get("comparison")] = max(best.get(r.get("comparison"), -1.0), r["auc"])
     head = ("method", "role", "comparison", "AUC [95% CI]", "AP [95% CI]",
             "vs best baseline: dAUC [95% CI]", "p", "test", "earns its keep", "n normal",
@@ -226,7 +239,9 @@ def _summary_section(summary: dict) -> tuple[str, str, str] | None:
             f"(on validation): <b>{_esc(summary.get('best_baseline') or 'none')}</b>. A method "
             f"earns its keep when its AUC is higher than the best baseline's and the two-sided "
             f"paired p-value is below 0.05, and its own AUC's 95% CI lies above 0.5.</p>")
-    body += summary_table(rows)
+    methods = [r for r in rows if not _is_reference(r)]
+    body += summary_table(methods) if methods else ""
+    body += _reference_part([r for r in rows if _is_reference(r)], summary.get("reference"))
     body += "<h3>Operating points (thresholds chosen on validation)</h3>" + operating_table(rows)
     subgroups = [r for r in summary.get("subgroups", []) or [] if isinstance(r, dict)]
     if subgroups:
@@ -242,9 +257,25 @@ def _summary_section(summary: dict) -> tuple[str, str, str] | None:
         body += "<h3>Options</h3><p>" + ", ".join(
             f"<code>{_esc(k)} = {_esc(v)}</code>" for k, v in options.items()) + "</p>"
     body += (f"<p>{_esc(split.capitalize())} split; CIs resample lesions when the sheets carry "
-             f"a group column (see 'CI unit'). Bold: best AUC of a comparison. Grey rows: "
-             f"baselines.</p>")
+             f"a group column (see 'CI unit'). Bold: best AUC of a comparison (the reference "
+             f"left out). Grey rows: baselines; blue rows: the reference (uses labels).</p>")
     return _section("summary", "Summary", body)
+
+
+def _reference_part(rows: list[dict], entry) -> str:
+    """The reference's rows apart from the methods and baselines, with what they mean."""
+    if not rows:
+        return ""
+    body = f"<h3>Reference (uses labels)</h3><p>{_esc(REFERENCE_TEXT)}</p>"
+    diff = entry.get("primary_minus_reference") if isinstance(entry, dict) else None
+    if isinstance(diff, dict) and isinstance(diff.get("auc_diff"), (int, float)):
+        low, high, p = diff.get("ci_low"), diff.get("ci_high"), diff.get("p_value")
+        ci = (f" [{_number(low)}, {_number(high)}]" if isinstance(low, (int, float))
+              and isinstance(high, (int, float)) else "")
+        body += (f"<p>Primary ({_esc(diff.get('primary'))}) minus reference, same images: "
+                 f"AUC {diff['auc_diff']:+.3f}{ci}"
+                 + (f", p = {p:.3g}" if isinstance(p, (int, float)) else "") + ".</p>")
+    return body + summary_table(rows)
 
 
 def build_page(folder: Path, title: str) -> str:
