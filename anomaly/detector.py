@@ -429,9 +429,8 @@ def bank_from_zip(model: AnoModel, train: str | os.PathLike, needs: Needs, *,
                   batch: int = 64) -> Bank:
     """The bank of a seeded subset of at most `bank_size` images of train.zip (an empty bank
     when `needs` uses none)."""
-    from tqdm import tqdm
-
     from stylegan.dataset import ImageDataset
+    from stylegan.progress import progress
 
     if not (needs.spaces or needs.res_layers):
         return Bank()
@@ -439,7 +438,7 @@ def bank_from_zip(model: AnoModel, train: str | os.PathLike, needs: Needs, *,
     pick = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:bank_size])
 
     def batches():
-        for start in tqdm(range(0, len(pick), batch), desc="bank", disable=None):
+        for start in progress(range(0, len(pick), batch), desc="bank"):
             yield torch.from_numpy(np.stack([dataset[int(i)][0]
                                              for i in pick[start:start + batch]]))
 

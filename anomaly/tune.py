@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
+from stylegan.progress import progress
 
 from anodata.shifts import DEFAULT_SHIFTS, Shift, parse_shifts, shifted_halves
 from anomaly import detector as det
@@ -267,8 +267,8 @@ def _val_pass(model: AnoModel, data: Path, needs: det.Needs, *, tta: bool,
     dataset, rows = _open_dataset(str(data))
     parts: dict[str, dict[str, list[torch.Tensor]]] = {}
     records = []
-    for images, labels, names in tqdm(iterate_batches(dataset, batch), desc="val",
-                                      total=-(-len(dataset) // batch), disable=None):
+    for images, labels, names in progress(iterate_batches(dataset, batch), desc="val",
+                                          total=-(-len(dataset) // batch)):
         q = det.extract(model, images, needs, tta=tta)
         q.pop("forward", None)
         for mode, values in q.items():
@@ -334,7 +334,7 @@ def shift_passes(model: AnoModel, data: Path, cache: ValCache, shifted: np.ndarr
         zoom_in = shift.value if shift.kind == "zoom" and shift.value > 1 else 1.0
         draft = math.ceil(policy.resolution * zoom_in) if policy.resize_filter == "box" else None
         parts: dict[str, dict[str, list[torch.Tensor]]] = {}
-        for i in tqdm(range(0, len(paths), batch), desc=shift.name, disable=None):
+        for i in progress(range(0, len(paths), batch), desc=shift.name):
             fitted = []
             for p in paths[i:i + batch]:
                 img = decode(p.read_bytes(), suffix=p.suffix, channels=policy.channels,

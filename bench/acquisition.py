@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
+from stylegan.progress import progress
 
 from anodata.policy import fit_image
 from anodata.shifts import Shift, shifted_halves
@@ -78,7 +78,7 @@ def fit_all(model, images: list[Image.Image], override: dict | None) -> np.ndarr
 
 def score_fitted(scorer, fitted: np.ndarray, desc: str, batch: int = 64) -> np.ndarray:
     out = [scorer.score_batch(torch.from_numpy(fitted[i:i + batch]))
-           for i in tqdm(range(0, len(fitted), batch), desc=desc, disable=None)]
+           for i in progress(range(0, len(fitted), batch), desc=desc)]
     return np.concatenate(out)
 
 

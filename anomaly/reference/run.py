@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from stylegan.progress import progress
 
 from anomaly import sheets
 from anomaly.baseline import _identity_frame, _manifest  # the baselines' sheet identity columns
@@ -233,7 +233,7 @@ def backbone_features(dataset: ImageDataset, *, size: int, batch: int = 32,
 
     net = efficientnet.pretrained()
     out = []
-    with tqdm(total=len(dataset), unit="img", desc=f"features {desc}", disable=None) as bar:
+    with progress(total=len(dataset), unit="img", desc=f"features {desc}") as bar:
         for images, _labels, _names in iterate_batches(dataset, batch):
             out.append(net(efficientnet.normalise(resize_u8(images, size))).numpy())
             bar.update(len(images))

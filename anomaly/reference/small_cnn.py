@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from anomaly.metrics import roc_auc
 from anomaly.reference.classifier import FittedReference, grouped_folds
+from stylegan.progress import progress as progress_bar
 
 WIDTH = 16  # channels of the first block; doubled per block
 LR, WEIGHT_DECAY, TRAIN_BATCH = 1e-3, 1e-4, 64
@@ -108,7 +109,7 @@ def fit_small_cnn(images_u8: torch.Tensor, y: np.ndarray, groups: np.ndarray, *,
     grid = tuple(sorted(set(int(e) for e in epochs)))
     oof = {e: np.zeros(len(y)) for e in grid}
     total = folds * grid[-1]
-    with tqdm(total=total, unit="epoch", desc="small-cnn cv", disable=None) as bar:
+    with progress_bar(total=total, unit="epoch", desc="small-cnn cv") as bar:
         for train, held in splits:
             def record(epoch: int, net: SmallCNN, held=held) -> None:
                 oof[epoch][held] = CNNScorer(net, batch).decision_function(
