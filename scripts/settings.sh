@@ -46,6 +46,10 @@ SCORES=${SCORES:-$OUT/scores}                      # Excel score sheets
 GRAPHICS=${GRAPHICS:-$OUT/graphics}                # figures and index.html
 METHODS=${METHODS:-izif,sklearn:euclidean,sklearn:manhattan,sklearn:cosine,torch-euclidean,latent}
 BOOTSTRAP=${BOOTSTRAP:-1000}
+# The supervised reference of step 6 (what the validation labels buy): efficientnet-lite0 (needs
+# the `reference` extra, which `make install` adds; skipped with a note without it), small-cnn
+# (no extra), or '' for none.
+REFERENCE=${REFERENCE-efficientnet-lite0}
 
 # The newest GAN snapshot (override with NETWORK=path/to/network.safetensors or an official .pkl).
 newest_network() {

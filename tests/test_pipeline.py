@@ -34,13 +34,17 @@ def test_numbered_scripts_run_the_whole_pipeline(tmp_path):
     assert len(list((tmp_path / "generated_img").rglob("*_residual.png"))) == n_test
     scores = tmp_path / "scores"
     for method in ("izif", "sklearn-euclidean", "sklearn-manhattan", "sklearn-cosine",
-                   "torch-euclidean", "latent", "knn-pixels", "all_scores"):
+                   "torch-euclidean", "latent", "knn-pixels", "all_scores", "reference"):
         assert (scores / f"{method}.xlsx").is_file(), method
     graphics = tmp_path / "graphics"
     summary = json.loads((graphics / "summary.json").read_text())
     text = json.dumps(summary)
     assert "knn-pixels" in text and "izif" in text
+    # the supervised reference (the `reference` extra is installed with the tests) has its row
+    assert summary["reference"]["role"] == "reference (uses labels)"
+    assert 0.0 <= summary["reference"]["auc"] <= 1.0
     html = (graphics / "index.html").read_text()
     pngs = [p.relative_to(graphics).as_posix() for p in graphics.rglob("*.png")]
     assert "tsne.png" in pngs and any(p.startswith("heatmaps/") for p in pngs)
     assert all(p in html for p in pngs)
+    assert "reference (uses labels)" in html
