@@ -18,11 +18,12 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
 from anodata.border import fill_fov_border
-from anodata.imageio import check_source_image, decode
 from anodata.lesion import find_lesion
 from stylegan.errors import UserError
 from stylegan.fileio import UntrustedJSONError, loads_untrusted
+from stylegan.imageio import check_source_image, decode
 
 TRANSFORMS = ("center-crop", "resize", "pad")
 RESIZE_FILTERS = {"box": Image.Resampling.BOX, "lanczos": Image.Resampling.LANCZOS}
@@ -214,7 +215,7 @@ def fit_image_framed(img: Image.Image, policy: Preprocessing) -> tuple[Image.Ima
     applied): cropped around the lesion (policy.framing), square at the policy's resolution,
     border filled (policy.border), colour normalised (policy.colour), intensity normalised
     (policy.intensity); prepare's very steps. An image too small, too elongated or flat to
-    be a photo of a lesion is refused first (anodata.imageio.check_source_image)."""
+    be a photo of a lesion is refused first (stylegan.imageio.check_source_image)."""
     check_source_image(img)
     note = ""
     if policy.framing == "lesion":
@@ -238,7 +239,7 @@ def fit_raw_framed(data: bytes, suffix: str, policy: Preprocessing) -> tuple[Ima
     """Encoded bytes of a raw file -> (the fitted 8-bit PIL image, framing note), exactly as
     prepare makes it (fit_image_framed after decoding).
 
-    Raises anodata.imageio.ImageRejected for a file that is not a usable image.
+    Raises stylegan.imageio.ImageRejected for a file that is not a usable image.
     """
     draft = policy.resolution if policy.resize_filter == "box" else None
     if draft is not None and policy.framing == "lesion":
@@ -258,7 +259,7 @@ def fit_raw_framed(data: bytes, suffix: str, policy: Preprocessing) -> tuple[Ima
 def fit_raw(data: bytes, suffix: str, policy: Preprocessing) -> Image.Image:
     """Encoded bytes of a raw file -> the fitted 8-bit PIL image, exactly as prepare makes it.
 
-    Raises anodata.imageio.ImageRejected for a file that is not a usable image.
+    Raises stylegan.imageio.ImageRejected for a file that is not a usable image.
     """
     return fit_raw_framed(data, suffix, policy)[0]
 

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from anodata.imageio import to_8bit
 from anodata.policy import POLICY_KEY, Preprocessing, fit_array, fit_image
 from anomaly.encoder import Encoder
 from anomaly.encoder_io import check_compatible, check_pairing, load_encoder, sha256_file
@@ -37,6 +36,7 @@ from anomaly.scores import (METHODS, check_kappa, izif_score, latent_distance, p
                             pixel_distance, torch_euclidean)
 from stylegan.checkpoint import load_network
 from stylegan.errors import UserError
+from stylegan.imageio import to_8bit
 from stylegan.imageutil import from_uint8
 
 DEFAULT_KAPPA, DEFAULT_LAYER = 1.0, "b8"
