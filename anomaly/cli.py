@@ -86,6 +86,7 @@ _proj = config_option("anomaly.project:ProjectOptions")
 _score = config_option("anomaly.scoring:ScoreOptions")
 _tsne = config_option("anomaly.scoring:TsneOptions")
 _serve = config_option("anomaly.app.model:ServeOptions")
+_access = config_option("anomaly.app.access:AccessOptions")
 
 
 encoder_option = click.option(
@@ -965,19 +966,16 @@ def tsne(data: tuple[str, ...], **kwargs) -> None:
                    "loopback, else this machine's names].")
 @click.option("--proxy", metavar="ADDRS",
               help="Address(es) of a reverse proxy whose X-Forwarded-Proto/-For are trusted.")
-# The access defaults live in anomaly.app.server.AccessOptions (which needs the web extra, so
-# --help must not import it): an option left out keeps the dataclass default.
-@click.option("--header-timeout", type=click.FloatRange(0, min_open=True),
-              help="Seconds a client has to send its request headers [10].")
-@click.option("--request-timeout", type=click.FloatRange(0, min_open=True),
-              help="Seconds for one request's upload, decoding and scoring (408/503 after) [60].")
+@_access("--header-timeout", type=click.FloatRange(0, min_open=True),
+         help="Seconds a client has to send its request headers.")
+@_access("--request-timeout", type=click.FloatRange(0, min_open=True),
+         help="Seconds for one request's upload, decoding and scoring (408/503 after).")
 @_serve("--max-upload-mb", type=click.FloatRange(0, 1024, min_open=True),
         help="Largest request body (all images of one request together).")
 @_serve("--max-pixels", type=click.IntRange(min=1),
         help="Largest width x height, read from the header (6000 x 4000 dermoscopy).")
-@click.option("--max-decoded-mb", type=click.FloatRange(0, min_open=True),
-              help="Decoded image bytes per request (width x height x bytes per pixel, "
-                   "summed) [256].")
+@_access("--max-decoded-mb", type=click.FloatRange(0, min_open=True),
+         help="Decoded image bytes per request (width x height x bytes per pixel, summed).")
 @_serve("--max-files", type=click.IntRange(min=1),
               help="Images per request.")
 @click.option("--kappa", type=click.FloatRange(min=0),
@@ -1015,15 +1013,16 @@ def serve(token, no_auth, allowed_hosts, proxy, header_timeout, request_timeout,
       anostyle serve --network net.safetensors \\
         --encoder checkpointed/encoder-012500.safetensors --summary graphics/summary.json
     """
+    from anomaly.app.access import AccessOptions
+
     try:
         from anomaly.app.model import ServeOptions
-        from anomaly.app.server import AccessOptions, run_server
+        from anomaly.app.server import run_server
     except ImportError as exc:  # the `web` extra is optional
         raise UserError(f"`anostyle serve` needs the web packages (missing {exc.name}); install "
                         f"them with: pip install 'anostyle[web]'.") from None
     hosts = tuple(h.strip() for h in (allowed_hosts or "").split(",") if h.strip())
-    given = {"header_timeout": header_timeout, "request_timeout": request_timeout,
-             "max_decoded_mb": max_decoded_mb}
     access = AccessOptions(token=token, no_auth=no_auth, allowed_hosts=hosts, proxy=proxy,
-                           **{k: v for k, v in given.items() if v is not None})
+                           header_timeout=header_timeout, request_timeout=request_timeout,
+                           max_decoded_mb=max_decoded_mb)
     run_server(ServeOptions(**flags), access, announce=click.echo)

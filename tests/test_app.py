@@ -32,6 +32,7 @@ from PIL import Image
 
 from anomaly.app import server as app_server
 from anomaly.app import uploads as app_uploads
+from anomaly.app.access import LOOPBACK_NAMES
 from anodata.policy import Preprocessing
 from anomaly.app.model import (Decision, IzifScorer, Reference, ServeModel, ServeOptions,
                                load_decision, load_reference, load_serve_model)
@@ -529,7 +530,7 @@ def test_page_policy_and_routes(client):
 
 def test_only_loopback_host_names_when_bound_to_loopback(model):
     app = create_app(model, upload_limits(ServeOptions("n", "e", "s")),
-                     allowed_hosts=app_server.LOOPBACK_NAMES)
+                     allowed_hosts=LOOPBACK_NAMES)
     assert TestClient(app, base_url="http://127.0.0.1:8000").get("/healthz").status_code == 200
     assert TestClient(app, base_url="http://rebound.example").get("/healthz").status_code == 400
 

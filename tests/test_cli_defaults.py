@@ -9,15 +9,22 @@ import pytest
 
 from anomaly.cli import _ConfigOption, main
 
+# Each command with its options dataclass(es), "module:Class" separated by spaces.
 COMMANDS = {
-    "train-gan": "stylegan.options:TrainFlags", "prepare": "anodata.prepare:PrepareOptions",
-    "train-encoder": "anomaly.fit:FitOptions", "reconstruct": "anomaly.reconstruct:ReconstructOptions",
-    "project": "anomaly.project:ProjectOptions", "score": "anomaly.scoring:ScoreOptions",
-    "tsne": "anomaly.scoring:TsneOptions", "serve": "anomaly.app.model:ServeOptions",
-    "tune": "anomaly.tune:TuneOptions", "adapt": "anomaly.adapt:AdaptOptions",
+    "train-gan": "stylegan.options:TrainFlags",
+    "prepare": "anodata.prepare:PrepareOptions",
+    "generate": "stylegan.generate:GenerateOptions",
     "reference": "anomaly.reference.run:ReferenceOptions",
-    "evaluate": "anomaly.evaluate:EvaluateOptions", "generate": "stylegan.generate:GenerateOptions",
+    "evaluate": "anomaly.evaluate:EvaluateOptions",
     "report": "anomaly.report:ReportOptions",
+    "train-encoder": "anomaly.fit:FitOptions",
+    "reconstruct": "anomaly.reconstruct:ReconstructOptions",
+    "project": "anomaly.project:ProjectOptions",
+    "tune": "anomaly.tune:TuneOptions",
+    "adapt": "anomaly.adapt:AdaptOptions",
+    "score": "anomaly.scoring:ScoreOptions",
+    "tsne": "anomaly.scoring:TsneOptions",
+    "serve": "anomaly.app.model:ServeOptions anomaly.app.access:AccessOptions",
 }
 # Commands without an options dataclass, whose defaults live in their click options only:
 # convert has none; evaluate-repeats has --outdir, which `write_repeats` requires.
@@ -34,10 +41,13 @@ def test_every_command_is_checked():
     assert not set(COMMANDS) & WITHOUT_DATACLASS
 
 
-@pytest.mark.parametrize("command, config", COMMANDS.items())
-def test_every_defaulted_field_is_read_from_its_dataclass(command, config):
-    module, cls = config.split(":")
-    fields = {f.name: f for f in dataclasses.fields(getattr(importlib.import_module(module), cls))}
+@pytest.mark.parametrize("command, configs", COMMANDS.items())
+def test_every_defaulted_field_is_read_from_its_dataclass(command, configs):
+    fields = {}
+    for config in configs.split():  # "module:Class", or several separated by spaces
+        module, cls = config.split(":")
+        fields.update({f.name: f for f in
+                       dataclasses.fields(getattr(importlib.import_module(module), cls))})
     for param in main.commands[command].params:
         field = fields.get(param.name)
         if field is None or field.default in (dataclasses.MISSING, None, False, ()) \
