@@ -6,6 +6,7 @@ import dataclasses
 import importlib
 
 import pytest
+from click.testing import CliRunner
 
 from anomaly.cli import _ConfigOption, main
 
@@ -55,3 +56,13 @@ def test_every_defaulted_field_is_read_from_its_dataclass(command, configs):
             continue
         assert isinstance(param, _ConfigOption), f"{command} --{param.name} writes its default twice"
         assert param.default == field.default
+
+
+def test_a_list_default_is_read_shown_and_parsed_as_typed():
+    command = main.commands["evaluate"]
+    ctx = command.make_context("evaluate", ["--scores", "s", "--knn-bins", "3,2"])
+    assert ctx.params["knn_sizes"] == (8, 16, 32) and ctx.params["knn_bins"] == (3, 2)
+    help_text = CliRunner().invoke(main, ["evaluate", "--help"], terminal_width=200).output
+    assert "tried on val.  [default: 8,16,32]" in help_text
+    bad = CliRunner().invoke(main, ["evaluate", "--scores", "s", "--knn-bins", "4,x"])
+    assert bad.exit_code == 1 and "Error: --knn-bins '4,x' is not a list of positive" in bad.output
