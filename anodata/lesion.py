@@ -9,8 +9,8 @@ hair, the one dark component that is large and central, its holes filled.
 Steps of `find_lesion`, on a copy reduced to at most WORK_SIDE pixels on its long side (the mask
 is then scaled back to the image's size, so the result hardly depends on the image size):
   1. shades-of-gray, luminance (BT.601), a Gaussian blur of BLUR_SIGMA of the short side;
-  2. the border: very dark pixels (luminance < anodata.policy.DARK) connected to an image corner
-     and the outside of a field-of-view circle (anodata.policy.fov_circle), widened by
+  2. the border: very dark pixels (luminance < anodata.border.DARK) connected to an image corner
+     and the outside of a field-of-view circle (anodata.border.fov_circle), widened by
      BORDER_MARGIN of the short side, are neither skin nor lesion;
   3. Otsu's threshold over the other pixels; darker pixels are lesion candidates;
   4. an opening with a disc of radius OPENING of the short side removes thin dark lines (hair);
@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from anodata.policy import DARK, _fov
+from anodata.border import DARK, find_fov
 
 WORK_SIDE = 128  # long side (px) the mask is computed at
 BLUR_SIGMA = 0.01  # Gaussian blur, fraction of the short side (at least 0.5 px)
@@ -130,14 +130,14 @@ def _luminance(image: np.ndarray) -> np.ndarray:
 
 def _border(lum: np.ndarray, side: int) -> np.ndarray:
     """Very dark pixels connected to an image corner (a dermatoscope border or a black pad) and
-    the outside of a field-of-view circle (anodata.policy.fov_circle: also a grey or partial
+    the outside of a field-of-view circle (anodata.border.fov_circle: also a grey or partial
     one), widened by BORDER_MARGIN of the short side."""
     labels, _count = ndimage.label(lum < DARK)
     h, w = lum.shape
     corner_labels = {labels[0, 0], labels[0, w - 1], labels[h - 1, 0], labels[h - 1, w - 1]}
     corner_labels.discard(0)
     border = np.isin(labels, list(corner_labels))
-    found = _fov(lum)
+    found = find_fov(lum)
     if found is not None:
         _cx, _cy, radius, dist, _level = found
         border |= dist > radius

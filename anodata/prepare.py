@@ -25,7 +25,7 @@ non-normal classes sorted by name. Splits are grouped (one group, e.g. a HAM1000
 sits in two splits) and depend only on the inputs and --seed, never on --workers or the
 file-system order. Splits come from split folders (layout b), a split column of the CSV, an
 earlier run's manifest.csv or splits.csv (--splits-from: groups not in it are split by the seeded
-rule and reported), or else the seeded rule. Pixel handling (alpha, 16 bit, EXIF, ...) is described in anodata/imageio.py.
+rule and reported), or else the seeded rule. Pixel handling (alpha, 16 bit, EXIF, ...) is described in stylegan/imageio.py.
 """
 
 from __future__ import annotations
@@ -52,13 +52,13 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from anodata.imageio import ImageRejected
 from anodata.policy import (COLOUR_NORMS, POLICY_KEY, RESIZE_FILTERS, TRANSFORMS, Preprocessing,
                             fit_raw_framed)
 from anodata.sources import (SPLITS, Candidate, CsvSpec, Rejection, find_candidates,
                              normalise_split)
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_path
+from stylegan.imageio import ImageRejected
 from stylegan.progress import progress
 
 MANIFEST_COLUMNS = ("file", "source", "class", "label", "group", "split", "sha256")

@@ -1,8 +1,8 @@
 """The one reader of raw images: folders and zips of images of any size, and uploaded bytes.
 
-Every file is decoded by anodata.imageio (one decoding policy) and fitted to a square the way
+Every file is decoded by stylegan.imageio (one decoding policy) and fitted to a square the way
 `anostyle prepare` fits it (anodata.policy: the model's recorded preprocessing); which files count as images is
-anodata.imageio.is_image_name (one rule).
+stylegan.imageio.is_image_name (one rule).
 
 Shape letters: N batch, C channels, H/W height/width.
 """
@@ -18,9 +18,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from anodata.imageio import SOURCE_EXTENSIONS, ImageRejected, is_image_name
 from anodata.policy import Preprocessing, fit_array
 from stylegan.errors import UserError
+from stylegan.imageio import SOURCE_EXTENSIONS, ImageRejected, is_image_name
 
 
 

@@ -21,8 +21,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from anodata.imageio import SOURCE_EXTENSIONS, is_hidden_part
 from stylegan.errors import UserError
+from stylegan.imageio import SOURCE_EXTENSIONS, is_hidden_part
 
 SPLITS = ("train", "val", "test")
 SPLIT_FOLDER_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val",

@@ -50,6 +50,13 @@ class _ConfigOption(click.Option):
         self._config = config  # "module:Class"
         super().__init__(*args, default=None, show_default=True, **kwargs)
 
+    def get_help_extra(self, ctx: click.Context):
+        extra = super().get_help_extra(ctx)
+        show = getattr(self.type, "show", None)  # a type that prints a default as it is typed
+        if show is not None and "default" in extra:
+            extra["default"] = show(self.default)
+        return extra
+
     @property
     def default(self):
         module, cls = self._config.split(":")
@@ -79,6 +86,7 @@ _proj = config_option("anomaly.project:ProjectOptions")
 _score = config_option("anomaly.scoring:ScoreOptions")
 _tsne = config_option("anomaly.scoring:TsneOptions")
 _serve = config_option("anomaly.app.model:ServeOptions")
+_access = config_option("anomaly.app.access:AccessOptions")
 
 
 encoder_option = click.option(
@@ -329,31 +337,32 @@ def convert(network: str, out: str) -> None:
     click.echo(f"wrote {written}")
 
 
+_gen = config_option("stylegan.generate:GenerateOptions")
+
+
 @main.command("generate")
 @click.option("--network", required=True, type=click.Path(), metavar="PKL|CKPT",
               help="Official .pkl or AnoStyle .safetensors network (G_ema is used when present).")
 @click.option("--seeds", required=True, metavar="LIST",
               help="Seeds and inclusive ranges, e.g. 0-7,12 (latent = RandomState(seed).randn).")
-@click.option("--trunc", "truncation_psi", default=1.0, show_default=True, type=float,
-              help="Truncation psi (1: none).")
-@click.option("--noise-mode", default="const", show_default=True,
-              type=click.Choice(["const", "random", "none"]), help="Per-pixel noise input.")
+@_gen("--trunc", "truncation_psi", type=float, help="Truncation psi (1: none).")
+@_gen("--noise-mode", type=click.Choice(["const", "random", "none"]),
+      help="Per-pixel noise input.")
 @click.option("--class", "class_idx", type=click.IntRange(min=0), metavar="IDX",
               help="Class index; required for conditional networks.")
 @click.option("--outdir", required=True, type=click.Path(), metavar="DIR",
               help="Where to write seedNNNN.png and grid.png.")
-@click.option("--batch", "batch_size", default=8, show_default=True, type=click.IntRange(min=1),
-              help="Images per forward pass.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@_gen("--batch", "batch_size", type=click.IntRange(min=1), help="Images per forward pass.")
+@_gen("--device", type=str, help="cpu, cuda or cuda:N.")
 def generate(seeds: str, **flags) -> None:
     """Generate images for the given seeds, as NVlabs gen_images.py does.
 
     Example: anostyle generate --network network-snapshot-000200.safetensors --seeds 0-15
     --trunc 0.7 --outdir out/
     """
-    from stylegan.generate import generate_images, parse_seeds
+    from stylegan.generate import GenerateOptions, generate_images, parse_seeds
 
-    written = generate_images(seeds=parse_seeds(seeds), **flags)
+    written = generate_images(GenerateOptions(seeds=tuple(parse_seeds(seeds)), **flags))
     click.echo(f"wrote {len(written) - 1} images and {written[-1]}")
 
 
@@ -415,6 +424,33 @@ def reference(**flags) -> None:
 
 # ---- evaluate / report -----------------------------------------------------------------------
 
+_eval = config_option("anomaly.evaluate:EvaluateOptions")
+
+
+class _IntList(click.ParamType):
+    """'8,16,32' -> (8, 16, 32): a comma-separated list of positive integers (a bad list ends
+    in one sentence, as every `UserError`)."""
+
+    name = "N,N,..."
+
+    def convert(self, value, param, ctx) -> tuple[int, ...]:
+        if isinstance(value, tuple):  # the dataclass default
+            return value
+        try:
+            values = tuple(int(v) for v in value.split(",") if v.strip())
+        except ValueError:
+            values = ()
+        if not values or min(values) < 1:
+            raise UserError(f"{param.opts[0]} '{value}' is not a list of positive integers, "
+                            f"e.g. 8,16,32.")
+        return values
+
+    @staticmethod
+    def show(value: tuple[int, ...]) -> str:
+        """How --help prints a default: as it is typed."""
+        return ",".join(str(v) for v in value)
+
+
 @main.command("evaluate")
 @click.option("--scores", "scores_dir", required=True, type=click.Path(), metavar="DIR",
               help="Folder of <method>.xlsx score sheets written by `anostyle score`.")
@@ -424,34 +460,31 @@ def reference(**flags) -> None:
               help="Normal class name [the class labelled 0, e.g. nv].")
 @click.option("--anomaly-class", metavar="NAME",
               help="Main anomaly class [mel when present]; then normal vs rest, vs each class.")
-@click.option("--threshold", default="youden", show_default=True, metavar="youden|p95|VALUE",
-              help="Decision threshold, chosen on the val split only and applied to test.")
-@click.option("--bootstrap", default=1000, show_default=True, type=click.IntRange(min=0),
-              help="Bootstrap resamples (lesions when the sheets have a group column) for the "
-                   "95% CIs and the paired test (0: no CI; paired test by DeLong).")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
-              help="Seed of the bootstrap.")
-@click.option("--split", default="test", show_default=True, type=click.Choice(["test", "val"]),
-              help="Evaluated split; 'val' reads no test row at all (for tuning).")
+@_eval("--threshold", type=str, metavar="youden|p95|VALUE",
+       help="Decision threshold, chosen on the val split only and applied to test.")
+@_eval("--bootstrap", type=click.IntRange(min=0),
+       help="Bootstrap resamples (lesions when the sheets have a group column) for the "
+            "95% CIs and the paired test (0: no CI; paired test by DeLong).")
+@_eval("--seed", type=click.IntRange(min=0), help="Seed of the bootstrap.")
+@_eval("--split", type=click.Choice(["test", "val"]),
+       help="Evaluated split; 'val' reads no test row at all (for tuning).")
 @click.option("--primary", metavar="METHOD",
               help="Primary method, declared before test is read [best validation AUC].")
 @click.option("--by", multiple=True, metavar="COLUMN[:EDGES]",
               help="Subgroup AUCs by a score-sheet column (normals restricted to each value vs "
                    "all anomalies), e.g. --by dx_type --by age:40,60; repeatable.")
-@click.option("--baseline", default="knn", show_default=True,
-              type=click.Choice(["knn", "knn-pixels", "none"]),
-              help="Also score and evaluate the pixel and colour k-NN detectors, configured on "
-                   "val (needs the dataset; 'knn-pixels' is the old name of 'knn').")
+@_eval("--baseline", type=click.Choice(["knn", "knn-pixels", "none"]),
+       help="Also score and evaluate the pixel and colour k-NN detectors, configured on "
+            "val (needs the dataset; 'knn-pixels' is the old name of 'knn').")
 @click.option("--prepared", type=click.Path(), metavar="DIR",
               help="Prepared dataset folder for the baselines [the 'prepared' entry of "
                    "DIR/score.json].")
-@click.option("--knn-sizes", default="8,16,32", show_default=True, metavar="N,N,...",
-              help="Pixel k-NN resolutions tried on val.")
-@click.option("--knn-bins", default="4,8", show_default=True, metavar="N,N,...",
-              help="Colour k-NN histogram bins per channel tried on val.")
-@click.option("--knn-k", default="1,5,20", show_default=True, metavar="N,N,...",
-              help="Neighbour counts k tried on val.")
-def evaluate(by: tuple[str, ...], knn_sizes: str, knn_bins: str, knn_k: str, **flags) -> None:
+@_eval("--knn-sizes", type=_IntList(), metavar="N,N,...",
+       help="Pixel k-NN resolutions tried on val.")
+@_eval("--knn-bins", type=_IntList(), metavar="N,N,...",
+       help="Colour k-NN histogram bins per channel tried on val.")
+@_eval("--knn-k", type=_IntList(), metavar="N,N,...", help="Neighbour counts k tried on val.")
+def evaluate(by: tuple[str, ...], **flags) -> None:
     """ROC/AUC with lesion-level CIs, paired tests vs the best baseline, subgroups, figures.
 
     Every <method>.xlsx in --scores is evaluated on its test rows (or val rows with --split
@@ -464,21 +497,7 @@ def evaluate(by: tuple[str, ...], knn_sizes: str, knn_bins: str, knn_k: str, **f
     """
     from anomaly.evaluate import EvaluateOptions, evaluate_scores, format_summary
 
-    grid = {name: _int_list(text, flag) for name, text, flag in (
-        ("knn_sizes", knn_sizes, "--knn-sizes"), ("knn_bins", knn_bins, "--knn-bins"),
-        ("knn_k", knn_k, "--knn-k"))}
-    click.echo(format_summary(evaluate_scores(EvaluateOptions(by=by, **grid, **flags))))
-
-
-def _int_list(text: str, flag: str) -> tuple[int, ...]:
-    """'8,16,32' -> (8, 16, 32); a bad list ends in one sentence."""
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1:
-        raise UserError(f"{flag} '{text}' is not a list of positive integers, e.g. 8,16,32.")
-    return values
+    click.echo(format_summary(evaluate_scores(EvaluateOptions(by=by, **flags))))
 
 
 @main.command("evaluate-repeats")
@@ -506,18 +525,21 @@ def evaluate_repeats(score_dirs: tuple[str, ...], outdir: str, normal_class: str
     click.echo(f"wrote {', '.join(str(f) for f in files)}")
 
 
+_report = config_option("anomaly.report:ReportOptions")
+
+
 @main.command("report")
-@click.option("--graphics", "graphics_dir", default="graphics", show_default=True,
-              type=click.Path(), metavar="DIR", help="Folder of figures (evaluate --outdir).")
-@click.option("--title", default="AnoStyle results", show_default=True, help="Page title.")
-def report(graphics_dir: str, title: str) -> None:
+@_report("--graphics", "graphics_dir", type=click.Path(), metavar="DIR",
+         help="Folder of figures (evaluate --outdir).")
+@_report("--title", type=str, help="Page title.")
+def report(**flags) -> None:
     """Write DIR/index.html: one offline page with the summary table and every figure.
 
     Example: anostyle report --graphics graphics
     """
-    from anomaly.report import write_report
+    from anomaly.report import ReportOptions, write_report
 
-    click.echo(f"wrote {write_report(graphics_dir, title=title)}")
+    click.echo(f"wrote {write_report(ReportOptions(**flags))}")
 
 
 # ---- train-encoder / reconstruct / project ---------------------------------------------------
@@ -944,19 +966,16 @@ def tsne(data: tuple[str, ...], **kwargs) -> None:
                    "loopback, else this machine's names].")
 @click.option("--proxy", metavar="ADDRS",
               help="Address(es) of a reverse proxy whose X-Forwarded-Proto/-For are trusted.")
-# The access defaults live in anomaly.app.server.AccessOptions (which needs the web extra, so
-# --help must not import it): an option left out keeps the dataclass default.
-@click.option("--header-timeout", type=click.FloatRange(0, min_open=True),
-              help="Seconds a client has to send its request headers [10].")
-@click.option("--request-timeout", type=click.FloatRange(0, min_open=True),
-              help="Seconds for one request's upload, decoding and scoring (408/503 after) [60].")
+@_access("--header-timeout", type=click.FloatRange(0, min_open=True),
+         help="Seconds a client has to send its request headers.")
+@_access("--request-timeout", type=click.FloatRange(0, min_open=True),
+         help="Seconds for one request's upload, decoding and scoring (408/503 after).")
 @_serve("--max-upload-mb", type=click.FloatRange(0, 1024, min_open=True),
         help="Largest request body (all images of one request together).")
 @_serve("--max-pixels", type=click.IntRange(min=1),
         help="Largest width x height, read from the header (6000 x 4000 dermoscopy).")
-@click.option("--max-decoded-mb", type=click.FloatRange(0, min_open=True),
-              help="Decoded image bytes per request (width x height x bytes per pixel, "
-                   "summed) [256].")
+@_access("--max-decoded-mb", type=click.FloatRange(0, min_open=True),
+         help="Decoded image bytes per request (width x height x bytes per pixel, summed).")
 @_serve("--max-files", type=click.IntRange(min=1),
               help="Images per request.")
 @click.option("--kappa", type=click.FloatRange(min=0),
@@ -994,15 +1013,16 @@ def serve(token, no_auth, allowed_hosts, proxy, header_timeout, request_timeout,
       anostyle serve --network net.safetensors \\
         --encoder checkpointed/encoder-012500.safetensors --summary graphics/summary.json
     """
+    from anomaly.app.access import AccessOptions
+
     try:
         from anomaly.app.model import ServeOptions
-        from anomaly.app.server import AccessOptions, run_server
+        from anomaly.app.server import run_server
     except ImportError as exc:  # the `web` extra is optional
         raise UserError(f"`anostyle serve` needs the web packages (missing {exc.name}); install "
                         f"them with: pip install 'anostyle[web]'.") from None
     hosts = tuple(h.strip() for h in (allowed_hosts or "").split(",") if h.strip())
-    given = {"header_timeout": header_timeout, "request_timeout": request_timeout,
-             "max_decoded_mb": max_decoded_mb}
     access = AccessOptions(token=token, no_auth=no_auth, allowed_hosts=hosts, proxy=proxy,
-                           **{k: v for k, v in given.items() if v is not None})
+                           header_timeout=header_timeout, request_timeout=request_timeout,
+                           max_decoded_mb=max_decoded_mb)
     run_server(ServeOptions(**flags), access, announce=click.echo)

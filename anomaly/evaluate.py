@@ -41,6 +41,7 @@ from stylegan.errors import UserError
 from stylegan.fileio import atomic_write_json
 
 from anomaly import baseline, metrics, plots, sheets
+from anomaly.comparison import Comparison, ComparisonResult
 
 SKIPPED_SHEETS = ("all_scores.xlsx", "summary.xlsx", "repeats.xlsx")
 SKIPPED_PREFIXES = (".", "~$", "report_", "tsne")  # temporary/lock files, evaluate's own sheets
@@ -94,26 +95,6 @@ class Summary:
     split: str = "test"
 
 
-@dataclass(frozen=True)
-class Comparison:
-    """Normal class versus one or several anomaly classes."""
-
-    name: str
-    normal: str
-    anomalies: tuple[str, ...]
-
-    def mask(self, df: pd.DataFrame) -> np.ndarray:
-        """Rows of `df` in this comparison."""
-        cls = df["class"].to_numpy()
-        return (cls == self.normal) | np.isin(cls, self.anomalies)
-
-    def select(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        """(y [M] with 1 = anomaly, scores [M]) of the rows of `df` in this comparison."""
-        rows = df[self.mask(df)]
-        return (np.isin(rows["class"].to_numpy(), self.anomalies).astype(np.int64),
-                rows["score"].to_numpy(dtype=np.float64))
-
-
 # Re-exported so `evaluate.auc_from_ranks` etc. keep working for callers of the old module.
 auc_from_ranks = metrics.auc_from_ranks
 youden_threshold = metrics.youden_threshold
@@ -133,21 +114,6 @@ def group_labels(df: pd.DataFrame) -> np.ndarray | None:
 
 
 # ------------------------------------------------------------------------------ one comparison
-
-
-@dataclass(frozen=True)
-class ComparisonResult:
-    """Everything measured for one method and comparison on the evaluated split."""
-
-    method: str
-    comparison: Comparison
-    row: dict
-    y: np.ndarray  # [M] 1 = anomaly
-    s: np.ndarray  # [M] scores
-    keys: np.ndarray  # [M] 'split/file' of each row, to pair methods
-    groups: np.ndarray | None  # [M] lesion ids, None without a group column
-    note: str = ""
-    curves: dict = field(default_factory=dict)
 
 
 def _ci(cis: dict, key: str) -> tuple[float, float]:

@@ -37,8 +37,7 @@ from anomaly.encoder import LATENTS, Encoder, EncoderConfig
 from anomaly.encoder_io import (ENCODER_PREFIX, VALIDATION_FILE, check_compatible,
                                 encoder_checkpoints, find_latest_encoder, load_encoder,
                                 save_encoder, state_path)
-from anomaly.model import AnoModel
-from anomaly.reconstruct import discriminator_features, reconstruct_batch
+from anomaly.model import AnoModel, discriminator_features, reconstruct_batch
 from stylegan.checkpoint import (load_training_state, restore_rng_state, rng_state,
                                  save_training_state)
 from stylegan.dataset import ImageDataset

@@ -10,6 +10,10 @@ else the score configuration recorded with a score sheet (serve), else the encod
 options, else the defaults. The policy is the encoder's, else the network's, else the defaults
 (with a warning when a raw image is fitted: e.g. an official NVlabs pickle records none).
 
+The passes the model makes are plain functions here too (used by training and projection):
+`reconstruct_batch` x -> E(x) -> G(E(x)) (f-AnoGAN, Sec. 2.2) and `discriminator_features`,
+the f(.) of the izif loss and score.
+
 Shape letters: N batch, C channels, H/W height/width, K number of style vectors, D w_dim.
 """
 
@@ -26,21 +30,87 @@ import numpy as np
 import torch
 from PIL import Image
 
-from anodata.imageio import to_8bit
 from anodata.policy import POLICY_KEY, Preprocessing, fit_array, fit_image
 from anomaly.encoder import Encoder
 from anomaly.encoder_io import check_compatible, check_pairing, load_encoder, sha256_file
-from anomaly.reconstruct import (check_feature_layer, discriminator_features, encode,
-                                 reconstruct_batch)
-from stylegan.runtime import resolve_device
 from anomaly.scores import (METHODS, check_kappa, izif_score, latent_distance, parse_methods,
                             pixel_distance, torch_euclidean)
 from stylegan.checkpoint import load_network
 from stylegan.errors import UserError
+from stylegan.imageio import to_8bit
 from stylegan.imageutil import from_uint8
+from stylegan.runtime import resolve_device
 
 DEFAULT_KAPPA, DEFAULT_LAYER = 1.0, "b8"
 DEFAULT_METHODS = "izif,sklearn:euclidean,sklearn:manhattan,sklearn:cosine,torch-euclidean,latent"
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder + generator + discriminator features (used by AnoModel, fit, project, score and tsne)
+
+
+def encode(E: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Images [N, C, H, W] in [-1, 1] -> codes ws [N, K, D]."""
+    res = E.img_resolution
+    assert images.ndim == 4 and images.shape[1:] == (E.img_channels, res, res), \
+        f"images must be [N, {E.img_channels}, {res}, {res}], got {tuple(images.shape)}"
+    return E(images)
+
+
+def reconstruct_batch(G: torch.nn.Module, E: torch.nn.Module, images: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images [N, C, H, W] in [-1, 1] -> (ws [N, K, D], G.synthesis(ws) [N, C, H, W]).
+
+    Gradients flow unless the caller wraps the call in torch.no_grad() (training needs them).
+    """
+    ws = encode(E, images)
+    return ws, G.synthesis(ws, noise_mode="const")
+
+
+def feature_layer_names(D: torch.nn.Module) -> list[str]:
+    """Names `discriminator_features` accepts: 'b{res}' from img_resolution down to 8, then
+    'b4.conv', 'b4.fc'."""
+    return [f"b{res}" for res in D.block_resolutions] + ["b4.conv", "b4.fc"]
+
+
+def check_feature_layer(D: torch.nn.Module, layer: str) -> None:
+    """Refuse a `--feature-layer` name the discriminator does not have, in one sentence."""
+    names = feature_layer_names(D)
+    if layer not in names:
+        raise UserError(f"--feature-layer {layer!r} is not a layer of this discriminator; "
+                        f"choose one of {', '.join(names)}.")
+
+
+def discriminator_features(D: torch.nn.Module, images: torch.Tensor, layer: str) -> torch.Tensor:
+    """Features f(x) at `layer` (see feature_layer_names), float32.
+
+    'b{res}' runs only the blocks up to that one: each image's features are its own. 'b4.conv'
+    and 'b4.fc' pass through D's minibatch-stddev layer, which mixes the images of a batch; a
+    batch not divisible by the group size is padded with copies of its last image.
+    """
+    if layer.startswith("b4."):
+        return _epilogue_features(D, images, layer)
+    res = int(layer[1:])
+    assert res in D.block_resolutions, f"unknown feature layer {layer!r}"
+    x, img = None, images
+    for block_res in D.block_resolutions:
+        x, img = getattr(D, f"b{block_res}")(x, img)  # [N, ch, block_res/2, block_res/2]
+        if block_res == res:
+            return x.to(torch.float32)
+    raise AssertionError("unreachable")
+
+
+def _epilogue_features(D: torch.nn.Module, images: torch.Tensor, layer: str) -> torch.Tensor:
+    n = images.shape[0]
+    group = getattr(getattr(D.b4, "mbstd", None), "group_size", None)
+    pad = (-n) % min(group, n) if group else 0
+    if pad:
+        images = torch.cat([images, images[-1:].expand(pad, -1, -1, -1)])  # [N + pad, C, H, W]
+    return D.block_features(images)[layer][:n].to(torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The inference model
 
 
 def resolve_izif(kappa: float | None, layer: str | None, *, scored_with: dict[str, Any],

@@ -10,7 +10,7 @@ import contextlib
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import matplotlib as mpl
 import numpy as np
@@ -19,10 +19,8 @@ import seaborn as sns
 from matplotlib import ticker
 from matplotlib.figure import Figure
 
+from anomaly.comparison import ComparisonResult
 from stylegan.fileio import atomic_path
-
-if TYPE_CHECKING:  # only for annotations: evaluate imports this module
-    from anomaly.evaluate import ComparisonResult
 
 
 # ------------------------------------------------------------------------------ figures

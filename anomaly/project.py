@@ -21,9 +21,8 @@ import torch
 from tqdm import tqdm
 
 from anodata.reader import iterate_source, list_source
-from anomaly.model import AnoModel
-from anomaly.reconstruct import (discriminator_features, encode, output_paths,
-                                 write_csv)
+from anomaly.model import AnoModel, discriminator_features, encode
+from anomaly.reconstruct import output_paths, write_csv
 from stylegan.errors import UserError
 from stylegan.imageutil import from_uint8, save_image, to_uint8
 from stylegan.progress import progress

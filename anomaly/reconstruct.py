@@ -1,6 +1,6 @@
-"""Reconstruction x -> E(x) -> G(E(x)) (Schlegl et al. 2019, f-AnoGAN, Sec. 2.2: the izif mapping
-G(E(x)) whose residual is the anomaly evidence), the discriminator features f(.) of the izif
-loss and score, and `anostyle reconstruct` (a folder or zip -> reconstructed PNGs, same names).
+"""`anostyle reconstruct`: a folder or zip -> reconstructed PNGs G(E(x)), same names (Schlegl et
+al. 2019, f-AnoGAN, Sec. 2.2: the izif mapping whose residual is the anomaly evidence; the pass
+itself is anomaly.model.reconstruct_batch), their residual pictures and the safe output names.
 
 Inputs may be a prepared zip/folder or a plain folder (or zip) of images of any size: every
 image is read by anodata.reader and fitted by the model's recorded preprocessing policy, the way
@@ -20,75 +20,12 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
+from anodata.reader import SourceImages, iterate_source, list_source
+from anomaly.model import AnoModel
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_write_bytes
-from anodata.reader import SourceImages, iterate_source, list_source
 from stylegan.imageutil import from_uint8, save_image, to_uint8
 from stylegan.progress import progress
-
-
-# ----------------------------------------------------------------------------------------------
-# Encoder + generator + discriminator features (used by fit, project, score and tsne)
-
-
-def encode(E: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Images [N, C, H, W] in [-1, 1] -> codes ws [N, K, D]."""
-    res = E.img_resolution
-    assert images.ndim == 4 and images.shape[1:] == (E.img_channels, res, res), \
-        f"images must be [N, {E.img_channels}, {res}, {res}], got {tuple(images.shape)}"
-    return E(images)
-
-
-def reconstruct_batch(G: torch.nn.Module, E: torch.nn.Module, images: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images [N, C, H, W] in [-1, 1] -> (ws [N, K, D], G.synthesis(ws) [N, C, H, W]).
-
-    Gradients flow unless the caller wraps the call in torch.no_grad() (training needs them).
-    """
-    ws = encode(E, images)
-    return ws, G.synthesis(ws, noise_mode="const")
-
-
-def feature_layer_names(D: torch.nn.Module) -> list[str]:
-    """Names `discriminator_features` accepts: 'b{res}' from img_resolution down to 8, then
-    'b4.conv', 'b4.fc'."""
-    return [f"b{res}" for res in D.block_resolutions] + ["b4.conv", "b4.fc"]
-
-
-def check_feature_layer(D: torch.nn.Module, layer: str) -> None:
-    """Refuse a `--feature-layer` name the discriminator does not have, in one sentence."""
-    names = feature_layer_names(D)
-    if layer not in names:
-        raise UserError(f"--feature-layer {layer!r} is not a layer of this discriminator; "
-                        f"choose one of {', '.join(names)}.")
-
-
-def discriminator_features(D: torch.nn.Module, images: torch.Tensor, layer: str) -> torch.Tensor:
-    """Features f(x) at `layer` (see feature_layer_names), float32.
-
-    'b{res}' runs only the blocks up to that one: each image's features are its own. 'b4.conv'
-    and 'b4.fc' pass through D's minibatch-stddev layer, which mixes the images of a batch; a
-    batch not divisible by the group size is padded with copies of its last image.
-    """
-    if layer.startswith("b4."):
-        return _epilogue_features(D, images, layer)
-    res = int(layer[1:])
-    assert res in D.block_resolutions, f"unknown feature layer {layer!r}"
-    x, img = None, images
-    for block_res in D.block_resolutions:
-        x, img = getattr(D, f"b{block_res}")(x, img)  # [N, ch, block_res/2, block_res/2]
-        if block_res == res:
-            return x.to(torch.float32)
-    raise AssertionError("unreachable")
-
-
-def _epilogue_features(D: torch.nn.Module, images: torch.Tensor, layer: str) -> torch.Tensor:
-    n = images.shape[0]
-    group = getattr(getattr(D.b4, "mbstd", None), "group_size", None)
-    pad = (-n) % min(group, n) if group else 0
-    if pad:
-        images = torch.cat([images, images[-1:].expand(pad, -1, -1, -1)])  # [N + pad, C, H, W]
-    return D.block_features(images)[layer][:n].to(torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,8 +111,6 @@ class ReconstructSummary:
 def reconstruct_folder(opts: ReconstructOptions) -> ReconstructSummary:
     """Write G(E(x)) for every image of `opts.source` as PNG in outdir: under its original name
     when the source is a prepared zip (manifest.csv beside it), else under its own name."""
-    from anomaly.model import AnoModel
-
     assert opts.batch >= 1, opts.batch
     source = list_source(opts.source)
     model = AnoModel.load(opts.network, opts.encoder, device=opts.device, require_D=False,

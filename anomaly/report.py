@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote
@@ -309,12 +310,20 @@ def build_page(folder: Path, title: str) -> str:
             f"{stamp} by AnoStyle</p></header><nav>{nav}</nav><main>{main}</main></body></html>\n")
 
 
-def write_report(graphics_dir: str | os.PathLike, *, title: str = "AnoStyle results") -> Path:
+@dataclass(frozen=True)
+class ReportOptions:
+    """Options of `anostyle report`."""
+
+    graphics_dir: str | os.PathLike = "graphics"  # the folder `anostyle evaluate` wrote
+    title: str = "AnoStyle results"
+
+
+def write_report(options: ReportOptions) -> Path:
     """Write `<graphics_dir>/index.html` showing every PNG below the folder; returns its path."""
-    folder = Path(graphics_dir)
+    folder = Path(options.graphics_dir)
     if not folder.is_dir():
         raise UserError(f"--graphics {folder} is not a folder; give the folder `anostyle "
                         f"evaluate --outdir` wrote.")
     page = folder / "index.html"
-    atomic_write_bytes(page, build_page(folder, title).encode("utf-8"))
+    atomic_write_bytes(page, build_page(folder, options.title).encode("utf-8"))
     return page

@@ -321,7 +321,7 @@ def shift_passes(model: AnoModel, data: Path, cache: ValCache, shifted: np.ndarr
                  images: str | None, batch: int) -> dict[str, dict[str, dict]]:
     """{shift name: raw quantities per mode (as cache.q)}: the `shifted` rows' raw images are
     decoded, shifted, fitted with the model's policy and passed once; the others keep theirs."""
-    from anodata.imageio import decode
+    from stylegan.imageio import decode
     from anodata.policy import fit_image
 
     idx = np.flatnonzero(shifted)

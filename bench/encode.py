@@ -30,8 +30,8 @@ import torch
 
 from anomaly.encoder import Encoder, EncoderConfig
 from anomaly.fit import FitOptions, fit_encoder
+from anomaly.model import reconstruct_batch
 from anomaly.project import project_batch
-from anomaly.reconstruct import reconstruct_batch
 from stylegan.checkpoint import save_networks
 from stylegan.imageutil import from_uint8, save_image, to_uint8
 from stylegan.networks import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig

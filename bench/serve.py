@@ -51,7 +51,8 @@ import torch
 from PIL import Image
 
 from anomaly.app.model import ServeOptions, load_serve_model
-from anomaly.app.server import LOOPBACK_NAMES, BackgroundServer, create_app, upload_limits
+from anomaly.app.access import LOOPBACK_NAMES
+from anomaly.app.server import BackgroundServer, create_app, upload_limits
 from anomaly.encoder import Encoder, EncoderConfig
 from anomaly.encoder_io import save_encoder
 from anomaly.evaluate import EvaluateOptions, write_summary

@@ -2,7 +2,7 @@
 
 The format is the one NVlabs' stylegan2-ada-pytorch `dataset_tool.py` writes (Karras et al. 2020,
 "Training Generative Adversarial Networks with Limited Data"), so datasets made by either tool load
-here: image files (any of `anodata.imageio.IMAGE_EXTENSIONS`, at any depth) and
+here: image files (any of `stylegan.imageio.IMAGE_EXTENSIONS`, at any depth) and
 `dataset.json` = `{"labels": [[relative_name, int_label], ...]}` or `{"labels": null}`.
 `anostyle prepare` writes `{train,val,test}.zip` in this format with label 0 = normal.
 
@@ -26,10 +26,8 @@ from PIL import Image
 
 from stylegan.errors import UserError
 from stylegan.fileio import UntrustedJSONError, loads_untrusted
-# The one decoder and image-name rule of the data package; anodata.imageio is a leaf module
-# (numpy and PIL only), so stylegan <-> anodata has no import cycle.
-from anodata.imageio import (IMAGE_EXTENSIONS, ImageRejected, channels_of_mode, is_image_name,
-                             open_image, to_8bit)
+from stylegan.imageio import (IMAGE_EXTENSIONS, ImageRejected, channels_of_mode, is_image_name,
+                              open_image, to_8bit)
 
 DATASET_JSON = "dataset.json"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -78,31 +79,44 @@ def synthesize(G: Generator, seeds: list[int], *, truncation_psi: float = 1.0,
         return G(z, c, truncation_psi=truncation_psi, noise_mode=noise_mode)
 
 
-def generate_images(network: str | os.PathLike, seeds: list[int], outdir: str | os.PathLike, *,
-                    truncation_psi: float = 1.0, noise_mode: str = "const",
-                    class_idx: int | None = None, batch_size: int = 8,
-                    device: str = "cpu") -> list[Path]:
-    """Write `seed%04d.png` for each seed and `grid.png` (first 64) into `outdir`.
+@dataclass(frozen=True)
+class GenerateOptions:
+    """Options of `anostyle generate`."""
+
+    network: str | os.PathLike  # official .pkl or AnoStyle .safetensors
+    seeds: tuple[int, ...]
+    outdir: str | os.PathLike
+    truncation_psi: float = 1.0  # 1: no truncation
+    noise_mode: str = "const"  # one of NOISE_MODES
+    class_idx: int | None = None  # required for a conditional network
+    batch_size: int = 8  # images per forward pass
+    device: str = "cpu"  # cpu, cuda or cuda:N
+
+
+def generate_images(options: GenerateOptions) -> list[Path]:
+    """Write `seed%04d.png` for each seed and `grid.png` (first 64) into `options.outdir`.
 
     Uses G_ema when the file has it, else G. Returns the written image paths (grid last).
     """
-    if noise_mode not in NOISE_MODES:
-        raise UserError(f"--noise-mode {noise_mode!r} is unknown; use one of {NOISE_MODES}.")
+    seeds, batch_size = list(options.seeds), options.batch_size
+    if options.noise_mode not in NOISE_MODES:
+        raise UserError(f"--noise-mode {options.noise_mode!r} is unknown; use one of "
+                        f"{NOISE_MODES}.")
     if batch_size < 1 or not seeds:
         raise UserError("--batch must be >= 1 and --seeds must name at least one seed.")
-    dev = resolve_device(device)
-    nets = load_network(network, device=dev)
+    nets = load_network(options.network, device=resolve_device(options.device))
     G = nets["G_ema"] if nets["G_ema"] is not None else nets["G"]
     if G is None:
-        raise UserError(f"{Path(network).name} holds no generator (neither G_ema nor G).")
-    class_labels(G.c_dim, class_idx, 1)  # check --class before any work
-    outdir = Path(outdir)
+        raise UserError(f"{Path(options.network).name} holds no generator (neither G_ema nor G).")
+    class_labels(G.c_dim, options.class_idx, 1)  # check --class before any work
+    outdir = Path(options.outdir)
     written, grid = [], []
     for start in progress(range(0, len(seeds), batch_size), desc="generate", unit="batch",
                       disable=None):
         batch = seeds[start:start + batch_size]
-        images = to_uint8(synthesize(G, batch, truncation_psi=truncation_psi,
-                                     noise_mode=noise_mode, class_idx=class_idx))  # [N, H, W, C]
+        images = to_uint8(synthesize(G, batch, truncation_psi=options.truncation_psi,
+                                     noise_mode=options.noise_mode,
+                                     class_idx=options.class_idx))  # [N, H, W, C]
         for seed, image in zip(batch, images):
             written.append(outdir / f"seed{seed:04d}.png")
             save_image(image, written[-1])

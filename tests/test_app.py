@@ -32,17 +32,18 @@ from PIL import Image
 
 from anomaly.app import server as app_server
 from anomaly.app import uploads as app_uploads
+from anomaly.app.access import LOOPBACK_NAMES
 from anodata.policy import Preprocessing
 from anomaly.app.model import (Decision, IzifScorer, Reference, ServeModel, ServeOptions,
                                load_decision, load_reference, load_serve_model)
-from anomaly.model import AnoModel, resolve_izif
+from anomaly.model import AnoModel, discriminator_features, reconstruct_batch, resolve_izif
 from anomaly.app.server import BackgroundServer, create_app, upload_limits
 from anomaly.cli import main
 from anomaly.encoder import Encoder, EncoderConfig
 from anomaly.encoder_io import save_encoder, sha256_file
 from anomaly.evaluate import EvaluateOptions, write_summary
 from anodata.reader import read_fitted
-from anomaly.reconstruct import discriminator_features, reconstruct_batch, residual_images
+from anomaly.reconstruct import residual_images
 from anomaly.scores import izif_score
 from anomaly.sheets import write_score_sheet
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
@@ -529,7 +530,7 @@ def test_page_policy_and_routes(client):
 
 def test_only_loopback_host_names_when_bound_to_loopback(model):
     app = create_app(model, upload_limits(ServeOptions("n", "e", "s")),
-                     allowed_hosts=app_server.LOOPBACK_NAMES)
+                     allowed_hosts=LOOPBACK_NAMES)
     assert TestClient(app, base_url="http://127.0.0.1:8000").get("/healthz").status_code == 200
     assert TestClient(app, base_url="http://rebound.example").get("/healthz").status_code == 400
 

@@ -15,7 +15,8 @@ from PIL import Image
 from playwright.sync_api import sync_playwright
 
 from anomaly.app.model import ServeOptions, load_serve_model
-from anomaly.app.server import LOOPBACK_NAMES, BackgroundServer, create_app, upload_limits
+from anomaly.app.access import LOOPBACK_NAMES
+from anomaly.app.server import BackgroundServer, create_app, upload_limits
 from anomaly.encoder_io import save_encoder
 from anomaly.evaluate import EvaluateOptions, write_summary
 from anomaly.sheets import write_score_sheet

@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from anodata.policy import (Preprocessing, fill_fov_border, fit_image, fit_raw, fov_circle)
+from anodata.border import fill_fov_border, fov_circle
+from anodata.policy import Preprocessing, fit_image, fit_raw
 from anomaly.cli import main
 from stylegan.dataset import ImageDataset
 from stylegan.errors import UserError

@@ -12,6 +12,7 @@ from sklearn import metrics as skm
 
 from anomaly import evaluate as ev
 from anomaly import sheets
+from anomaly.comparison import Comparison
 from stylegan.errors import UserError
 
 
@@ -39,7 +40,7 @@ def _options(tmp_path, **kw) -> ev.EvaluateOptions:
 
 def test_threshold_never_sees_test_labels():
     df = _scores()
-    comp = ev.Comparison("nv vs mel", "nv", ("mel",))
+    comp = Comparison("nv vs mel", "nv", ("mel",))
     opts = ev.EvaluateOptions(scores_dir=".", outdir=".", bootstrap=0)
     before = ev.evaluate_comparison("m", df, comp, opts).row
     shuffled = df.copy()
@@ -59,15 +60,15 @@ def test_threshold_fallbacks_and_refusal():
     df = _scores()
     opts = ev.EvaluateOptions(scores_dir=".", outdir=".", bootstrap=0)
     no_val_mel = df[~((df["split"] == "val") & (df["class"] == "mel"))]
-    res = ev.evaluate_comparison("m", no_val_mel, ev.Comparison("nv vs mel", "nv", ("mel",)), opts)
+    res = ev.evaluate_comparison("m", no_val_mel, Comparison("nv vs mel", "nv", ("mel",)), opts)
     assert res.row["threshold_rule"] == "p95 (val)" and "fell back" in res.note
     val_nv = df.loc[(df["split"] == "val") & (df["class"] == "nv"), "score"].to_numpy()
     assert res.row["threshold"] == pytest.approx(np.percentile(val_nv, 95))
     with pytest.raises(UserError, match="no validation rows"):
         ev.evaluate_comparison("m", df[df["split"] == "test"],
-                               ev.Comparison("nv vs mel", "nv", ("mel",)), opts)
+                               Comparison("nv vs mel", "nv", ("mel",)), opts)
     fixed = ev.evaluate_comparison("m", df[df["split"] == "test"],
-                                   ev.Comparison("nv vs mel", "nv", ("mel",)),
+                                   Comparison("nv vs mel", "nv", ("mel",)),
                                    ev.EvaluateOptions(".", ".", threshold="2.5", bootstrap=0))
     assert fixed.row["threshold"] == 2.5 and fixed.row["threshold_rule"] == "fixed"
 
@@ -86,7 +87,7 @@ def test_comparisons_built_from_test_classes():
 
 def test_sensitivity_at_validation_specificity():
     df = _scores()
-    comp = ev.Comparison("nv vs mel", "nv", ("mel",))
+    comp = Comparison("nv vs mel", "nv", ("mel",))
     row = ev.evaluate_comparison("m", df, comp, ev.EvaluateOptions(".", ".", bootstrap=0)).row
     val_nv = df.loc[(df["split"] == "val") & (df["class"] == "nv"), "score"].to_numpy()
     t = np.percentile(val_nv, 95)  # chosen on val normals only

@@ -134,7 +134,7 @@ def test_prepare_lists_degenerate_images_with_the_reason(tmp_path):
 def test_the_api_and_serve_path_refuses_the_same_images():
     from PIL import Image
 
-    from anodata.imageio import ImageRejected
+    from stylegan.imageio import ImageRejected
     from anodata.policy import Preprocessing, fit_array, fit_image
 
     policy = Preprocessing(resolution=16)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anodata.imageio import ImageRejected, open_image, to_8bit
+from stylegan.imageio import ImageRejected, open_image, to_8bit
 
 
 def test_sixteen_bit_in_blocks_equals_value_shifted_by_8():

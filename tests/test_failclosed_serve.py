@@ -26,9 +26,9 @@ from test_app import (client_for, multipart, nets, options, png_bytes,  # noqa: 
 
 from anomaly.app import server as app_server
 from anomaly.app import uploads as app_uploads
+from anomaly.app.access import AccessOptions
 from anomaly.app.model import ServeOptions, load_serve_model
-from anomaly.app.server import (AccessOptions, BackgroundServer, create_app, default_hosts,
-                                upload_limits)
+from anomaly.app.server import BackgroundServer, create_app, default_hosts, upload_limits
 from anomaly.cli import main
 from anomaly.encoder_io import load_encoder, save_encoder
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)

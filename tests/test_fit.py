@@ -256,7 +256,7 @@ def _val_folder(setup, folder, *, with_anomalies: bool = False):
 
 def _izif_of(setup, encoder_path, images_nhwc) -> float:
     """Mean izif score (anomaly.scores.izif_score, kappa 1, b8) of images: the reference."""
-    from anomaly.reconstruct import discriminator_features
+    from anomaly.model import discriminator_features
 
     E, _ = load_encoder(encoder_path)
     G, D = setup["G"], setup["D"]

@@ -104,7 +104,7 @@ def test_a_dark_circular_border_is_not_the_lesion(radius, centre):
 
 
 def test_a_grey_rim_along_the_edges_is_not_the_lesion():
-    """A vignette that is shaded but not black (above anodata.policy.DARK) lies along the
+    """A vignette that is shaded but not black (above anodata.border.DARK) lies along the
     whole outline: its large area does not make it the lesion."""
     img = _skin()
     truth = _disc(64, 64, 32, 32, 6)

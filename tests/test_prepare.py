@@ -20,7 +20,7 @@ from anomaly.cli import main
 from anodata import prepare as prepare_module
 from stylegan.dataset import ImageDataset
 from stylegan.errors import UserError
-from anodata.imageio import ImageRejected, decode, open_image, to_8bit
+from stylegan.imageio import ImageRejected, decode, open_image, to_8bit
 from anodata.policy import fit_square
 from anodata.prepare import (MANIFEST_COLUMNS, PrepareOptions, prepare_dataset,
                               split_group_sizes)

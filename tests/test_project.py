@@ -13,8 +13,8 @@ from PIL import Image
 
 from anomaly.cli import main
 from anomaly.encoder_io import save_encoder
+from anomaly.model import discriminator_features
 from anomaly.project import project_batch, projection_losses
-from anomaly.reconstruct import discriminator_features
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
 from encoder_helpers import (sample_images, save_tiny_networks, tiny_encoder, tiny_networks,
                              write_folder)

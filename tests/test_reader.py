@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anodata.imageio import IMAGE_EXTENSIONS, is_image_name
 from anodata.policy import Preprocessing
 from anodata.reader import iterate_source, list_source, read_fitted
+from stylegan.imageio import IMAGE_EXTENSIONS, is_image_name
 
 
 @pytest.mark.parametrize("name, expected", [

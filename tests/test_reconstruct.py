@@ -1,5 +1,6 @@
-"""anomaly/reconstruct.py and `anostyle reconstruct`: G(E(x)), discriminator features, safe output
-names, residual colours, plain folders of any-size images, zips, and the one-sentence errors."""
+"""anomaly/reconstruct.py, `anostyle reconstruct` and the passes of anomaly/model.py: G(E(x)),
+discriminator features, safe output names, residual colours, plain folders of any-size images,
+zips, and the one-sentence errors."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from PIL import Image
 
 from anomaly.cli import main
 from anomaly.encoder_io import save_encoder
-from anomaly.reconstruct import (RESIDUAL_VMAX, check_feature_layer, discriminator_features,
-                                 feature_layer_names, output_name, output_paths,
-                                 reconstruct_batch, residual_images)
+from anomaly.model import (check_feature_layer, discriminator_features, feature_layer_names,
+                           reconstruct_batch)
+from anomaly.reconstruct import RESIDUAL_VMAX, output_name, output_paths, residual_images
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
 from encoder_helpers import (sample_images, save_tiny_networks, tiny_encoder, tiny_networks,
                              write_folder)

@@ -61,7 +61,7 @@ def graphics(tmp_path) -> Path:
 
 
 def test_every_png_is_linked(graphics):
-    page = report.write_report(graphics)
+    page = report.write_report(report.ReportOptions(graphics))
     assert page == graphics / "index.html"
     parser = _Links()
     parser.feed(page.read_text(encoding="utf-8"))
@@ -75,7 +75,8 @@ def test_every_png_is_linked(graphics):
 
 
 def test_text_is_escaped_and_page_is_self_contained(graphics):
-    text = report.write_report(graphics, title=f"Run {EVIL}").read_text(encoding="utf-8")
+    page = report.write_report(report.ReportOptions(graphics, title=f"Run {EVIL}"))
+    text = page.read_text(encoding="utf-8")
     parser = _Links()
     parser.feed(text)
     assert parser.scripts == 0 and "<script" not in text
@@ -85,7 +86,7 @@ def test_text_is_escaped_and_page_is_self_contained(graphics):
 
 
 def test_page_order_and_summary(graphics):
-    text = report.write_report(graphics).read_text(encoding="utf-8")
+    text = report.write_report(report.ReportOptions(graphics)).read_text(encoding="utf-8")
     order = [text.index(s) for s in ('id="summary"', 'id="overview"', 'id="method-izif"',
                                      'id="method-knn-pixels"', 'id="tsne"', 'id="folder-heatmaps"',
                                      'id="downloads"')]
@@ -98,10 +99,10 @@ def test_page_order_and_summary(graphics):
 
 def test_missing_folder_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="--graphics"):
-        report.write_report(tmp_path / "nope")
+        report.write_report(report.ReportOptions(tmp_path / "nope"))
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert "No figures found" in report.write_report(empty).read_text()
+    assert "No figures found" in report.write_report(report.ReportOptions(empty)).read_text()
 
 
 def test_report_command(graphics):
@@ -136,7 +137,7 @@ def test_summary_shows_primary_pairs_operating_points_and_subgroups(tmp_path):
     (g / "summary.json").write_text(json.dumps({"split": "test", "primary": "izif",
                                                 "best_baseline": "knn-pixels", "rows": rows,
                                                 "subgroups": subgroups, "notes": []}))
-    text = report.write_report(g).read_text(encoding="utf-8")
+    text = report.write_report(report.ReportOptions(g)).read_text(encoding="utf-8")
     assert "Primary method: <b>izif</b>" in text and "Best baseline (on validation): <b>knn-pixels"\
         in text
     assert "+0.052 [0.011, 0.090]" in text and "0.012" in text and "group bootstrap" in text

@@ -16,7 +16,7 @@ from PIL import Image
 
 from anomaly.cli import main
 from anomaly.encoder_io import save_encoder
-from anomaly.reconstruct import discriminator_features
+from anomaly.model import discriminator_features
 from anomaly.scores import izif_score
 from anomaly.sheets import read_score_sheet
 from encoder_helpers import sample_images, save_tiny_networks, tiny_encoder, tiny_networks, write_folder

@@ -41,7 +41,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from anodata.imageio import MAX_PIXELS
 from anodata.policy import Preprocessing
 from anomaly import detector_scores as ds
 from anomaly.detector import Detector, DetectorScorer, load_detector, resolve_model_dir
@@ -50,6 +49,7 @@ from anomaly.reconstruct import residual_images
 from anomaly.scores import izif_score
 from stylegan.errors import UserError
 from stylegan.fileio import read_user_json
+from stylegan.imageio import MAX_PIXELS
 from stylegan.imageutil import to_uint8
 
 IZIF_SHEET = "izif.xlsx"

@@ -69,7 +69,6 @@ import re
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from importlib import resources
 from typing import Callable, Sequence
 from urllib.parse import parse_qs
@@ -82,16 +81,15 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from anomaly.app.access import LOOPBACK_NAMES, AccessOptions
 from anomaly.app.model import ServeModel, ServeOptions, load_serve_model
 from anomaly.app.uploads import (BodyBudget, BodyBudgetFull, DecodeBudget, Upload, UploadError,
                                  UploadLimits, fit_upload, read_headers, read_uploads)
 from stylegan.errors import UserError
 
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 DECODE_BYTES_PER_PIXEL = 8  # decoding budget: 8 bytes x --max-pixels (192 MB at 24 MP)
 SMALL_DECODE = 16 * 2**20  # images estimated below this decode in a lane of their own
 SESSION_COOKIE = "anostyle_session"
-MIN_TOKEN_CHARS = 16
 LOGIN_BODY_BYTES = 4096
 REQUEST_LIMIT = 64  # requests whose body has arrived, answered at once; 503 beyond
 CONNECTION_LIMIT = 512  # open connections; beyond, the longest-waiting one without a request
@@ -533,42 +531,6 @@ def create_app(model: ServeModel, limits: UploadLimits, *,
 # Starting the server
 
 
-@dataclass(frozen=True)
-class AccessOptions:
-    """How `anostyle serve` faces the network: login, Host names, proxy, time and memory."""
-
-    token: str | None = None  # None: ANOSTYLE_TOKEN, else no login (loopback or no_auth only)
-    no_auth: bool = False  # serve off loopback without a login, explicitly
-    allowed_hosts: tuple[str, ...] = ()  # () : loopback names, or this machine's names
-    proxy: str | None = None  # address(es) of a reverse proxy whose X-Forwarded-* are trusted
-    header_timeout: float = 10.0  # s to send the request line and headers
-    request_timeout: float = 60.0  # s for the body, decoding and scoring of one request
-    max_decoded_mb: float = 256.0  # decoded image bytes per request
-
-    def resolve(self, host: str, *, environ=os.environ) -> "AccessOptions":
-        """The token from ANOSTYLE_TOKEN when not given; refuses an exposed server without one
-        and short tokens, each with one sentence."""
-        token = self.token if self.token is not None else (environ.get("ANOSTYLE_TOKEN") or None)
-        if token is not None and len(token) < MIN_TOKEN_CHARS:
-            raise UserError(f"the token has {len(token)} characters; use at least "
-                            f"{MIN_TOKEN_CHARS}, e.g. from: python -c \"import secrets; "
-                            f"print(secrets.token_urlsafe())\".")
-        if token is not None and self.no_auth:
-            raise UserError("--no-auth and a token (--token or ANOSTYLE_TOKEN) contradict each "
-                            "other; give one of them.")
-        if host not in LOOPBACK_NAMES and token is None and not self.no_auth:
-            raise UserError(f"--host {host} exposes the page to other machines, so it needs a "
-                            f"login: give --token (or set ANOSTYLE_TOKEN), or pass --no-auth to "
-                            f"serve without one.")
-        for name, value in (("--header-timeout", self.header_timeout),
-                            ("--request-timeout", self.request_timeout),
-                            ("--max-decoded-mb", self.max_decoded_mb)):
-            if not 0 < value < 1e6:
-                raise UserError(f"{name} {value} is out of range; give a positive number.")
-        return AccessOptions(token, self.no_auth, self.allowed_hosts, self.proxy,
-                             self.header_timeout, self.request_timeout, self.max_decoded_mb)
-
-
 def upload_limits(opts: ServeOptions, access: AccessOptions | None = None) -> UploadLimits:
     access = access or AccessOptions()
     return UploadLimits(max_bytes=int(opts.max_upload_mb * 2**20), max_files=opts.max_files,
@@ -723,8 +685,10 @@ def timed_protocol(*, header_timeout: float, request_timeout: float,
     return TimedProtocol
 
 
-def uvicorn_server(app, *, log_level: str = "info", header_timeout: float = 10.0,
-                   request_timeout: float = 60.0, proxy: str | None = None):
+def uvicorn_server(app, *, log_level: str = "info",
+                   header_timeout: float = AccessOptions.header_timeout,
+                   request_timeout: float = AccessOptions.request_timeout,
+                   proxy: str | None = None):
     """A uvicorn Server for `app` (HTTP/1.1 via h11, no websockets, no lifespan events), with
     the connection limits of timed_protocol (uvicorn's own limit_concurrency is off).
 
@@ -792,7 +756,8 @@ class BackgroundServer:
     """uvicorn serving `app` on a free loopback port in a daemon thread (tests, benchmarks)."""
 
     def __init__(self, app, *, host: str = "127.0.0.1", log_level: str = "warning",
-                 header_timeout: float = 10.0, request_timeout: float = 60.0):
+                 header_timeout: float = AccessOptions.header_timeout,
+                 request_timeout: float = AccessOptions.request_timeout):
         self.app, self.host, self.log_level = app, host, log_level
         self.header_timeout, self.request_timeout = header_timeout, request_timeout
         self.port = 0

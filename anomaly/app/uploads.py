@@ -8,7 +8,7 @@ Limits, each checked as early as it can be:
   files        at most `max_files` parts, all in the field 'image', each with a file name;
   pixels       width x height from the image header, before any pixel is decoded
                (decompression bombs), then decoded by the project's one policy
-               (anodata.imageio) and fitted by the model's recorded preprocessing policy
+               (stylegan.imageio) and fitted by the model's recorded preprocessing policy
                (as `anostyle prepare` fitted its data);
   decoded      the bytes the decoder will hold (width x height x bytes per pixel of the file's
                mode, after JPEG's DCT-domain reduction), summed over the request's files;
@@ -40,7 +40,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from anodata.policy import Preprocessing
 from anodata.reader import read_fitted
-from anodata.imageio import ImageRejected
+from stylegan.imageio import ImageRejected
 
 FIELD = "image"
 UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")  # what PIL may identify an upload as

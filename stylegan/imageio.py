@@ -1,4 +1,5 @@
-"""Robust image decoding shared by `prepare` (raw inputs) and `ImageDataset` (prepared sets).
+"""Robust image decoding shared by `prepare` (raw inputs) and `ImageDataset` (prepared sets);
+it sits in stylegan, which imports nothing from anodata or anomaly.
 
 One policy for every odd input, so a dataset reads the same pixels wherever it was made:
 
