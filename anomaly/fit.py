@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ from stylegan.checkpoint import (load_training_state, restore_rng_state, rng_sta
                                  save_training_state)
 from stylegan.dataset import ImageDataset
 from stylegan.errors import UserError
-from stylegan.fileio import atomic_path, atomic_write_json
+from stylegan.fileio import atomic_path, atomic_write_json, path_from
 from stylegan.imageutil import from_uint8, save_grid, to_uint8
 from stylegan.progress import progress
 from stylegan.runtime import EndlessSampler, RunLog, cuda_backend_settings
@@ -211,10 +210,8 @@ def _setup(opts: FitOptions, *, echo) -> _Run:
                         f"network's resolution.")
     E, saved = _build_encoder(opts, G, D, resume, device)
     opt = torch.optim.Adam(E.parameters(), lr=opts.lr, betas=(0.9, 0.999))
-    # The path relative to the encoder's folder (no machine's absolute folders in a shipped
-    # file); the sha256 pairs the encoder with its network.
-    relative = os.path.relpath(Path(opts.network).resolve(), Path(opts.outdir).resolve())
-    network_info = {"path": Path(relative).as_posix(), "sha256": model.network_sha256,
+    # The path relative to the encoder's folder; the sha256 pairs the encoder with its network.
+    network_info = {"path": path_from(opts.outdir, opts.network), "sha256": model.network_sha256,
                     "generator": _plain(dataclasses.asdict(G.cfg)) if hasattr(G, "cfg") else None}
     policy = training_policy(opts.data, model)
     log = _Log(outdir, echo)
@@ -326,10 +323,21 @@ def _restore(run: _Run, resume: Path, meta: dict) -> None:
     run.log(f"resumed {resume.name} with its optimizer state at iteration {run.iteration}")
 
 
+# Options that name files: recorded relative to the encoder's folder.
+_PATH_OPTIONS = ("network", "data", "val", "init", "resume")
+
+
 def _write_options(run: _Run, resume: Path | None) -> None:
-    info = {"options": dataclasses.asdict(run.opts), "total_iters": run.opts.total_iters(),
+    outdir = Path(run.opts.outdir)
+    options = dataclasses.asdict(run.opts)
+    for key in _PATH_OPTIONS:
+        if options.get(key) and options[key] != "latest":
+            options[key] = path_from(outdir, options[key])
+    options["outdir"] = "."
+    info = {"options": options, "total_iters": run.opts.total_iters(),
             "encoder": dataclasses.asdict(run.E.cfg), "network": run.network_info,
-            "w_spread": run.w_spread, "resumed_from": None if resume is None else str(resume),
+            "w_spread": run.w_spread,
+            "resumed_from": None if resume is None else path_from(outdir, resume),
             "start_iter": run.iteration}
     atomic_write_json(Path(run.opts.outdir) / "encoder_options.json", info)
     run.log.drop_stats_after(run.iteration)
@@ -557,7 +565,7 @@ def _read_history(outdir: Path, val: str, *, up_to: int) -> list[dict]:
     try:
         body = json.loads(path.read_text(encoding="utf-8"))
         records = [r for r in body["checkpoints"] if int(r["iter"]) <= up_to]
-        same = Path(body["data"]).resolve() == Path(val).resolve()
+        same = (outdir / body["data"]).resolve() == Path(val).resolve()
     except (OSError, ValueError, KeyError, TypeError):
         return []
     return records if same else []
@@ -567,7 +575,7 @@ def _write_history(run: _Run) -> dict:
     history = sorted(run.val_history, key=lambda r: r["iter"])
     best = best_record(history)
     atomic_write_json(Path(run.opts.outdir) / VALIDATION_FILE, {
-        "data": str(Path(run.opts.val).resolve()), "images": int(len(run.val_images)),
+        "data": path_from(run.opts.outdir, run.opts.val), "images": int(len(run.val_images)),
         "rule": "lowest izif loss of the validation normals (earliest on ties)",
         "best": best, "checkpoints": history})
     return best

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -57,7 +56,7 @@ from anomaly.model import AnoModel
 from anomaly.sheets import config_dict, write_frames
 from stylegan.dataset import ImageDataset, iterate_batches
 from stylegan.errors import UserError
-from stylegan.fileio import atomic_write_json, check_own_folder, output_folder
+from stylegan.fileio import atomic_write_json, check_own_folder, output_folder, path_from
 
 DEFAULT_GRID = ("residual:mean,residual:p99,residual:smax:1,residual:smax:2,residual:smax:4,"
                 "lesion:mean,lesion:edge,lesion:ratio,"
@@ -207,12 +206,11 @@ def provenance(opts: TuneOptions, outdir: Path) -> dict:
     output folder (no machine's absolute folders in a shipped file), outdir as '.', and the
     sha256 of val.zip and train.zip (the networks' are detector.json's own fields)."""
     record = config_dict(opts)
-    base = outdir.resolve()
     for key in PATH_OPTIONS:
         if record.get(key):
-            record[key] = Path(os.path.relpath(Path(record[key]).resolve(), base)).as_posix()
+            record[key] = path_from(outdir, record[key])
     train = Path(opts.train) if opts.train else Path(opts.data).with_name("train.zip")
-    record.update(outdir=".", train=Path(os.path.relpath(train.resolve(), base)).as_posix(),
+    record.update(outdir=".", train=path_from(outdir, train),
                   data_sha256=sha256_file(opts.data), train_sha256=sha256_file(train))
     return record
 

@@ -128,6 +128,12 @@ def atomic_write_json(dest: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(dest, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+def path_from(folder: str | os.PathLike, path: str | os.PathLike) -> str:
+    """`path` relative to `folder`, with forward slashes: how a record written into `folder`
+    names its inputs, so that no machine's absolute folders end up in a shipped file."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(folder).resolve())).as_posix()
+
+
 def remove_stale_temporaries(folder: Path, *, force: bool = False) -> list[Path]:
     """Remove the temporaries that killed runs of this machine left in `folder` (once per run
     and folder unless `force`): only names of atomic_path's pattern, written by a process that

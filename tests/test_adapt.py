@@ -187,7 +187,8 @@ def test_training_steps_warm_start_and_continue_after_a_kill(parent, tmp_path, m
     work = dest.with_name("trained.adapt-work")
     assert (work / "encoder" / "encoder-000001.safetensors").is_file()
     options_json = json.loads((work / "encoder" / "encoder_options.json").read_text())
-    assert options_json["options"]["init"] == str(parent["folder"] / "encoder.safetensors")
+    init = work / "encoder" / options_json["options"]["init"]  # relative to the encoder's folder
+    assert init.resolve() == (parent["folder"] / "encoder.safetensors").resolve()
     adapt(opts, echo=quiet)
     record = json.loads((dest / "adapt.json").read_text())
     assert record["steps"]["gan"]["trained"] and record["steps"]["encoder"]["trained"]

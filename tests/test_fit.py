@@ -304,6 +304,11 @@ def test_validation_history_continues_on_resume(setup, tmp_path):
     a = json.loads((tmp_path / "a" / "validation.json").read_text())
     b = json.loads((tmp_path / "b" / "validation.json").read_text())
     assert a["checkpoints"] == b["checkpoints"] and len(a["checkpoints"]) == 2
+    # The run's records name their inputs relative to the run's folder: no absolute folders.
+    info = json.loads((tmp_path / "b" / "encoder_options.json").read_text())
+    assert b["data"] == "../val" == info["options"]["val"]
+    assert info["options"]["outdir"] == "." and info["resumed_from"] == "encoder-000004.safetensors"
+    assert str(tmp_path) not in json.dumps(info) + json.dumps(b)
 
 
 def test_validation_data_refusals(setup, tmp_path):
@@ -357,7 +362,8 @@ def test_init_warm_starts_a_new_run_and_max_minutes_stops_it(setup, tmp_path):
                               max_minutes=1e-9), echo=quiet)
     assert run.name == "encoder-000001.safetensors"  # stopped after the first iteration
     info = json.loads((tmp_path / "b" / "encoder_options.json").read_text())
-    assert info["start_iter"] == 0 and info["options"]["init"] == str(first)
+    assert info["start_iter"] == 0
+    assert info["options"]["init"] == "../a/encoder-000002.safetensors"  # relative to its folder
     E1, _ = load_encoder(run)
     moved = [float((a - b).abs().max()) for a, b in zip(E0.parameters(), E1.parameters())]
     assert 0 < max(moved) < 0.1  # one Adam step away from the --init weights, not a new net
