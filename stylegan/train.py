@@ -137,7 +137,10 @@ def train(opts: TrainOptions, *, resume_networks: dict | None = None) -> Path:
     """
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:  # under torchrun
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        return _train_process(rank, world, opts, resume_networks, init_method="env://")
+        run_dir = _train_process(rank, world, opts, resume_networks, init_method="env://")
+        if rank != 0:
+            _exit_without_teardown()  # the main process reports the run; see _spawned
+        return run_dir
     if opts.gpus == 1:
         return _train_process(0, 1, opts, resume_networks, init_method=None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -151,10 +154,16 @@ def _spawned(rank: int, opts: TrainOptions, resume_networks: dict | None, init: 
     run_dir = _train_process(rank, opts.gpus, opts, resume_networks, init_method=init)
     if rank == 0:
         Path(init.removeprefix("file://")).parent.joinpath("run_dir").write_text(str(run_dir))
-    # Everything is written and the process group is gone. A spawned child's interpreter
-    # shutdown can still abort in C++ ("terminate called without an active exception": a
-    # library thread destroyed while joinable, seen in CI and here about once in 15 runs), which
-    # spawn reports as a failed run; leave without that shutdown.
+    _exit_without_teardown()
+
+
+def _exit_without_teardown() -> None:
+    """Leave a helper process whose work is written and whose process group is gone.
+
+    Its interpreter shutdown can still abort in C++ ("terminate called without an active
+    exception": a library thread destroyed while joinable, seen in CI under spawn and torchrun
+    about once in 15 runs), which the launcher reports as a failed run; skip that shutdown.
+    """
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
