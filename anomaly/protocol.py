@@ -46,11 +46,13 @@ class Comparison:
         cls = df["class"].to_numpy()
         return (cls == self.normal) | np.isin(cls, self.anomalies)
 
+    def labels(self, df: pd.DataFrame) -> np.ndarray:
+        """y [M], 1 = anomaly, of the rows of `df` in this comparison."""
+        return np.isin(df["class"].to_numpy()[self.mask(df)], self.anomalies).astype(np.int64)
+
     def select(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """(y [M] with 1 = anomaly, scores [M]) of the rows of `df` in this comparison."""
-        rows = df[self.mask(df)]
-        return (np.isin(rows["class"].to_numpy(), self.anomalies).astype(np.int64),
-                rows["score"].to_numpy(dtype=np.float64))
+        return self.labels(df), df["score"].to_numpy(dtype=np.float64)[self.mask(df)]
 
 
 @dataclass(frozen=True)
