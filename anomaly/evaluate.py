@@ -252,7 +252,8 @@ def evaluate_scores(options: EvaluateOptions) -> Summary:
         grid = baseline.BaselineGrid(options.knn_sizes, options.knn_bins, options.knn_k)
         notes += baseline.baseline_sheets(options.scores_dir, options.prepared, grid,
                                           anomaly_class=options.anomaly_class
-                                          or DEFAULT_ANOMALY_CLASS)
+                                          or DEFAULT_ANOMALY_CLASS,
+                                          normal_class=options.normal_class)
     frames = load_score_sheets(options.scores_dir, split=options.split)
     shared = SHARED_COLUMNS + tuple(metrics.parse_by(b)[0] for b in options.by)
     lacking = {m: [c for c in shared if c not in df.columns] for m, df in frames.items()}
