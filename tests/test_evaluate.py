@@ -392,3 +392,16 @@ def test_the_main_comparison_is_named_when_the_default_class_is_absent(tmp_path)
     summary = ev.evaluate_scores(_options(tmp_path, bootstrap=0))
     assert any(n.startswith("the main comparison is nv vs rest (no class 'mel'")
                and "--anomaly-class" in n for n in summary.notes), summary.notes
+
+
+def test_anomaly_class_all_makes_the_pooled_comparison_main(tmp_path):
+    """--anomaly-class all (as tune reads it): normal vs every other class comes first."""
+    df = _scores()
+    _write(tmp_path, {"izif": df})
+    summary = ev.evaluate_scores(_options(tmp_path, anomaly_class="all", bootstrap=0))
+    assert summary.table["comparison"].tolist() == ["nv vs rest", "nv vs mel", "nv vs bkl",
+                                                    "nv vs bcc"]
+    test = df[df["split"] == "test"]
+    assert summary.table.iloc[0]["auc"] == pytest.approx(
+        skm.roc_auc_score(test["class"] != "nv", test["score"]))
+    assert summary.table.iloc[0]["anomaly_classes"] == "mel,bkl,bcc"  # largest first
