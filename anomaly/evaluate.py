@@ -1,6 +1,7 @@
 """`anostyle evaluate`: read the score sheets, compare methods, write figures and the summary.
 
-The protocol (metrics and tests are in anomaly/metrics.py, figures in anomaly/plots.py):
+The protocol (which classes, lesion groups and subgroups are compared: anomaly/protocol.py;
+metrics and tests: anomaly/metrics.py; figures: anomaly/plots.py):
 - Everything that is chosen is chosen on the VALIDATION split before the evaluated split is
   read: the decision threshold (youden / p95 / value), the threshold of "sensitivity at the
   specificity reached on validation normals", each baseline's configuration, the best baseline
