@@ -7,8 +7,9 @@ knn-colour: each image becomes its joint RGB histogram (bins per channel, b^3 ce
     1); its score is the mean L1 distance to the k nearest training histograms (Swain & Ballard
     1991 compare colour histograms by intersection, which is 1 - L1 / 2 for normalised ones).
 
-The resolution/bins and k of each baseline are chosen by the AUC on the VALIDATION split
-(normal vs the anomaly class when given, else vs every anomaly); test is never looked at.
+The resolution/bins and k of each baseline are chosen by the AUC on the VALIDATION split, on the
+main comparison of anomaly.protocol (normal vs the anomaly class when given and present in
+validation, else vs every anomaly); test is never looked at.
 Every evaluation shows both beside the GAN scores, so a report tells whether StyleGAN + encoder
 beat a detector that only looks at colour and coarse layout.
 """
@@ -32,7 +33,7 @@ from stylegan.dataset import ImageDataset
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_write_json
 
-from anomaly import sheets
+from anomaly import protocol, sheets
 from anomaly.metrics import roc_auc
 from stylegan.progress import progress
 
@@ -152,29 +153,34 @@ def _zip_features(prepared: Path, grid: BaselineGrid):
     return dataset_features(train, grid, desc="train"), parts
 
 
-def _val_target(ident: pd.DataFrame, anomaly_class: str | None) -> np.ndarray:
-    """Mask of the validation rows of the selection comparison (normals + chosen anomalies)."""
+def _selection(ident: pd.DataFrame, normal_class: str | None,
+               anomaly_class: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """(mask [N] of the validation rows of the selection comparison, their y): the protocol's
+    main comparison, normal vs every anomaly when `anomaly_class` has no validation images."""
+    normal = protocol.resolve_normal_class([ident], normal_class, where="the prepared dataset")
     val = ident["split"].to_numpy() == "val"
-    normal = ident["label"].to_numpy() == 0
-    anomalies = ident["label"].to_numpy() == 1
-    if anomaly_class is not None and (val & (ident["class"].to_numpy() == anomaly_class)).any():
-        anomalies = ident["class"].to_numpy() == anomaly_class
-    return val & (normal | anomalies)
+    rows = ident[val]
+    if anomaly_class is None or not (rows["class"] == anomaly_class).any():
+        anomaly_class = protocol.ALL_ANOMALIES
+    main = protocol.build_comparisons(rows, normal, anomaly_class, where="validation images")[0]
+    return val & main.mask(ident), main.labels(rows)
 
 
 def baseline_frames(prepared: str | os.PathLike, grid: BaselineGrid = BaselineGrid(), *,
-                    anomaly_class: str | None = None) -> tuple[dict[str, pd.DataFrame], dict]:
+                    anomaly_class: str | None = None,
+                    normal_class: str | None = None) -> tuple[dict[str, pd.DataFrame], dict]:
     """Score val and test with every configuration; keep the best on validation per baseline.
 
     Returns ({method: score frame}, record) where the record lists every configuration's
-    validation AUC and the chosen one.
+    validation AUC and the chosen one (and the normal class when one is given).
     """
     prepared = Path(prepared)
     train, parts = _zip_features(prepared, grid)
     ident = pd.concat([p[0] for p in parts], ignore_index=True)
-    target = _val_target(ident, anomaly_class)
-    y_val = ident["label"].to_numpy()[target]
+    target, y_val = _selection(ident, normal_class, anomaly_class)
     frames, record = {}, {"grid": asdict(grid), "anomaly_class": anomaly_class, "tried": []}
+    if normal_class is not None:
+        record["normal_class"] = normal_class
     for method, kind, metric, values in ((METHOD, "pixels", "euclidean", grid.sizes),
                                          (COLOUR_METHOD, "colour", "manhattan", grid.bins)):
         best = None
@@ -224,9 +230,9 @@ def find_prepared(scores_dir: Path, prepared: Path | None) -> Path | None:
 
 
 def _up_to_date(scores_dir: Path, prepared: Path, grid: BaselineGrid,
-                anomaly_class: str | None) -> dict | None:
+                anomaly_class: str | None, normal_class: str | None) -> dict | None:
     """The recorded choice when every baseline sheet is newer than the dataset and was made
-    with this grid and anomaly class; else None."""
+    with this grid, anomaly class and normal class; else None."""
     record_path = scores_dir / RECORD
     paths = [scores_dir / f"{m}.xlsx" for m in METHODS] + [record_path]
     if not all(p.is_file() for p in paths):
@@ -236,7 +242,8 @@ def _up_to_date(scores_dir: Path, prepared: Path, grid: BaselineGrid,
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
     if not isinstance(record, dict) or record.get("grid") != json.loads(json.dumps(asdict(grid))) \
-            or record.get("anomaly_class") != anomaly_class:
+            or record.get("anomaly_class") != anomaly_class \
+            or record.get("normal_class") != normal_class:
         return None
     inputs = [prepared / f"{s}.zip" for s in ("train", *EVAL_SPLITS)] + [prepared / "manifest.csv"]
     newest = max(p.stat().st_mtime for p in inputs if p.is_file())
@@ -256,7 +263,8 @@ def _describe(record: dict) -> str:
 
 def baseline_sheets(scores_dir: str | os.PathLike, prepared: str | os.PathLike | None,
                     grid: BaselineGrid = BaselineGrid(), *,
-                    anomaly_class: str | None = None) -> list[str]:
+                    anomaly_class: str | None = None,
+                    normal_class: str | None = None) -> list[str]:
     """Write knn-pixels.xlsx, knn-colour.xlsx and baselines.json into the scores folder unless
     up to date; returns notes."""
     scores_dir = Path(scores_dir)
@@ -267,10 +275,11 @@ def baseline_sheets(scores_dir: str | os.PathLike, prepared: str | os.PathLike |
                     f"recompute them"]
         raise UserError("The k-NN baselines need the prepared dataset: pass --prepared DIR "
                         "(the folder holding train.zip) or --baseline none.")
-    record = _up_to_date(scores_dir, prepared, grid, anomaly_class)
+    record = _up_to_date(scores_dir, prepared, grid, anomaly_class, normal_class)
     if record is not None:
         return [f"baseline sheets reused (newer than {prepared}); {_describe(record)}"]
-    frames, record = baseline_frames(prepared, grid, anomaly_class=anomaly_class)
+    frames, record = baseline_frames(prepared, grid, anomaly_class=anomaly_class,
+                                     normal_class=normal_class)
     for method, frame in frames.items():
         sheets.write_score_sheet(frame, scores_dir / f"{method}.xlsx")
     atomic_write_json(scores_dir / RECORD, {**record, "prepared": str(prepared)})

@@ -458,8 +458,9 @@ class _IntList(click.ParamType):
               help="Where figures, summary.xlsx and summary.json go.")
 @click.option("--normal-class", metavar="NAME",
               help="Normal class name [the class labelled 0, e.g. nv].")
-@click.option("--anomaly-class", metavar="NAME",
-              help="Main anomaly class [mel when present]; then normal vs rest, vs each class.")
+@click.option("--anomaly-class", metavar="NAME|all",
+              help="Main anomaly class [mel when present, else all]; then normal vs rest, vs "
+                   "each class.")
 @_eval("--threshold", type=str, metavar="youden|p95|VALUE",
        help="Decision threshold, chosen on the val split only and applied to test.")
 @_eval("--bootstrap", type=click.IntRange(min=0),
@@ -506,7 +507,8 @@ def evaluate(by: tuple[str, ...], **flags) -> None:
 @click.option("--outdir", default="graphics", show_default=True, type=click.Path(), metavar="DIR",
               help="Where repeats.xlsx and repeats.json go.")
 @click.option("--normal-class", metavar="NAME", help="Normal class [the class labelled 0].")
-@click.option("--anomaly-class", metavar="NAME", help="Anomaly class [mel when present].")
+@click.option("--anomaly-class", metavar="NAME|all",
+              help="Anomaly class [mel when present, else all].")
 def evaluate_repeats(score_dirs: tuple[str, ...], outdir: str, normal_class: str | None,
                      anomaly_class: str | None) -> None:
     """Mean ± s.d. of each method's validation and test AUC over repeat runs.

@@ -1,6 +1,7 @@
 """`anostyle evaluate`: read the score sheets, compare methods, write figures and the summary.
 
-The protocol (metrics and tests are in anomaly/metrics.py, figures in anomaly/plots.py):
+The protocol (which classes, lesion groups and subgroups are compared: anomaly/protocol.py;
+metrics and tests: anomaly/metrics.py; figures: anomaly/plots.py):
 - Everything that is chosen is chosen on the VALIDATION split before the evaluated split is
   read: the decision threshold (youden / p95 / value), the threshold of "sensitivity at the
   specificity reached on validation normals", each baseline's configuration, the best baseline
@@ -40,8 +41,8 @@ from sklearn import metrics as skm
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_write_json
 
-from anomaly import baseline, metrics, plots, sheets
-from anomaly.comparison import Comparison, ComparisonResult
+from anomaly import baseline, metrics, plots, protocol, sheets
+from anomaly.protocol import DEFAULT_ANOMALY_CLASS, Comparison, ComparisonResult
 
 SKIPPED_SHEETS = ("all_scores.xlsx", "summary.xlsx", "repeats.xlsx")
 SKIPPED_PREFIXES = (".", "~$", "report_", "tsne")  # temporary/lock files, evaluate's own sheets
@@ -55,7 +56,6 @@ REFERENCE_NOTE = ("reference (uses labels): a supervised classifier trained on t
 BASELINE_CHOICES = ("knn", "knn-pixels", "none")  # 'knn-pixels': the old name of 'knn'
 SPLITS = ("test", "val")
 SHEET_SPLITS = ("train", "val", "test")  # the split names `score` writes
-DEFAULT_ANOMALY_CLASS = "mel"
 SHARED_COLUMNS = ("group", "image")  # copied between sheets by (split, file)
 ALPHA = 0.05
 _GRID = baseline.BaselineGrid()  # the option field `baseline` hides the module in the class
@@ -68,7 +68,7 @@ class EvaluateOptions:
     scores_dir: Path
     outdir: Path
     normal_class: str | None = None  # None: the class of the rows labelled 0
-    anomaly_class: str | None = None  # None: 'mel' when present, else only pooled comparisons
+    anomaly_class: str | None = None  # None: 'mel' when present, else pooled; 'all': pooled
     threshold: str = "youden"  # 'youden' | 'p95' | a number
     bootstrap: int = 1000  # bootstrap resamples for CIs and the paired test (0: none)
     seed: int = 0
@@ -95,24 +95,6 @@ class Summary:
     split: str = "test"
 
 
-# Re-exported so `evaluate.auc_from_ranks` etc. keep working for callers of the old module.
-auc_from_ranks = metrics.auc_from_ranks
-youden_threshold = metrics.youden_threshold
-p95_threshold = metrics.p95_threshold
-binary_metrics = metrics.binary_metrics
-parse_threshold = metrics.parse_threshold
-choose_threshold = metrics.choose_threshold
-
-
-def group_labels(df: pd.DataFrame) -> np.ndarray | None:
-    """Lesion id of each row (`group` column; an empty cell: the image alone), or None."""
-    if "group" not in df.columns:
-        return None
-    raw = df["group"]
-    empty = raw.isna() | (raw.astype(str).str.strip() == "")
-    return raw.astype(str).where(~empty, "image:" + df["file"].astype(str)).to_numpy()
-
-
 # ------------------------------------------------------------------------------ one comparison
 
 
@@ -134,7 +116,7 @@ def evaluate_comparison(method: str, df: pd.DataFrame, comparison: Comparison,
         metrics.parse_threshold(options.threshold), y_val, s_val, where=where)
     spec_threshold = (metrics.quantile_threshold(s_val[y_val == 0]) if (y_val == 0).any()
                       else math.nan)  # only a fixed threshold gets here without val normals
-    groups = group_labels(rows)
+    groups = protocol.group_labels(rows)
     cis = metrics.bootstrap_cis(y, s, groups, n=options.bootstrap, seed=options.seed,
                                 thresholds={"op": threshold, "valspec": spec_threshold})
     at = metrics.binary_metrics(y, s, threshold)
@@ -222,26 +204,6 @@ def paired_row(result: ComparisonResult, reference: ComparisonResult,
 # ------------------------------------------------------------------------------ subgroups
 
 
-def _subgroup_values(df: pd.DataFrame, column: str,
-                     edges: tuple[float, ...] | None) -> tuple[np.ndarray, list[str], str]:
-    """Subgroup label of each row, the labels in display order, and how they were made."""
-    raw = df[column]
-    numeric = pd.to_numeric(raw, errors="coerce")
-    if edges is None and numeric.notna().sum() == raw.notna().sum() \
-            and raw.dropna().nunique() > 8:
-        edges = metrics.auto_edges(numeric.to_numpy(dtype=np.float64)) or None
-    if edges is not None:
-        if numeric.notna().sum() == 0:
-            raise UserError(f"--by {column}:... needs numbers, but column '{column}' holds text; "
-                            f"drop the bin edges to group by its values.")
-        labels = metrics.bin_labels(numeric.to_numpy(dtype=np.float64), edges)
-        order = list(metrics.bin_labels(np.r_[-np.inf, np.asarray(edges), np.nan], edges))
-        return labels, [v for v in dict.fromkeys(order) if v in set(labels)], \
-            f"bins at {', '.join(f'{e:g}' for e in edges)}"
-    text = raw.astype(str).where(raw.notna() & (raw.astype(str).str.strip() != ""), "missing")
-    return text.to_numpy(dtype=object), sorted(set(text), key=str), "values"
-
-
 def _subgroup_row(method: str, y: np.ndarray, s: np.ndarray, groups, options, **label) -> dict:
     cis = metrics.bootstrap_cis(y, s, groups, n=options.bootstrap, seed=options.seed)
     low, high = _ci(cis, "auc")
@@ -256,9 +218,9 @@ def subgroup_rows(result: ComparisonResult, df: pd.DataFrame, spec: str,
     column, edges = metrics.parse_by(spec)
     comp = result.comparison
     rows = df[(df["split"] == options.split) & comp.mask(df)].reset_index(drop=True)
-    values, order, how = _subgroup_values(rows, column, edges)
+    values, order, how = protocol.subgroup_labels(rows, column, edges)
     y, s = comp.select(rows)
-    groups = group_labels(rows)
+    groups = protocol.group_labels(rows)
     normal_name, anomaly_name = comp.normal, "+".join(comp.anomalies)
 
     def sub(mask: np.ndarray, **label) -> dict | None:
@@ -270,12 +232,12 @@ def subgroup_rows(result: ComparisonResult, df: pd.DataFrame, spec: str,
 
     out = [sub(np.ones(len(y), bool), value="(all)", scope="all",
                comparison=f"{normal_name} vs {anomaly_name}")]
-    for value in order:
-        here = values == value
-        out.append(sub(here | (y == 1), value=value, scope="normals",
+    for group in protocol.subgroups(values, y, order=order):
+        value = group.value
+        out.append(sub(group.normals, value=value, scope="normals",
                        comparison=f"{normal_name}[{column}={value}] vs {anomaly_name}"))
-        if (here & (y == 1)).any() and not (here | (y == 0)).all():
-            out.append(sub(here, value=value, scope="both",
+        if group.both is not None:
+            out.append(sub(group.both, value=value, scope="both",
                            comparison=f"{normal_name} vs {anomaly_name}, both {column}={value}"))
     return [r for r in out if r is not None]
 
@@ -291,7 +253,8 @@ def evaluate_scores(options: EvaluateOptions) -> Summary:
         grid = baseline.BaselineGrid(options.knn_sizes, options.knn_bins, options.knn_k)
         notes += baseline.baseline_sheets(options.scores_dir, options.prepared, grid,
                                           anomaly_class=options.anomaly_class
-                                          or DEFAULT_ANOMALY_CLASS)
+                                          or DEFAULT_ANOMALY_CLASS,
+                                          normal_class=options.normal_class)
     frames = load_score_sheets(options.scores_dir, split=options.split)
     shared = SHARED_COLUMNS + tuple(metrics.parse_by(b)[0] for b in options.by)
     lacking = {m: [c for c in shared if c not in df.columns] for m, df in frames.items()}
@@ -300,9 +263,12 @@ def evaluate_scores(options: EvaluateOptions) -> Summary:
               f"taken from the other score sheets (matched by split and file)"
               for m, cols in lacking.items() if any(c in frames[m].columns for c in cols)]
     _check_by(frames, options.by)
-    normal = resolve_normal_class(frames, options.normal_class)
-    comparisons = {m: build_comparisons(df, normal, options.anomaly_class, method=m,
-                                        split=options.split) for m, df in frames.items()}
+    normal = protocol.resolve_normal_class(frames.values(), options.normal_class,
+                                           where="the score sheets")
+    comparisons = {m: protocol.build_comparisons(df[df["split"] == options.split], normal,
+                                                 options.anomaly_class,
+                                                 where=f"{options.split} images in {m}.xlsx")
+                   for m, df in frames.items()}
     primary, best_baseline, selection_notes = select_on_validation(frames, comparisons, options)
     notes += selection_notes
     main = next(iter(comparisons.values()), [None])[0]
@@ -504,40 +470,6 @@ def _group_notes(frames: dict[str, pd.DataFrame]) -> list[str]:
             f"own group, so CIs are image-level and paired comparisons use DeLong's test"]
 
 
-def resolve_normal_class(frames: dict[str, pd.DataFrame], normal: str | None) -> str:
-    """The given normal class (checked), or the one class whose rows carry label 0."""
-    found = sorted({c for df in frames.values() for c in df["class"]})
-    if normal is not None:
-        if normal not in found:
-            raise UserError(f"--normal-class '{normal}' does not occur in the score sheets; "
-                            f"classes found: {', '.join(found)}.")
-        return normal
-    zero = sorted({c for df in frames.values() for c in df.loc[df["label"] == 0, "class"]})
-    if len(zero) != 1:
-        raise UserError(f"The score sheets label {len(zero)} classes as normal "
-                        f"({', '.join(zero) or 'none'}); pass --normal-class NAME.")
-    return zero[0]
-
-
-def build_comparisons(df: pd.DataFrame, normal: str, anomaly_class: str | None, *,
-                      method: str, split: str = "test") -> list[Comparison]:
-    """Main (normal vs anomaly class), pooled (normal vs rest), then each other class."""
-    rows = df[df["split"] == split]
-    sizes = rows.loc[rows["class"] != normal, "class"].value_counts()
-    others = sorted(sizes.index, key=lambda c: (-sizes[c], c))
-    if anomaly_class is not None and anomaly_class not in others:
-        raise UserError(f"--anomaly-class '{anomaly_class}' has no {split} images in "
-                        f"{method}.xlsx; {split} classes: {', '.join(others) or 'none'}.")
-    target = anomaly_class or (DEFAULT_ANOMALY_CLASS if DEFAULT_ANOMALY_CLASS in others else None)
-    comparisons = []
-    if target is not None:
-        comparisons.append(Comparison(f"{normal} vs {target}", normal, (target,)))
-    if len(others) > 1 or target is None:
-        comparisons.append(Comparison(f"{normal} vs rest", normal, tuple(others)))
-    comparisons += [Comparison(f"{normal} vs {c}", normal, (c,)) for c in others if c != target]
-    return comparisons
-
-
 def select_on_validation(frames: dict[str, pd.DataFrame], comparisons: dict[str, list],
                          options: EvaluateOptions) -> tuple[str | None, str | None, list[str]]:
     """(primary method, best baseline, notes), from validation rows only (main comparison)."""
@@ -586,8 +518,8 @@ def _figures(frames: dict[str, pd.DataFrame], results: dict[str, list[Comparison
     for method, found in results.items():
         files += _method_outputs(method, frames[method], found, options.outdir, options.split)
     main_names = {rs[0].comparison.name for rs in results.values()}
-    curves = {m: [r for r in rs if r.comparison.name in main_names or r.comparison.name.endswith(
-        " vs rest")] for m, rs in results.items()}
+    curves = {m: [r for r in rs if r.comparison.name in main_names
+                  or protocol.is_pooled(r.comparison)] for m, rs in results.items()}
     files.append(options.outdir / "roc_all.png")
     plots.plot_roc_all(curves, files[-1], baselines=BASELINES, split=options.split)
     return files
@@ -695,9 +627,11 @@ def repeat_table(score_dirs: list[Path], *, normal_class: str | None = None,
             raise UserError(f"--scores {folder} is not a folder; give the folders that "
                             f"`anostyle score` wrote for each repeat run.")
         frames = load_score_sheets(Path(folder))
-        normal = resolve_normal_class(frames, normal_class)
+        normal = protocol.resolve_normal_class(frames.values(), normal_class,
+                                               where="the score sheets")
         for method, df in frames.items():
-            main = build_comparisons(df, normal, anomaly_class, method=method)[0]
+            main = protocol.build_comparisons(df[df["split"] == "test"], normal, anomaly_class,
+                                              where=f"test images in {method}.xlsx")[0]
             row = {"run": str(folder), "method": method, "comparison": main.name}
             for split in ("val", "test"):
                 row[f"{split}_auc"] = metrics.roc_auc(*main.select(df[df["split"] == split]))

@@ -19,7 +19,7 @@ import seaborn as sns
 from matplotlib import ticker
 from matplotlib.figure import Figure
 
-from anomaly.comparison import ComparisonResult
+from anomaly.protocol import ComparisonResult
 from stylegan.fileio import atomic_path
 
 

@@ -50,9 +50,10 @@ from stylegan.progress import progress
 from anodata.shifts import DEFAULT_SHIFTS, Shift, parse_shifts, shifted_halves
 from anomaly import detector as det
 from anomaly import detector_scores as ds
-from anomaly import metrics
+from anomaly import metrics, protocol
 from anomaly.encoder_io import sha256_file
 from anomaly.model import AnoModel
+from anomaly.protocol import Comparison
 from anomaly.sheets import config_dict, write_frames
 from stylegan.dataset import ImageDataset, iterate_batches
 from stylegan.errors import UserError
@@ -133,17 +134,17 @@ def tune(opts: TuneOptions) -> dict[str, Path]:
     bank = det.bank_from_zip(model, train, needs, modes=modes, bank_size=opts.bank_size,
                              dims=opts.dims, seed=opts.seed, batch=opts.batch)
     cache = _val_pass(model, data, needs, tta="tta" in modes, batch=opts.batch)
-    normal, comparison, anomalies = _comparison(cache.rows, opts)
+    comparison = _comparison(cache.rows, opts)
     shifted = np.zeros(len(cache.rows), dtype=bool)
     shift_q = {}
     if shifts:
-        shifted = _shifted_rows(cache.rows, normal, anomalies, opts.seed)
+        shifted = _shifted_rows(cache.rows, comparison, opts.seed)
         shift_q = shift_passes(model, data, cache, shifted, shifts, needs, tta="tta" in modes,
                                images=opts.images, batch=opts.batch)
     seconds = time.time() - start
     by = tuple(dict.fromkeys((*opts.by, *_select_column(opts))))
     _check_columns(cache.rows, by)
-    dropped = {c: small_subgroups(cache.rows, normal, c, opts.min_subgroup)
+    dropped = {c: small_subgroups(cache.rows, comparison.normal, c, opts.min_subgroup)
                for c in _select_column(opts)}
     for column, small in dropped.items():
         if small:  # the worst-case guard cannot see these routes: say so, never silently
@@ -155,18 +156,18 @@ def tune(opts: TuneOptions) -> dict[str, Path]:
     under = {name: _scores(configs, q, bank, model) for name, q in shift_q.items()}
     for q_scores in (scores, *under.values()):
         ds.refuse_non_finite(q_scores, command="tune", outputs="tune.xlsx or detector.json")
-    rows = [_evaluate(name, s, cache.rows, normal, anomalies, by, opts,
+    rows = [_evaluate(name, s, cache.rows, comparison, by, opts,
                       shifted={sh: under[sh][name] for sh in under})
             for name, s in scores.items()]
-    rows += _combinations(rows, scores, cache.rows, normal, anomalies, by, opts, under)
+    rows += _combinations(rows, scores, cache.rows, comparison, by, opts, under)
     table = pd.DataFrame(rows)
     table = _with_cost(table)
     best = select_row(table, opts.tolerance)
     table["chosen"] = table.index == best.name
-    detector = _detector(best, float(table["select"].max()), scores, cache.rows, normal,
-                         anomalies, comparison, model, opts,
-                         bank_images=min(opts.bank_size, len(ImageDataset(train))),
-                         shifts=_shift_record(shifts, shifted, cache.rows, normal, opts))
+    detector = _detector(best, float(table["select"].max()), scores, cache.rows, comparison,
+                         model, opts, bank_images=min(opts.bank_size, len(ImageDataset(train))),
+                         shifts=_shift_record(shifts, shifted, cache.rows, comparison.normal,
+                                              opts))
     outdir = Path(opts.outdir)
     options = provenance(opts, outdir)
     detector = replace(detector, extra={**detector.extra, "tune": options})
@@ -174,7 +175,7 @@ def tune(opts: TuneOptions) -> dict[str, Path]:
         written = _write_outputs(unit, table, detector, bank, {
             "options": options, "network": options["network"], "encoder": options["encoder"],
             "configurations": len(table), "chosen": detector.method,
-            "comparison": comparison, "selection": detector.selection, "validation_images": len(cache.rows),
+            "comparison": comparison.name, "selection": detector.selection, "validation_images": len(cache.rows),
             "subgroups_not_counted": dropped, "seconds_for_passes": round(seconds, 2)})
     return {key: outdir / path.name for key, path in written.items()}
 
@@ -220,9 +221,14 @@ def provenance(opts: TuneOptions, outdir: Path) -> dict:
 
 def small_subgroups(rows: pd.DataFrame, normal: str, column: str, minimum: int) -> list[str]:
     """Values of `column` whose normals number fewer than `minimum` (sorted, with counts)."""
-    values = rows.loc[rows["class"] == normal, column].fillna("").astype(str)
-    counts = values.value_counts()
-    return [f"{v} ({n})" for v, n in sorted(counts.items()) if n < minimum]
+    y = (rows["class"] != normal).to_numpy().astype(np.int64)
+    return protocol.small_subgroups(protocol.subgroups(_text_values(rows, column), y,
+                                                       minimum=minimum))
+
+
+def _text_values(rows: pd.DataFrame, column: str) -> np.ndarray:
+    """Each row's value of `column` as text ('' for an empty cell): tune's subgroup labels."""
+    return rows[column].fillna("").astype(str).to_numpy()
 
 
 def _checked_paths(opts: TuneOptions) -> tuple[Path, Path]:
@@ -279,13 +285,11 @@ def _val_pass(model: AnoModel, data: Path, needs: det.Needs, *, tta: bool,
     return ValCache(pd.DataFrame(records), q)
 
 
-def _shifted_rows(rows: pd.DataFrame, normal: str, anomalies: tuple[str, ...],
-                  seed: int) -> np.ndarray:
+def _shifted_rows(rows: pd.DataFrame, comparison: Comparison, seed: int) -> np.ndarray:
     """Bool [N]: the seeded SHIFT_SHARE of the comparison's normals and of its anomalies."""
-    cls = rows["class"].to_numpy()
-    compared = np.flatnonzero((cls == normal) | np.isin(cls, anomalies))
+    compared = np.flatnonzero(comparison.mask(rows))
     out = np.zeros(len(rows), dtype=bool)
-    out[compared] = shifted_halves(np.isin(cls[compared], anomalies), SHIFT_SHARE, seed)
+    out[compared] = shifted_halves(comparison.labels(rows).astype(bool), SHIFT_SHARE, seed)
     return out
 
 
@@ -364,36 +368,21 @@ def _shift_record(shifts: tuple[Shift, ...], shifted: np.ndarray, rows: pd.DataF
             "shifted_anomalies": int((shifted & ~normals).sum())}
 
 
-def _comparison(rows: pd.DataFrame, opts: TuneOptions) -> tuple[str, str, tuple[str, ...]]:
-    """(normal class, comparison name, anomaly classes) of the main comparison."""
-    classes = sorted(set(rows["class"]))
-    normal = opts.normal_class
-    if normal is None:
-        zero = sorted(set(rows.loc[rows["label"] == 0, "class"]))
-        if len(zero) != 1:
-            raise UserError(f"The validation data label {len(zero)} classes as normal; pass "
-                            f"--normal-class NAME.")
-        normal = zero[0]
-    elif normal not in classes:
-        raise UserError(f"--normal-class {normal!r} has no validation images; classes: "
-                        f"{', '.join(classes)}.")
-    others = [c for c in classes if c != normal]
-    if not others:
+def _comparison(rows: pd.DataFrame, opts: TuneOptions) -> Comparison:
+    """The main comparison of the validation rows (anomaly.protocol)."""
+    normal = protocol.resolve_normal_class([rows], opts.normal_class,
+                                           where="the validation data")
+    if not (rows["class"] != normal).any():
         raise UserError("The validation data hold no anomalies, so nothing can be tuned; "
                         "prepare val.zip with the anomaly classes.")
-    target = opts.anomaly_class
-    if target is None:  # the default, named in tune.json, detector.json and the chosen line
-        target = "mel" if "mel" in others else "all"
-        if target == "all":
-            warnings.warn(f"--anomaly-class is not given and the validation data hold no 'mel': "
-                          f"the comparison is {normal} vs all of {', '.join(others)}",
-                          UserWarning, stacklevel=3)
-    if target == "all":
-        return normal, f"{normal} vs rest", tuple(others)
-    if target not in others:
-        raise UserError(f"--anomaly-class {target!r} has no validation images; classes: "
-                        f"{', '.join(others)} (or 'all').")
-    return normal, f"{normal} vs {target}", (target,)
+    comparison = protocol.build_comparisons(rows, normal, opts.anomaly_class,
+                                            where="validation images")[0]
+    if opts.anomaly_class is None and protocol.is_pooled(comparison):
+        # the default, named in tune.json, detector.json and the chosen line
+        warnings.warn(f"--anomaly-class is not given and the validation data hold no "
+                      f"'{protocol.DEFAULT_ANOMALY_CLASS}': the comparison is {normal} vs all of "
+                      f"{', '.join(sorted(comparison.anomalies))}", UserWarning, stacklevel=3)
+    return comparison
 
 
 def parse_select(text: str) -> tuple[str | None, bool]:
@@ -438,13 +427,6 @@ def _check_columns(rows: pd.DataFrame, by: tuple[str, ...]) -> None:
 # ------------------------------------------------------------------------------ evaluation
 
 
-def _groups(rows: pd.DataFrame) -> np.ndarray | None:
-    if "group" not in rows.columns:
-        return None
-    g = rows["group"].astype(str)
-    return g.where(g.str.strip() != "", "image:" + rows["file"].astype(str)).to_numpy()
-
-
 def _scores(configs: list[tuple[str, bool]], q: dict, bank, model: AnoModel
             ) -> dict[str, np.ndarray]:
     """{configuration name: scores [N]} from the raw quantities of one pass."""
@@ -459,34 +441,30 @@ def selection_value(route_value: float, shift_aucs: dict[str, float]) -> float:
     return math.nan if any(not math.isfinite(v) for v in values) else min(values)
 
 
-def _evaluate(name: str, s: np.ndarray, rows: pd.DataFrame, normal: str,
-              anomalies: tuple[str, ...], by: tuple[str, ...], opts: TuneOptions, *,
+def _evaluate(name: str, s: np.ndarray, rows: pd.DataFrame, comparison: Comparison,
+              by: tuple[str, ...], opts: TuneOptions, *,
               shifted: dict[str, np.ndarray] | None = None) -> dict:
     """One tune.xlsx row: main AUC with lesion-level CI, subgroup AUCs, the main AUC under
     each shift (`shifted`: shift name -> scores [N]), selection value."""
-    cls = rows["class"].to_numpy()
-    is_normal, is_anomaly = cls == normal, np.isin(cls, anomalies)
-    keep = is_normal | is_anomaly
-    y, sk = is_anomaly[keep].astype(np.int64), s[keep]
-    groups = _groups(rows)
+    keep = comparison.mask(rows)
+    y, sk = comparison.labels(rows), s[keep]
+    groups = protocol.group_labels(rows)
     cis = metrics.bootstrap_cis(y, sk, None if groups is None else groups[keep],
                                 n=opts.bootstrap, seed=opts.seed)
     method, tta = det.split_config_name(name)
     row = {"configuration": name, "method": method, "tta": tta,
            "auc": metrics.roc_auc(y, sk), "auc_low": cis.get("auc", (math.nan,) * 2)[0],
            "auc_high": cis.get("auc", (math.nan,) * 2)[1],
-           "n_normal": int(is_normal.sum()), "n_anomaly": int(is_anomaly.sum())}
+           "n_normal": int((y == 0).sum()), "n_anomaly": int((y == 1).sum())}
     worst = {}
     for column in by:
-        values = rows[column].fillna("").astype(str).to_numpy()
         aucs = []
-        for value in sorted(set(values[is_normal])):
-            sub = (is_normal & (values == value)) | is_anomaly
-            n_sub = int((is_normal & (values == value)).sum())
-            auc = metrics.roc_auc(is_anomaly[sub].astype(np.int64), s[sub])
-            row[f"auc[{column}={value}]"] = auc
-            row[f"n[{column}={value}]"] = n_sub
-            if n_sub >= opts.min_subgroup and math.isfinite(auc):
+        for group in protocol.subgroups(_text_values(rows, column)[keep], y,
+                                        minimum=opts.min_subgroup):
+            auc = metrics.roc_auc(y[group.normals], sk[group.normals])
+            row[f"auc[{column}={group.value}]"] = auc
+            row[f"n[{column}={group.value}]"] = group.n_normal
+            if group.counted and math.isfinite(auc):
                 aucs.append(auc)
         worst[column] = min(aucs) if aucs else math.nan
     select_cols = _select_column(opts)
@@ -513,7 +491,7 @@ def combination_pairs(ranked: list[str], available: set[str]) -> list[tuple[str,
 
 
 def _combinations(rows: list[dict], scores: dict[str, np.ndarray], val: pd.DataFrame,
-                  normal: str, anomalies, by, opts: TuneOptions,
+                  comparison: Comparison, by, opts: TuneOptions,
                   under: dict[str, dict[str, np.ndarray]]) -> list[dict]:
     """Rank averages of pairs of the `combine` best single configurations (by the rule), and of
     their one-pass counterparts (combination_pairs); under a shift, each component's score is
@@ -522,7 +500,7 @@ def _combinations(rows: list[dict], scores: dict[str, np.ndarray], val: pd.DataF
         return []
     ranked = sorted((r for r in rows if math.isfinite(r["select"])),
                     key=lambda r: -r["select"])[:opts.combine]
-    normals = (val["class"] == normal).to_numpy()
+    normals = (val["class"] == comparison.normal).to_numpy()
     out = []
     for a, b in combination_pairs([r["configuration"] for r in ranked], set(scores)):
         refs = [np.sort(scores[c][normals]) for c in (a, b)]
@@ -531,7 +509,7 @@ def _combinations(rows: list[dict], scores: dict[str, np.ndarray], val: pd.DataF
         scores[name] = combined
         for shifted in under.values():
             shifted[name] = ds.rank_average([shifted[a], shifted[b]], refs)
-        row = _evaluate(name, combined, val, normal, anomalies, by, opts,
+        row = _evaluate(name, combined, val, comparison, by, opts,
                         shifted={sh: under[sh][name] for sh in under})
         row.update({"method": "rank-average", "tta": None, "components": f"{a} + {b}"})
         out.append(row)
@@ -573,10 +551,10 @@ def _ordered(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _detector(best: pd.Series, best_value: float, scores: dict[str, np.ndarray],
-              val: pd.DataFrame, normal: str, anomalies, comparison: str, model: AnoModel,
+              val: pd.DataFrame, comparison: Comparison, model: AnoModel,
               opts: TuneOptions, *, bank_images: int, shifts: dict | None) -> det.Detector:
     name = best["configuration"]
-    normals = (val["class"] == normal).to_numpy()
+    normals = (val["class"] == comparison.normal).to_numpy()
     if best["method"] == "rank-average":
         parts = [det.split_config_name(p) for p in best["components"].split(" + ")]
         comps = tuple(det.Component(m, t, tuple(np.sort(scores[det.config_name(m, t)][normals])
@@ -585,16 +563,15 @@ def _detector(best: pd.Series, best_value: float, scores: dict[str, np.ndarray],
     else:
         comps, combine = (det.Component(*det.split_config_name(name)),), "single"
     s = scores[name]
-    keep = normals | np.isin(val["class"].to_numpy(), anomalies)
-    y = np.isin(val["class"].to_numpy()[keep], anomalies).astype(np.int64)
     threshold, rule, _note = metrics.choose_threshold(metrics.parse_threshold(opts.threshold),
-                                                      y, s[keep], where="tune")
+                                                      comparison.labels(val),
+                                                      s[comparison.mask(val)], where="tune")
     uses_bank = any(det.is_detector_method(c.method)
                     and det.parse_method(c.method).family in ("knn", "maha", "dfeat-res")
                     for c in comps)
     policy = model.recorded_policy
     return det.Detector(
-        comps, combine, float(threshold), rule, comparison,
+        comps, combine, float(threshold), rule, comparison.name,
         tuple(np.sort(s[normals]).tolist()),
         {"rule": opts.select, "value": float(best["select"]), "tolerance": opts.tolerance,
          "best_value": best_value, **({"shifts": shifts} if shifts else {})},

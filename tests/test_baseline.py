@@ -164,3 +164,31 @@ def test_evaluate_includes_the_baseline(prepared, tmp_path):
     assert (tmp_path / "graphics" / "roc_knn-pixels.png").is_file()
     assert summary.best_baseline in ("knn-pixels", "knn-colour")
     assert table.loc[("izif", "nv vs mel"), "vs_baseline"] == summary.best_baseline
+
+
+def test_selection_rows_follow_the_protocol_main_comparison():
+    # val: nv and bkl both labelled normal, mel and scc anomalies; test rows never selected
+    ident = pd.DataFrame({"class": ["nv", "bkl", "mel", "scc", "nv", "mel"],
+                          "label": [0, 0, 1, 1, 0, 1],
+                          "split": ["val"] * 4 + ["test"] * 2})
+    with pytest.raises(UserError, match="The prepared dataset label 2 classes as normal"):
+        baseline._selection(ident, None, "mel")
+    mask, y = baseline._selection(ident, "nv", "mel")
+    assert mask.tolist() == [True, False, True, False, False, False] and y.tolist() == [0, 1]
+    mask, y = baseline._selection(ident, "nv", "vasc")  # no val vasc: every other class
+    assert mask.tolist() == [True, True, True, True, False, False]
+    assert y.tolist() == [0, 1, 1, 1]
+    one_normal = ident.assign(label=[0, 1, 1, 1, 0, 1])
+    mask, y = baseline._selection(one_normal, None, None)  # the class labelled 0, pooled
+    assert mask.tolist() == [True, True, True, True, False, False]
+
+
+def test_baseline_sheets_are_remade_for_another_normal_class(prepared, tmp_path):
+    grid = baseline.BaselineGrid(sizes=(2,), bins=(2,), ks=(1,))
+    scores = tmp_path / "scores"
+    scores.mkdir()
+    assert "computed" in baseline.baseline_sheets(scores, prepared, grid, normal_class="nv")[0]
+    assert json.loads((scores / "baselines.json").read_text())["normal_class"] == "nv"
+    assert "reused" in baseline.baseline_sheets(scores, prepared, grid, normal_class="nv")[0]
+    assert "computed" in baseline.baseline_sheets(scores, prepared, grid)[0]
+    assert "normal_class" not in json.loads((scores / "baselines.json").read_text())

@@ -11,8 +11,8 @@ from PIL import Image
 from sklearn import metrics as skm
 
 from anomaly import evaluate as ev
-from anomaly import sheets
-from anomaly.comparison import Comparison
+from anomaly import metrics, protocol, sheets
+from anomaly.protocol import Comparison
 from stylegan.errors import UserError
 
 
@@ -53,7 +53,7 @@ def test_threshold_never_sees_test_labels():
     assert after["auc"] != before["auc"]
     val = df[df["split"] == "val"]
     y_val, s_val = comp.select(val)
-    assert before["threshold"] == ev.youden_threshold(y_val, s_val)
+    assert before["threshold"] == metrics.youden_threshold(y_val, s_val)
 
 
 def test_threshold_fallbacks_and_refusal():
@@ -75,14 +75,17 @@ def test_threshold_fallbacks_and_refusal():
 
 def test_comparisons_built_from_test_classes():
     df = _scores()
-    names = [c.name for c in ev.build_comparisons(df, "nv", None, method="m")]
-    assert names == ["nv vs mel", "nv vs rest", "nv vs bkl", "nv vs bcc"]
-    only_mel = df[df["class"].isin(["nv", "mel"])]
-    assert [c.name for c in ev.build_comparisons(only_mel, "nv", None, method="m")] == ["nv vs mel"]
-    assert [c.name for c in ev.build_comparisons(df, "nv", "bkl", method="m")][:2] == [
-        "nv vs bkl", "nv vs rest"]
+    test = df[df["split"] == "test"]
+
+    def names(rows, anomaly_class):
+        return [c.name for c in protocol.build_comparisons(rows, "nv", anomaly_class,
+                                                           where="test images in m.xlsx")]
+    assert names(test, None) == ["nv vs mel", "nv vs rest", "nv vs bkl", "nv vs bcc"]
+    only_mel = test[test["class"].isin(["nv", "mel"])]
+    assert names(only_mel, None) == ["nv vs mel"]
+    assert names(test, "bkl")[:2] == ["nv vs bkl", "nv vs rest"]
     with pytest.raises(UserError, match="--anomaly-class"):
-        ev.build_comparisons(df, "nv", "vasc", method="m")
+        names(test, "vasc")
 
 
 def test_sensitivity_at_validation_specificity():
@@ -203,7 +206,7 @@ def test_paired_comparison_with_the_best_baseline(tmp_path):
     assert row["vs_baseline"] == "knn-pixels" and row["paired_test"] == "group bootstrap"
     test = df[df["split"] == "test"]
     y = (test["class"] == "mel").to_numpy()
-    ref = ev.metrics.paired_bootstrap(y, test["score"].to_numpy(),
+    ref = metrics.paired_bootstrap(y, test["score"].to_numpy(),
                                       weak.loc[test.index, "score"].to_numpy(),
                                       test["group"].to_numpy(), n=300, seed=0)
     assert row["auc_diff"] == pytest.approx(ref.difference)
@@ -216,7 +219,7 @@ def test_paired_comparison_with_the_best_baseline(tmp_path):
     _write(tmp_path, {"izif": df[sheet_cols]})
     nogroup = ev.evaluate_scores(_options(tmp_path, bootstrap=50)).table.iloc[0]
     assert nogroup["paired_test"] == "DeLong"
-    delong = ev.metrics.delong_test(y, test["score"].to_numpy(),
+    delong = metrics.delong_test(y, test["score"].to_numpy(),
                                     weak.loc[test.index, "score"].to_numpy())
     assert nogroup["p_value"] == pytest.approx(delong.p_value)
 
@@ -389,3 +392,16 @@ def test_the_main_comparison_is_named_when_the_default_class_is_absent(tmp_path)
     summary = ev.evaluate_scores(_options(tmp_path, bootstrap=0))
     assert any(n.startswith("the main comparison is nv vs rest (no class 'mel'")
                and "--anomaly-class" in n for n in summary.notes), summary.notes
+
+
+def test_anomaly_class_all_makes_the_pooled_comparison_main(tmp_path):
+    """--anomaly-class all (as tune reads it): normal vs every other class comes first."""
+    df = _scores()
+    _write(tmp_path, {"izif": df})
+    summary = ev.evaluate_scores(_options(tmp_path, anomaly_class="all", bootstrap=0))
+    assert summary.table["comparison"].tolist() == ["nv vs rest", "nv vs mel", "nv vs bkl",
+                                                    "nv vs bcc"]
+    test = df[df["split"] == "test"]
+    assert summary.table.iloc[0]["auc"] == pytest.approx(
+        skm.roc_auc_score(test["class"] != "nv", test["score"]))
+    assert summary.table.iloc[0]["anomaly_classes"] == "mel,bkl,bcc"  # largest first

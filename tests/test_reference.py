@@ -22,7 +22,7 @@ from PIL import Image
 from sklearn import metrics as skm
 
 from anomaly import evaluate as ev
-from anomaly import report, sheets
+from anomaly import metrics, report, sheets
 from anomaly.cli import main
 from anomaly.reference import classifier, efficientnet as eff, run as ref
 from anomaly.reference.small_cnn import fit_small_cnn, to_input, train_small_cnn
@@ -394,8 +394,8 @@ def test_evaluate_shows_the_reference_apart(tmp_path):
     assert entry["auc_ci_low"] < entry["auc"] < entry["auc_ci_high"]
     assert entry["ci_unit"] == "lesion" and entry["role"] == "reference (uses labels)"
     izif = frames["izif"].loc[test.index, "score"].to_numpy()
-    paired = ev.metrics.paired_bootstrap(y, izif, test["score"].to_numpy(),
-                                         test["group"].to_numpy(), n=200, seed=0)
+    paired = metrics.paired_bootstrap(y, izif, test["score"].to_numpy(),
+                                      test["group"].to_numpy(), n=200, seed=0)
     diff = entry["primary_minus_reference"]
     assert diff["primary"] == "izif" and diff["auc_diff"] == pytest.approx(paired.difference)
     assert diff["auc_diff"] < 0 and (diff["ci_low"], diff["p_value"]) == pytest.approx(
