@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from anodata.prepared import PreparedDataset
 from anomaly.tune import DEFAULT_GRID
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_write_json
@@ -273,25 +274,11 @@ def _step_prepare(opts: AdaptOptions, parent: Path, work: _Work, label: str) -> 
 def split_counts(prepared: Path) -> dict[str, dict[str, int]]:
     """split -> class -> images, from a prepared folder's manifest.csv (label 0 = normal is
     kept in the class name's entry; see normal_classes)."""
-    manifest = _manifest(prepared)
-    table = manifest.groupby(["split", "class"]).size()
-    out: dict[str, dict[str, int]] = {}
-    for (split, cls), n in table.items():
-        out.setdefault(str(split), {})[str(cls)] = int(n)
-    return out
-
-
-def _manifest(prepared: Path) -> pd.DataFrame:
-    path = Path(prepared) / "manifest.csv"
-    if not path.is_file():
-        raise UserError(f"{prepared} has no manifest.csv; give a folder written by `anostyle "
-                        f"prepare`.")
-    return pd.read_csv(path, dtype=str, keep_default_na=False)
+    return PreparedDataset.open(prepared).counts()
 
 
 def normal_classes(prepared: Path) -> list[str]:
-    manifest = _manifest(prepared)
-    return sorted(set(manifest.loc[manifest["label"] == "0", "class"]))
+    return PreparedDataset.open(prepared).normal_classes()
 
 
 def check_usable(counts: dict[str, dict[str, int]], prepared: Path) -> None:
@@ -422,9 +409,8 @@ def tuning_rule(opts: AdaptOptions, prepared: Path) -> tuple[dict[str, Any], lis
     - worst:COLUMN with fewer than two values of COLUMN holding `min_subgroup` validation
       normals: the plain validation AUC.
     """
-    manifest = _manifest(prepared)
-    val = manifest[manifest["split"] == "val"]
-    normals = val["label"] == "0"
+    val = PreparedDataset.open(prepared).rows("val")
+    normals = val["label"] == 0
     if opts.anomaly_class in (None, "all"):
         target = val["class"] == "mel" if (opts.anomaly_class is None
                                            and (val["class"] == "mel").any()) else ~normals
@@ -538,10 +524,7 @@ def _step_assemble(opts: AdaptOptions, parent: Path, work: _Work, label: str) ->
                            ("encoder_options.json", "encoder_options.json")):
             if (work.root / "encoder" / name).is_file():
                 shutil.copyfile(work.root / "encoder" / name, staging / kept)
-    manifest = _manifest(work.data)
-    groups = manifest["group"].where(manifest["group"] != "", "image:" + manifest["file"])
-    pd.DataFrame({"group": groups, "split": manifest["split"]}).drop_duplicates()\
-        .to_csv(staging / "splits.csv", index=False)
+    PreparedDataset.open(work.data).lesion_groups().to_csv(staging / "splits.csv", index=False)
     staging.rename(model_dir)
     work.echo(f"{label}: network, encoder, detector.json, bank, splits.csv, tune.xlsx")
     return {}

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.neighbors import NearestNeighbors
 
+from anodata.prepared import MANIFEST, PreparedDataset
 from stylegan.dataset import ImageDataset
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_write_json
@@ -104,51 +105,39 @@ def knn_mean_distances(train: np.ndarray, queries: np.ndarray, ks: Sequence[int]
     return {k: distances[:, :k].mean(axis=1).astype(np.float64) for k in ks}
 
 
-def _manifest(folder: Path) -> pd.DataFrame | None:
-    """The prepared dataset's manifest.csv (text cells), or None when absent."""
-    path = folder / "manifest.csv"
-    if not path.is_file():
-        return None
-    manifest = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in ("file", "class", "split") if c not in manifest.columns]
-    if missing:
-        raise UserError(f"{path} lacks the column(s) {', '.join(missing)}; rebuild it with "
-                        f"`anostyle prepare`.")
-    return manifest
-
-
-def _identity_frame(data: ImageDataset, split: str, manifest: pd.DataFrame | None) -> pd.DataFrame:
-    """Columns label, file, class, split + the manifest's other columns (group, image, ...)."""
+def _identity_frame(data: ImageDataset, split: str,
+                    prepared: PreparedDataset | None) -> pd.DataFrame:
+    """Columns label, file, class, split + the manifest's other columns (group, source, ...)."""
     names = [str(n) for n in data.names]
     frame = pd.DataFrame({"label": (np.asarray(data.labels) != 0).astype(np.int64),
                           "file": names, "split": split})
-    if manifest is None:
+    if prepared is None:
         return frame.assign(**{"class": [str(lab) for lab in data.labels]})[
             ["label", "file", "class", "split"]]
-    rows = manifest[manifest["split"] == split].drop_duplicates("file")
+    rows = prepared.rows_of(split, names)  # in the zip's order
     extra = [c for c in rows.columns if c not in _MANIFEST_SKIPPED]
-    merged = frame.merge(rows[["file", "class", *extra]], on="file", how="left")
+    merged = frame.join(rows[["class", *extra]])
     fallback = pd.Series([str(lab) for lab in data.labels], index=merged.index)
     merged["class"] = merged["class"].where(merged["class"].notna(), fallback)
     return merged[["label", "file", "class", "split", *extra]]
 
 
-def _zip_features(prepared: Path, grid: BaselineGrid):
+def _zip_features(folder: Path, grid: BaselineGrid):
     """(train features, [(identity frame, features)] per eval split) of a prepared dataset."""
-    train = ImageDataset(prepared / "train.zip")
+    train = ImageDataset(folder / "train.zip")
     if len(train) < max(grid.ks):
-        raise UserError(f"{prepared / 'train.zip'} holds {len(train)} images, fewer than "
+        raise UserError(f"{folder / 'train.zip'} holds {len(train)} images, fewer than "
                         f"k={max(grid.ks)} neighbours; prepare more normal training images or "
                         f"pass smaller k values.")
-    manifest = _manifest(prepared)
-    if manifest is None:
-        warnings.warn(f"{prepared / 'manifest.csv'} is missing; the baselines name classes by "
+    prepared = PreparedDataset.find(folder)
+    if prepared is None:
+        warnings.warn(f"{folder / MANIFEST} is missing; the baselines name classes by "
                       f"their integer label.", stacklevel=3)
     parts = []
     for split in EVAL_SPLITS:
-        if (prepared / f"{split}.zip").is_file():
-            data = ImageDataset(prepared / f"{split}.zip")
-            parts.append((_identity_frame(data, split, manifest),
+        if (folder / f"{split}.zip").is_file():
+            data = ImageDataset(folder / f"{split}.zip")
+            parts.append((_identity_frame(data, split, prepared),
                           dataset_features(data, grid, desc=split)))
     return dataset_features(train, grid, desc="train"), parts
 
@@ -245,7 +234,7 @@ def _up_to_date(scores_dir: Path, prepared: Path, grid: BaselineGrid,
             or record.get("anomaly_class") != anomaly_class \
             or record.get("normal_class") != normal_class:
         return None
-    inputs = [prepared / f"{s}.zip" for s in ("train", *EVAL_SPLITS)] + [prepared / "manifest.csv"]
+    inputs = [prepared / f"{s}.zip" for s in ("train", *EVAL_SPLITS)] + [prepared / MANIFEST]
     newest = max(p.stat().st_mtime for p in inputs if p.is_file())
     return record if min(p.stat().st_mtime for p in paths) >= newest else None
 

@@ -152,20 +152,23 @@ def original_names(source: SourceImages) -> dict[str, str]:
     """For a prepared split zip (`<dest>/{train,val,test}.zip` with manifest.csv beside it):
     zip name -> '<original stem>.png' (e.g. ISIC_0024307.png). Two sources with one stem get
     '_2', '_3', ... in the zip's (sorted) order. Empty for any other source."""
-    from stylegan.dataset import read_manifest
+    from anodata.prepared import PreparedDataset, original_name
 
     split = source.path.stem
     if not source.is_zip or split not in ("train", "val", "test"):
         return {}
     try:
-        rows = {r["file"]: r for r in read_manifest(source.path) if r.get("split") == split}
+        prepared = PreparedDataset.find(source.path)
     except UserError:
         return {}
+    if prepared is None:
+        return {}
+    rows = prepared.rows(split)
+    sources = dict(zip(rows["file"], rows["source"])) if "source" in rows else {}
     out: dict[str, str] = {}
     taken: set[str] = set()  # lower case: one file on case-insensitive file systems too
     for name in source.names:
-        row = rows.get(name)
-        stem = PurePosixPath(row["source"].replace("\\", "/")).stem if row else ""
+        stem = original_name(sources[name]) if name in sources else ""
         if not stem:
             continue
         candidate, k = f"{stem}.png", 1

@@ -19,11 +19,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from anodata.prepare import MANIFEST_COLUMNS
+from anodata.prepared import PreparedDataset, split_of_zip
 from anomaly.model import DEFAULT_METHODS, AnoModel, Forward
 from anomaly.scores import METHODS, ScoreTable, method_filename
 from anomaly.sheets import config_dict, write_all_scores, write_score_sheet
-from stylegan.dataset import ImageDataset, iterate_batches, read_manifest
+from stylegan.dataset import ImageDataset, iterate_batches
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_write_json
 from stylegan.imageutil import from_uint8, to_uint8
@@ -119,24 +119,14 @@ def _open_dataset(path: str) -> tuple[ImageDataset, _Rows]:
         raise UserError(f"--data {path} does not exist; give a val.zip or test.zip written by "
                         f"`anostyle prepare`.")
     dataset = ImageDataset(path)
-    split = Path(path).stem if Path(path).stem in ("train", "val", "test") else "test"
-    try:
-        manifest = [r for r in read_manifest(path) if r["split"] == split]
-    except UserError:  # a dataset not made by `anostyle prepare`: labels only
-        manifest = []
-    return dataset, _Rows(classes={r["file"]: r["class"] for r in manifest},
-                          splits={r["file"]: r["split"] for r in manifest}, default_split=split,
-                          meta={r["file"]: manifest_meta(r) for r in manifest})
-
-
-def manifest_meta(row: dict[str, str]) -> dict[str, str]:
-    """A manifest row's descriptive columns for the sheets: `image` (the source file's stem,
-    e.g. ISIC_0024307), `group` (lesion id), then every non-standard manifest column."""
-    meta = {"image": PurePosixPath(row.get("source", "").replace("\\", "/")).stem,
-            "group": row.get("group", "")}
-    meta.update({k: (v or "") for k, v in row.items()
-                 if k not in MANIFEST_COLUMNS and k is not None and k not in meta})
-    return meta
+    split = split_of_zip(path)
+    prepared = PreparedDataset.find(path)  # None: a dataset not made by `anostyle prepare`
+    if prepared is None:
+        return dataset, _Rows(classes={}, splits={}, default_split=split)
+    rows = prepared.rows(split)
+    return dataset, _Rows(classes=dict(zip(rows["file"], rows["class"])),
+                          splits=dict(zip(rows["file"], rows["split"])), default_split=split,
+                          meta=prepared.descriptions(split))
 
 
 def _write_outputs(opts: ScoreOptions, table: ScoreTable, model: AnoModel,

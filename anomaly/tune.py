@@ -297,16 +297,14 @@ def raw_paths(data: Path, files: list[str] | None, images: str | None) -> list[P
     """The raw source file of each prepared file of the split (None: all of them): manifest
     `source` under `images`, by default the source folder prepare.json records; refuses in one
     sentence when one is missing."""
-    from anodata.policy import read_prepare_json
-    from stylegan.dataset import read_manifest
+    from anodata.prepared import PreparedDataset, split_of_zip
 
-    split = data.stem if data.stem in ("train", "val", "test") else "test"  # as scoring reads it
-    source = {r["file"]: r.get("source") or "" for r in read_manifest(data)
-              if r["split"] == split}  # file names repeat across the splits' zips
+    prepared = PreparedDataset.open(data)
+    rows = prepared.rows(split_of_zip(data))  # as scoring reads it
+    source = dict(zip(rows["file"], rows.get("source", pd.Series("", index=rows.index))))
     files = list(source) if files is None else files
     if images is None:
-        options = (read_prepare_json(data) or {}).get("options") or {}
-        images = options.get("source") if isinstance(options, dict) else None
+        images = prepared.source_folder
     paths = [Path(images or ".") / source.get(f, "") for f in files]
     missing = [f for f, p in zip(files, paths) if not source.get(f) or not p.is_file()]
     if images is None or missing:

@@ -43,11 +43,11 @@ from PIL import Image
 from stylegan.progress import progress
 
 from anodata.policy import fit_image
+from anodata.prepared import PreparedDataset
 from anodata.shifts import Shift, shifted_halves
 from anodata.shifts import paint_border  # noqa: F401 (bench.paint_border, tests/test_border.py)
 from anomaly.detector import load_model_dir
 from anomaly.metrics import bootstrap_cis, roc_auc
-from stylegan.dataset import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 # shift kind -> (policy field of its guard, value off, value on); zoom has no guard
@@ -142,8 +142,8 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     model, scorer = load_model_dir(args.model, device="cpu")
-    rows = [r for r in read_manifest(args.prepared)
-            if r["split"] == args.split and r["class"] in (args.normal, args.anomaly)]
+    rows = PreparedDataset.open(args.prepared).rows(args.split)
+    rows = rows[rows["class"].isin((args.normal, args.anomaly))].to_dict("records")
     y = np.array([r["class"] == args.anomaly for r in rows], dtype=np.int64)
     groups = [r["group"] for r in rows]
     shifted = shifted_halves(y == 1, args.share, args.seed)

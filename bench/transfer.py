@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from anodata.prepared import PreparedDataset
 from anomaly.detector import check_data_policy, load_model_dir
 from anomaly.metrics import bootstrap_cis, paired_comparison, roc_auc
 from stylegan.dataset import ImageDataset, iterate_batches
@@ -68,8 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     start = time.time()
-    manifest = pd.read_csv(f"{args.prepared}/manifest.csv", dtype=str, keep_default_na=False)
-    table = manifest[manifest["split"] == args.split][["file", "class", "group"]]
+    table = PreparedDataset.open(args.prepared).rows(args.split)[["file", "class", "group"]]
     for k, m in enumerate(args.model):
         scored = scores_of(m, f"{args.prepared}/{args.split}.zip")
         table = table.merge(scored.rename(columns={"score": f"score_{k}"}), on="file")

@@ -13,7 +13,6 @@ Items are uint8 arrays [C, H, W] (C = 1 or 3) and an int label.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import zipfile
@@ -269,22 +268,3 @@ def iterate_batches(dataset: ImageDataset, batch_size: int, *,
     for images, labels, names in loader:
         assert images.dtype == torch.uint8 and images.ndim == 4, (images.dtype, images.shape)
         yield images, labels.to(torch.int64), list(names)
-
-
-def _dest_folder(dest_dir: str | os.PathLike) -> Path:
-    """The prepared folder, also when given one of its zips (e.g. `prepared/test.zip`)."""
-    path = Path(dest_dir)
-    return path.parent if path.suffix.lower() == ".zip" or path.is_file() else path
-
-
-def read_manifest(dest_dir: str | os.PathLike) -> list[dict[str, str]]:
-    """Rows of `<dest_dir>/manifest.csv` (written by `anostyle prepare`) as dicts of strings.
-
-    `dest_dir` may also be one of its zips (e.g. `prepared/test.zip`): its folder is used.
-    """
-    path = _dest_folder(dest_dir) / "manifest.csv"
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; it is written by `anostyle prepare` beside "
-                        f"train.zip, val.zip and test.zip.")
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))

@@ -13,8 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stylegan.dataset import (ImageDataset, iterate_batches,
-                              read_manifest)
+from stylegan.dataset import ImageDataset, iterate_batches
 from stylegan.errors import UserError
 
 
@@ -139,18 +138,6 @@ def test_clear_user_errors(tmp_path, case, match):
         path.write_bytes(b"PK but not really")
     with pytest.raises(UserError, match=match):
         ImageDataset(path)
-
-
-def test_manifest_helpers(tmp_path):
-    dest = tmp_path / "prepared"
-    dest.mkdir()
-    (dest / "manifest.csv").write_text(
-        "file,source,class,label,group,split,sha256\n"
-        "a.png,x/a.jpg,nv,0,g1,train,00\nb.png,x/b.jpg,mel,2,g2,test,11\n"
-        "c.png,x/c.jpg,bcc,1,g3,val,22\n")
-    assert [r["class"] for r in read_manifest(dest / "test.zip")] == ["nv", "mel", "bcc"]
-    with pytest.raises(UserError, match="manifest.csv does not exist"):
-        read_manifest(tmp_path)
 
 
 def test_rot90_with_mirror_gives_the_eight_symmetries_of_the_square(tmp_path):

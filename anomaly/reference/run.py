@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from stylegan.progress import progress
 
 from anomaly import sheets
-from anomaly.baseline import _identity_frame, _manifest  # the baselines' sheet identity columns
+from anodata.prepared import PreparedDataset
+from anomaly.baseline import _identity_frame  # the baselines' sheet identity columns
 from anomaly.reference.classifier import FittedReference, fit_logistic
 from stylegan.dataset import ImageDataset, iterate_batches
 from stylegan.errors import UserError
@@ -80,8 +81,8 @@ def run_reference(opts: ReferenceOptions) -> dict[str, Path]:
     opts = _checked(opts)
     start = time.time()
     prepared = Path(opts.prepared)
-    manifest = _manifest(prepared)
-    val = _open_split(prepared, "val", manifest)
+    dataset = PreparedDataset.find(prepared)  # None: no manifest.csv, labels only
+    val = _open_split(prepared, "val", dataset)
     normal, anomalies = training_classes(val.frame, opts.normal_class, opts.anomaly_class)
     rows = val.frame["class"].isin((normal, *anomalies)).to_numpy()
     y = val.frame["class"].isin(anomalies).to_numpy()[rows].astype(np.int64)
@@ -90,7 +91,7 @@ def run_reference(opts: ReferenceOptions) -> dict[str, Path]:
     fitted = _fit(opts, _take(inputs, rows), y, groups)
     val_scores = fitted.score(inputs)
     val_scores[rows] = fitted.oof_scores
-    test = _open_split(prepared, "test", manifest)  # opened only after fitting
+    test = _open_split(prepared, "test", dataset)  # opened only after fitting
     test_scores = fitted.score(_backbone_inputs(opts, test))
     frame = pd.concat([val.frame.assign(score=val_scores), test.frame.assign(score=test_scores)],
                       ignore_index=True)
@@ -159,9 +160,9 @@ def _checked(opts: ReferenceOptions) -> ReferenceOptions:
     return opts
 
 
-def _open_split(prepared: Path, split: str, manifest: pd.DataFrame | None) -> Split:
+def _open_split(prepared: Path, split: str, dataset: PreparedDataset | None) -> Split:
     path = prepared / f"{split}.zip"
-    return Split(_identity_frame(ImageDataset(path), split, manifest), path)
+    return Split(_identity_frame(ImageDataset(path), split, dataset), path)
 
 
 def _take(inputs, rows: np.ndarray):
