@@ -35,7 +35,7 @@ from anomaly import detector_scores as ds
 from anomaly.model import AnoModel, Forward
 from anomaly.scores import MAX_KAPPA
 from anomaly.scores import METHODS as CLASSIC
-from anomaly.scores import check_sklearn_metric
+from anomaly.scores import check_sklearn_metric, izif_combine
 from stylegan.errors import UserError
 from stylegan.fileio import read_user_json
 from stylegan.imageutil import from_uint8
@@ -458,10 +458,10 @@ def method_scores(name: str, q: dict[str, torch.Tensor], *, mode: str, bank: Ban
     if m.family in ("residual", "lesion"):
         return q[f"res:{m.agg}:{(m.sigma if m.agg == 'smax' else 0.0):g}"].double().numpy()
     if m.family == "izif":
-        value = q["res:mean:0"].double()
-        if m.kappa > 0:
-            value = value + m.kappa * q[f"cres:{(m.layers or (model_layer,))[0]}"].double() \
-                .mean(dim=1)
+        value = q["res:mean:0"].double()  # A_R (residual_map's mean)
+        if m.kappa > 0:  # A_D: the channel residuals' mean over channels
+            value = izif_combine(value, q[f"cres:{(m.layers or (model_layer,))[0]}"].double()
+                                 .mean(dim=1), m.kappa)
         return value.numpy()
     if bank is None:
         raise UserError(f"The method {name} needs the training-naevi bank; score with "

@@ -312,10 +312,7 @@ class AnoModel:
         scores: dict[str, np.ndarray] = {}
         for method in methods:
             if method == "izif":
-                feat, feat_rec = out.feat, out.feat_rec
-                if feat is None:  # kappa 0: the feature term vanishes
-                    feat = feat_rec = torch.zeros(len(out.x), 1, device=out.x.device)
-                value = izif_score(out.x, out.rec, feat, feat_rec, kappa=self.kappa)
+                value = izif_score(out.x, out.rec, out.feat, out.feat_rec, kappa=self.kappa)
             elif method.startswith("sklearn:"):
                 value = pixel_distance(out.x, out.rec, method.split(":", 1)[1])
             elif method == "torch-euclidean":
