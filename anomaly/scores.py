@@ -73,6 +73,17 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
+@dataclass
+class Forward:
+    """One forward pass of a batch: everything any score method needs."""
+
+    x: torch.Tensor  # [N, C, H, W] in [-1, 1]
+    ws: torch.Tensor | None  # [N, K, D] (None without encoder)
+    rec: torch.Tensor | None  # [N, C, H, W] G(E(x))
+    feat: torch.Tensor | None  # D features of x (None when no method needs them)
+    feat_rec: torch.Tensor | None  # D features of G(E(x))
+
+
 def _check_pair(x: torch.Tensor, x_rec: torch.Tensor, what: str) -> None:
     if x.shape != x_rec.shape:
         raise ValueError(f"{what} shapes differ: {tuple(x.shape)} vs {tuple(x_rec.shape)}")

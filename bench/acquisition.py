@@ -45,8 +45,8 @@ from stylegan.progress import progress
 from anodata.policy import fit_image
 from anodata.shifts import Shift, shifted_halves
 from anodata.shifts import paint_border  # noqa: F401 (bench.paint_border, tests/test_border.py)
-from anomaly.detector import load_model_dir
 from anomaly.metrics import bootstrap_cis, roc_auc
+from anomaly.model import AnoModel
 from stylegan.dataset import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,7 +141,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    model, scorer = load_model_dir(args.model, device="cpu")
+    model = AnoModel.open(args.model, device="cpu")
+    scorer = model.detector
     rows = [r for r in read_manifest(args.prepared)
             if r["split"] == args.split and r["class"] in (args.normal, args.anomaly)]
     y = np.array([r["class"] == args.anomaly for r in rows], dtype=np.int64)

@@ -43,7 +43,7 @@ import torch
 
 from anodata.policy import Preprocessing
 from anomaly import detector_scores as ds
-from anomaly.detector import Detector, DetectorScorer, load_detector, resolve_model_dir
+from anomaly.detector import DetectorScorer, resolve_model_dir
 from anomaly.model import AnoModel
 from anomaly.reconstruct import residual_images
 from anomaly.scores import izif_terms
@@ -391,11 +391,9 @@ def load_serve_model(opts: ServeOptions) -> ServeModel:
 def load_detector_model(opts: ServeOptions) -> ServeModel:
     """The detector mode of resolved options: threshold, rule, comparison and the validation
     naevi's scores (the percentile's reference) all from detector.json."""
-    recorded = Detector.load(opts.detector)  # cheap checks before the networks
-    model = AnoModel.load(opts.network, opts.encoder, device=opts.device,
-                          kappa=recorded.kappa, feature_layer=recorded.feature_layer,
-                          require_D=False, allow_mismatch=opts.allow_mismatch)
-    scorer = load_detector(model, opts.detector)  # checks the files' sha256 and the policy
+    model = AnoModel.open(network=opts.network, encoder=opts.encoder, detector=opts.detector,
+                          device=opts.device, allow_mismatch=opts.allow_mismatch)
+    scorer = model.detector  # its kappa and layer are detector.json's
     det = scorer.detector
     decision = Decision(det.threshold, det.threshold_rule, det.comparison, str(opts.detector))
     reference = Reference(np.sort(np.asarray(det.val_normals, dtype=np.float64)),  # [M]
