@@ -552,7 +552,6 @@ class Detector:
         """detector.json checked by its schema (anomaly.schemas.DetectorRecord) and its method
         names by the grammar; anything else ends in one sentence naming the field."""
         from anomaly.schemas import DetectorRecord
-        from anomaly.scores import parse_methods
         from stylegan.schemas import validated
 
         path = Path(path)
@@ -566,7 +565,7 @@ class Detector:
         rec = validated(DetectorRecord, body, where=f"--detector {path}", fix=fix)
         for i, c in enumerate(rec.configuration):
             try:
-                parse_method(c.method) if is_detector_method(c.method) else parse_methods(c.method)
+                parse_score_methods(c.method)
             except UserError as exc:
                 why = str(exc).rstrip(".")
                 raise UserError(f"--detector {path} has a bad field configuration.{i}.method: "
