@@ -32,10 +32,9 @@ import torch
 
 from anodata.policy import Preprocessing
 from anomaly import detector_scores as ds
-from anomaly.model import AnoModel, Forward
 from anomaly.scores import MAX_KAPPA
 from anomaly.scores import METHODS as CLASSIC
-from anomaly.scores import check_sklearn_metric
+from anomaly.scores import Forward, check_sklearn_metric, izif_combine
 from stylegan.errors import UserError
 from stylegan.fileio import read_user_json
 from stylegan.imageutil import from_uint8
@@ -45,6 +44,9 @@ TTA_SUFFIX = "@tta"
 DETECTOR_SHEET = "detector"  # detector.xlsx
 MODEL_FILES = ("network.safetensors", "encoder.safetensors", "detector.json")
 _NUM = r"(\d+(?:\.\d*)?(?:e-?\d+)?)"
+# An anomaly.model.AnoModel: that module opens a model folder with its detector through this
+# one, so this one does not import it (imports run one way).
+AnoModel = Any
 
 
 # ------------------------------------------------------------------------------ method names
@@ -458,10 +460,10 @@ def method_scores(name: str, q: dict[str, torch.Tensor], *, mode: str, bank: Ban
     if m.family in ("residual", "lesion"):
         return q[f"res:{m.agg}:{(m.sigma if m.agg == 'smax' else 0.0):g}"].double().numpy()
     if m.family == "izif":
-        value = q["res:mean:0"].double()
-        if m.kappa > 0:
-            value = value + m.kappa * q[f"cres:{(m.layers or (model_layer,))[0]}"].double() \
-                .mean(dim=1)
+        value = q["res:mean:0"].double()  # A_R (residual_map's mean)
+        if m.kappa > 0:  # A_D: the channel residuals' mean over channels
+            value = izif_combine(value, q[f"cres:{(m.layers or (model_layer,))[0]}"].double()
+                                 .mean(dim=1), m.kappa)
         return value.numpy()
     if bank is None:
         raise UserError(f"The method {name} needs the training-naevi bank; score with "
@@ -550,7 +552,6 @@ class Detector:
         """detector.json checked by its schema (anomaly.schemas.DetectorRecord) and its method
         names by the grammar; anything else ends in one sentence naming the field."""
         from anomaly.schemas import DetectorRecord
-        from anomaly.scores import parse_methods
         from stylegan.schemas import validated
 
         path = Path(path)
@@ -564,7 +565,7 @@ class Detector:
         rec = validated(DetectorRecord, body, where=f"--detector {path}", fix=fix)
         for i, c in enumerate(rec.configuration):
             try:
-                parse_method(c.method) if is_detector_method(c.method) else parse_methods(c.method)
+                parse_score_methods(c.method)
             except UserError as exc:
                 why = str(exc).rstrip(".")
                 raise UserError(f"--detector {path} has a bad field configuration.{i}.method: "
@@ -613,13 +614,13 @@ class Judgement:
 
 
 class DetectorScorer:
-    """A loaded detector on its model: `judge(image)` for serve, `score_batch` for sheets."""
+    """A loaded detector on its model (AnoModel.detector): `score_batch` gives its scores;
+    AnoModel.judge answers for one image."""
 
     def __init__(self, model: AnoModel, detector: Detector, bank: Bank | None):
         self.model, self.detector, self.bank = model, detector, bank
         self.configs = [(c.method, c.tta) for c in detector.components]
         self.scorer = Scorer(model, self.configs, bank=bank)
-        self._reference = np.asarray(detector.val_normals, dtype=np.float64)
 
     def combine(self, per_config: dict[str, np.ndarray]) -> np.ndarray:
         """The detector's scores [N] from its components' scores {configuration name: [N]}.
@@ -637,22 +638,6 @@ class DetectorScorer:
     def score_batch(self, images_u8: torch.Tensor) -> np.ndarray:
         """The detector's scores [N] of a fitted uint8 batch [N, C, H, W]."""
         return self.combine(self.scorer.score_batch(images_u8))
-
-    def judge(self, image) -> Judgement:
-        """(score, percentile, decision) of one image: a fitted uint8 [C, H, W] array/tensor, or
-        a raw image (PIL, bytes, path), which is fitted by the model's recorded policy.
-        A score that is not finite raises detector_scores.NonFiniteScore (no percentile, no
-        decision), as serve refuses it."""
-        if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 3:
-            batch = self.model.batch(torch.as_tensor(np.array(image))[None])
-        else:
-            batch = self.model.batch(image)
-        score = float(self.score_batch(batch)[0])
-        d = self.detector
-        name = f"'{image}'" if isinstance(image, (str, os.PathLike)) else "the image"
-        return Judgement(score, ds.weak_percentile(score, self._reference, image=name),
-                         ds.decide(score, d.threshold, image=name), d.threshold,
-                         d.threshold_rule, d.method)
 
 
 def parse_score_methods(text: str) -> list[str]:
@@ -744,19 +729,6 @@ def load_detector(model: AnoModel, path: str | os.PathLike) -> DetectorScorer:
                 raise UserError(f"--detector {path} asks {c.method} for more neighbours than "
                                 f"its bank holds ({space.bank.shape[0]} points); tune again.")
     return DetectorScorer(model, det, bank)
-
-
-def load_model_dir(folder: str | os.PathLike, *, device: str = "auto",
-                   require_detector: bool = True) -> tuple[AnoModel, DetectorScorer | None]:
-    """A model folder (network.safetensors, encoder.safetensors, detector.json) -> the
-    inference model and its detector; `scorer.judge(image)` gives (score, percentile,
-    decision), as `serve --model DIR` answers (anomaly.app.model.load_detector_model)."""
-    network, encoder, detector = resolve_model_dir(folder, None, None)
-    if detector is None and require_detector:
-        raise UserError(f"--model {folder} holds no detector.json; run `anostyle tune` and copy "
-                        f"detector.json and bank.safetensors into it.")
-    model = AnoModel.load(network, encoder, device=device, require_D=False)
-    return model, (load_detector(model, detector) if detector else None)
 
 
 def resolve_model_dir(folder: str | os.PathLike | None, network: str | None,

@@ -37,6 +37,7 @@ from anomaly.encoder_io import (ENCODER_PREFIX, VALIDATION_FILE, check_compatibl
                                 encoder_checkpoints, find_latest_encoder, load_encoder,
                                 save_encoder, state_path)
 from anomaly.model import AnoModel, discriminator_features, reconstruct_batch
+from anomaly.scores import izif_combine, izif_terms
 from stylegan.checkpoint import (load_training_state, restore_rng_state, rng_state,
                                  save_training_state)
 from stylegan.dataset import ImageDataset
@@ -127,16 +128,12 @@ def izif_loss(x: torch.Tensor, rec: torch.Tensor, feat: torch.Tensor | None,
               feat_rec: torch.Tensor | None, *, kappa: float) -> dict[str, torch.Tensor]:
     """Batch izif loss: {'image': mean (x - rec)^2, 'feature': mean (f - f_rec)^2, 'loss': sum}.
 
-    Equals the mean over the batch of anomaly.scores.izif_score for same-sized images.
+    The mean over the batch of anomaly.scores.izif_terms (its terms, per image).
     """
-    assert x.shape == rec.shape, (x.shape, rec.shape)
-    image = (x - rec).square().mean()
-    if kappa == 0 or feat is None:
-        feature = torch.zeros_like(image)
-    else:
-        assert feat.shape == feat_rec.shape, (feat.shape, feat_rec.shape)
-        feature = (feat - feat_rec).square().mean()
-    return {"loss": image + kappa * feature, "image": image, "feature": feature}
+    image, feature = izif_terms(x, rec, None if kappa == 0 else feat,
+                                None if kappa == 0 else feat_rec)  # [N] each
+    image, feature = image.mean(), feature.mean()
+    return {"loss": izif_combine(image, feature, kappa), "image": image, "feature": feature}
 
 
 def w_reg_loss(ws: torch.Tensor, w_avg: torch.Tensor, w_spread: float) -> torch.Tensor:

@@ -1,13 +1,16 @@
-"""The one inference model: generator G, discriminator D, encoder E, the izif settings and the
-preprocessing policy, loaded once by `AnoModel.load` for every command and the Python API.
+"""The one inference model: generator G, discriminator D, encoder E, the izif settings, the
+preprocessing policy and, from a model folder, the tuned detector; loaded once by
+`AnoModel.load` (network and encoder files) or `AnoModel.open` (a model folder) for every
+command and the Python API.
 
-    model = AnoModel.load(network="network.safetensors", encoder="encoder-001000.safetensors")
-    scores = model.score(PIL.Image.open("ISIC_0024307.jpg"))    # {'izif': array([...])}
+    model = AnoModel.open("models/ham64-cpu")                   # with its detector.json
+    scores = model.score(PIL.Image.open("ISIC_0024307.jpg"), methods="izif,residual:mean")
+    answer = model.judge("ISIC_0024307.jpg")                    # score, percentile, decision
 
 izif (Schlegl et al. 2019, f-AnoGAN, eq. 8-9) weighs the discriminator-feature term by kappa at
-one D layer. ONE place decides kappa and that layer (`resolve_izif`): the explicit argument,
-else the score configuration recorded with a score sheet (serve), else the encoder's training
-options, else the defaults. The policy is the encoder's, else the network's, else the defaults
+one D layer. ONE place decides kappa and that layer (`resolve_izif`): the explicit argument
+(`open` passes the detector's recorded ones), else the score configuration recorded with a
+score sheet (serve), else the encoder's training options, else the defaults. The policy is the encoder's, else the network's, else the defaults
 (with a warning when a raw image is fitted: e.g. an official NVlabs pickle records none).
 
 The passes the model makes are plain functions here too (used by training and projection):
@@ -22,7 +25,6 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,9 +33,13 @@ import torch
 from PIL import Image
 
 from anodata.policy import POLICY_KEY, Preprocessing, fit_array, fit_image
+from anomaly import detector_scores as ds
+from anomaly.detector import (Detector, DetectorScorer, Judgement, Scorer, config_name,
+                              is_detector_method, load_detector, parse_score_methods,
+                              resolve_model_dir)
 from anomaly.encoder import Encoder
 from anomaly.encoder_io import check_compatible, check_pairing, load_encoder, sha256_file
-from anomaly.scores import (METHODS, check_kappa, izif_score, latent_distance, parse_methods,
+from anomaly.scores import (METHODS, Forward, check_kappa, izif_score, latent_distance,
                             pixel_distance, torch_euclidean)
 from stylegan.checkpoint import load_network
 from stylegan.errors import UserError
@@ -130,17 +136,6 @@ def resolve_izif(kappa: float | None, layer: str | None, *, scored_with: dict[st
     return kappa, (layer or DEFAULT_LAYER), notes
 
 
-@dataclass
-class Forward:
-    """One forward pass of a batch: everything any score method needs."""
-
-    x: torch.Tensor  # [N, C, H, W] in [-1, 1]
-    ws: torch.Tensor | None  # [N, K, D] (None without encoder)
-    rec: torch.Tensor | None  # [N, C, H, W] G(E(x))
-    feat: torch.Tensor | None  # D features of x (None when no method needs them)
-    feat_rec: torch.Tensor | None  # D features of G(E(x))
-
-
 class AnoModel:
     """Frozen G, D, E on one device with their izif settings and preprocessing policy."""
 
@@ -156,6 +151,7 @@ class AnoModel:
         self.notes = tuple(notes)
         self.network, self.encoder = network, encoder
         self.device = next(G.parameters()).device
+        self.detector: DetectorScorer | None = None  # set by `open` when the folder has one
         if D is not None and self.kappa > 0:
             check_feature_layer(D, feature_layer)
 
@@ -187,6 +183,29 @@ class AnoModel:
             if pairing:  # printed by every command (stderr) and kept with the model's notes
                 warnings.warn(pairing, UserWarning, stacklevel=2)
                 model.notes += (pairing,)
+        return model
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike | None = None, *, network: str | None = None,
+             encoder: str | None = None, detector: str | None = None,
+             device: str | torch.device = "auto", kappa: float | None = None,
+             feature_layer: str | None = None, require_D: bool = False,
+             allow_mismatch: bool = False) -> "AnoModel":
+        """A model folder (network.safetensors, encoder.safetensors and, when there, the
+        detector.json of `anostyle tune` with its bank) as one model; an explicit file wins
+        over the folder's. kappa and the feature layer: the argument, else the detector's
+        recorded ones, else as `load` decides. `judge` then answers as serve does."""
+        network, encoder, found = resolve_model_dir(folder, network, encoder)
+        detector = detector or found
+        recorded = None if detector is None else Detector.load(detector)  # before the networks
+        if recorded is not None:
+            kappa = recorded.kappa if kappa is None else kappa
+            feature_layer = feature_layer or recorded.feature_layer
+        model = cls.load(network, encoder, device=device, kappa=kappa,
+                         feature_layer=feature_layer, require_D=require_D,
+                         allow_mismatch=allow_mismatch)
+        if detector is not None:
+            model.detector = load_detector(model, detector)  # checks sha256s and the policy
         return model
 
     @functools.cached_property
@@ -295,12 +314,44 @@ class AnoModel:
 
     # ------------------------------------------------------------------ scores
 
-    def score(self, images, methods: str | Sequence[str] = "izif") -> dict[str, np.ndarray]:
-        """Anomaly scores (higher = more anomalous) of raw or fitted images: {method: [N]}."""
-        methods = parse_methods(methods) if isinstance(methods, str) else list(methods)
-        return {m: np.asarray(v, dtype=np.float64)
-                for m, v in self.score_forward(self.forward_for(self.batch(images), methods),
-                                               methods).items()}
+    def score(self, images, methods: str | Sequence[str] = "izif", *,
+              tta: bool = False) -> dict[str, np.ndarray]:
+        """Anomaly scores (higher = more anomalous) of raw or fitted images: {name: float64 [N]}.
+
+        `methods`: any names of anomaly.scores (izif, sklearn:..., latent) and of the detector's
+        grammar (residual:mean, izif:KAPPA, knn-latent:K, ...; those needing a bank take the
+        detector's). With `tta` every method is averaged over the 8 views ('<method>@tta').
+        """
+        text = methods if isinstance(methods, str) else ",".join(methods)
+        names = parse_score_methods(text)
+        batch = self.batch(images)
+        if not tta and not any(is_detector_method(m) for m in names):
+            scores = self.score_forward(self.forward_for(batch, names), names)
+        else:
+            bank = None if self.detector is None else self.detector.bank
+            scores = Scorer(self, [(m, tta) for m in names], bank=bank).score_batch(batch)
+        return {config_name(m, tta): np.asarray(scores[config_name(m, tta)], dtype=np.float64)
+                for m in names}
+
+    def judge(self, image) -> Judgement:
+        """The detector's (score, percentile, decision) of one image, as serve answers: a fitted
+        uint8 [C, H, W] array/tensor, or a raw image (PIL, bytes, path), fitted by the model's
+        recorded policy. A score that is not finite raises detector_scores.NonFiniteScore (no
+        percentile, no decision)."""
+        if self.detector is None:
+            raise UserError(f"{self.network} was opened without a detector; open a model folder "
+                            f"holding the detector.json of `anostyle tune` (AnoModel.open).")
+        if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 3:
+            batch = self.batch(torch.as_tensor(np.array(image))[None])
+        else:
+            batch = self.batch(image)
+        score = float(self.detector.score_batch(batch)[0])
+        d = self.detector.detector
+        name = f"'{image}'" if isinstance(image, (str, os.PathLike)) else "the image"
+        reference = np.asarray(d.val_normals, dtype=np.float64)  # sorted (the schema checks)
+        return Judgement(score, ds.weak_percentile(score, reference, image=name),
+                         ds.decide(score, d.threshold, image=name), d.threshold,
+                         d.threshold_rule, d.method)
 
     def forward_for(self, images_u8: torch.Tensor, methods: Sequence[str]) -> Forward:
         """The forward pass `methods` need (D only when one of them uses features)."""
@@ -312,10 +363,7 @@ class AnoModel:
         scores: dict[str, np.ndarray] = {}
         for method in methods:
             if method == "izif":
-                feat, feat_rec = out.feat, out.feat_rec
-                if feat is None:  # kappa 0: the feature term vanishes
-                    feat = feat_rec = torch.zeros(len(out.x), 1, device=out.x.device)
-                value = izif_score(out.x, out.rec, feat, feat_rec, kappa=self.kappa)
+                value = izif_score(out.x, out.rec, out.feat, out.feat_rec, kappa=self.kappa)
             elif method.startswith("sklearn:"):
                 value = pixel_distance(out.x, out.rec, method.split(":", 1)[1])
             elif method == "torch-euclidean":

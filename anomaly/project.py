@@ -23,6 +23,7 @@ from tqdm import tqdm
 from anodata.reader import iterate_source, list_source
 from anomaly.model import AnoModel, discriminator_features, encode
 from anomaly.reconstruct import output_paths, write_csv
+from anomaly.scores import izif_combine, izif_terms
 from stylegan.errors import UserError
 from stylegan.imageutil import from_uint8, save_image, to_uint8
 from stylegan.progress import progress
@@ -62,12 +63,10 @@ def projection_losses(G: torch.nn.Module, D: torch.nn.Module | None, ws: torch.T
                       feature_layer: str) -> dict[str, torch.Tensor]:
     """Per-image losses [N] of codes ws [N, K, D] against images x [N, C, H, W] (feat = f(x))."""
     rec = G.synthesis(ws, noise_mode="const")  # [N, C, H, W]
-    image = (x - rec).square().flatten(1).mean(dim=1)  # [N]
-    feature = torch.zeros_like(image)
-    if kappa > 0:
-        feat_rec = discriminator_features(D, rec, feature_layer)
-        feature = (feat - feat_rec).square().flatten(1).mean(dim=1)  # [N]
-    return {"loss": image + kappa * feature, "image": image, "feature": feature, "rec": rec}
+    feat_rec = discriminator_features(D, rec, feature_layer) if kappa > 0 else None
+    image, feature = izif_terms(x, rec, feat if kappa > 0 else None, feat_rec)  # [N] each
+    return {"loss": izif_combine(image, feature, kappa), "image": image, "feature": feature,
+            "rec": rec}
 
 
 def project_batch(G: torch.nn.Module, D: torch.nn.Module | None, x: torch.Tensor,

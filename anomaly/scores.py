@@ -73,6 +73,17 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
+@dataclass
+class Forward:
+    """One forward pass of a batch: everything any score method needs."""
+
+    x: torch.Tensor  # [N, C, H, W] in [-1, 1]
+    ws: torch.Tensor | None  # [N, K, D] (None without encoder)
+    rec: torch.Tensor | None  # [N, C, H, W] G(E(x))
+    feat: torch.Tensor | None  # D features of x (None when no method needs them)
+    feat_rec: torch.Tensor | None  # D features of G(E(x))
+
+
 def _check_pair(x: torch.Tensor, x_rec: torch.Tensor, what: str) -> None:
     if x.shape != x_rec.shape:
         raise ValueError(f"{what} shapes differ: {tuple(x.shape)} vs {tuple(x_rec.shape)}")
@@ -80,20 +91,36 @@ def _check_pair(x: torch.Tensor, x_rec: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} need a batch axis, got shape {tuple(x.shape)}")
 
 
+def izif_terms(x: torch.Tensor, x_rec: torch.Tensor, feat: torch.Tensor | None,
+               feat_rec: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """izif's two terms per image, (A_R [N], A_D [N]): the mean squared residual over pixels
+    and over feature elements. x, x_rec: [N, C, H, W]; feat, feat_rec: [N, ...] (any feature
+    shape), or None for a zero feature term. Gradients flow (training minimises their mean)."""
+    _check_pair(x, x_rec, "images")
+    residual = (x - x_rec).float().square().flatten(1).mean(dim=1)  # [N]
+    if feat is None:
+        return residual, torch.zeros_like(residual)
+    _check_pair(feat, feat_rec, "features")
+    assert x.shape[0] == feat.shape[0], "images and features hold a different number of rows"
+    return residual, (feat - feat_rec).float().square().flatten(1).mean(dim=1)  # [N]
+
+
+def izif_combine(residual: torch.Tensor, discrimination: torch.Tensor, kappa: float
+                 ) -> torch.Tensor:
+    """izif (eq. 8-9) from its terms: A_R + kappa * A_D (the one place izif adds them)."""
+    return residual + kappa * discrimination
+
+
 def izif_score(
-    x: torch.Tensor, x_rec: torch.Tensor, feat: torch.Tensor, feat_rec: torch.Tensor,
-    *, kappa: float = 1.0,
+    x: torch.Tensor, x_rec: torch.Tensor, feat: torch.Tensor | None,
+    feat_rec: torch.Tensor | None, *, kappa: float = 1.0,
 ) -> torch.Tensor:
     """f-AnoGAN izif score per image: MSE over pixels + kappa * MSE over feature elements.
 
-    x, x_rec: [N, C, H, W]; feat, feat_rec: [N, ...] (any feature shape). Returns [N].
+    x, x_rec: [N, C, H, W]; feat, feat_rec: [N, ...] (any feature shape; None: no feature
+    term). Returns [N].
     """
-    _check_pair(x, x_rec, "images")
-    _check_pair(feat, feat_rec, "features")
-    assert x.shape[0] == feat.shape[0], "images and features hold a different number of rows"
-    residual = (x - x_rec).float().square().flatten(1).mean(dim=1)  # [N]
-    discrimination = (feat - feat_rec).float().square().flatten(1).mean(dim=1)  # [N]
-    return residual + kappa * discrimination
+    return izif_combine(*izif_terms(x, x_rec, feat, feat_rec), kappa)
 
 
 # izif's kappa: 0.1-10 in practice; beyond 1e6 the pixel term vanishes in float32 rounding.

@@ -5,7 +5,8 @@ manifest's metadata columns.
 
 Memory does not grow with the number of images: each batch is scored and dropped; only the
 scores (and, for t-SNE, the latent codes) are kept. The izif score uses the kappa and the
-discriminator feature layer the encoder was trained with, unless the user overrides them.
+discriminator feature layer the user gives, else the detector's (detector.json), else those the
+encoder was trained with.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ class ScoreOptions:
     data: tuple[str, ...]
     outdir: str
     methods: str = DEFAULT_METHODS
-    kappa: float | None = None  # None: the kappa the encoder was trained with
-    feature_layer: str | None = None  # None: the encoder's training feature layer
+    kappa: float | None = None  # None: the detector's, else the encoder's training kappa
+    feature_layer: str | None = None  # None: the detector's, else the encoder's training one
     batch: int = 64
     heatmaps: str | None = None  # folder for residual heatmaps of the most anomalous test images
     num_heatmaps: int = 8
@@ -77,14 +78,15 @@ def score_datasets(opts: ScoreOptions) -> dict[str, Path]:
     from anomaly import detector as det
 
     methods = det.parse_score_methods(opts.methods)
-    model = AnoModel.load(opts.network, opts.encoder, device=opts.device, kappa=opts.kappa,
+    model = AnoModel.open(network=opts.network, encoder=opts.encoder, detector=opts.detector,
+                          device=opts.device, kappa=opts.kappa,
                           allow_mismatch=opts.allow_mismatch,
                           feature_layer=opts.feature_layer,
                           require_D=any(METHODS[m].needs_features for m in methods
                                         if m in METHODS))
     for path in opts.data:
         det.check_data_policy(model, path)
-    detector = det.load_detector(model, opts.detector) if opts.detector else None
+    detector = model.detector  # kappa and layer: the options', else detector.json's
     scorer = det.sheet_scorer(model, methods, tta=opts.tta, detector=detector, train=opts.train)
     names = [det.config_name(m, opts.tta) for m in methods]
     datasets = [_open_dataset(path) for path in opts.data]

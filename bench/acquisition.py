@@ -46,8 +46,8 @@ from anodata.policy import fit_image
 from anodata.prepared import PreparedDataset
 from anodata.shifts import Shift, shifted_halves
 from anodata.shifts import paint_border  # noqa: F401 (bench.paint_border, tests/test_border.py)
-from anomaly.detector import load_model_dir
 from anomaly.metrics import bootstrap_cis, roc_auc
+from anomaly.model import AnoModel
 
 REPO = Path(__file__).resolve().parents[1]
 # shift kind -> (policy field of its guard, value off, value on); zoom has no guard
@@ -141,7 +141,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    model, scorer = load_model_dir(args.model, device="cpu")
+    model = AnoModel.open(args.model, device="cpu")
+    scorer = model.detector
     rows = PreparedDataset.open(args.prepared).rows(args.split)
     rows = rows[rows["class"].isin((args.normal, args.anomaly))].to_dict("records")
     y = np.array([r["class"] == args.anomaly for r in rows], dtype=np.int64)

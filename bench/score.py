@@ -9,7 +9,7 @@ Scorer over `--config-images` fitted images (the bank fitted on 256 other images
 time is the scoring alone, as `score` and `serve` spend it per batch of 64).
 
 Last (`--model DIR`, default models/ham64-cpu), the model folder's own tuned detector with its
-real networks: images per second of `DetectorScorer.score_batch`, as `score --model` and
+real networks: images per second of `AnoModel.open(DIR).detector.score_batch`, as `score --model` and
 `serve --model` spend it.
 
 Prints one JSON object. Usage: `.venv/bin/python bench/score.py [--sizes 1000,10000]
@@ -129,10 +129,11 @@ def bench_detector(model_dir: str, n: int) -> dict:
     """Images per second (wall) and CPU ms per image of a model folder's own tuned detector
     (detector.json on its networks: every component from one pass per batch of 64, as `score
     --model` and `serve --model` spend it), on n random fitted images."""
-    from anomaly.detector import load_model_dir
+    from anomaly.model import AnoModel
 
     torch.set_num_threads(2)
-    model, scorer = load_model_dir(model_dir, device="cpu")
+    model = AnoModel.open(model_dir, device="cpu")
+    scorer = model.detector
     res = model.resolution
     images = torch.from_numpy(np.random.RandomState(3).randint(
         0, 256, (n, model.channels, res, res)).astype(np.uint8))

@@ -2,7 +2,7 @@
 
 For a collection from another source (e.g. PH2: common naevi, atypical naevi, melanomas), this
 scores one split of a prepared folder with each `--model` folder's tuned detector
-(`load_model_dir(DIR)[1].score_batch`, as `score --model` does) and reports, for each
+(`AnoModel.open(DIR).detector.score_batch`, as `score --model` does) and reports, for each
 `--pairs` entry NORMAL:ANOMALY, the AUC with a 95% CI by lesion bootstrap, and the paired
 difference of every model with the first one (the same images, paired bootstrap). The models
 must share the prepared folder's preprocessing policy (prepare it with `anostyle prepare
@@ -23,19 +23,20 @@ import pandas as pd
 import torch
 
 from anodata.prepared import PreparedDataset
-from anomaly.detector import check_data_policy, load_model_dir
+from anomaly.detector import check_data_policy
 from anomaly.metrics import bootstrap_cis, paired_comparison, roc_auc
+from anomaly.model import AnoModel
 from stylegan.dataset import ImageDataset, iterate_batches
 
 
 def scores_of(model_dir: str, data: str, *, batch: int = 64) -> pd.DataFrame:
     """file -> detector score of every image of a prepared zip."""
-    model, scorer = load_model_dir(model_dir, device="cpu")
+    model = AnoModel.open(model_dir, device="cpu")
     check_data_policy(model, data)
     dataset = ImageDataset(data)
     rows = []
     for images, _labels, names in iterate_batches(dataset, batch):
-        rows += list(zip(names, scorer.score_batch(images).tolist()))
+        rows += list(zip(names, model.detector.score_batch(images).tolist()))
     return pd.DataFrame(rows, columns=["file", "score"])
 
 

@@ -1,6 +1,6 @@
 """`anostyle adapt`: a tuned model folder for a new collection in one command.
 
-On tiny CPU networks: the folder it writes loads through `load_model_dir` and scores like
+On tiny CPU networks: the folder it writes loads through `AnoModel.open` and scores like
 `score --model` (1e-6); a run killed at any step continues with the same command and does not
 redo the finished steps; the training steps warm-start from the parent; a collection without
 normals in train or val, an existing --dest, other options over an unfinished run and a
@@ -21,8 +21,8 @@ from click.testing import CliRunner
 import anomaly.adapt as adapt_mod
 from anomaly.adapt import AdaptOptions, adapt, tuning_rule
 from anomaly.cli import main
-from anomaly.detector import load_model_dir
 from anomaly.encoder_io import save_encoder
+from anomaly.model import AnoModel
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
 from encoder_helpers import (sample_images, save_tiny_networks, tiny_encoder, tiny_networks,
                              write_folder)
@@ -109,7 +109,7 @@ def test_the_folder_is_complete_and_says_how_it_was_made(parent, adapted):
 
 
 def test_the_folder_scores_like_score_model(parent, adapted, tmp_path):
-    """load_model_dir(DEST) judges the prepared test images with the numbers `score --model
+    """AnoModel.open(DEST) judges the prepared test images with the numbers `score --model
     DEST` writes (1e-6)."""
     dest = adapted["dest"]
     data = tmp_path / "data"
@@ -123,13 +123,13 @@ def test_the_folder_scores_like_score_model(parent, adapted, tmp_path):
                                   "--device", "cpu"])
     assert r.exit_code == 0, r.output
     sheet = pd.read_excel(out / "detector.xlsx")
-    model, scorer = load_model_dir(dest, device="cpu")
+    model = AnoModel.open(dest, device="cpu")
     from stylegan.dataset import ImageDataset
 
     dataset = ImageDataset(str(data / "test.zip"))
     names = [Path(n).name for n in dataset.names]
     images = torch.stack([torch.from_numpy(dataset[i][0]) for i in range(len(dataset))])
-    mine = scorer.score_batch(images)
+    mine = model.detector.score_batch(images)
     by_file = dict(zip(sheet["file"].map(lambda f: Path(str(f)).name), sheet["score"]))
     assert len(names) == 12 + 16 == len(by_file)  # the test naevi and melanomas of adapt
     np.testing.assert_allclose(mine, [by_file[n] for n in names], rtol=1e-6, atol=1e-6)
@@ -195,7 +195,7 @@ def test_training_steps_warm_start_and_continue_after_a_kill(parent, tmp_path, m
     assert not record["steps"]["test"]["read"]
     resumed = json.loads((dest / "encoder_options.json").read_text())
     assert resumed["start_iter"] == 1  # continued, not started again
-    load_model_dir(dest, device="cpu")
+    AnoModel.open(dest, device="cpu")
 
 
 def test_refusals_are_one_sentence(parent, adapted, tmp_path):

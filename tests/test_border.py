@@ -222,21 +222,21 @@ def test_the_shipped_detector_ignores_a_painted_border_and_a_darker_exposure():
 
     from PIL import ImageEnhance
 
-    from anomaly.detector import load_model_dir
+    from anomaly.model import AnoModel
     from bench import acquisition as bench
 
     repo = Path(__file__).resolve().parents[1]
-    model, detector = load_model_dir(repo / "models" / "ham64-cpu", device="cpu")
+    model = AnoModel.open(repo / "models" / "ham64-cpu", device="cpu")
     assert model.policy.border == "fill" and model.policy.intensity == "normalise"
     plain, painted, darker, unguarded = [], [], [], []
     for path in sorted((repo / "data" / "demo" / "images").glob("*.jpg"))[:8]:
         img = Image.open(path).convert("RGB")
-        plain.append(detector.judge(img).percentile)
-        painted.append(detector.judge(bench.paint_border(img, 1.0)).percentile)
-        darker.append(detector.judge(ImageEnhance.Brightness(img).enhance(0.7)).percentile)
+        plain.append(model.judge(img).percentile)
+        painted.append(model.judge(bench.paint_border(img, 1.0)).percentile)
+        darker.append(model.judge(ImageEnhance.Brightness(img).enhance(0.7)).percentile)
         keep = dataclasses.replace(model.policy, border="keep")
         fitted = np.asarray(fit_image(bench.paint_border(img, 1.0), keep)).transpose(2, 0, 1)
-        unguarded.append(detector.judge(fitted).percentile)
+        unguarded.append(model.judge(fitted).percentile)
     plain, painted, darker = np.array(plain), np.array(painted), np.array(darker)
     assert np.abs(darker - plain).max() < 5  # percentiles among validation naevi
     assert np.abs(painted - plain).mean() < 15

@@ -483,10 +483,10 @@ def test_score_with_the_detector_reproduces_the_tuned_scores(setup, tuned):
     info = json.loads((out / "score.json").read_text())
     assert info["detector"]["method"] == body["method"] and info["tta"] is True
     # one image, as serve calls it: the same score, its percentile and decision
-    model, scorer = det.load_model_dir(folder, device="cpu")
+    model = AnoModel.open(folder, device="cpu")
     data = ImageDataset(setup["prepared"] / "val.zip")
     row = sheet[sheet["file"] == data.names[0]].iloc[0]
-    judged = scorer.judge(data[0][0])
+    judged = model.judge(data[0][0])
     assert judged.score == pytest.approx(row["score"], rel=1e-5)
     assert judged.percentile == pytest.approx(ds.weak_percentile(judged.score, normals), abs=1e-9)
     assert judged.decision == ("anomalous" if judged.score >= body["threshold"] else "normal")

@@ -17,6 +17,7 @@ from anomaly import detector as det
 from anomaly import detector_scores as ds
 from anomaly.app.model import ServeOptions, load_serve_model
 from anomaly.cli import main
+from anomaly.model import AnoModel
 from anomaly.encoder_io import save_encoder, sha256_file
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
 from stylegan.dataset import ImageDataset
@@ -79,18 +80,18 @@ def overflow(tmp_path_factory):
 
 
 def test_the_python_api_gives_no_decision_on_a_non_finite_score(overflow):
-    """load_model_dir(DIR)[1].judge(img) answered score=nan, percentile=100, decision='normal';
+    """AnoModel.open(DIR).judge(img) answered score=nan, percentile=100, decision='normal';
     now it raises NonFiniteScore (a UserError: one sentence), as serve answers a 500."""
-    _model, sound = det.load_model_dir(overflow["sound"], device="cpu")
+    sound = AnoModel.open(overflow["sound"], device="cpu")
     judged = sound.judge(overflow["image"])
     assert np.isfinite(judged.score) and judged.decision in ("normal", "anomalous")
-    _model, broken = det.load_model_dir(overflow["broken"], device="cpu")
-    assert np.isnan(broken.score_batch(broken.model.batch(overflow["image"]))).all()
+    broken = AnoModel.open(overflow["broken"], device="cpu")
+    assert np.isnan(broken.detector.score_batch(broken.batch(overflow["image"]))).all()
     with pytest.raises(ds.NonFiniteScore) as refused:
         broken.judge(overflow["image"])
     assert str(refused.value) == SENTENCE.format(image=f"'{overflow['image']}'")
     with pytest.raises(ds.NonFiniteScore, match=r"for the image, so it gives no percentile"):
-        broken.judge(broken.model.fit(overflow["image"]))  # a fitted array: no name
+        broken.judge(broken.fit(overflow["image"]))  # a fitted array: no name
 
 
 def test_serve_model_judge_follows_the_same_rule(overflow):

@@ -165,7 +165,8 @@ def test_readme_detector_example_runs_on_the_shipped_model():
         code = code.replace(f'"{path}"', repr(str(ROOT / path)))
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
-    answer, model, detector = namespace["answer"], namespace["model"], namespace["detector"]
+    answer, model = namespace["answer"], namespace["model"]
+    detector = model.detector
     fitted = model.fit(ROOT / "data/demo/images/ISIC_0024326.jpg")
     want = float(detector.score_batch(torch.from_numpy(fitted[None]))[0])
     assert answer.score == pytest.approx(want, rel=1e-9)

@@ -32,6 +32,29 @@ def test_izif_by_hand_and_kappa_weighting():
                           torch.tensor([1.0, 1.0]))
 
 
+def test_izif_terms_match_numpy_and_every_izif_user_adds_them_the_same_way():
+    """izif_terms against a numpy hand computation; the training loss (fit.izif_loss), the
+    projection loss and izif_score all come from those terms (no feature term without features)."""
+    from anomaly.fit import izif_loss
+
+    rng = np.random.default_rng(0)
+    x, rec = rng.normal(size=(2, 3, 4, 4)), rng.normal(size=(2, 3, 4, 4))
+    f, fr = rng.normal(size=(2, 5, 2, 2)), rng.normal(size=(2, 5, 2, 2))
+    want_r = ((x - rec) ** 2).reshape(2, -1).mean(axis=1)
+    want_d = ((f - fr) ** 2).reshape(2, -1).mean(axis=1)
+    t = [torch.tensor(a, dtype=torch.float32) for a in (x, rec, f, fr)]
+    a_r, a_d = scores.izif_terms(*t)
+    np.testing.assert_allclose(a_r.numpy(), want_r, rtol=1e-5)
+    np.testing.assert_allclose(a_d.numpy(), want_d, rtol=1e-5)
+    np.testing.assert_allclose(scores.izif_score(*t, kappa=2.5).numpy(), want_r + 2.5 * want_d,
+                               rtol=1e-5)
+    loss = izif_loss(*t, kappa=2.5)
+    assert float(loss["loss"]) == pytest.approx(float(np.mean(want_r + 2.5 * want_d)), rel=1e-5)
+    np.testing.assert_allclose(scores.izif_score(t[0], t[1], None, None, kappa=9.0).numpy(),
+                               want_r, rtol=1e-5)
+    assert float(izif_loss(*t, kappa=0.0)["feature"]) == 0.0
+
+
 def test_izif_accepts_spatial_features():
     x, x_rec = _pair()
     feat = torch.zeros(2, 2, 2, 2)

@@ -1,5 +1,5 @@
 """`anostyle serve --model DIR` / `--detector JSON`: the tuned detector answers through the app's
-test client with the numbers of `load_model_dir(DIR)[1].judge`, the decision flips exactly at
+test client with the numbers of `AnoModel.open(DIR).judge`, the decision flips exactly at
 detector.json's threshold, the percentile counts its validation naevi at or below, a detector
 that cannot score is a 500, a D-feature density answers with the input picture only, the page
 hides what a detector lacks, and flags of the wrong mode are refused in one sentence."""
@@ -25,6 +25,7 @@ from anomaly import detector as det
 from anomaly.app import server as app_server
 from anomaly.app.model import DetectorImageScorer, ServeOptions, load_serve_model
 from anomaly.cli import main
+from anomaly.model import AnoModel
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
 from stylegan.errors import UserError
 from stylegan.imageutil import from_uint8, to_uint8
@@ -87,15 +88,14 @@ def test_model_dir_answers_like_the_detectors_judgement(setup, folder, which):  
     served = load_serve_model(serve_options(model=str(folder), detector=None if which == "tuned"
                                             else str(path)))
     body = json.loads(path.read_text())
-    model = det.load_model_dir(folder, device="cpu")[0]
-    scorer = det.load_detector(model, path)
+    model = AnoModel.open(folder, detector=str(path), device="cpu")
     normals = np.array(body["val_normal_scores"])
     client = client_for(served)
     assert client.get("/api/info").json()["method"] == body["method"]
     decisions = set()
     for name, data in raw_images(setup):
         r = post_images(client, (name, data)).json()["results"][0]
-        want = scorer.judge(data)
+        want = model.judge(data)
         assert r["score"] == pytest.approx(want.score, rel=1e-6, abs=1e-6), name
         assert r["percentile"] == pytest.approx(want.percentile, abs=1e-9)
         assert r["percentile"] == pytest.approx(100 * np.sum(normals <= r["score"]) / len(normals))
@@ -108,7 +108,7 @@ def test_model_dir_answers_like_the_detectors_judgement(setup, folder, which):  
         images = r["images"]
         fitted = model.fit(data)  # [C, H, W]
         assert np.array_equal(decode_data_url(images["input"]), fitted.transpose(1, 2, 0))
-        if scorer.scorer.needs.rec:
+        if model.detector.scorer.needs.rec:
             with torch.no_grad():
                 _ws, rec = model.reconstruct(from_uint8(torch.from_numpy(fitted[None])))
             assert np.array_equal(decode_data_url(images["reconstruction"]), to_uint8(rec)[0])
@@ -122,7 +122,7 @@ def test_decision_flips_exactly_at_the_threshold(setup, folder):  # noqa: F811
     of the fitted image (checked by hand), >= threshold is anomalous, one ulp above is normal;
     --detector overrides the folder's detector.json."""
     name, data = raw_images(setup)[0]
-    model, _scorer = det.load_model_dir(folder, device="cpu")
+    model = AnoModel.open(folder, device="cpu")
     x = from_uint8(torch.from_numpy(model.fit(data)[None]))
     with torch.no_grad():
         _ws, rec = model.reconstruct(x)
@@ -227,7 +227,7 @@ def test_d_feature_density_answers_with_the_input_picture_only(setup):  # noqa: 
     served = load_serve_model(serve_options(model=str(folder)))
     name, data = raw_images(setup)[3]
     (res,) = post_images(client_for(served), (name, data)).json()["results"]
-    want = det.load_model_dir(folder, device="cpu")[1].judge(data)
+    want = AnoModel.open(folder, device="cpu").judge(data)
     assert res["method"] == "maha-dfeat:b8" and served.scorer.detector.scorer.last_forward is None
     assert (res["score"], res["percentile"], res["decision"]) == \
         (pytest.approx(want.score, rel=1e-6, abs=1e-6), want.percentile, want.decision)

@@ -43,10 +43,10 @@ import torch
 
 from anodata.policy import Preprocessing
 from anomaly import detector_scores as ds
-from anomaly.detector import Detector, DetectorScorer, load_detector, resolve_model_dir
+from anomaly.detector import DetectorScorer, resolve_model_dir
 from anomaly.model import AnoModel
 from anomaly.reconstruct import residual_images
-from anomaly.scores import izif_score
+from anomaly.scores import izif_terms
 from stylegan.errors import UserError
 from stylegan.fileio import read_user_json
 from stylegan.imageio import MAX_PIXELS
@@ -301,12 +301,8 @@ class IzifScorer(ServeScorer):
         _check_fitted(fitted, self.channels, self.resolution)
         out = self.model.forward_for(torch.from_numpy(fitted[None].copy()), ["izif"])
         x, rec = out.x, out.rec  # [1, C, H, W] each
-        feat, feat_rec = out.feat, out.feat_rec
-        if feat is None:  # kappa 0
-            feat = feat_rec = torch.zeros(1, 1, device=x.device)
         total = float(self.model.score_forward(out, ["izif"])["izif"][0])
-        pixel = izif_score(x, rec, feat, feat, kappa=0.0)  # [1]: A_R alone
-        feature = izif_score(x, x, feat, feat_rec, kappa=1.0)  # [1]: A_D alone
+        pixel, feature = izif_terms(x, rec, out.feat, out.feat_rec)  # [1] each: A_R, A_D
         return ImageScore(total, float(pixel[0]), float(feature[0]),
                           np.ascontiguousarray(fitted.transpose(1, 2, 0)),
                           to_uint8(rec)[0], residual_images(x, rec)[0], self.method)
@@ -395,11 +391,9 @@ def load_serve_model(opts: ServeOptions) -> ServeModel:
 def load_detector_model(opts: ServeOptions) -> ServeModel:
     """The detector mode of resolved options: threshold, rule, comparison and the validation
     naevi's scores (the percentile's reference) all from detector.json."""
-    recorded = Detector.load(opts.detector)  # cheap checks before the networks
-    model = AnoModel.load(opts.network, opts.encoder, device=opts.device,
-                          kappa=recorded.kappa, feature_layer=recorded.feature_layer,
-                          require_D=False, allow_mismatch=opts.allow_mismatch)
-    scorer = load_detector(model, opts.detector)  # checks the files' sha256 and the policy
+    model = AnoModel.open(network=opts.network, encoder=opts.encoder, detector=opts.detector,
+                          device=opts.device, allow_mismatch=opts.allow_mismatch)
+    scorer = model.detector  # its kappa and layer are detector.json's
     det = scorer.detector
     decision = Decision(det.threshold, det.threshold_rule, det.comparison, str(opts.detector))
     reference = Reference(np.sort(np.asarray(det.val_normals, dtype=np.float64)),  # [M]
