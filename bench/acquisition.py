@@ -23,7 +23,10 @@ For each condition, among the normals, how well the shift alone is told from non
 are, the same seeded halves with nothing shifted, is what "does not see it" reads as). And, per
 class on the images as they are, the Pearson correlation of the score with the lesion's area
 (the share of the fitted image's pixels in anodata.lesion.lesion_mask; images where no lesion is
-found count with area 0 and are counted in `no_lesion`). Test is never read here.
+found count with area 0 and are counted in `no_lesion`). When the policy frames by the lesion,
+the fitted lesion's area is similar by design, so `acquired_area_correlation` also reports the
+correlation with the area in the whole frame as acquired (fitted with `framing: frame`). Test is
+never read here.
 
 Prints one JSON object. Usage: `.venv/bin/python bench/acquisition.py
 [--shift border|exposure|zoom|all] [--model models/ham64-cpu] [--prepared ham64-sog]
@@ -171,6 +174,11 @@ def main() -> None:
     report["conditions"]["as_is"] = condition(y, s, groups, shifted, normal, args)
     if not args.no_area:
         report["lesion_area_correlation"] = area_correlation(s, lesion_areas(as_is), y)
+        if model.policy.framing != "frame":
+            # lesion framing makes the fitted lesion's area similar by design; its area in the
+            # image as acquired (the whole frame fitted) is what a size-driven score would follow
+            acquired = lesion_areas(fit_all(model, raw, {"framing": "frame"}))
+            report["acquired_area_correlation"] = area_correlation(s, acquired, y)
     for shift in shifts:
         images = [shift.apply(img) if m else img for img, m in zip(raw, shifted)]
         guard = GUARDS[shift.kind]
