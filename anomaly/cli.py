@@ -592,6 +592,9 @@ def report(**flags) -> None:
               help="Train on x-flipped copies of the images too.")
 @_fit("--rot90", type=bool, metavar="BOOL",
               help="Train on copies rotated by 90, 180 and 270 degrees too.")
+@_fit("--scale-aug", type=click.FloatRange(0, 1), metavar="P",
+      help="Probability of rescaling a training image about its centre by 2^N(0, 0.2^2) "
+           "(ADA's scale op): an encoder for images framed more tightly or loosely.")
 @click.option("--val", type=click.Path(), metavar="ZIP",
               help="val.zip: score each checkpoint on its normal images and name the best in "
                    "validation.json (the checkpoint to use).")

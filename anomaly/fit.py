@@ -38,6 +38,7 @@ from anomaly.encoder_io import (ENCODER_PREFIX, VALIDATION_FILE, check_compatibl
                                 save_encoder, state_path)
 from anomaly.model import AnoModel, discriminator_features, reconstruct_batch
 from anomaly.scores import izif_combine, izif_terms
+from stylegan.augment import AugmentConfig, AugmentPipe
 from stylegan.checkpoint import (load_training_state, restore_rng_state, rng_state,
                                  save_training_state)
 from stylegan.dataset import ImageDataset
@@ -83,6 +84,10 @@ class FitOptions:
     grid_size: int = 8  # training images shown in rec<iter>.png
     mirror: bool = False  # train on x-flipped copies too
     rot90: bool = False  # and on copies rotated by 90/180/270 degrees
+    # probability that a training image is rescaled about its centre by 2^N(0, 0.2^2) (ADA's
+    # isotropic scale op, reflection at the edges): an encoder for images framed more tightly or
+    # loosely than its training data; 0: off
+    scale_aug: float = 0.0
     val: str | None = None  # val.zip: the checkpoint is chosen on its normals' izif loss
     val_images: int = 256  # seeded subset of the validation normals scored per checkpoint
 
@@ -431,8 +436,19 @@ def _batches(run: _Run) -> Iterator[torch.Tensor]:
     loader = torch.utils.data.DataLoader(run.dataset, batch_size=run.opts.batch, sampler=sampler,
                                          num_workers=run.opts.workers,
                                          pin_memory=run.device.type == "cuda")
+    rescale = scale_augmentation(run.opts.scale_aug)
     for images, _labels in loader:
-        yield from_uint8(torch.as_tensor(images).to(run.device, non_blocking=True))
+        yield rescale(from_uint8(torch.as_tensor(images).to(run.device, non_blocking=True)))
+
+
+def scale_augmentation(p: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x [N, C, H, W] in [-1, 1] -> x with each image rescaled about its centre with probability
+    `p` by a factor 2^N(0, 0.2^2) (ADA's `scale` transform alone); p = 0: the identity."""
+    if p <= 0:
+        return lambda x: x
+    pipe = AugmentPipe(AugmentConfig.preset("geom", rotate=0.0, aniso=0.0, xfrac=0.0,
+                                            interpolation="bilinear"), p=p)
+    return pipe
 
 
 # ----------------------------------------------------------------------------------------------

@@ -238,6 +238,40 @@ def test_cli_dry_run_and_a_short_run(setup, tmp_path):
     assert f"chosen on validation loss: {tmp_path / 'cli' / best}" in result.output
 
 
+def test_scale_augmentation_rescales_about_the_centre():
+    # a ramp along x (and one along y) through the centre: a zoom by s about the centre reads
+    # the input at u / s, so bilinear sampling inside the frame gives exactly ramp / s there
+    torch.manual_seed(0)
+    n, size = 400, 32
+    u = (torch.arange(size, dtype=torch.float64) - (size - 1) / 2) / size  # pixel centres
+    x = torch.stack([u.expand(size, size), u[:, None].expand(size, size)])  # [2, H, W]
+    x = x.expand(n, 2, size, size).clone()
+    assert torch.equal(fit_mod.scale_augmentation(0.0)(x), x)
+    y = fit_mod.scale_augmentation(1.0)(x)
+    inner = slice(size // 2 - 3, size // 2 + 3)  # within the frame for every s above 0.5
+    ratio_x = y[:, 0, inner, inner] / x[:, 0, inner, inner]
+    ratio_y = y[:, 1, inner, inner] / x[:, 1, inner, inner]
+    per_image = ratio_x.mean(dim=(1, 2))  # 1 / s
+    assert torch.allclose(ratio_x, per_image[:, None, None].expand_as(ratio_x), atol=1e-6)
+    assert torch.allclose(ratio_y, ratio_x, atol=1e-6)  # isotropic
+    log2_s = -torch.log2(per_image)
+    assert abs(float(log2_s.mean())) < 0.03 and abs(float(log2_s.std()) - 0.2) < 0.02
+    half = fit_mod.scale_augmentation(0.5)(x)
+    kept = (half == x).flatten(1).all(dim=1).double().mean()
+    assert 0.4 < float(kept) < 0.6
+
+
+def test_scale_aug_trains_and_is_recorded(setup, tmp_path):
+    fit_encoder(options(setup, tmp_path / "aug", scale_aug=0.5), echo=quiet)
+    recorded = json.loads((tmp_path / "aug" / "encoder_options.json").read_text())
+    assert recorded["options"]["scale_aug"] == 0.5
+    assert all(math.isfinite(r["loss"]) for r in stats(tmp_path / "aug"))
+    result = CliRunner().invoke(main, ["train-encoder", "--network", setup["network"],
+                                       "--data", setup["data"], "--outdir", str(tmp_path / "x"),
+                                       "--scale-aug", "1.5", "--dry-run"])
+    assert result.exit_code == 2 and "--scale-aug" in result.output
+
+
 # ------------------------------------------------------------------ checkpoint choice (--val)
 
 
