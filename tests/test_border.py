@@ -240,4 +240,6 @@ def test_the_shipped_detector_ignores_a_painted_border_and_a_darker_exposure():
     plain, painted, darker = np.array(plain), np.array(painted), np.array(darker)
     assert np.abs(darker - plain).max() < 5  # percentiles among validation naevi
     assert np.abs(painted - plain).mean() < 15
-    assert np.mean(unguarded) > 95 and np.mean(unguarded) - np.mean(plain) > 30
+    # unguarded, the border lifts most photos above the 85th percentile (lesion framing crops
+    # it away around some lesions, so not every one)
+    assert np.mean(np.array(unguarded) > 85) >= 0.6 and np.mean(unguarded) - np.mean(plain) > 30
