@@ -1,10 +1,10 @@
 """The preprocessing policy of a model folder (e.g. models/ham64-cpu), for `prepare --model`.
 
 A model folder holds `network.safetensors` and optionally `encoder.safetensors`. Its policy is
-read as `anomaly.model.AnoModel` reads it: the encoder's recorded policy, else the network's,
-else the defaults (with a note), always at the network's resolution and channel count. Only the
-checkpoints' metadata is read, never their tensors. A `splits.csv` in the folder is NOT applied
-here: pass it to `prepare --splits-from` to reproduce the model's split.
+read as `anomaly.model.ano_model.AnoModel` reads it: the encoder's recorded policy, else the
+network's, else the defaults (with a note), always at the network's resolution and channel count.
+Only the checkpoints' metadata is read, never their tensors. A `splits.csv` in the folder is NOT
+applied here: pass it to `prepare --splits-from` to reproduce the model's split.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from anodata.prepared import PreparedDataset
-from anomaly.tune import DEFAULT_GRID
+from anomaly.scoring.tune import DEFAULT_GRID
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_write_json
 
@@ -174,7 +174,7 @@ def adapt(opts: AdaptOptions, *, command: str | None = None,
 
 def _check_options(opts: AdaptOptions) -> tuple[Path, Path]:
     parent, dest = Path(opts.model), Path(opts.dest)
-    from anomaly.detector import resolve_model_dir
+    from anomaly.methods.detector import resolve_model_dir
 
     resolve_model_dir(parent, None, None)  # a folder with network + encoder, or one sentence
     if dest.exists():
@@ -371,9 +371,9 @@ def _step_encoder(opts: AdaptOptions, parent: Path, work: _Work, label: str) -> 
     if opts.encoder_kimg == 0:
         work.echo(f"{label}: kept the parent's encoder (--encoder-kimg 0)")
         return {"encoder": str(parent / "encoder.safetensors"), "trained": False}
-    from anomaly.encoder_io import best_encoder, encoder_checkpoints
-    from anomaly.fit import FitOptions, fit_encoder
-    from anomaly.model import AnoModel
+    from anomaly.model.encoder_io import best_encoder, encoder_checkpoints
+    from anomaly.model.fit import FitOptions, fit_encoder
+    from anomaly.model.ano_model import AnoModel
 
     outdir = work.root / "encoder"
     started = outdir.is_dir() and encoder_checkpoints(outdir)
@@ -471,7 +471,7 @@ def _parent_tta(parent: Path) -> str:
 
 
 def _step_tune(opts: AdaptOptions, parent: Path, work: _Work, label: str) -> dict:
-    from anomaly.tune import TuneOptions, tune
+    from anomaly.scoring.tune import TuneOptions, tune
 
     rule, notes = tuning_rule(opts, work.data)
     for note in notes:
@@ -547,8 +547,8 @@ def _step_test(opts: AdaptOptions, parent: Path, work: _Work, label: str) -> dic
                   f"anomalies)")
         return {"read": False, "why": f"the test split holds {n_norm} normals and {n_anom} "
                                       f"anomalies"}
-    from anomaly.evaluate import EvaluateOptions, evaluate_scores
-    from anomaly.scoring import ScoreOptions, score_datasets
+    from anomaly.evaluation.evaluate import EvaluateOptions, evaluate_scores
+    from anomaly.scoring.score import ScoreOptions, score_datasets
 
     model_dir = work.root / "model"
     evaluation = model_dir / "evaluation"
@@ -616,7 +616,7 @@ def _sha256(path: Path) -> str:
 
 
 def _write_card(opts: AdaptOptions, parent: Path, work: _Work, model_dir: Path) -> None:
-    from anomaly.model_card import adapt_card
+    from anomaly.evaluation.model_card import adapt_card
 
     steps = work.state["steps"]
     record = {"options": dataclasses.asdict(opts), "command": work.state.get("command"),

@@ -80,11 +80,11 @@ def config_option(config: str):
 
 _gan = config_option("stylegan.options:TrainFlags")
 _prep = config_option("anodata.prepare:PrepareOptions")
-_fit = config_option("anomaly.fit:FitOptions")
-_rec = config_option("anomaly.reconstruct:ReconstructOptions")
-_proj = config_option("anomaly.project:ProjectOptions")
-_score = config_option("anomaly.scoring:ScoreOptions")
-_tsne = config_option("anomaly.scoring:TsneOptions")
+_fit = config_option("anomaly.model.fit:FitOptions")
+_rec = config_option("anomaly.model.reconstruct:ReconstructOptions")
+_proj = config_option("anomaly.model.project:ProjectOptions")
+_score = config_option("anomaly.scoring.score:ScoreOptions")
+_tsne = config_option("anomaly.scoring.score:TsneOptions")
 _serve = config_option("anomaly.app.model:ServeOptions")
 _access = config_option("anomaly.app.access:AccessOptions")
 
@@ -106,7 +106,7 @@ model_option = click.option(
 def _resolve_model(flags: dict) -> str | None:
     """Fill flags['network'] / flags['encoder'] from flags.pop('model'); returns the folder's
     detector.json (or None)."""
-    from anomaly.detector import resolve_model_dir
+    from anomaly.methods.detector import resolve_model_dir
 
     flags["network"], flags["encoder"], detector = resolve_model_dir(
         flags.pop("model"), flags.get("network"), flags.get("encoder"))
@@ -368,7 +368,7 @@ def generate(seeds: str, **flags) -> None:
 
 # ---- reference -------------------------------------------------------------------------------
 
-_ref = config_option("anomaly.reference.run:ReferenceOptions")
+_ref = config_option("anomaly.evaluation.reference.run:ReferenceOptions")
 
 
 @main.command("reference")
@@ -405,7 +405,7 @@ def reference(**flags) -> None:
     Example:
       anostyle reference --prepared prepared --outdir scores
     """
-    from anomaly.reference.run import ReferenceOptions, run_reference
+    from anomaly.evaluation.reference.run import ReferenceOptions, run_reference
 
     written = run_reference(ReferenceOptions(**flags))
     import json
@@ -424,7 +424,7 @@ def reference(**flags) -> None:
 
 # ---- evaluate / report -----------------------------------------------------------------------
 
-_eval = config_option("anomaly.evaluate:EvaluateOptions")
+_eval = config_option("anomaly.evaluation.evaluate:EvaluateOptions")
 
 
 class _IntList(click.ParamType):
@@ -496,7 +496,7 @@ def evaluate(by: tuple[str, ...], **flags) -> None:
     Example:
       anostyle evaluate --scores scores --outdir graphics --prepared prepared --by dx_type
     """
-    from anomaly.evaluate import EvaluateOptions, evaluate_scores, format_summary
+    from anomaly.evaluation.evaluate import EvaluateOptions, evaluate_scores, format_summary
 
     click.echo(format_summary(evaluate_scores(EvaluateOptions(by=by, **flags))))
 
@@ -519,7 +519,7 @@ def evaluate_repeats(score_dirs: tuple[str, ...], outdir: str, normal_class: str
     """
     from pathlib import Path
 
-    from anomaly.evaluate import format_repeats, write_repeats
+    from anomaly.evaluation.evaluate import format_repeats, write_repeats
 
     stats, files = write_repeats([Path(d) for d in score_dirs], Path(outdir),
                                  normal_class=normal_class, anomaly_class=anomaly_class)
@@ -527,7 +527,7 @@ def evaluate_repeats(score_dirs: tuple[str, ...], outdir: str, normal_class: str
     click.echo(f"wrote {', '.join(str(f) for f in files)}")
 
 
-_report = config_option("anomaly.report:ReportOptions")
+_report = config_option("anomaly.evaluation.report:ReportOptions")
 
 
 @main.command("report")
@@ -539,7 +539,7 @@ def report(**flags) -> None:
 
     Example: anostyle report --graphics graphics
     """
-    from anomaly.report import ReportOptions, write_report
+    from anomaly.evaluation.report import ReportOptions, write_report
 
     click.echo(f"wrote {write_report(ReportOptions(**flags))}")
 
@@ -617,7 +617,7 @@ def train_encoder(dry_run: bool, **flags) -> None:
     import dataclasses
     import json
 
-    from anomaly.fit import FitOptions, fit_encoder
+    from anomaly.model.fit import FitOptions, fit_encoder
 
     opts = FitOptions(**flags)
     if dry_run:
@@ -627,7 +627,7 @@ def train_encoder(dry_run: bool, **flags) -> None:
     last = fit_encoder(opts)
     click.echo(f"encoder: {last}")
     if opts.val is not None:
-        from anomaly.encoder_io import best_encoder
+        from anomaly.model.encoder_io import best_encoder
 
         best = best_encoder(opts.outdir)
         click.echo(f"chosen on validation loss: {best} (validation.json in {opts.outdir})")
@@ -663,7 +663,7 @@ def reconstruct(**flags) -> None:
         --encoder checkpointed/encoder-012500.safetensors --source prepared/test.zip \\
         --outdir generated_img --residual
     """
-    from anomaly.reconstruct import ReconstructOptions, reconstruct_folder
+    from anomaly.model.reconstruct import ReconstructOptions, reconstruct_folder
 
     _resolve_model(flags)
     summary = reconstruct_folder(ReconstructOptions(**flags))
@@ -707,7 +707,7 @@ def project(**flags) -> None:
         --encoder checkpointed/encoder-012500.safetensors --source some_images/ \\
         --steps 300 --outdir projected
     """
-    from anomaly.project import ProjectOptions, project_folder
+    from anomaly.model.project import ProjectOptions, project_folder
 
     summary = project_folder(ProjectOptions(**flags))
     for name, reason in summary.skipped:
@@ -718,7 +718,7 @@ def project(**flags) -> None:
 
 # ---- tune ------------------------------------------------------------------------------------
 
-_tune = config_option("anomaly.tune:TuneOptions")
+_tune = config_option("anomaly.scoring.tune:TuneOptions")
 
 
 @main.command("tune")
@@ -780,7 +780,7 @@ def tune(by: tuple[str, ...], **flags) -> None:
       anostyle tune --model models/ham64 --data prepared/val.zip --outdir tuned \\
         --select worst:dx_type
     """
-    from anomaly.tune import TuneOptions, tune as run_tune
+    from anomaly.scoring.tune import TuneOptions, tune as run_tune
 
     written = run_tune(TuneOptions(by=by, **flags))
     import json
@@ -909,7 +909,7 @@ def score(data: tuple[str, ...], **kwargs) -> None:
 
     Columns: score, label (0 normal, 1 anomaly), file, class, split. Higher is more anomalous.
     """
-    from anomaly.scoring import ScoreOptions, score_datasets
+    from anomaly.scoring.score import ScoreOptions, score_datasets
 
     detector = _resolve_model(kwargs)
     kwargs["detector"] = kwargs["detector"] or detector
@@ -934,7 +934,7 @@ def score(data: tuple[str, ...], **kwargs) -> None:
               help="Accept an encoder trained for another network file (a warning is printed).")
 def tsne(data: tuple[str, ...], **kwargs) -> None:
     """t-SNE of the encoder's latent codes coloured by class: tsne.png + tsne.xlsx."""
-    from anomaly.scoring import TsneOptions, tsne_latents
+    from anomaly.scoring.score import TsneOptions, tsne_latents
 
     _resolve_model(kwargs)
     written = tsne_latents(TsneOptions(data=tuple(data), **kwargs))

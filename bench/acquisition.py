@@ -49,8 +49,8 @@ from anodata.policy import fit_image
 from anodata.prepared import PreparedDataset
 from anodata.shifts import Shift, shifted_halves
 from anodata.shifts import paint_border  # noqa: F401 (bench.paint_border, tests/test_border.py)
-from anomaly.metrics import bootstrap_cis, roc_auc
-from anomaly.model import AnoModel
+from anomaly.evaluation.metrics import bootstrap_cis, roc_auc
+from anomaly.model.ano_model import AnoModel
 
 REPO = Path(__file__).resolve().parents[1]
 # shift kind -> (policy field of its guard, value off, value on); zoom has no guard

@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from anomaly.encoder import Encoder, EncoderConfig
-from anomaly.fit import FitOptions, fit_encoder
-from anomaly.model import reconstruct_batch
-from anomaly.project import project_batch
+from anomaly.model.encoder import Encoder, EncoderConfig
+from anomaly.model.fit import FitOptions, fit_encoder
+from anomaly.model.ano_model import reconstruct_batch
+from anomaly.model.project import project_batch
 from stylegan.checkpoint import save_networks
 from stylegan.imageutil import from_uint8, save_image, to_uint8
 from stylegan.networks import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig

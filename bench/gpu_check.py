@@ -246,8 +246,8 @@ def check_encoder_and_scoring(device: torch.device, tmp: Path, *, resolution: in
                               images: int = 256, iters: int = 40, channel_base: int = 2048,
                               channel_max: int = 128) -> dict:
     """izif encoder training images/s and `score` images/s (all default methods)."""
-    from anomaly.fit import FitOptions, fit_encoder
-    from anomaly.scoring import ScoreOptions, score_datasets
+    from anomaly.model.fit import FitOptions, fit_encoder
+    from anomaly.scoring.score import ScoreOptions, score_datasets
     from stylegan.checkpoint import save_networks
 
     torch.manual_seed(0)

@@ -3,14 +3,14 @@ all from one forward pass per batch, on 2 threads) over N images at 64 px
 with the `cpu` preset's networks and the default encoder, in a fresh process per size, so the
 peak RSS of scoring 1,000 and 10,000 images can be compared (streaming: it should not grow).
 
-Then (`--configs`) the tuned detector's configurations (anomaly/detector.py), each alone, with
-and without TTA (8 rotations/flips), in this process on 2 threads: images per second of the
+Then (`--configs`) the tuned detector's configurations (anomaly/methods/detector.py), each alone,
+with and without TTA (8 rotations/flips), in this process on 2 threads: images per second of the
 Scorer over `--config-images` fitted images (the bank fitted on 256 other images first; the
 time is the scoring alone, as `score` and `serve` spend it per batch of 64).
 
 Last (`--model DIR`, default models/ham64-cpu), the model folder's own tuned detector with its
-real networks: images per second of `AnoModel.open(DIR).detector.score_batch`, as `score --model` and
-`serve --model` spend it.
+real networks: images per second of `AnoModel.open(DIR).detector.score_batch`, as `score --model`
+and `serve --model` spend it.
 
 Prints one JSON object. Usage: `.venv/bin/python bench/score.py [--sizes 1000,10000]
 [--configs knn-latent:5,...] [--config-images 512] [--model models/ham64-cpu]`.
@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from anomaly.encoder import Encoder, EncoderConfig
-from anomaly.encoder_io import save_encoder
-from anomaly.model import DEFAULT_METHODS
+from anomaly.model.encoder import Encoder, EncoderConfig
+from anomaly.model.encoder_io import save_encoder
+from anomaly.model.ano_model import DEFAULT_METHODS
 from stylegan.checkpoint import save_networks
 from stylegan.networks import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
 
@@ -74,7 +74,7 @@ def make_zip(path: Path, n: int) -> Path:
 CHILD = """
 import json, resource, sys, time
 import torch
-from anomaly.scoring import ScoreOptions, score_datasets
+from anomaly.scoring.score import ScoreOptions, score_datasets
 net, enc, data, out, methods = sys.argv[1:6]
 torch.set_num_threads(2)
 start = time.perf_counter()
@@ -93,8 +93,8 @@ DETECTOR_CONFIGS = ("residual:mean,residual:p99,residual:smax:2,izif:1,dfeat-res
 def bench_configs(network: Path, encoder: Path, methods: list[str], n: int) -> dict:
     """Images per second (wall) and CPU milliseconds per image of each (method, TTA)
     configuration alone, scoring n images."""
-    from anomaly import detector as det
-    from anomaly.model import AnoModel
+    from anomaly.methods import detector as det
+    from anomaly.model.ano_model import AnoModel
 
     torch.set_num_threads(2)
     model = AnoModel.load(network, encoder, device="cpu")
@@ -129,7 +129,7 @@ def bench_detector(model_dir: str, n: int) -> dict:
     """Images per second (wall) and CPU ms per image of a model folder's own tuned detector
     (detector.json on its networks: every component from one pass per batch of 64, as `score
     --model` and `serve --model` spend it), on n random fitted images."""
-    from anomaly.model import AnoModel
+    from anomaly.model.ano_model import AnoModel
 
     torch.set_num_threads(2)
     model = AnoModel.open(model_dir, device="cpu")

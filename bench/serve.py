@@ -53,10 +53,10 @@ from PIL import Image
 from anomaly.app.model import ServeOptions, load_serve_model
 from anomaly.app.access import LOOPBACK_NAMES
 from anomaly.app.server import BackgroundServer, create_app, upload_limits
-from anomaly.encoder import Encoder, EncoderConfig
-from anomaly.encoder_io import save_encoder
-from anomaly.evaluate import EvaluateOptions, write_summary
-from anomaly.sheets import write_score_sheet
+from anomaly.model.encoder import Encoder, EncoderConfig
+from anomaly.model.encoder_io import save_encoder
+from anomaly.evaluation.evaluate import EvaluateOptions, write_summary
+from anomaly.evaluation.sheets import write_score_sheet
 from stylegan.checkpoint import save_networks
 from stylegan.networks import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
 

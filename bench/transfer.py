@@ -23,9 +23,9 @@ import pandas as pd
 import torch
 
 from anodata.prepared import PreparedDataset
-from anomaly.detector import check_data_policy
-from anomaly.metrics import bootstrap_cis, paired_comparison, roc_auc
-from anomaly.model import AnoModel
+from anomaly.methods.detector import check_data_policy
+from anomaly.evaluation.metrics import bootstrap_cis, paired_comparison, roc_auc
+from anomaly.model.ano_model import AnoModel
 from stylegan.dataset import ImageDataset, iterate_batches
 
 

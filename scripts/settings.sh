@@ -75,7 +75,7 @@ newest_encoder() {
   if [ -n "${ENCODER:-}" ]; then echo "$ENCODER"; return; fi
   local found dir
   dir=$(encoder_run_dir "$1")
-  found=$(python -c 'import sys; from anomaly.encoder_io import best_encoder as b; print(b(sys.argv[1]) or "")' "$dir")
+  found=$(python -c 'import sys; from anomaly.model.encoder_io import best_encoder as b; print(b(sys.argv[1]) or "")' "$dir")
   [ -n "$found" ] || found=$(ls -t "$dir"/encoder-*.safetensors 2>/dev/null | head -n 1 || true)
   if [ -z "$found" ]; then
     echo "no encoder in $ENCODER_DIR: run scripts/03_train_encoder.sh first or set ENCODER" >&2

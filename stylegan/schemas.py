@@ -5,7 +5,7 @@ violation into one sentence naming the file and the field.
 Here: the safetensors metadata shared by network and encoder checkpoints, their bodies
 (`anostyle` JSON), and the config dataclasses inside both (a model built from the dataclass's
 own fields, so the dataclass stays the one place that lists them). detector.json's lives in
-anomaly/schemas.py.
+anomaly/methods/schemas.py.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from anomaly.encoder import Encoder, EncoderConfig
+from anomaly.model.encoder import Encoder, EncoderConfig
 from stylegan.checkpoint import save_networks
 from stylegan.imageutil import save_image, to_uint8
 from stylegan.networks import (Discriminator, DiscriminatorConfig, Generator, GeneratorConfig,

@@ -21,8 +21,8 @@ from click.testing import CliRunner
 import anomaly.adapt as adapt_mod
 from anomaly.adapt import AdaptOptions, adapt, tuning_rule
 from anomaly.cli import main
-from anomaly.encoder_io import save_encoder
-from anomaly.model import AnoModel
+from anomaly.model.encoder_io import save_encoder
+from anomaly.model.ano_model import AnoModel
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
 from encoder_helpers import (sample_images, save_tiny_networks, tiny_encoder, tiny_networks,
                              write_folder)
@@ -168,7 +168,7 @@ def test_a_killed_run_continues_from_the_last_finished_step(parent, adapted, tmp
 def test_training_steps_warm_start_and_continue_after_a_kill(parent, tmp_path, monkeypatch):
     """--kimg/--encoder-kimg: the GAN resumes from the parent network, the encoder starts from
     the parent's weights; a kill inside encoder training resumes from its last checkpoint."""
-    import anomaly.fit as fit_mod
+    import anomaly.model.fit as fit_mod
 
     dest = tmp_path / "trained"
     opts = options(parent, dest, kimg=0.004, encoder_kimg=0.048, read_test=False)

@@ -36,16 +36,17 @@ from anomaly.app.access import LOOPBACK_NAMES
 from anodata.policy import Preprocessing
 from anomaly.app.model import (Decision, IzifScorer, Reference, ServeModel, ServeOptions,
                                load_decision, load_reference, load_serve_model)
-from anomaly.model import AnoModel, discriminator_features, reconstruct_batch, resolve_izif
+from anomaly.model.ano_model import (AnoModel, discriminator_features, reconstruct_batch,
+                                     resolve_izif)
 from anomaly.app.server import BackgroundServer, create_app, upload_limits
 from anomaly.cli import main
-from anomaly.encoder import Encoder, EncoderConfig
-from anomaly.encoder_io import save_encoder, sha256_file
-from anomaly.evaluate import EvaluateOptions, write_summary
+from anomaly.model.encoder import Encoder, EncoderConfig
+from anomaly.model.encoder_io import save_encoder, sha256_file
+from anomaly.evaluation.evaluate import EvaluateOptions, write_summary
 from anodata.reader import read_fitted
-from anomaly.reconstruct import residual_images
-from anomaly.scores import izif_score
-from anomaly.sheets import write_score_sheet
+from anomaly.model.reconstruct import residual_images
+from anomaly.methods.scores import izif_score
+from anomaly.evaluation.sheets import write_score_sheet
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
 from encoder_helpers import sample_images, save_tiny_networks, tiny_encoder, tiny_networks
 from stylegan.errors import UserError

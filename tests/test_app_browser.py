@@ -17,9 +17,9 @@ from playwright.sync_api import sync_playwright
 from anomaly.app.model import ServeOptions, load_serve_model
 from anomaly.app.access import LOOPBACK_NAMES
 from anomaly.app.server import BackgroundServer, create_app, upload_limits
-from anomaly.encoder_io import save_encoder
-from anomaly.evaluate import EvaluateOptions, write_summary
-from anomaly.sheets import write_score_sheet
+from anomaly.model.encoder_io import save_encoder
+from anomaly.evaluation.evaluate import EvaluateOptions, write_summary
+from anomaly.evaluation.sheets import write_score_sheet
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
 from encoder_helpers import sample_images, save_tiny_networks, tiny_encoder, tiny_networks
 

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from anomaly import baseline
-from anomaly import evaluate as ev
+from anomaly.evaluation import baseline
+from anomaly.evaluation import evaluate as ev
 from stylegan.errors import UserError
 
 
@@ -152,7 +152,7 @@ def test_too_few_training_images(prepared):
 def test_evaluate_includes_the_baseline(prepared, tmp_path):
     scores = tmp_path / "scores"
     df = _knn_pixels(prepared, size=4, k=2)
-    from anomaly import sheets
+    from anomaly.evaluation import sheets
 
     sheets.write_score_sheet(df.assign(score=-df["score"]), scores / "izif.xlsx")
     summary = ev.evaluate_scores(ev.EvaluateOptions(scores, tmp_path / "graphics",

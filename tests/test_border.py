@@ -222,7 +222,7 @@ def test_the_shipped_detector_ignores_a_painted_border_and_a_darker_exposure():
 
     from PIL import ImageEnhance
 
-    from anomaly.model import AnoModel
+    from anomaly.model.ano_model import AnoModel
     from bench import acquisition as bench
 
     repo = Path(__file__).resolve().parents[1]

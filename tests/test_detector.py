@@ -19,12 +19,12 @@ from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 from sklearn.neighbors import NearestNeighbors
 
 from anodata.prepare import PrepareOptions, prepare_dataset
-from anomaly import detector as det
-from anomaly import detector_scores as ds
+from anomaly.methods import detector as det
+from anomaly.methods import detector_scores as ds
 from anomaly.cli import main
-from anomaly.encoder_io import save_encoder
-from anomaly.model import AnoModel
-from anomaly.sheets import read_score_sheet
+from anomaly.model.encoder_io import save_encoder
+from anomaly.model.ano_model import AnoModel
+from anomaly.evaluation.sheets import read_score_sheet
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
 from encoder_helpers import (sample_images, save_tiny_networks, tiny_encoder, tiny_networks,
                              write_folder)
@@ -374,7 +374,7 @@ def test_tune_table_and_detector_json(setup, tuned):
     import pandas as pd
 
     table = pd.read_excel(tuned["out"] / "tune.xlsx")
-    from anomaly.tune import combination_pairs
+    from anomaly.scoring.tune import combination_pairs
 
     singles = table[table["method"] != "rank-average"]
     assert len(singles) == 2 * (len(NEW_METHODS) + 1)  # x {plain, TTA}
@@ -429,7 +429,7 @@ def test_worst_subgroup_rule(setup, tuned):
 def test_simplest_configuration_within_tolerance_is_chosen():
     import pandas as pd
 
-    from anomaly.tune import _with_cost, select_row
+    from anomaly.scoring.tune import _with_cost, select_row
 
     table = _with_cost(pd.DataFrame({
         "configuration": ["residual:mean", "residual:mean@tta", "izif:1",
@@ -448,7 +448,7 @@ def test_simplest_configuration_within_tolerance_is_chosen():
 
 
 def test_combination_pairs_add_their_one_pass_counterparts():
-    from anomaly.tune import combination_pairs
+    from anomaly.scoring.tune import combination_pairs
 
     available = {"a", "a@tta", "b", "b@tta", "c@tta"}
     assert combination_pairs(["a@tta", "b@tta", "a"], available) == [
@@ -549,7 +549,7 @@ def test_tune_without_encoder_for_d_feature_densities(setup):
 def test_small_subgroups_are_named_for_the_worst_case_rule():
     import pandas as pd
 
-    from anomaly.tune import small_subgroups
+    from anomaly.scoring.tune import small_subgroups
 
     rows = pd.DataFrame({"class": ["nv"] * 25 + ["mel"] * 30,
                          "dx_type": ["follow_up"] * 21 + ["histo"] * 4 + ["histo"] * 30})
@@ -563,7 +563,7 @@ def test_small_subgroups_are_named_for_the_worst_case_rule():
 def test_selection_with_shifts_is_the_min_over_routes_and_shifts():
     import pandas as pd
 
-    from anomaly.tune import _with_cost, parse_select, select_row, selection_value
+    from anomaly.scoring.tune import _with_cost, parse_select, select_row, selection_value
 
     assert parse_select("worst:dx_type+shifts") == ("dx_type", True)
     assert parse_select("auc+shifts") == (None, True)

@@ -73,9 +73,10 @@ def test_path_tokens_are_found():
                                   "scripts/01_prepare_data.sh"}
     assert _exists("scripts/<n>_prepare_data.sh") and not _exists("bench/border.py")
     assert _exists("models/mine/evaluation/") and not _exists("models/minefield")
-    assert _python_names("`from x import anomaly.model.AnoModel` and `stylegan.ops`") == \
-        {"anomaly.model.AnoModel", "stylegan.ops"}
-    assert _resolves("anomaly.model.AnoModel") and not _resolves("anomaly.model.NoSuchModel")
+    assert _python_names("`from x import anomaly.model.ano_model.AnoModel` and `stylegan.ops`") == \
+        {"anomaly.model.ano_model.AnoModel", "stylegan.ops"}
+    assert _resolves("anomaly.model.ano_model.AnoModel")
+    assert not _resolves("anomaly.model.ano_model.NoSuchModel")
     assert not _resolves("anomaly.no_such_module")
 
 
@@ -86,7 +87,8 @@ def test_every_named_path_exists(doc):
 
 
 def _python_names(text: str) -> set[str]:
-    """Dotted names of our packages in prose backticks, e.g. anomaly.detector.load_model_dir."""
+    """Dotted names of our packages in prose backticks, e.g.
+    anomaly.methods.detector.load_model_dir."""
     prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
     return {name for span in re.findall(r"`([^`\n]+)`", prose)
             for name in re.findall(r"(?<![\w.])((?:anodata|anomaly|stylegan)(?:\.\w+)+)", span)}

@@ -1,5 +1,5 @@
-"""anomaly/encoder.py and anomaly/encoder_io.py: shapes, the w_avg start, W vs W+, checkpoint
-round trip, wrong kinds of file and the `--resume latest` rule (tiny networks, CPU)."""
+"""anomaly/model/encoder.py and anomaly/model/encoder_io.py: shapes, the w_avg start, W vs W+,
+checkpoint round trip, wrong kinds of file and the `--resume latest` rule (tiny networks, CPU)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from anomaly.encoder import Encoder, EncoderConfig
-from anomaly.encoder_io import (ENCODER_FORMAT, encoder_checkpoints, find_latest_encoder,
-                                load_encoder, save_encoder, state_path)
+from anomaly.model.encoder import Encoder, EncoderConfig
+from anomaly.model.encoder_io import (ENCODER_FORMAT, encoder_checkpoints, find_latest_encoder,
+                                      load_encoder, save_encoder, state_path)
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
 from encoder_helpers import E_BASE, E_MAX, save_tiny_networks, tiny_encoder, tiny_networks
 from stylegan.checkpoint import load_network

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from sklearn import metrics as skm
 
-from anomaly import evaluate as ev
-from anomaly import metrics, protocol, sheets
-from anomaly.protocol import Comparison
+from anomaly.evaluation import evaluate as ev
+from anomaly.evaluation import metrics, protocol, sheets
+from anomaly.evaluation.protocol import Comparison
 from stylegan.errors import UserError
 
 

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 from click.testing import CliRunner
 
-from anomaly import detector as det
+from anomaly.methods import detector as det
 from anomaly.cli import main
-from anomaly.model import resolve_izif
+from anomaly.model.ano_model import resolve_izif
 from stylegan.errors import UserError
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "ham64-cpu"

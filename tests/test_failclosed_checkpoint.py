@@ -85,7 +85,7 @@ def test_encoder_with_a_random_tail_is_refused(tmp_path):
     import numpy as np
     from encoder_helpers import tiny_encoder, tiny_networks
 
-    from anomaly.encoder_io import load_encoder, save_encoder
+    from anomaly.model.encoder_io import load_encoder, save_encoder
 
     G, _D = tiny_networks()
     path = tmp_path / "encoder.safetensors"
@@ -103,7 +103,7 @@ def test_encoder_with_a_random_tail_is_refused(tmp_path):
 
 
 def test_pairing_by_network_sha256(tmp_path):
-    from anomaly.encoder_io import check_pairing, sha256_file
+    from anomaly.model.encoder_io import check_pairing, sha256_file
 
     (tmp_path / "a.safetensors").write_bytes(b"network a")
     (tmp_path / "b.safetensors").write_bytes(b"network b")

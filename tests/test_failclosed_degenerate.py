@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
-from anomaly import evaluate as ev
-from anomaly import sheets
+from anomaly.evaluation import evaluate as ev
+from anomaly.evaluation import sheets
 from stylegan.errors import UserError
 
 

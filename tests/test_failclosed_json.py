@@ -59,7 +59,7 @@ def test_dataset_json_labels_beyond_the_limits(tmp_path, label, words):
 @pytest.mark.parametrize("value, words", [(HUGE_DIGITS, "5000 digits"), (DEEP, "deeper than")])
 def test_detector_and_prepare_json_beyond_the_limits(tmp_path, value, words):
     from anodata.policy import read_prepare_json
-    from anomaly.detector import Detector
+    from anomaly.methods.detector import Detector
 
     body = '{"format": "anostyle-detector", "version": 1, "tune": %s}' % value
     (tmp_path / "detector.json").write_text(body)

@@ -13,12 +13,12 @@ import torch
 from click.testing import CliRunner
 
 from anodata.prepare import PrepareOptions, prepare_dataset
-from anomaly import detector as det
-from anomaly import detector_scores as ds
+from anomaly.methods import detector as det
+from anomaly.methods import detector_scores as ds
 from anomaly.app.model import ServeOptions, load_serve_model
 from anomaly.cli import main
-from anomaly.model import AnoModel
-from anomaly.encoder_io import save_encoder, sha256_file
+from anomaly.model.ano_model import AnoModel
+from anomaly.model.encoder_io import save_encoder, sha256_file
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
 from stylegan.dataset import ImageDataset
 from encoder_helpers import (sample_images, save_tiny_networks, tiny_encoder, tiny_networks,

@@ -31,7 +31,7 @@ def test_the_shipped_detector_records_no_absolute_path():
 
 
 def test_tune_records_inputs_relative_to_its_output_folder(tmp_path):
-    from anomaly.tune import TuneOptions, provenance
+    from anomaly.scoring.tune import TuneOptions, provenance
 
     data = tmp_path / "prepared" / "val.zip"
     data.parent.mkdir()

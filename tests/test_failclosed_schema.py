@@ -12,7 +12,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from anomaly.detector import Detector
+from anomaly.methods.detector import Detector
 from stylegan.errors import UserError
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "ham64-cpu"
@@ -120,7 +120,7 @@ def rewrite(path, metadata) -> None:
 def encoder_file(tmp_path):
     from encoder_helpers import tiny_encoder, tiny_networks
 
-    from anomaly.encoder_io import save_encoder
+    from anomaly.model.encoder_io import save_encoder
 
     G, _D = tiny_networks()
     path = tmp_path / "encoder.safetensors"
@@ -162,7 +162,7 @@ def _encoder_body(path) -> dict:
         dict(b, extra={"training_options": {"kappa": "nan"}}))), "kappa"),
 ])
 def test_bad_encoder_metadata_is_one_sentence(encoder_file, change, words):
-    from anomaly.encoder_io import load_encoder
+    from anomaly.model.encoder_io import load_encoder
 
     metadata = metadata_of(encoder_file)
     change(metadata, _encoder_body(encoder_file))
@@ -199,7 +199,7 @@ def test_bad_network_metadata_is_one_sentence(network_file, change, words):
 
 
 def test_the_shipped_checkpoints_still_load():
-    from anomaly.encoder_io import load_encoder
+    from anomaly.model.encoder_io import load_encoder
     from stylegan.checkpoint import load_network
 
     nets = load_network(SHIPPED / "network.safetensors")

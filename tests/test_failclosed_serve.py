@@ -30,7 +30,7 @@ from anomaly.app.access import AccessOptions
 from anomaly.app.model import ServeOptions, load_serve_model
 from anomaly.app.server import BackgroundServer, create_app, default_hosts, upload_limits
 from anomaly.cli import main
-from anomaly.encoder_io import load_encoder, save_encoder
+from anomaly.model.encoder_io import load_encoder, save_encoder
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
 from stylegan.errors import UserError
 
@@ -414,7 +414,7 @@ def test_commands_refuse_an_encoder_of_another_network(nets, tmp_path, command):
     """Every command that pairs an encoder with a network checks the pairing in AnoModel.load;
     --allow-mismatch lets it through with a printed warning."""
     from anomaly.cli import main
-    from anomaly.encoder_io import load_encoder, save_encoder
+    from anomaly.model.encoder_io import load_encoder, save_encoder
 
     E, extra = load_encoder(nets["encoder"])
     other = tmp_path / "encoder-other.safetensors"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from test_detector import run, setup  # noqa: F401 (the tiny model and prepared data)
 
-from anomaly import detector as det
-from anomaly.model import AnoModel
+from anomaly.methods import detector as det
+from anomaly.model.ano_model import AnoModel
 from stylegan import fileio
 from stylegan.errors import UserError
 
@@ -49,7 +49,7 @@ def test_a_kill_at_any_step_leaves_the_older_output(setup, first, monkeypatch, s
     before = snapshot(first)
     assert set(before) == {"tune.xlsx", "tune.json", "detector.json", "bank.safetensors"}
     target = {"bank": (det.Bank, "save"), "detector": (det.Detector, "save"),
-              "tune.json": ("anomaly.tune.atomic_write_json", None),
+              "tune.json": ("anomaly.scoring.tune.atomic_write_json", None),
               "swap": ("stylegan.fileio.replace_folder", None)}[step]
     if target[1] is None:
         monkeypatch.setattr(target[0], _kill)

@@ -30,7 +30,7 @@ def test_checkpoints_respect_the_umask(tmp_path):
     encoder files must still get 0666 & ~umask (0644 under umask 022), not mkstemp's 0600."""
     import os
 
-    from anomaly.encoder_io import save_encoder
+    from anomaly.model.encoder_io import save_encoder
     from encoder_helpers import tiny_encoder, tiny_networks
     from stylegan.checkpoint import save_networks
 

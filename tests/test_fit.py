@@ -1,5 +1,6 @@
-"""anomaly/fit.py and `anostyle train-encoder`: the izif loss by hand, training that measurably
-inverts a tiny generator, exact resume, NaN stop, run-folder files and one-sentence errors."""
+"""anomaly/model/fit.py and `anostyle train-encoder`: the izif loss by hand, training that
+measurably inverts a tiny generator, exact resume, NaN stop, run-folder files and one-sentence
+errors."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import anomaly.fit as fit_mod
+import anomaly.model.fit as fit_mod
 from anomaly.cli import main
-from anomaly.encoder_io import load_encoder, state_path
+from anomaly.model.encoder_io import load_encoder, state_path
 from stylegan.runtime import EndlessSampler
-from anomaly.fit import FitOptions, fit_encoder, izif_loss, w_reg_loss
-from anomaly.scores import izif_score
+from anomaly.model.fit import FitOptions, fit_encoder, izif_loss, w_reg_loss
+from anomaly.methods.scores import izif_score
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
 from encoder_helpers import sample_images, save_tiny_networks, tiny_networks, write_folder
 from stylegan.checkpoint import save_networks
@@ -289,8 +290,8 @@ def _val_folder(setup, folder, *, with_anomalies: bool = False):
 
 
 def _izif_of(setup, encoder_path, images_nhwc) -> float:
-    """Mean izif score (anomaly.scores.izif_score, kappa 1, b8) of images: the reference."""
-    from anomaly.model import discriminator_features
+    """Mean izif score (anomaly.methods.scores.izif_score, kappa 1, b8) of images: the reference."""
+    from anomaly.model.ano_model import discriminator_features
 
     E, _ = load_encoder(encoder_path)
     G, D = setup["G"], setup["D"]
@@ -303,7 +304,7 @@ def _izif_of(setup, encoder_path, images_nhwc) -> float:
 
 
 def test_validation_loss_names_the_best_checkpoint(setup, tmp_path):
-    from anomaly.encoder_io import best_encoder
+    from anomaly.model.encoder_io import best_encoder
 
     val = _val_folder(setup, tmp_path / "val", with_anomalies=True)
     out = tmp_path / "run"
@@ -362,7 +363,7 @@ def test_validation_data_refusals(setup, tmp_path):
 
 
 def test_checkpoints_trained_without_val_are_validated_afterwards(setup, tmp_path):
-    from anomaly.encoder_io import best_encoder
+    from anomaly.model.encoder_io import best_encoder
 
     val = _val_folder(setup, tmp_path / "val")
     out = tmp_path / "run"

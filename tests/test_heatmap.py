@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from anomaly import heatmap
+from anomaly.methods import heatmap
 
 
 def test_residual_map_by_hand():

@@ -1,5 +1,6 @@
 """Imports run one way: `stylegan` imports neither `anodata` nor `anomaly`, `anodata` does not
-import `anomaly`, and the modules of each package import each other without a cycle.
+import `anomaly`, the rooms of `anomaly` import each other in one order, and the modules of each
+package import each other without a cycle.
 
 Every import statement counts, also one inside a function: it runs the other module all the
 same, only later. The graph is read from the source with `ast` (nothing is imported); a package's
@@ -107,6 +108,51 @@ def test_imports_run_one_way(package):
                    if module.split(".")[0] == package for other in others
                    if other.split(".")[0] not in ALLOWED[package])
     assert not wrong, f"{package} must not import these: " + "; ".join(wrong)
+
+
+# The rooms of anomaly/ (its subpackages) and the rooms each may import besides itself: evaluation
+# stands alone, methods build on evaluation, the model on methods, scoring on the model; the app
+# serves from the model, methods and evaluation. The top (cli.py, adapt.py) may import any room.
+ROOM_IMPORTS = {"evaluation": set(), "methods": {"evaluation"},
+                "model": {"methods", "evaluation"}, "scoring": {"model", "methods", "evaluation"},
+                "app": {"model", "methods", "evaluation"}}
+
+
+def anomaly_room(module: str) -> str | None:
+    """'anomaly.model.fit' and 'anomaly.model' -> 'model'; None on top ('anomaly', 'anomaly.cli')."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and (REPO / "anomaly" / parts[1]).is_dir() else None
+
+
+def room_violations(graph: dict[str, set[str]]) -> list[str]:
+    """'a imports b' for each import from a room of anomaly/ into a room (or the top) it may not
+    import."""
+    wrong = []
+    for module, others in sorted(graph.items()):
+        room = anomaly_room(module)
+        if room is None:
+            continue
+        wrong += [f"{module} imports {other}" for other in sorted(others)
+                  if anomaly_room(other) != room and anomaly_room(other) not in ROOM_IMPORTS[room]]
+    return wrong
+
+
+def test_every_room_of_anomaly_has_its_imports_written():
+    rooms = {anomaly_room(module) for module in import_graph(("anomaly",))} - {None}
+    assert rooms == set(ROOM_IMPORTS)
+
+
+def test_the_rooms_of_anomaly_import_one_way():
+    wrong = room_violations(import_graph(("anomaly",)))
+    assert not wrong, "imports against the rooms' order: " + "; ".join(wrong)
+
+
+def test_room_violations_on_a_known_graph():
+    graph = {"anomaly.model.x": {"anomaly.scoring.y", "anomaly.methods.z", "anomaly.model"},
+             "anomaly.methods.z": {"anomaly.cli", "anomaly.evaluation"},
+             "anomaly.cli": {"anomaly.model.x"}, "anomaly.scoring.y": {"anomaly.model.x"}}
+    assert room_violations(graph) == ["anomaly.methods.z imports anomaly.cli",
+                                      "anomaly.model.x imports anomaly.scoring.y"]
 
 
 @pytest.mark.parametrize("package", PACKAGES)

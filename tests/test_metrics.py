@@ -1,4 +1,4 @@
-"""anomaly.metrics against hand-computed values, scikit-learn and brute-force loops."""
+"""anomaly.evaluation.metrics against hand-computed values, scikit-learn and brute-force loops."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import pytest
 from scipy.stats import norm
 from sklearn import metrics as skm
 
-from anomaly import metrics as M
+from anomaly.evaluation import metrics as M
 from stylegan.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_metrics_imports_no_plotting_library():
-    code = ("import sys, anomaly.metrics; "
+    code = ("import sys, anomaly.evaluation.metrics; "
             "print(sorted(m for m in ('matplotlib', 'seaborn') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          check=True).stdout.strip()

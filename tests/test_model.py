@@ -1,5 +1,5 @@
-"""The one inference model (anomaly.model.AnoModel) and the recorded preprocessing policy, on
-real HAM10000 photos from data/demo/ and tiny networks."""
+"""The one inference model (anomaly.model.ano_model.AnoModel) and the recorded preprocessing policy,
+on real HAM10000 photos from data/demo/ and tiny networks."""
 
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ from anomaly.app.model import Decision, IzifScorer, Reference, ServeModel
 from anomaly.app.server import create_app, upload_limits
 from anomaly.app.model import ServeOptions
 from anomaly.cli import main
-from anomaly.encoder_io import load_encoder, save_encoder
-from anomaly.fit import FitOptions, fit_encoder
-from anomaly.model import AnoModel
-from anomaly.scores import SKLEARN_METRICS, izif_score, latent_distance, pixel_distance
-from anomaly.sheets import read_score_sheet
+from anomaly.model.encoder_io import load_encoder, save_encoder
+from anomaly.model.fit import FitOptions, fit_encoder
+from anomaly.model.ano_model import AnoModel
+from anomaly.methods.scores import SKLEARN_METRICS, izif_score, latent_distance, pixel_distance
+from anomaly.evaluation.sheets import read_score_sheet
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
 from encoder_helpers import tiny_encoder, tiny_networks
 from stylegan.checkpoint import save_networks

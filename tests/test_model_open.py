@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from anomaly import detector as det
-from anomaly import detector_scores as ds
+from anomaly.methods import detector as det
+from anomaly.methods import detector_scores as ds
 from anomaly.app.model import ServeOptions, load_serve_model
-from anomaly.encoder_io import save_encoder, sha256_file
-from anomaly.model import AnoModel, discriminator_features
+from anomaly.model.encoder_io import save_encoder, sha256_file
+from anomaly.model.ano_model import AnoModel, discriminator_features
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
 from encoder_helpers import (sample_images, save_tiny_networks, tiny_encoder, tiny_networks,
                              write_folder)

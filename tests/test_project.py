@@ -1,5 +1,5 @@
-"""anomaly/project.py and `anostyle project`: latent optimisation lowers the izif loss, each image
-keeps its own code, the CSV holds the hand-computed starting loss (tiny networks, CPU)."""
+"""anomaly/model/project.py and `anostyle project`: latent optimisation lowers the izif loss, each
+image keeps its own code, the CSV holds the hand-computed starting loss (tiny networks, CPU)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from anomaly.cli import main
-from anomaly.encoder_io import save_encoder
-from anomaly.model import discriminator_features
-from anomaly.project import project_batch, projection_losses
+from anomaly.model.encoder_io import save_encoder
+from anomaly.model.ano_model import discriminator_features
+from anomaly.model.project import project_batch, projection_losses
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
 from encoder_helpers import (sample_images, save_tiny_networks, tiny_encoder, tiny_networks,
                              write_folder)

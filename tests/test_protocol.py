@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from anomaly import metrics, protocol
-from anomaly.protocol import Comparison
+from anomaly.evaluation import metrics, protocol
+from anomaly.evaluation.protocol import Comparison
 from stylegan.errors import UserError
 
 

@@ -1,6 +1,6 @@
-"""anomaly/reconstruct.py, `anostyle reconstruct` and the passes of anomaly/model.py: G(E(x)),
-discriminator features, safe output names, residual colours, plain folders of any-size images,
-zips, and the one-sentence errors."""
+"""anomaly/model/reconstruct.py, `anostyle reconstruct` and the passes of
+anomaly/model/ano_model.py: G(E(x)), discriminator features, safe output names, residual colours,
+plain folders of any-size images, zips, and the one-sentence errors."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from anomaly.cli import main
-from anomaly.encoder_io import save_encoder
-from anomaly.model import (check_feature_layer, discriminator_features, feature_layer_names,
-                           reconstruct_batch)
-from anomaly.reconstruct import RESIDUAL_VMAX, output_name, output_paths, residual_images
+from anomaly.model.encoder_io import save_encoder
+from anomaly.model.ano_model import (check_feature_layer, discriminator_features,
+                                     feature_layer_names, reconstruct_batch)
+from anomaly.model.reconstruct import RESIDUAL_VMAX, output_name, output_paths, residual_images
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
 from encoder_helpers import (sample_images, save_tiny_networks, tiny_encoder, tiny_networks,
                              write_folder)

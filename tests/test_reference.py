@@ -21,11 +21,11 @@ from click.testing import CliRunner
 from PIL import Image
 from sklearn import metrics as skm
 
-from anomaly import evaluate as ev
-from anomaly import metrics, report, sheets
+from anomaly.evaluation import evaluate as ev
+from anomaly.evaluation import metrics, report, sheets
 from anomaly.cli import main
-from anomaly.reference import classifier, efficientnet as eff, run as ref
-from anomaly.reference.small_cnn import fit_small_cnn, to_input, train_small_cnn
+from anomaly.evaluation.reference import classifier, efficientnet as eff, run as ref
+from anomaly.evaluation.reference.small_cnn import fit_small_cnn, to_input, train_small_cnn
 from stylegan.errors import UserError
 
 HAS_EXTRA = importlib.util.find_spec(eff.PACKAGE) is not None
@@ -303,7 +303,7 @@ def test_reference_defaults_are_written_once():
     from tests.test_cli_defaults import test_every_defaulted_field_is_read_from_its_dataclass
 
     test_every_defaulted_field_is_read_from_its_dataclass(
-        "reference", "anomaly.reference.run:ReferenceOptions")
+        "reference", "anomaly.evaluation.reference.run:ReferenceOptions")
 
 
 # ------------------------------------------------------------------------------ small CNN

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomaly import report
+from anomaly.evaluation import report
 from stylegan.errors import UserError
 
 EVIL = '<script>alert("x")</script>'

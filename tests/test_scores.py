@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from anomaly import scores
+from anomaly.methods import scores
 from stylegan.errors import UserError
 
 
@@ -35,7 +35,7 @@ def test_izif_by_hand_and_kappa_weighting():
 def test_izif_terms_match_numpy_and_every_izif_user_adds_them_the_same_way():
     """izif_terms against a numpy hand computation; the training loss (fit.izif_loss), the
     projection loss and izif_score all come from those terms (no feature term without features)."""
-    from anomaly.fit import izif_loss
+    from anomaly.model.fit import izif_loss
 
     rng = np.random.default_rng(0)
     x, rec = rng.normal(size=(2, 3, 4, 4)), rng.normal(size=(2, 3, 4, 4))

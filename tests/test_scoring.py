@@ -15,10 +15,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from anomaly.cli import main
-from anomaly.encoder_io import save_encoder
-from anomaly.model import discriminator_features
-from anomaly.scores import izif_score
-from anomaly.sheets import read_score_sheet
+from anomaly.model.encoder_io import save_encoder
+from anomaly.model.ano_model import discriminator_features
+from anomaly.methods.scores import izif_score
+from anomaly.evaluation.sheets import read_score_sheet
 from encoder_helpers import sample_images, save_tiny_networks, tiny_encoder, tiny_networks, write_folder
 from stylegan.imageutil import from_uint8
 from anodata.prepare import PrepareOptions, prepare_dataset

@@ -21,11 +21,11 @@ from test_app import client_for, decode_data_url, png_bytes, post_images
 from test_detector import _model_dir, setup, tuned  # noqa: F401 (fixtures)
 from test_failclosed_serve import fake_uvicorn
 
-from anomaly import detector as det
+from anomaly.methods import detector as det
 from anomaly.app import server as app_server
 from anomaly.app.model import DetectorImageScorer, ServeOptions, load_serve_model
 from anomaly.cli import main
-from anomaly.model import AnoModel
+from anomaly.model.ano_model import AnoModel
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
 from stylegan.errors import UserError
 from stylegan.imageutil import from_uint8, to_uint8

@@ -10,7 +10,7 @@ import openpyxl
 import pandas as pd
 import pytest
 
-from anomaly import sheets
+from anomaly.evaluation import sheets
 from stylegan.errors import UserError
 
 NASTY = ["=1+1", "+SUM(A1)", "-2", "@cmd", "\tTAB", '=HYPERLINK("http://x","y")']

@@ -230,7 +230,7 @@ def _model_folder(folder: Path, *, network_policy: dict | None,
                   encoder_policy: dict | None = None, res: int = 16) -> Path:
     from encoder_helpers import tiny_encoder, tiny_networks
 
-    from anomaly.encoder_io import save_encoder
+    from anomaly.model.encoder_io import save_encoder
     from stylegan.checkpoint import save_networks
 
     folder.mkdir(parents=True)

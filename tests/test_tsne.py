@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from anomaly import tsne
+from anomaly.evaluation import tsne
 from stylegan.errors import UserError
 
 

@@ -2,7 +2,7 @@
 
 Two modes, one `ServeModel`:
   detector  (--model DIR with detector.json, or --detector JSON) the tuned detector of
-            `anostyle tune` (anomaly.detector): its score, its threshold, and the percentile
+            `anostyle tune` (anomaly.methods.detector): its score, its threshold, and the percentile
             among its scores of the validation naevi, all from detector.json;
   izif      (--network --encoder --summary) the mode described below.
 In both, uploads are fitted by the model's recorded preprocessing policy, and `method` names
@@ -14,16 +14,16 @@ A component score that is not finite makes the detector's score NaN, which serve
 
 In izif mode the score is f-AnoGAN's izif anomaly score (Schlegl et al. 2019, Medical Image
 Analysis 54, eq. 8-9): A(x) = 1/n ||x - G(E(x))||^2 + kappa * 1/n_d ||f(x) - f(G(E(x)))||^2,
-computed by anomaly.scores.izif_score on the image fitted to the network as `anostyle prepare`
-fits it.
+computed by anomaly.methods.scores.izif_score on the image fitted to the network as
+`anostyle prepare` fits it.
 It is put in context twice:
   percentile  the share (in %) of validation naevi (izif.xlsx rows with split 'val', label 0)
               whose score is <= this score ("weak" percentile of rank);
   decision    'anomalous' when score >= the izif threshold `anostyle evaluate` chose on the
               validation split (summary.json, first izif row = primary comparison), else 'normal'.
 kappa and the feature layer follow the score sheet's score.json, else the encoder's training
-options (anomaly.model.resolve_izif), so that the score is on the scale of the sheet and of the
-threshold; uploads are fitted by the model's recorded preprocessing policy.
+options (anomaly.model.ano_model.resolve_izif), so that the score is on the scale of the sheet and
+of the threshold; uploads are fitted by the model's recorded preprocessing policy.
 
 Shape letters: C channels, H/W height/width (the network resolution).
 """
@@ -42,11 +42,11 @@ import numpy as np
 import torch
 
 from anodata.policy import Preprocessing
-from anomaly import detector_scores as ds
-from anomaly.detector import DetectorScorer, resolve_model_dir
-from anomaly.model import AnoModel
-from anomaly.reconstruct import residual_images
-from anomaly.scores import izif_terms
+from anomaly.methods import detector_scores as ds
+from anomaly.methods.detector import DetectorScorer, resolve_model_dir
+from anomaly.model.ano_model import AnoModel
+from anomaly.model.reconstruct import residual_images
+from anomaly.methods.scores import izif_terms
 from stylegan.errors import UserError
 from stylegan.fileio import read_user_json
 from stylegan.imageio import MAX_PIXELS
@@ -205,7 +205,7 @@ def load_reference(scores: str | None, summary_options: dict[str, Any]) -> Refer
     Without `scores` the folder recorded in summary.json (`options.scores_dir`) is tried; when
     that holds no sheet, the percentile is omitted with a note instead of an error.
     """
-    from anomaly.sheets import read_score_sheet  # openpyxl/pandas: only when serving
+    from anomaly.evaluation.sheets import read_score_sheet  # openpyxl/pandas: only when serving
 
     if scores is None:
         recorded = summary_options.get("scores_dir")

@@ -1,4 +1,4 @@
-"""Pure score functions of the tuned detector (anomaly/detector.py): residual aggregations,
+"""Pure score functions of the tuned detector (anomaly/methods/detector.py): residual aggregations,
 normalised multi-layer feature residuals, density in learned spaces, test-time augmentation
 over the dihedral group and rank averaging. Tensors/arrays in, tensors/arrays out; no I/O.
 

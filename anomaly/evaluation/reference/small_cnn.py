@@ -4,8 +4,8 @@ ReLU / max-pool blocks, global average pool, one logit; class-balanced binary cr
 Adam, random flips and quarter turns, since a lesion has no up or down).
 
 The number of epochs is the one setting chosen, by the pooled out-of-fold AUC of lesion-grouped
-cross-validation inside the training rows (anomaly/reference/classifier.grouped_folds); the
-network is then retrained on all of them for that many epochs.
+cross-validation inside the training rows (anomaly/evaluation/reference/classifier.grouped_folds);
+the network is then retrained on all of them for that many epochs.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from anomaly.metrics import roc_auc
-from anomaly.reference.classifier import FittedReference, grouped_folds
+from anomaly.evaluation.metrics import roc_auc
+from anomaly.evaluation.reference.classifier import FittedReference, grouped_folds
 from stylegan.progress import progress as progress_bar
 
 WIDTH = 16  # channels of the first block; doubled per block

@@ -33,14 +33,14 @@ import torch
 from PIL import Image
 
 from anodata.policy import POLICY_KEY, Preprocessing, fit_array, fit_image
-from anomaly import detector_scores as ds
-from anomaly.detector import (Detector, DetectorScorer, Judgement, Scorer, config_name,
-                              is_detector_method, load_detector, parse_score_methods,
-                              resolve_model_dir)
-from anomaly.encoder import Encoder
-from anomaly.encoder_io import check_compatible, check_pairing, load_encoder, sha256_file
-from anomaly.scores import (METHODS, Forward, check_kappa, izif_score, latent_distance,
-                            pixel_distance, torch_euclidean)
+from anomaly.methods import detector_scores as ds
+from anomaly.methods.detector import (Detector, DetectorScorer, Judgement, Scorer, config_name,
+                                      is_detector_method, load_detector, parse_score_methods,
+                                      resolve_model_dir)
+from anomaly.model.encoder import Encoder
+from anomaly.model.encoder_io import check_compatible, check_pairing, load_encoder, sha256_file
+from anomaly.methods.scores import (METHODS, Forward, check_kappa, izif_score, latent_distance,
+                                    pixel_distance, torch_euclidean)
 from stylegan.checkpoint import load_network
 from stylegan.errors import UserError
 from stylegan.imageio import to_8bit
@@ -318,9 +318,9 @@ class AnoModel:
               tta: bool = False) -> dict[str, np.ndarray]:
         """Anomaly scores (higher = more anomalous) of raw or fitted images: {name: float64 [N]}.
 
-        `methods`: any names of anomaly.scores (izif, sklearn:..., latent) and of the detector's
-        grammar (residual:mean, izif:KAPPA, knn-latent:K, ...; those needing a bank take the
-        detector's). With `tta` every method is averaged over the 8 views ('<method>@tta').
+        `methods`: any names of anomaly.methods.scores (izif, sklearn:..., latent) and of the
+        detector's grammar (residual:mean, izif:KAPPA, knn-latent:K, ...; those needing a bank take
+        the detector's). With `tta` every method is averaged over the 8 views ('<method>@tta').
         """
         text = methods if isinstance(methods, str) else ",".join(methods)
         names = parse_score_methods(text)

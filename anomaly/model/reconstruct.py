@@ -1,6 +1,7 @@
 """`anostyle reconstruct`: a folder or zip -> reconstructed PNGs G(E(x)), same names (Schlegl et
 al. 2019, f-AnoGAN, Sec. 2.2: the izif mapping whose residual is the anomaly evidence; the pass
-itself is anomaly.model.reconstruct_batch), their residual pictures and the safe output names.
+itself is anomaly.model.ano_model.reconstruct_batch), their residual pictures and the safe output
+names.
 
 Inputs may be a prepared zip/folder or a plain folder (or zip) of images of any size: every
 image is read by anodata.reader and fitted by the model's recorded preprocessing policy, the way
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from anodata.reader import SourceImages, iterate_source, list_source
-from anomaly.model import AnoModel
+from anomaly.model.ano_model import AnoModel
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_write_bytes
 from stylegan.imageutil import from_uint8, save_image, to_uint8
@@ -72,7 +73,7 @@ def residual_images(x: torch.Tensor, rec: torch.Tensor) -> np.ndarray:
     Fixed scale, so that images stay comparable: 0 -> black, RESIDUAL_VMAX or more -> the
     colour map's top (pale yellow).
     """
-    from anomaly.heatmap import overlay, residual_map  # matplotlib: only when asked for
+    from anomaly.methods.heatmap import overlay, residual_map  # matplotlib: only when asked for
 
     blank = np.zeros((x.shape[2], x.shape[3], 3), dtype=np.uint8)
     return np.stack([overlay(blank, residual_map(x[i], rec[i]), alpha=1.0, vmin=0.0,

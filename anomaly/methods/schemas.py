@@ -18,7 +18,7 @@ from stylegan.schemas import FiniteFloat, Open, Sha256, Strict
 
 Kappa = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
 BlockLayer = Annotated[str, Field(pattern=r"^b\d{1,4}(\.[a-z0-9_]{1,40})?$")]
-TTA_SUFFIX = "@tta"  # anomaly.detector's (not imported: this module stays free of torch)
+TTA_SUFFIX = "@tta"  # anomaly.methods.detector's (not imported: this module stays free of torch)
 
 
 def _sorted(values: list[float], what: str) -> list[float]:

@@ -1,5 +1,6 @@
 """Every evaluation figure: ROC, PR, confusion, violins, classification-report tables, and the
-shared figure style that heatmap.py and tsne.py use. Figures only: the numbers come in computed.
+shared figure style that methods/heatmap.py and tsne.py use. Figures only: the numbers come in
+computed.
 
 Figures are drawn on bare matplotlib Figures (Agg canvas, no pyplot state) and saved atomically.
 """
@@ -19,7 +20,7 @@ import seaborn as sns
 from matplotlib import ticker
 from matplotlib.figure import Figure
 
-from anomaly.protocol import ComparisonResult
+from anomaly.evaluation.protocol import ComparisonResult
 from stylegan.fileio import atomic_path
 
 

@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from anomaly.encoder import Encoder, EncoderConfig
+from anomaly.model.encoder import Encoder, EncoderConfig
 from stylegan.checkpoint import FORMAT as NETWORK_FORMAT
 from stylegan.checkpoint import check_finite, config_from_dict
 from stylegan.errors import UserError

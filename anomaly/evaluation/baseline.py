@@ -8,8 +8,8 @@ knn-colour: each image becomes its joint RGB histogram (bins per channel, b^3 ce
     1991 compare colour histograms by intersection, which is 1 - L1 / 2 for normalised ones).
 
 The resolution/bins and k of each baseline are chosen by the AUC on the VALIDATION split, on the
-main comparison of anomaly.protocol (normal vs the anomaly class when given and present in
-validation, else vs every anomaly); test is never looked at.
+main comparison of anomaly.evaluation.protocol (normal vs the anomaly class when given and present
+in validation, else vs every anomaly); test is never looked at.
 Every evaluation shows both beside the GAN scores, so a report tells whether StyleGAN + encoder
 beat a detector that only looks at colour and coarse layout.
 """
@@ -34,8 +34,8 @@ from stylegan.dataset import ImageDataset
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_write_json
 
-from anomaly import protocol, sheets
-from anomaly.metrics import roc_auc
+from anomaly.evaluation import protocol, sheets
+from anomaly.evaluation.metrics import roc_auc
 from stylegan.progress import progress
 
 METHOD = "knn-pixels"

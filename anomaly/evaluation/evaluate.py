@@ -1,7 +1,8 @@
 """`anostyle evaluate`: read the score sheets, compare methods, write figures and the summary.
 
-The protocol (which classes, lesion groups and subgroups are compared: anomaly/protocol.py;
-metrics and tests: anomaly/metrics.py; figures: anomaly/plots.py):
+The protocol (which classes, lesion groups and subgroups are compared:
+anomaly/evaluation/protocol.py; metrics and tests: anomaly/evaluation/metrics.py; figures:
+anomaly/evaluation/plots.py):
 - Everything that is chosen is chosen on the VALIDATION split before the evaluated split is
   read: the decision threshold (youden / p95 / value), the threshold of "sensitivity at the
   specificity reached on validation normals", each baseline's configuration, the best baseline
@@ -41,8 +42,8 @@ from sklearn import metrics as skm
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_write_json
 
-from anomaly import baseline, metrics, plots, protocol, sheets
-from anomaly.protocol import DEFAULT_ANOMALY_CLASS, Comparison, ComparisonResult
+from anomaly.evaluation import baseline, metrics, plots, protocol, sheets
+from anomaly.evaluation.protocol import DEFAULT_ANOMALY_CLASS, Comparison, ComparisonResult
 
 SKIPPED_SHEETS = ("all_scores.xlsx", "summary.xlsx", "repeats.xlsx")
 SKIPPED_PREFIXES = (".", "~$", "report_", "tsne")  # temporary/lock files, evaluate's own sheets

@@ -21,7 +21,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from anomaly.metrics import roc_auc
+from anomaly.evaluation.metrics import roc_auc
 from stylegan.errors import UserError
 
 MAX_ITER = 2000

@@ -21,7 +21,8 @@ from stylegan.errors import UserError
 from stylegan.fileio import atomic_write_bytes
 
 BASELINES = ("knn-pixels", "knn-colour")  # shown grey also in summaries without a role column
-REFERENCE_ROLE = "reference (uses labels)"  # anomaly.evaluate.REFERENCE_ROLE (no import: light)
+# anomaly.evaluation.evaluate.REFERENCE_ROLE (no import: light)
+REFERENCE_ROLE = "reference (uses labels)"
 REFERENCE_TEXT = (
     "The reference is a supervised classifier trained on the labels of the validation split "
     "(its setting chosen by cross-validation inside validation), scored on the same test images. "

@@ -1,7 +1,7 @@
 """The tuned detector: scoring configurations by name, their raw quantities from one forward
 pass (per TTA view), the training-naevi bank, `detector.json`, and scoring one image for serve.
 
-Method names (anomaly/detector_scores.py has the formulas):
+Method names (anomaly/methods/detector_scores.py has the formulas):
     residual:mean | residual:p99 | residual:smax[:SIGMA]   aggregations of the pixel residual
     lesion:mean | lesion:edge | lesion:ratio               ... over the input's lesion mask
     izif:KAPPA[:LAYER]                                     izif with this kappa (model's layer)
@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 from anodata.policy import Preprocessing
-from anomaly import detector_scores as ds
-from anomaly.scores import MAX_KAPPA
-from anomaly.scores import METHODS as CLASSIC
-from anomaly.scores import Forward, check_sklearn_metric, izif_combine
+from anomaly.methods import detector_scores as ds
+from anomaly.methods.scores import MAX_KAPPA
+from anomaly.methods.scores import METHODS as CLASSIC
+from anomaly.methods.scores import Forward, check_sklearn_metric, izif_combine
 from stylegan.errors import UserError
 from stylegan.fileio import read_user_json
 from stylegan.imageutil import from_uint8
@@ -44,8 +44,8 @@ TTA_SUFFIX = "@tta"
 DETECTOR_SHEET = "detector"  # detector.xlsx
 MODEL_FILES = ("network.safetensors", "encoder.safetensors", "detector.json")
 _NUM = r"(\d+(?:\.\d*)?(?:e-?\d+)?)"
-# An anomaly.model.AnoModel: that module opens a model folder with its detector through this
-# one, so this one does not import it (imports run one way).
+# An anomaly.model.ano_model.AnoModel: that module opens a model folder with its detector through
+# this one, so this one does not import it (imports run one way).
 AnoModel = Any
 
 
@@ -138,7 +138,7 @@ def _check_bounds(m: Method) -> Method:
 
 
 def is_detector_method(name: str) -> bool:
-    """True for a name of this module's grammar (not a classic method of anomaly.scores)."""
+    """True for a name of this module's grammar (not a classic method of anomaly.methods.scores)."""
     head = name.strip().lower().split(":", 1)[0]
     return head in ("residual", "lesion", "izif", "dfeat-res", "knn-latent", "maha-latent", "knn-dfeat",
                     "maha-dfeat") and name.strip().lower() != "izif"
@@ -165,7 +165,7 @@ class Needs:
     aggs: set = field(default_factory=set)  # {('mean', 0.0), ('smax', 2.0), ...}
     res_layers: set = field(default_factory=set)  # D channel residuals (x vs G(E(x)))
     pool_layers: set = field(default_factory=set)  # D features of x pooled over positions
-    classic: list = field(default_factory=list)  # classic method names (anomaly.scores)
+    classic: list = field(default_factory=list)  # classic method names (anomaly.methods.scores)
     classic_b4: bool = False  # a classic method needs features at the model's b4.* layer
 
     @property
@@ -549,9 +549,9 @@ class Detector:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Detector":
-        """detector.json checked by its schema (anomaly.schemas.DetectorRecord) and its method
-        names by the grammar; anything else ends in one sentence naming the field."""
-        from anomaly.schemas import DetectorRecord
+        """detector.json checked by its schema (anomaly.methods.schemas.DetectorRecord) and its
+        method names by the grammar; anything else ends in one sentence naming the field."""
+        from anomaly.methods.schemas import DetectorRecord
         from stylegan.schemas import validated
 
         path = Path(path)
@@ -641,8 +641,8 @@ class DetectorScorer:
 
 
 def parse_score_methods(text: str) -> list[str]:
-    """A --methods list mixing classic names (anomaly.scores) and this module's grammar."""
-    from anomaly.scores import parse_methods
+    """A --methods list mixing classic names (anomaly.methods.scores) and this module's grammar."""
+    from anomaly.methods.scores import parse_methods
 
     names = list(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
     for name in names:

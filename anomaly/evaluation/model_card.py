@@ -64,7 +64,7 @@ def adapt_card(record: dict[str, Any], tune_table: pd.DataFrame) -> str:
              + ", and the scoring configuration chosen on the collection's validation split "
                "with its training normals as the bank. Use it like any model folder: "
                "`anostyle score --model DIR`, `anostyle serve --model DIR`, or "
-               "`anomaly.model.AnoModel.open(DIR)` in Python.", "",
+               "`anomaly.model.ano_model.AnoModel.open(DIR)` in Python.", "",
              "## Parent", "",
              f"- folder: `{parent['folder']}`",
              f"- network.safetensors sha256: `{parent['network_sha256']}`",

@@ -32,12 +32,12 @@ import numpy as np
 import torch
 
 from anodata.policy import POLICY_KEY, Preprocessing, read_prepared_policy
-from anomaly.encoder import LATENTS, Encoder, EncoderConfig
-from anomaly.encoder_io import (ENCODER_PREFIX, VALIDATION_FILE, check_compatible,
-                                encoder_checkpoints, find_latest_encoder, load_encoder,
-                                save_encoder, state_path)
-from anomaly.model import AnoModel, discriminator_features, reconstruct_batch
-from anomaly.scores import izif_combine, izif_terms
+from anomaly.model.encoder import LATENTS, Encoder, EncoderConfig
+from anomaly.model.encoder_io import (ENCODER_PREFIX, VALIDATION_FILE, check_compatible,
+                                      encoder_checkpoints, find_latest_encoder, load_encoder,
+                                      save_encoder, state_path)
+from anomaly.model.ano_model import AnoModel, discriminator_features, reconstruct_batch
+from anomaly.methods.scores import izif_combine, izif_terms
 from stylegan.augment import AugmentConfig, AugmentPipe
 from stylegan.checkpoint import (load_training_state, restore_rng_state, rng_state,
                                  save_training_state)
@@ -133,7 +133,7 @@ def izif_loss(x: torch.Tensor, rec: torch.Tensor, feat: torch.Tensor | None,
               feat_rec: torch.Tensor | None, *, kappa: float) -> dict[str, torch.Tensor]:
     """Batch izif loss: {'image': mean (x - rec)^2, 'feature': mean (f - f_rec)^2, 'loss': sum}.
 
-    The mean over the batch of anomaly.scores.izif_terms (its terms, per image).
+    The mean over the batch of anomaly.methods.scores.izif_terms (its terms, per image).
     """
     image, feature = izif_terms(x, rec, None if kappa == 0 else feat,
                                 None if kappa == 0 else feat_rec)  # [N] each

@@ -2,18 +2,18 @@
 
 One pass over the training naevi (a seeded subset of at most `bank_size` images, E and D only)
 fits the bank; one pass over val.zip computes each image's raw quantities for the plain image
-and the mean over the 8 TTA views (anomaly.detector.extract); every configuration of the grid
-(method x TTA) is then evaluated from that cache, so a grid of dozens of configurations costs
+and the mean over the 8 TTA views (anomaly.methods.detector.extract); every configuration of the
+grid (method x TTA) is then evaluated from that cache, so a grid of dozens of configurations costs
 about one scoring pass. test.zip is never opened.
 
 Per configuration (tune.xlsx, one row each): validation AUC of the main comparison (normal vs
 the anomaly class, or vs all anomalies) with a lesion-level bootstrap CI
-(anomaly.metrics.bootstrap_cis, groups = the manifest's `group`), the AUC of each subgroup of
-NORMALS by every `by` column (that subgroup's normals vs all anomalies of the comparison), and n.
-Selection rule: 'auc' (the main AUC) or 'worst:COLUMN' (the minimum subgroup AUC over the values
-of COLUMN with at least `min_subgroup` normals; it guards against scores that only separate one
-acquisition route of the normals), either with '+shifts' (e.g. 'worst:dx_type+shifts'): the
-selection value becomes min(that value, the main AUC under each simulated acquisition shift of
+(anomaly.evaluation.metrics.bootstrap_cis, groups = the manifest's `group`), the AUC of each
+subgroup of NORMALS by every `by` column (that subgroup's normals vs all anomalies of the
+comparison), and n. Selection rule: 'auc' (the main AUC) or 'worst:COLUMN' (the minimum subgroup AUC
+over the values of COLUMN with at least `min_subgroup` normals; it guards against scores that only
+separate one acquisition route of the normals), either with '+shifts' (e.g. 'worst:dx_type+shifts'):
+the selection value becomes min(that value, the main AUC under each simulated acquisition shift of
 `shifts`, anodata/shifts.py). A shift is applied to a seeded half (SHIFT_SHARE, `seed`) of the
 normals and, independently, of the anomalies of the comparison: their RAW images (the manifest's
 `source` under `images`, by default the source folder prepare.json records) are decoded, shifted
@@ -48,13 +48,13 @@ import torch
 from stylegan.progress import progress
 
 from anodata.shifts import DEFAULT_SHIFTS, Shift, parse_shifts, shifted_halves
-from anomaly import detector as det
-from anomaly import detector_scores as ds
-from anomaly import metrics, protocol
-from anomaly.encoder_io import sha256_file
-from anomaly.model import AnoModel
-from anomaly.protocol import Comparison
-from anomaly.sheets import config_dict, write_frames
+from anomaly.methods import detector as det
+from anomaly.methods import detector_scores as ds
+from anomaly.evaluation import metrics, protocol
+from anomaly.model.encoder_io import sha256_file
+from anomaly.model.ano_model import AnoModel
+from anomaly.evaluation.protocol import Comparison
+from anomaly.evaluation.sheets import config_dict, write_frames
 from stylegan.dataset import ImageDataset, iterate_batches
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_write_json, check_own_folder, output_folder, path_from
@@ -266,7 +266,7 @@ def _grid(opts: TuneOptions) -> list[tuple[str, bool]]:
 
 def _val_pass(model: AnoModel, data: Path, needs: det.Needs, *, tta: bool,
               batch: int) -> ValCache:
-    from anomaly.scoring import _open_dataset
+    from anomaly.scoring.score import _open_dataset
 
     dataset, rows = _open_dataset(str(data))
     parts: dict[str, dict[str, list[torch.Tensor]]] = {}
@@ -367,7 +367,7 @@ def _shift_record(shifts: tuple[Shift, ...], shifted: np.ndarray, rows: pd.DataF
 
 
 def _comparison(rows: pd.DataFrame, opts: TuneOptions) -> Comparison:
-    """The main comparison of the validation rows (anomaly.protocol)."""
+    """The main comparison of the validation rows (anomaly.evaluation.protocol)."""
     normal = protocol.resolve_normal_class([rows], opts.normal_class,
                                            where="the validation data")
     if not (rows["class"] != normal).any():

@@ -21,8 +21,8 @@ from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
 
 from stylegan.errors import UserError
 
-from anomaly import sheets
-from anomaly.plots import class_palette, new_figure
+from anomaly.evaluation import sheets
+from anomaly.evaluation.plots import class_palette, new_figure
 
 MIN_POINTS = 5
 SMALL_PROBLEM = 1000  # below this many points t-SNE runs single-threaded

@@ -21,9 +21,9 @@ import torch
 from tqdm import tqdm
 
 from anodata.reader import iterate_source, list_source
-from anomaly.model import AnoModel, discriminator_features, encode
-from anomaly.reconstruct import output_paths, write_csv
-from anomaly.scores import izif_combine, izif_terms
+from anomaly.model.ano_model import AnoModel, discriminator_features, encode
+from anomaly.model.reconstruct import output_paths, write_csv
+from anomaly.methods.scores import izif_combine, izif_terms
 from stylegan.errors import UserError
 from stylegan.imageutil import from_uint8, save_image, to_uint8
 from stylegan.progress import progress

@@ -1,7 +1,7 @@
 """The evaluation protocol: WHAT is compared, shared by `tune`, `evaluate` and the baselines.
 
 How a comparison is measured (AUC, CIs, lesion bootstrap, paired tests, thresholds) lives in
-anomaly/metrics.py; this module decides which rows are set against which:
+anomaly/evaluation/metrics.py; this module decides which rows are set against which:
 
 - The normal class: the one given, or the single class whose rows carry label 0.
 - The comparisons: the main one (normal vs the anomaly class: the given one, else 'mel' when
@@ -27,7 +27,7 @@ import pandas as pd
 
 from stylegan.errors import UserError
 
-from anomaly import metrics
+from anomaly.evaluation import metrics
 
 DEFAULT_ANOMALY_CLASS = "mel"
 ALL_ANOMALIES = "all"  # anomaly class meaning: normal vs every other class

@@ -1,6 +1,6 @@
 """`anostyle score` and `anostyle tsne`: run images through encoder, generator and discriminator
-in batches (anomaly.model.AnoModel) and turn them into score sheets, residual heatmaps and a
-latent t-SNE. Sheets carry each image's original name (`image`), lesion (`group`) and the
+in batches (anomaly.model.ano_model.AnoModel) and turn them into score sheets, residual heatmaps and
+a latent t-SNE. Sheets carry each image's original name (`image`), lesion (`group`) and the
 manifest's metadata columns.
 
 Memory does not grow with the number of images: each batch is scored and dropped; only the
@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from anodata.prepared import PreparedDataset, split_of_zip
-from anomaly.model import DEFAULT_METHODS, AnoModel, Forward
-from anomaly.scores import METHODS, ScoreTable, method_filename
-from anomaly.sheets import config_dict, write_all_scores, write_score_sheet
+from anomaly.model.ano_model import DEFAULT_METHODS, AnoModel, Forward
+from anomaly.methods.scores import METHODS, ScoreTable, method_filename
+from anomaly.evaluation.sheets import config_dict, write_all_scores, write_score_sheet
 from stylegan.dataset import ImageDataset, iterate_batches
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_write_json
@@ -75,7 +75,7 @@ def score_datasets(opts: ScoreOptions) -> dict[str, Path]:
     Every method comes from ONE forward pass of E, G (and D when a method needs features) per
     batch; only the scores (and the k worst images for heatmaps) are kept.
     """
-    from anomaly import detector as det
+    from anomaly.methods import detector as det
 
     methods = det.parse_score_methods(opts.methods)
     model = AnoModel.open(network=opts.network, encoder=opts.encoder, detector=opts.detector,
@@ -134,7 +134,7 @@ def _open_dataset(path: str) -> tuple[ImageDataset, _Rows]:
 def _write_outputs(opts: ScoreOptions, table: ScoreTable, model: AnoModel,
                    seconds: float, *, detector: str | None = None) -> dict[str, Path]:
     """The sheets, all_scores.xlsx and score.json; none of them when a score is not finite."""
-    from anomaly.detector_scores import refuse_non_finite
+    from anomaly.methods.detector_scores import refuse_non_finite
 
     frames = table.frames()
     refuse_non_finite({m: df["score"].to_numpy() for m, df in frames.items()},
@@ -189,7 +189,8 @@ class _WorstImages:
             (heapq.heapreplace if len(self.heap) == self.k else heapq.heappush)(self.heap, entry)
 
     def save(self, folder: Path, model: AnoModel) -> dict[str, Path]:
-        from anomaly.heatmap import residual_map, save_heatmap_panel, upsample_feature_residual
+        from anomaly.methods.heatmap import (residual_map, save_heatmap_panel,
+                                             upsample_feature_residual)
 
         written = {}
         for rank, e in enumerate(sorted(self.heap, reverse=True), start=1):
@@ -240,7 +241,7 @@ class TsneOptions:
 
 def tsne_latents(opts: TsneOptions) -> dict[str, Path]:
     """Encode every image, embed the codes with t-SNE, write tsne.png, tsne.xlsx, tsne.json."""
-    from anomaly.tsne import plot_tsne, tsne_embedding, write_tsne_sheet
+    from anomaly.evaluation.tsne import plot_tsne, tsne_embedding, write_tsne_sheet
 
     model = AnoModel.load(opts.network, opts.encoder, device=opts.device, require_D=False,
                           allow_mismatch=opts.allow_mismatch)

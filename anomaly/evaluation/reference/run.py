@@ -3,7 +3,7 @@
 The protocol, the one `tune` and `evaluate` follow:
 - The classifier is trained on the VALIDATION split only (normal class = the rows labelled 0,
   anomaly class 'mel' when present, else every other class), its one setting chosen by
-  lesion-grouped cross-validation inside validation (anomaly/reference/classifier.py).
+  lesion-grouped cross-validation inside validation (anomaly/evaluation/reference/classifier.py).
 - Only then is test.zip opened and scored by the refitted classifier.
 - The sheet `reference.xlsx` (columns score, label, file, class, split + the manifest's group and
   metadata) holds test scores and validation scores; the validation images of the training
@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from stylegan.progress import progress
 
-from anomaly import sheets
+from anomaly.evaluation import sheets
 from anodata.prepared import PreparedDataset
-from anomaly.baseline import _identity_frame  # the baselines' sheet identity columns
-from anomaly.reference.classifier import FittedReference, fit_logistic
+from anomaly.evaluation.baseline import _identity_frame  # the baselines' sheet identity columns
+from anomaly.evaluation.reference.classifier import FittedReference, fit_logistic
 from stylegan.dataset import ImageDataset, iterate_batches
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_write_json
@@ -173,7 +173,7 @@ def _take(inputs, rows: np.ndarray):
 
 def _fit(opts: ReferenceOptions, inputs, y: np.ndarray, groups: np.ndarray) -> FittedReference:
     if opts.backbone == "small-cnn":
-        from anomaly.reference.small_cnn import fit_small_cnn
+        from anomaly.evaluation.reference.small_cnn import fit_small_cnn
 
         return fit_small_cnn(inputs, y, groups, epochs=opts.epochs, folds=opts.folds,
                              seed=opts.seed, batch=opts.batch)
@@ -230,7 +230,7 @@ def cached_features(opts: ReferenceOptions, dataset: ImageDataset, split: str) -
 def backbone_features(dataset: ImageDataset, *, size: int, batch: int = 32,
                       desc: str = "features") -> np.ndarray:
     """EfficientNet-Lite0 pooled features [N, 1280] of a dataset's images at size x size."""
-    from anomaly.reference import efficientnet
+    from anomaly.evaluation.reference import efficientnet
 
     net = efficientnet.pretrained()
     out = []

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from anomaly.plots import new_figure
+from anomaly.evaluation.plots import new_figure
 
 REDUCTIONS = ("abs", "square")
 
