@@ -21,6 +21,7 @@ from sklearn.neighbors import NearestNeighbors
 from anodata.prepare import PrepareOptions, prepare_dataset
 from anomaly.methods import detector as det
 from anomaly.methods import detector_scores as ds
+from anomaly.methods import registry
 from anomaly.cli import main
 from anomaly.model.encoder_io import save_encoder
 from anomaly.model.ano_model import AnoModel
@@ -174,19 +175,20 @@ def test_dihedral_views_are_the_eight_symmetries():
 
 
 def test_method_names_parse_and_refuse():
-    m = det.parse_method("residual:smax:1.5")
+    m = registry.parse("residual:smax:1.5")
     assert (m.family, m.agg, m.sigma) == ("residual", "smax", 1.5)
-    assert det.parse_method("knn-dfeat:b16:7").space == "dfeat:b16"
-    assert det.parse_method("dfeat-res:b8+b16+b32").layers == ("b8", "b16", "b32")
-    assert det.parse_method("izif:0.1").kappa == 0.1
-    assert not det.is_detector_method("izif") and det.is_detector_method("maha-latent")
-    m = det.parse_method("lesion:edge")
+    assert registry.parse("knn-dfeat:b16:7").space == "dfeat:b16"
+    assert registry.parse("dfeat-res:b8+b16+b32").layers == ("b8", "b16", "b32")
+    assert registry.parse("izif:0.1").kappa == 0.1
+    assert registry.parse("izif").system == "classic"
+    assert registry.parse("maha-latent").system == "detector"
+    m = registry.parse("lesion:edge")
     assert (m.family, m.agg, m.needs_rec) == ("lesion", "lesion-edge", True)
-    assert det.is_detector_method("lesion:ratio")
+    assert registry.parse("lesion:ratio").system == "detector"
     for bad in ("residual:p50", "knn-latent:0", "knn-dfeat:b8", "dfeat-res:", "residual:smax:0",
                 "lesion:max", "lesion"):
         with pytest.raises(UserError):
-            det.parse_method(bad)
+            registry.parse(bad)
     assert det.split_config_name("knn-latent:5@tta") == ("knn-latent:5", True)
 
 

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from anomaly.methods import detector as det
+from anomaly.methods import registry
 from anomaly.cli import main
 from anomaly.model.ano_model import resolve_izif
 from stylegan.errors import UserError
@@ -36,16 +37,16 @@ SHIPPED = Path(__file__).resolve().parents[1] / "models" / "ham64-cpu"
 ])
 def test_numbers_out_of_bounds_are_refused(name, words):
     with pytest.raises(UserError) as refused:
-        det.parse_method(name)
+        registry.parse(name)
     text = str(refused.value)
     assert words in text and text.count(". ") == 0 and text.endswith("."), text
 
 
 def test_numbers_at_the_bounds_are_accepted():
-    assert det.parse_method("residual:smax:64").sigma == 64.0
-    assert det.parse_method("knn-latent:1000").k == 1000
-    assert det.parse_method("izif:1e6:b16").kappa == 1e6
-    assert det.parse_method("dfeat-res:b8+b16+b32+b64").layers == ("b8", "b16", "b32", "b64")
+    assert registry.parse("residual:smax:64").sigma == 64.0
+    assert registry.parse("knn-latent:1000").k == 1000
+    assert registry.parse("izif:1e6:b16").kappa == 1e6
+    assert registry.parse("dfeat-res:b8+b16+b32+b64").layers == ("b8", "b16", "b32", "b64")
 
 
 def test_sigma_is_held_to_half_the_model_resolution():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from anomaly.methods import scores
+from anomaly.methods import registry, scores
 from stylegan.errors import UserError
 
 
@@ -114,18 +114,18 @@ def test_latent_distance_w_and_wplus():
 
 
 def test_parse_methods_and_registry():
-    assert scores.parse_methods(" izif, SKLEARN:cosine,izif,latent,") == [
+    assert [s.name for s in registry.parse_list(" izif, SKLEARN:cosine,izif,latent,")] == [
         "izif", "sklearn:cosine", "latent"]
-    assert scores.METHODS["izif"].needs_features and not scores.METHODS["izif"].needs_latents
-    assert scores.METHODS["latent"].needs_latents and not scores.METHODS["latent"].needs_images
-    assert scores.METHODS["sklearn:l1"].needs_images
+    assert registry.parse("izif").needs_features and not registry.parse("izif").needs_latents
+    assert registry.parse("latent").needs_latents and not registry.parse("latent").needs_rec
+    assert registry.parse("sklearn:l1").needs_rec
     assert scores.method_filename("sklearn:cosine") == "sklearn-cosine"
     with pytest.raises(UserError, match="--methods"):
-        scores.parse_methods("izif,bogus")
+        registry.parse_list("izif,bogus")
     with pytest.raises(UserError, match="empty"):
-        scores.parse_methods(" , ")
+        registry.parse_list(" , ")
     with pytest.raises(UserError, match="mahalanobis"):
-        scores.parse_methods("sklearn:mahalanobis")
+        registry.parse_list("sklearn:mahalanobis")
 
 
 def test_score_table_streams_batches():

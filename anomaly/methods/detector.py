@@ -1,13 +1,10 @@
 """The tuned detector: scoring configurations by name, their raw quantities from one forward
 pass (per TTA view), the training-naevi bank, `detector.json`, and scoring one image for serve.
 
-Method names (anomaly/methods/detector_scores.py has the formulas):
-    residual:mean | residual:p99 | residual:smax[:SIGMA]   aggregations of the pixel residual
-    lesion:mean | lesion:edge | lesion:ratio               ... over the input's lesion mask
-    izif:KAPPA[:LAYER]                                     izif with this kappa (model's layer)
-    dfeat-res:b8+b16+b32                                   normalised D-feature residual
-    knn-latent:K | maha-latent                             density of E(x) (mean over the ws)
-    knn-dfeat:LAYER:K | maha-dfeat:LAYER                   density of pooled D features of x
+Method names are parsed by anomaly.methods.registry (the detector's system: residual:...,
+lesion:..., izif:KAPPA[:LAYER], dfeat-res:..., knn-latent:K, maha-latent, knn-dfeat:LAYER:K,
+maha-dfeat:LAYER; anomaly/methods/detector_scores.py has the formulas); a pass here also
+computes the classic methods (izif, sklearn:..., latent) through the model.
 A configuration is a method and a TTA flag; its name is the method, + '@tta' with TTA.
 A detector is one configuration, or the rank average of several ("rank-average").
 
@@ -22,7 +19,6 @@ Shape letters: N images, C channels, H/W height/width, K style vectors, D w_dim.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -32,9 +28,8 @@ import torch
 
 from anodata.policy import Preprocessing
 from anomaly.methods import detector_scores as ds
-from anomaly.methods.scores import MAX_KAPPA
-from anomaly.methods.scores import METHODS as CLASSIC
-from anomaly.methods.scores import Forward, check_sklearn_metric, izif_combine
+from anomaly.methods import registry
+from anomaly.methods.scores import Forward, izif_combine
 from stylegan.errors import UserError
 from stylegan.fileio import read_user_json
 from stylegan.imageutil import from_uint8
@@ -43,105 +38,12 @@ FORMAT, VERSION = "anostyle-detector", 1
 TTA_SUFFIX = "@tta"
 DETECTOR_SHEET = "detector"  # detector.xlsx
 MODEL_FILES = ("network.safetensors", "encoder.safetensors", "detector.json")
-_NUM = r"(\d+(?:\.\d*)?(?:e-?\d+)?)"
 # An anomaly.model.ano_model.AnoModel: that module opens a model folder with its detector through
 # this one, so this one does not import it (imports run one way).
 AnoModel = Any
 
 
-# ------------------------------------------------------------------------------ method names
-
-
-@dataclass(frozen=True)
-class Method:
-    """A parsed method name of the detector's grammar (see the module docstring)."""
-
-    name: str
-    family: str  # residual | lesion | izif | dfeat-res | knn | maha
-    agg: str = ""  # residual: mean | p99 | smax; lesion: lesion-mean | lesion-edge | lesion-ratio
-    sigma: float = 2.0  # residual:smax
-    kappa: float = 0.0  # izif
-    layers: tuple[str, ...] = ()  # izif (empty: the model's), dfeat-res, dfeat spaces
-    space: str = ""  # knn/maha: 'latent' or 'dfeat:bRES'
-    k: int = 0  # knn
-
-    @property
-    def needs_rec(self) -> bool:
-        return self.family in ("residual", "lesion", "izif", "dfeat-res")
-
-
-def parse_method(name: str) -> Method:
-    """A detector method from its name; a bad name ends in one sentence."""
-    text = name.strip().lower()
-    patterns = [
-        (r"residual:(mean|p99)", lambda m: Method(text, "residual", agg=m[1])),
-        (r"lesion:(mean|edge|ratio)", lambda m: Method(text, "lesion", agg=f"lesion-{m[1]}")),
-        (rf"residual:smax(?::{_NUM})?",
-         lambda m: Method(text, "residual", agg="smax", sigma=float(m[1] or 2.0))),
-        (rf"izif:{_NUM}(?::(b\d+))?",
-         lambda m: Method(text, "izif", kappa=float(m[1]), layers=(m[2],) if m[2] else ())),
-        (r"dfeat-res:(b\d+(?:\+b\d+)*)",
-         lambda m: Method(text, "dfeat-res", layers=tuple(m[1].split("+")))),
-        (r"knn-latent:(\d+)", lambda m: Method(text, "knn", space="latent", k=_count(m[1]))),
-        (r"maha-latent", lambda m: Method(text, "maha", space="latent")),
-        (r"knn-dfeat:(b\d+):(\d+)",
-         lambda m: Method(text, "knn", space=f"dfeat:{m[1]}", layers=(m[1],), k=_count(m[2]))),
-        (r"maha-dfeat:(b\d+)",
-         lambda m: Method(text, "maha", space=f"dfeat:{m[1]}", layers=(m[1],))),
-    ]
-    for pattern, build in patterns:
-        match = re.fullmatch(pattern, text)
-        if match:
-            return _check_bounds(build(match))
-    raise UserError(f"Unknown scoring method '{name}'; use residual:mean|p99|smax[:SIGMA], "
-                    f"lesion:mean|edge|ratio, "
-                    f"izif:KAPPA[:LAYER], dfeat-res:b8+b16, knn-latent:K, maha-latent, "
-                    f"knn-dfeat:LAYER:K or maha-dfeat:LAYER (or a classic method).")
-
-
-# Bounds of the grammar's numbers: far beyond any setting that ranks lesions, tight enough that
-# no name can ask for gigabytes (residual:smax:1e7 meant a Gaussian of 6e7 taps over padded
-# maps of 1e14 pixels). SIGMA: a blur wider than 64 px (half of a 128 px image) flattens any
-# lesion, and `needs_of` also holds it to half the model's resolution. K: neighbours among the
-# bank's at most `bank_size` points (2000 by default); more than 1000 is a density estimate no
-# longer local, and `load_detector` also holds K to the bank's size. kappa: izif weighs the
-# feature term 0.1-10 in practice; beyond 1e6 the pixel term vanishes in float32 rounding.
-# Layers: D blocks b8 to b4096, each at most once, at most 8 in one name.
-MAX_SIGMA, MAX_K, MAX_LAYERS = 64.0, 1000, 8
-
-
-def _count(digits: str) -> int:
-    """A whole number of the grammar; more than 9 digits is read as 10**9 (out of every bound
-    and never converted: Python refuses int() of over 4300 digits)."""
-    return int(digits) if len(digits) <= 9 else 10**9
-
-
-def _check_bounds(m: Method) -> Method:
-    """`m` when its numbers lie within the bounds above; one sentence otherwise."""
-    problem = ""
-    if m.family == "residual" and m.agg == "smax" and not 0 < m.sigma <= MAX_SIGMA:
-        problem = f"SIGMA {m.sigma:g} must lie in (0, {MAX_SIGMA:g}] pixels"
-    elif m.family == "knn" and not 1 <= m.k <= MAX_K:
-        problem = f"K {m.k} must lie in [1, {MAX_K}] neighbours"
-    elif m.family == "izif" and not 0 <= m.kappa <= MAX_KAPPA:
-        problem = f"kappa {m.kappa:g} must lie in [0, {MAX_KAPPA:g}]"
-    elif len(m.layers) > MAX_LAYERS or len(set(m.layers)) != len(m.layers):
-        problem = f"it names {len(m.layers)} layers; give at most {MAX_LAYERS}, each once"
-    else:
-        sizes = {lay: _count(lay[1:]) for lay in m.layers}
-        bad = [lay for lay, r in sizes.items() if not (8 <= r <= 4096 and r & (r - 1) == 0)]
-        if bad:
-            problem = f"the layer {bad[0][:12]} is not a D block b8 to b4096 (a power of two)"
-    if problem:
-        raise UserError(f"The scoring method '{m.name[:80]}' is out of bounds: {problem}.")
-    return m
-
-
-def is_detector_method(name: str) -> bool:
-    """True for a name of this module's grammar (not a classic method of anomaly.methods.scores)."""
-    head = name.strip().lower().split(":", 1)[0]
-    return head in ("residual", "lesion", "izif", "dfeat-res", "knn-latent", "maha-latent", "knn-dfeat",
-                    "maha-dfeat") and name.strip().lower() != "izif"
+# ------------------------------------------------------------------------------ names
 
 
 def config_name(method: str, tta: bool) -> str:
@@ -181,32 +83,25 @@ def needs_of(methods: Iterable[str], model: AnoModel) -> Needs:
     """The union of what `methods` (detector or classic names) need."""
     needs = Needs()
     for name in methods:
-        if not is_detector_method(name):
-            if name not in CLASSIC and not name.startswith("sklearn:"):
-                raise UserError(f"Unknown scoring method '{name}'.")
-            if name.startswith("sklearn:"):
-                check_sklearn_metric(name.split(":", 1)[1])
-            needs.classic.append(name)
+        spec = registry.parse(name)
+        if spec.system == "classic":  # one forward pass through the model
+            needs.classic.append(spec.name)
             needs.rec = True
-            spec = CLASSIC.get(name)
-            if spec is not None and spec.needs_features and model.kappa > 0:
+            if spec.needs_features and model.kappa > 0:
                 if model.feature_layer.startswith("b4."):  # mixes the batch: D on its own
                     needs.classic_b4 = True
                 else:
                     needs.res_layers.add(model.feature_layer)
             continue
-        m = parse_method(name)
-        if m.family in ("residual", "lesion", "izif"):
-            needs.aggs.add((m.agg or "mean", m.sigma if m.agg == "smax" else 0.0))
-        if m.family == "izif" and m.kappa > 0:
-            needs.res_layers.update(m.layers or (model.feature_layer,))
-        if m.family == "dfeat-res":
-            needs.res_layers.update(m.layers)
-        if m.space == "latent":
+        if spec.agg:
+            needs.aggs.add((spec.agg, spec.sigma))
+        if spec.family in ("izif-kappa", "dfeat-res") and spec.needs_features:
+            needs.res_layers.update(spec.layers or (model.feature_layer,))
+        if spec.space == "latent":
             needs.latent = True
-        elif m.space:
-            needs.pool_layers.update(m.layers)
-        needs.rec |= m.needs_rec
+        elif spec.space:
+            needs.pool_layers.update(spec.layers)
+        needs.rec |= spec.needs_rec
     for layer in needs.d_layers:
         _check_block_layer(model, layer)
     for agg, sigma in needs.aggs:
@@ -373,14 +268,11 @@ class Bank:
         """Only what the (method, tta) configurations use."""
         out = Bank()
         for name, tta in methods:
-            if not is_detector_method(name):
-                continue
-            m = parse_method(name)
-            if m.space:
-                key = (m.space, "tta" if tta else "plain")
+            spec = registry.parse(name)
+            if spec.space:
+                key = (spec.space, "tta" if tta else "plain")
                 out.spaces[key] = self.spaces[key]
-            if m.family == "dfeat-res":
-                out.spreads.update({lay: self.spreads[lay] for lay in m.layers})
+            out.spreads.update({lay: self.spreads[lay] for lay in spec.spread_layers})
         return out
 
 
@@ -454,13 +346,13 @@ def bank_from_zip(model: AnoModel, train: str | os.PathLike, needs: Needs, *,
 def method_scores(name: str, q: dict[str, torch.Tensor], *, mode: str, bank: Bank | None,
                   model_layer: str) -> np.ndarray:
     """Scores [N] of one method from the raw quantities `q` of one mode ('plain' | 'tta')."""
-    if not is_detector_method(name):
-        return q[f"classic:{name}"].double().numpy()
-    m = parse_method(name)
+    m = registry.parse(name)
+    if m.system == "classic":
+        return q[f"classic:{m.name}"].double().numpy()
     if m.family in ("residual", "lesion"):
-        return q[f"res:{m.agg}:{(m.sigma if m.agg == 'smax' else 0.0):g}"].double().numpy()
-    if m.family == "izif":
-        value = q["res:mean:0"].double()  # A_R (residual_map's mean)
+        return q[f"res:{m.agg}:{m.sigma:g}"].double().numpy()
+    if m.family == "izif-kappa":
+        value = q[f"res:{m.agg}:0"].double()  # A_R (residual_map's mean)
         if m.kappa > 0:  # A_D: the channel residuals' mean over channels
             value = izif_combine(value, q[f"cres:{(m.layers or (model_layer,))[0]}"].double()
                                  .mean(dim=1), m.kappa)
@@ -474,7 +366,7 @@ def method_scores(name: str, q: dict[str, torch.Tensor], *, mode: str, bank: Ban
     space = bank.spaces[(m.space, mode)]
     emb = q["latent"] if m.space == "latent" else q[f"pool:{m.layers[0]}"]
     projected = space.project(emb)
-    if m.family == "knn":
+    if m.density == "knn":
         if m.k > space.bank.shape[0]:
             raise UserError(f"{name}: k = {m.k} exceeds the {space.bank.shape[0]} bank points.")
         return ds.knn_distance(projected, space.bank, m.k).numpy()
@@ -550,7 +442,7 @@ class Detector:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Detector":
         """detector.json checked by its schema (anomaly.methods.schemas.DetectorRecord) and its
-        method names by the grammar; anything else ends in one sentence naming the field."""
+        method names by anomaly.methods.registry; anything else ends in one sentence naming the field."""
         from anomaly.methods.schemas import DetectorRecord
         from stylegan.schemas import validated
 
@@ -565,7 +457,7 @@ class Detector:
         rec = validated(DetectorRecord, body, where=f"--detector {path}", fix=fix)
         for i, c in enumerate(rec.configuration):
             try:
-                parse_score_methods(c.method)
+                registry.parse(c.method)
             except UserError as exc:
                 why = str(exc).rstrip(".")
                 raise UserError(f"--detector {path} has a bad field configuration.{i}.method: "
@@ -640,31 +532,14 @@ class DetectorScorer:
         return self.combine(self.scorer.score_batch(images_u8))
 
 
-def parse_score_methods(text: str) -> list[str]:
-    """A --methods list mixing classic names (anomaly.methods.scores) and this module's grammar."""
-    from anomaly.methods.scores import parse_methods
-
-    names = list(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
-    for name in names:
-        if is_detector_method(name):
-            parse_method(name)
-        else:
-            parse_methods(name)
-    if not names:
-        raise UserError("--methods is empty; give at least one method, e.g. --methods izif.")
-    return names
-
-
 def _bank_keys(methods: Iterable[str], tta: bool) -> tuple[set, set]:
     """(spaces {(space, mode)}, spread layers) that `methods` read from a bank."""
     spaces, layers = set(), set()
     for name in methods:
-        if is_detector_method(name):
-            m = parse_method(name)
-            if m.space:
-                spaces.add((m.space, "tta" if tta else "plain"))
-            if m.family == "dfeat-res":
-                layers.update(m.layers)
+        spec = registry.parse(name)
+        if spec.space:
+            spaces.add((spec.space, "tta" if tta else "plain"))
+        layers.update(spec.spread_layers)
     return spaces, layers
 
 
@@ -678,13 +553,14 @@ def sheet_scorer(model: AnoModel, methods: Sequence[str], *, tta: bool,
         bank.spaces.update(detector.bank.spaces)
         bank.spreads.update(detector.bank.spreads)
     spaces, layers = _bank_keys(methods, tta)
+    detector_methods = [m for m in methods if registry.parse(m).system == "detector"]
     if not (spaces <= set(bank.spaces) and layers <= set(bank.spreads)):
         if train is None:
             wanted = sorted({s for s, _m in spaces - set(bank.spaces)} | layers)
-            raise UserError(f"The methods {', '.join(m for m in methods if is_detector_method(m))}"
-                            f" need the training-naevi bank ({', '.join(wanted)}); give --train "
-                            f"train.zip (or use the methods of --detector).")
-        needs = needs_of([m for m in methods if is_detector_method(m)], model)
+            raise UserError(f"The methods {', '.join(detector_methods)} need the training-naevi "
+                            f"bank ({', '.join(wanted)}); give --train train.zip (or use the "
+                            f"methods of --detector).")
+        needs = needs_of(detector_methods, model)
         built = bank_from_zip(model, train, needs, modes=("tta" if tta else "plain",))
         bank.spaces.update(built.spaces)
         bank.spreads.update(built.spreads)
@@ -722,9 +598,9 @@ def load_detector(model: AnoModel, path: str | os.PathLike) -> DetectorScorer:
                 raise UserError(f"--detector {path}: its bank {det.bank} holds no "
                                 f"{', '.join(lacking)} for {c.name}; copy the bank tune wrote "
                                 f"with this detector.json, or tune again.")
-            m = parse_method(c.method) if is_detector_method(c.method) else None
-            space = m and m.family == "knn" and bank.spaces.get((m.space, "tta" if c.tta
-                                                                   else "plain"))
+            m = registry.parse(c.method)
+            space = m.density == "knn" and bank.spaces.get((m.space, "tta" if c.tta
+                                                             else "plain"))
             if space and m.k > space.bank.shape[0]:
                 raise UserError(f"--detector {path} asks {c.method} for more neighbours than "
                                 f"its bank holds ({space.bank.shape[0]} points); tune again.")

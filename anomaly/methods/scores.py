@@ -6,7 +6,8 @@ adversarial networks", Medical Image Analysis 54, eq. 8-9):
     A_R(x) = 1/n   * ||x - G(E(x))||^2              (n pixels x channels)
     A_D(x) = 1/n_d * ||f(x) - f(G(E(x)))||^2        (f: discriminator features, n_d elements)
 Plain image distances (scikit-learn metrics, torch Euclidean) and the distance of the encoded
-latent from the generator's average latent `w_avg` are offered beside it.
+latent from the generator's average latent `w_avg` are offered beside it. Method names are
+parsed by anomaly.methods.registry.
 
 Convention for every score: higher means more anomalous.
 Shape letters: N images, C channels, H/W height/width, K number of style vectors, D w_dim.
@@ -40,36 +41,6 @@ _REFUSED_METRICS: dict[str, str] = {
     "mahalanobis": "it needs a covariance estimated over a whole data set, not one image pair",
     "seuclidean": "it needs variances estimated over a whole data set, not one image pair",
     "precomputed": "it expects a distance matrix, not images",
-}
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """What a scoring method needs from the networks (the score command feeds it these)."""
-
-    name: str
-    needs_images: bool  # the image and its reconstruction G(E(x))
-    needs_features: bool  # discriminator features of both
-    needs_latents: bool  # the encoded latent E(x) and G.mapping.w_avg
-    description: str
-
-
-METHODS: dict[str, MethodSpec] = {
-    "izif": MethodSpec(
-        "izif", True, True, False,
-        "f-AnoGAN izif score: pixel MSE + kappa * discriminator-feature MSE"),
-    "torch-euclidean": MethodSpec(
-        "torch-euclidean", True, False, False,
-        "Euclidean distance between the image and its reconstruction (torch)"),
-    "latent": MethodSpec(
-        "latent", False, False, True,
-        "Euclidean distance of the encoded latent from the generator's average w"),
-    **{
-        f"sklearn:{m}": MethodSpec(
-            f"sklearn:{m}", True, False, False,
-            f"scikit-learn '{m}' distance between the image and its reconstruction")
-        for m in SKLEARN_METRICS
-    },
 }
 
 
@@ -233,29 +204,6 @@ def latent_distance(w: torch.Tensor, w_avg: torch.Tensor) -> torch.Tensor:
     assert w_avg.shape == (w.shape[2],), f"w_avg {tuple(w_avg.shape)} vs w {tuple(w.shape)}"
     per_style = (w.float() - w_avg.float()).square().sum(dim=2)  # [N, K]
     return per_style.mean(dim=1).sqrt()
-
-
-def parse_methods(text: str) -> list[str]:
-    """Parse a comma-separated method list such as "izif,sklearn:euclidean,latent".
-
-    Names are case-insensitive; duplicates are dropped, order is kept.
-    """
-    methods: list[str] = []
-    for raw in text.split(","):
-        name = raw.strip().lower()
-        if not name:
-            continue
-        if name.startswith("sklearn:"):
-            check_sklearn_metric(name.split(":", 1)[1])
-        elif name not in METHODS:
-            raise UserError(
-                f"Unknown scoring method '{name}' in --methods; use izif, torch-euclidean, "
-                f"latent or sklearn:<metric> with metric one of {', '.join(SKLEARN_METRICS)}.")
-        if name not in methods:
-            methods.append(name)
-    if not methods:
-        raise UserError("--methods is empty; give at least one method, e.g. --methods izif.")
-    return methods
 
 
 def method_filename(method: str) -> str:

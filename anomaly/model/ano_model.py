@@ -34,12 +34,12 @@ from PIL import Image
 
 from anodata.policy import POLICY_KEY, Preprocessing, fit_array, fit_image
 from anomaly.methods import detector_scores as ds
+from anomaly.methods import registry
 from anomaly.methods.detector import (Detector, DetectorScorer, Judgement, Scorer, config_name,
-                                      is_detector_method, load_detector, parse_score_methods,
-                                      resolve_model_dir)
+                                      load_detector, resolve_model_dir)
 from anomaly.model.encoder import Encoder
 from anomaly.model.encoder_io import check_compatible, check_pairing, load_encoder, sha256_file
-from anomaly.methods.scores import (METHODS, Forward, check_kappa, izif_score, latent_distance,
+from anomaly.methods.scores import (Forward, check_kappa, izif_score, latent_distance,
                                     pixel_distance, torch_euclidean)
 from stylegan.checkpoint import load_network
 from stylegan.errors import UserError
@@ -318,14 +318,15 @@ class AnoModel:
               tta: bool = False) -> dict[str, np.ndarray]:
         """Anomaly scores (higher = more anomalous) of raw or fitted images: {name: float64 [N]}.
 
-        `methods`: any names of anomaly.methods.scores (izif, sklearn:..., latent) and of the
-        detector's grammar (residual:mean, izif:KAPPA, knn-latent:K, ...; those needing a bank take
+        `methods`: any names of anomaly.methods.registry, classic (izif, sklearn:..., latent) or
+        the detector's (residual:mean, izif:KAPPA, knn-latent:K, ...; those needing a bank take
         the detector's). With `tta` every method is averaged over the 8 views ('<method>@tta').
         """
         text = methods if isinstance(methods, str) else ",".join(methods)
-        names = parse_score_methods(text)
+        specs = registry.parse_list(text)
+        names = [s.name for s in specs]
         batch = self.batch(images)
-        if not tta and not any(is_detector_method(m) for m in names):
+        if not tta and all(s.system == "classic" for s in specs):
             scores = self.score_forward(self.forward_for(batch, names), names)
         else:
             bank = None if self.detector is None else self.detector.bank
@@ -354,24 +355,26 @@ class AnoModel:
                          d.threshold_rule, d.method)
 
     def forward_for(self, images_u8: torch.Tensor, methods: Sequence[str]) -> Forward:
-        """The forward pass `methods` need (D only when one of them uses features)."""
-        needs_features = any(METHODS[m].needs_features for m in methods) and self.kappa > 0
+        """The forward pass the classic `methods` need (D only when one of them uses features)."""
+        needs_features = (any(registry.parse(m).needs_features for m in methods)
+                          and self.kappa > 0)
         return self.forward(images_u8, features=needs_features)
 
     def score_forward(self, out: Forward, methods: Sequence[str]) -> dict[str, np.ndarray]:
         """Every method of `methods` from one forward pass: {method: float64 [N]}."""
         scores: dict[str, np.ndarray] = {}
         for method in methods:
-            if method == "izif":
+            spec = registry.parse(method)
+            if spec.family == "izif":
                 value = izif_score(out.x, out.rec, out.feat, out.feat_rec, kappa=self.kappa)
-            elif method.startswith("sklearn:"):
-                value = pixel_distance(out.x, out.rec, method.split(":", 1)[1])
-            elif method == "torch-euclidean":
+            elif spec.family == "sklearn":
+                value = pixel_distance(out.x, out.rec, spec.metric)
+            elif spec.family == "torch-euclidean":
                 value = torch_euclidean(out.x, out.rec)
-            elif method == "latent":
+            elif spec.family == "latent":
                 value = latent_distance(out.ws, self.G.mapping.w_avg)
-            else:  # parse_methods accepted it, so a new method lacks its line here
-                raise AssertionError(f"no scoring rule for {method}")
+            else:  # a detector method, or a new classic family that lacks its line here
+                raise AssertionError(f"no classic scoring rule for {method}")
             if isinstance(value, torch.Tensor):
                 value = value.detach().cpu().numpy()
             scores[method] = np.asarray(value, dtype=np.float64)

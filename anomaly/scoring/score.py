@@ -22,7 +22,8 @@ import torch
 
 from anodata.prepared import PreparedDataset, split_of_zip
 from anomaly.model.ano_model import DEFAULT_METHODS, AnoModel, Forward
-from anomaly.methods.scores import METHODS, ScoreTable, method_filename
+from anomaly.methods import registry
+from anomaly.methods.scores import ScoreTable, method_filename
 from anomaly.evaluation.sheets import config_dict, write_all_scores, write_score_sheet
 from stylegan.dataset import ImageDataset, iterate_batches
 from stylegan.errors import UserError
@@ -77,13 +78,14 @@ def score_datasets(opts: ScoreOptions) -> dict[str, Path]:
     """
     from anomaly.methods import detector as det
 
-    methods = det.parse_score_methods(opts.methods)
+    specs = registry.parse_list(opts.methods)
+    methods = [s.name for s in specs]
     model = AnoModel.open(network=opts.network, encoder=opts.encoder, detector=opts.detector,
                           device=opts.device, kappa=opts.kappa,
                           allow_mismatch=opts.allow_mismatch,
                           feature_layer=opts.feature_layer,
-                          require_D=any(METHODS[m].needs_features for m in methods
-                                        if m in METHODS))
+                          require_D=any(s.system == "classic" and s.needs_features
+                                        for s in specs))
     for path in opts.data:
         det.check_data_policy(model, path)
     detector = model.detector  # kappa and layer: the options', else detector.json's

@@ -50,6 +50,7 @@ from stylegan.progress import progress
 from anodata.shifts import DEFAULT_SHIFTS, Shift, parse_shifts, shifted_halves
 from anomaly.methods import detector as det
 from anomaly.methods import detector_scores as ds
+from anomaly.methods import registry
 from anomaly.evaluation import metrics, protocol
 from anomaly.model.encoder_io import sha256_file
 from anomaly.model.ano_model import AnoModel
@@ -80,7 +81,7 @@ class TuneOptions:
     encoder: str | None = None
     model: str | None = None  # a model folder (network.safetensors + encoder.safetensors)
     train: str | None = None  # train.zip for the bank [beside --data]
-    grid: str = DEFAULT_GRID  # methods, comma-separated (detector grammar; 'izif' allowed)
+    grid: str = DEFAULT_GRID  # methods, comma-separated (anomaly.methods.registry names)
     tta: str = "both"  # 'off' | 'on' | 'both': configurations without / with TTA
     normal_class: str | None = None  # None: the class labelled 0
     anomaly_class: str | None = None  # None: 'mel' when present, else all; 'all': all
@@ -259,8 +260,7 @@ def _grid(opts: TuneOptions) -> list[tuple[str, bool]]:
     if not methods:
         raise UserError("--grid is empty; give methods such as residual:p99,knn-latent:5.")
     for m in methods:
-        if det.is_detector_method(m):
-            det.parse_method(m)
+        registry.parse(m, where="--grid")
     return [(m, mode == "tta") for m in methods for mode in _modes(opts)]
 
 
@@ -564,9 +564,7 @@ def _detector(best: pd.Series, best_value: float, scores: dict[str, np.ndarray],
     threshold, rule, _note = metrics.choose_threshold(metrics.parse_threshold(opts.threshold),
                                                       comparison.labels(val),
                                                       s[comparison.mask(val)], where="tune")
-    uses_bank = any(det.is_detector_method(c.method)
-                    and det.parse_method(c.method).family in ("knn", "maha", "dfeat-res")
-                    for c in comps)
+    uses_bank = any(registry.parse(c.method).needs_bank for c in comps)
     policy = model.recorded_policy
     return det.Detector(
         comps, combine, float(threshold), rule, comparison.name,
