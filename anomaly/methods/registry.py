@@ -102,7 +102,7 @@ FAMILIES: tuple[Family, ...] = (
            lambda m: dict(needs_latents=True),
            "latent", "latent", "Euclidean distance of the encoded latent from the average w"),
     Family("sklearn", "classic", r"sklearn:(.*)", _sklearn,
-           f"sklearn:METRIC (METRIC one of {', '.join(SKLEARN_METRICS)})", "sklearn:cosine",
+           f"sklearn:{'|'.join(SKLEARN_METRICS)}", "sklearn:cosine",
            "a scikit-learn distance between the image and its reconstruction"),
     Family("residual", "detector", rf"residual:(?:(mean|p99)|(smax)(?::{_NUM})?)",
            lambda m: dict(agg=m[1] or m[2], sigma=float(m[3] or 2.0) if m[2] else 0.0,
