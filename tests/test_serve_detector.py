@@ -6,6 +6,7 @@ hides what a detector lacks, and flags of the wrong mode are refused in one sent
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -115,6 +116,26 @@ def test_model_dir_answers_like_the_detectors_judgement(setup, folder, which):  
         else:
             assert images["reconstruction"] is None and images["residual"] is None
     assert decisions == {"normal", "anomalous"}  # naevi and noise: both answers are checked
+
+
+def test_a_detector_is_served_through_the_models_judge(setup, folder, monkeypatch):  # noqa: F811
+    """serve --model answers with the percentile and decision of AnoModel.judge, one call per
+    upload, not with a computation of its own: a judgement altered here is what it serves."""
+    real, calls = AnoModel.judge, []
+
+    def altered(self, image):
+        judged = real(self, image)
+        calls.append(judged)
+        flipped = "normal" if judged.decision == "anomalous" else "anomalous"
+        return dataclasses.replace(judged, percentile=12.5, decision=flipped)
+
+    monkeypatch.setattr(AnoModel, "judge", altered)
+    served = load_serve_model(serve_options(model=str(folder)))
+    results = post_images(client_for(served), *raw_images(setup)[:2]).json()["results"]
+    assert len(calls) == len(results) == 2
+    for r, judged in zip(results, calls):
+        assert r["score"] == judged.score and r["percentile"] == 12.5
+        assert r["decision"] != judged.decision and r["threshold"] == judged.threshold
 
 
 def test_decision_flips_exactly_at_the_threshold(setup, folder):  # noqa: F811

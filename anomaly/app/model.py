@@ -43,7 +43,7 @@ import torch
 
 from anodata.policy import Preprocessing
 from anomaly.methods import detector_scores as ds
-from anomaly.methods.detector import DetectorScorer, resolve_model_dir
+from anomaly.methods.detector import DetectorScorer, Judgement, resolve_model_dir
 from anomaly.model.ano_model import AnoModel
 from anomaly.model.reconstruct import residual_images
 from anomaly.methods.scores import izif_terms
@@ -259,6 +259,7 @@ class ImageScore:
     reconstruction: np.ndarray | None  # G(E(x)); None: the detector computes none
     residual: np.ndarray | None  # mean_c |x - G(E(x))| in the fixed-scale colour map, [H, W, 3]
     method: str  # 'izif' or the detector's method name
+    judgement: Judgement | None = None  # the detector's answer (AnoModel.judge); None for izif
 
 
 class ServeScorer:
@@ -309,9 +310,10 @@ class IzifScorer(ServeScorer):
 
 
 class DetectorImageScorer(ServeScorer):
-    """A tuned detector (detector.json) on its model; no izif settings (a detector's own kappa
-    or layers are part of its method name). A component score that is not finite makes the
-    score NaN, which serve refuses: a rank average would turn +inf into a finite 100."""
+    """A tuned detector (detector.json) on its model, answering through AnoModel.judge; no izif
+    settings (a detector's own kappa or layers are part of its method name). A score that is
+    not finite comes back as NaN without a judgement, which serve refuses naming the upload: a
+    rank average would turn +inf into a finite 100."""
 
     def __init__(self, detector: DetectorScorer):
         super().__init__(detector.model)
@@ -321,15 +323,18 @@ class DetectorImageScorer(ServeScorer):
     @torch.no_grad()
     def __call__(self, fitted: np.ndarray) -> ImageScore:
         _check_fitted(fitted, self.channels, self.resolution)
-        batch = self.model.batch(torch.from_numpy(fitted[None].copy()))  # [1, C, H, W]
-        per_config = self.detector.scorer.score_batch(batch)  # {configuration: [1]}
-        score = float(self.detector.combine(per_config)[0])  # NaN if a component is not finite
+        assert self.model.detector is self.detector, "the detector must be its model's"
+        try:
+            judgement = self.model.judge(fitted)  # score, percentile, decision
+        except ds.NonFiniteScore:
+            judgement = None
+        score = math.nan if judgement is None else judgement.score
         image = np.ascontiguousarray(fitted.transpose(1, 2, 0))
         out = self.detector.scorer.last_forward  # view 0 of this image, when reconstructed
         if out is None:
-            return ImageScore(score, None, None, image, None, None, self.method)
+            return ImageScore(score, None, None, image, None, None, self.method, judgement)
         return ImageScore(score, None, None, image, to_uint8(out.rec)[0],
-                          residual_images(out.x, out.rec)[0], self.method)
+                          residual_images(out.x, out.rec)[0], self.method, judgement)
 
 
 def _check_fitted(fitted: np.ndarray, channels: int, resolution: int) -> None:
@@ -345,6 +350,17 @@ class ServeModel:
     decision: Decision
     reference: Reference
     notes: tuple[str, ...] = ()
+
+    def answer(self, s: ImageScore) -> dict[str, Any]:
+        """What serve answers for a checked score: the detector's judgement (AnoModel.judge)
+        when `s` carries one, else `judge` of its score (the izif mode)."""
+        if s.judgement is None:
+            return self.judge(s.score)
+        j = s.judgement
+        return {"percentile": j.percentile, "percentile_note": "",
+                "reference_count": self.reference.count, "decision": j.decision,
+                "threshold": j.threshold, "threshold_rule": j.threshold_rule,
+                "comparison": self.decision.comparison}
 
     def judge(self, score: float) -> dict[str, Any]:
         """Percentile among validation naevi and the decision at the validation threshold;

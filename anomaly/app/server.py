@@ -226,7 +226,7 @@ class Inference:
                   "height": size[1], "resolution": scorer.resolution, "method": s.method,
                   "score": s.score, "pixel_term": s.pixel_term, "feature_term": s.feature_term,
                   "kappa": scorer.kappa, "feature_layer": scorer.feature_layer,
-                  **self.model.judge(s.score), "warnings": list(self.model.notes)}
+                  **self.model.answer(s), "warnings": list(self.model.notes)}
         if images:
             pictures = {"input": s.image, "reconstruction": s.reconstruction,
                         "residual": s.residual}
