@@ -41,6 +41,16 @@ def tiny_encoder(G: Generator, *, latent: str = "wplus") -> Encoder:
     return Encoder(cfg, w_avg=G.mapping.w_avg)
 
 
+def random_head_encoder(G: Generator, *, seed: int = 3) -> Encoder:
+    """A tiny encoder in eval mode whose head is random (N(0, 0.3^2), seeded), so that its codes
+    and reconstructions depend on the input (a fresh head maps every image near w_avg)."""
+    E = tiny_encoder(G)
+    with torch.no_grad():
+        E.head.weight.copy_(torch.randn(E.head.weight.shape,
+                                        generator=torch.Generator().manual_seed(seed)) * 0.3)
+    return E.eval()
+
+
 def save_tiny_networks(path: Path, G: Generator, D: Discriminator | None) -> Path:
     return save_networks(path, G=G, D=D, G_ema=G)
 

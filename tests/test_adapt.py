@@ -24,7 +24,7 @@ from anomaly.cli import main
 from anomaly.model.encoder_io import save_encoder
 from anomaly.model.ano_model import AnoModel
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
-from encoder_helpers import (sample_images, save_tiny_networks, tiny_encoder, tiny_networks,
+from encoder_helpers import (random_head_encoder, sample_images, save_tiny_networks, tiny_networks,
                              write_folder)
 from stylegan.errors import UserError
 
@@ -40,10 +40,7 @@ def parent(tmp_path_factory):
     as 'melanoma'."""
     root = tmp_path_factory.mktemp("adapt")
     G, D = tiny_networks()
-    E = tiny_encoder(G)
-    with torch.no_grad():  # a random head, so that codes depend on the input
-        E.head.weight.copy_(torch.randn(E.head.weight.shape,
-                                        generator=torch.Generator().manual_seed(3)) * 0.3)
+    E = random_head_encoder(G)
     folder = root / "parent"
     folder.mkdir()
     save_tiny_networks(folder / "network.safetensors", G, D)

@@ -48,7 +48,7 @@ from anomaly.model.reconstruct import residual_images
 from anomaly.methods.scores import izif_score
 from anomaly.evaluation.sheets import write_score_sheet
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
-from encoder_helpers import sample_images, save_tiny_networks, tiny_encoder, tiny_networks
+from encoder_helpers import random_head_encoder, sample_images, save_tiny_networks, tiny_networks
 from stylegan.errors import UserError
 from stylegan.fileio import atomic_write_json
 from stylegan.imageutil import from_uint8, to_uint8
@@ -91,11 +91,7 @@ def nets(tmp_path_factory):
     lies just below s. Margins of 1e-3 keep the thresholds clear of float round-off."""
     root = tmp_path_factory.mktemp("serve")
     G, D = tiny_networks()
-    E = tiny_encoder(G)
-    with torch.no_grad():
-        E.head.weight.copy_(torch.randn(E.head.weight.shape,
-                                        generator=torch.Generator().manual_seed(3)) * 0.3)
-    E.eval()
+    E = random_head_encoder(G)
     network = save_tiny_networks(root / "net.safetensors", G, D)
     encoder = root / "encoder-000010.safetensors"
     save_encoder(encoder, E, extra={"training_options": {"kappa": 2.0, "feature_layer": "b16"},

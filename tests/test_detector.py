@@ -27,7 +27,7 @@ from anomaly.model.encoder_io import save_encoder
 from anomaly.model.ano_model import AnoModel
 from anomaly.evaluation.sheets import read_score_sheet
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
-from encoder_helpers import (sample_images, save_tiny_networks, tiny_encoder, tiny_networks,
+from encoder_helpers import (random_head_encoder, sample_images, save_tiny_networks, tiny_networks,
                              write_folder)
 from stylegan.dataset import ImageDataset
 from stylegan.errors import UserError
@@ -201,11 +201,7 @@ def setup(tmp_path_factory):
     images as 'mel', prepared at 16 px; test.zip is replaced by a folder, so reading it fails."""
     root = tmp_path_factory.mktemp("detector")
     G, D = tiny_networks()
-    E = tiny_encoder(G)
-    with torch.no_grad():  # a random head, so that codes depend on the input
-        E.head.weight.copy_(torch.randn(E.head.weight.shape,
-                                        generator=torch.Generator().manual_seed(3)) * 0.3)
-    E.eval()
+    E = random_head_encoder(G)
     network = save_tiny_networks(root / "net.safetensors", G, D)
     encoder = root / "encoder-000010.safetensors"
     policy = {"resolution": 16, "channels": 3, "transform": "center-crop",

@@ -21,7 +21,7 @@ from anomaly.model.ano_model import AnoModel
 from anomaly.model.encoder_io import save_encoder, sha256_file
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
 from stylegan.dataset import ImageDataset
-from encoder_helpers import (sample_images, save_tiny_networks, tiny_encoder, tiny_networks,
+from encoder_helpers import (random_head_encoder, sample_images, save_tiny_networks, tiny_networks,
                              write_folder)
 
 POLICY = {"resolution": 16, "channels": 3, "transform": "center-crop", "resize_filter": "box",
@@ -52,11 +52,7 @@ def overflow(tmp_path_factory):
     """A sound model folder, the same with the encoder's weights x 1e30, prepared data."""
     root = tmp_path_factory.mktemp("overflow")
     G, D = tiny_networks()
-    E = tiny_encoder(G)
-    with torch.no_grad():
-        E.head.weight.copy_(torch.randn(E.head.weight.shape,
-                                        generator=torch.Generator().manual_seed(3)) * 0.3)
-    E.eval()
+    E = random_head_encoder(G)
     (root / "sound").mkdir()
     model_folder(root / "sound", G, D, E)
     with torch.no_grad():

@@ -17,7 +17,7 @@ from anomaly.app.model import ServeOptions, load_serve_model
 from anomaly.model.encoder_io import save_encoder, sha256_file
 from anomaly.model.ano_model import AnoModel, discriminator_features
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
-from encoder_helpers import (sample_images, save_tiny_networks, tiny_encoder, tiny_networks,
+from encoder_helpers import (random_head_encoder, sample_images, save_tiny_networks, tiny_networks,
                              write_folder)
 from stylegan.errors import UserError
 from stylegan.imageutil import from_uint8
@@ -35,11 +35,7 @@ def folder(tmp_path_factory):
     whose one component is the plain izif, recorded with kappa 3 at b16; a few raw images."""
     root = tmp_path_factory.mktemp("open")
     G, D = tiny_networks()
-    E = tiny_encoder(G)
-    with torch.no_grad():
-        E.head.weight.copy_(torch.randn(E.head.weight.shape,
-                                        generator=torch.Generator().manual_seed(3)) * 0.3)
-    E.eval()
+    E = random_head_encoder(G)
     model_dir = root / "model"
     model_dir.mkdir()
     network = save_tiny_networks(model_dir / "network.safetensors", G, D)

@@ -16,7 +16,7 @@ from anomaly.model.encoder_io import save_encoder
 from anomaly.model.ano_model import discriminator_features
 from anomaly.model.project import project_batch, projection_losses
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
-from encoder_helpers import (sample_images, save_tiny_networks, tiny_encoder, tiny_networks,
+from encoder_helpers import (random_head_encoder, sample_images, save_tiny_networks, tiny_networks,
                              write_folder)
 from stylegan.checkpoint import save_networks
 from stylegan.imageutil import from_uint8, to_uint8
@@ -70,10 +70,7 @@ def test_images_of_a_batch_do_not_influence_each_other(nets):
 
 def test_cli_project_writes_images_and_csv(nets, tmp_path):
     G, D = nets
-    E = tiny_encoder(G)
-    with torch.no_grad():
-        E.head.weight.copy_(torch.randn(E.head.weight.shape,
-                                        generator=torch.Generator().manual_seed(4)) * 0.3)
+    E = random_head_encoder(G, seed=4)
     network = save_tiny_networks(tmp_path / "net.safetensors", G, D)
     encoder = tmp_path / "enc.safetensors"
     save_encoder(encoder, E)

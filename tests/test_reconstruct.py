@@ -22,8 +22,8 @@ from anomaly.model.ano_model import (check_feature_layer, discriminator_features
                                      feature_layer_names, reconstruct_batch)
 from anomaly.model.reconstruct import RESIDUAL_VMAX, output_name, output_paths, residual_images
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
-from encoder_helpers import (sample_images, save_tiny_networks, tiny_encoder, tiny_networks,
-                             write_folder)
+from encoder_helpers import (random_head_encoder, sample_images, save_tiny_networks, tiny_encoder,
+                             tiny_networks, write_folder)
 from stylegan.errors import UserError
 from stylegan.imageutil import from_uint8, to_uint8
 
@@ -33,11 +33,7 @@ def nets(tmp_path_factory):
     """Tiny G, D and an encoder whose head is random (so G(E(x)) depends on x), saved to files."""
     root = tmp_path_factory.mktemp("nets")
     G, D = tiny_networks()
-    E = tiny_encoder(G)
-    with torch.no_grad():
-        E.head.weight.copy_(torch.randn(E.head.weight.shape, generator=torch.Generator()
-                                        .manual_seed(3)) * 0.3)
-    E.eval()
+    E = random_head_encoder(G)
     network = save_tiny_networks(root / "net.safetensors", G, D)
     encoder = root / "encoder-000010.safetensors"
     save_encoder(encoder, E)

@@ -19,7 +19,8 @@ from anomaly.model.encoder_io import save_encoder
 from anomaly.model.ano_model import discriminator_features
 from anomaly.methods.scores import izif_score
 from anomaly.evaluation.sheets import read_score_sheet
-from encoder_helpers import sample_images, save_tiny_networks, tiny_encoder, tiny_networks, write_folder
+from encoder_helpers import (random_head_encoder, sample_images, save_tiny_networks, tiny_networks,
+                             write_folder)
 from stylegan.imageutil import from_uint8
 from anodata.prepare import PrepareOptions, prepare_dataset
 
@@ -28,11 +29,7 @@ from anodata.prepare import PrepareOptions, prepare_dataset
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("scoring")
     G, D = tiny_networks()
-    E = tiny_encoder(G)
-    with torch.no_grad():  # a random head, so that reconstructions depend on the input
-        E.head.weight.copy_(torch.randn(E.head.weight.shape,
-                                        generator=torch.Generator().manual_seed(3)) * 0.3)
-    E.eval()
+    E = random_head_encoder(G)
     network = save_tiny_networks(root / "net.safetensors", G, D)
     encoder = root / "encoder-000010.safetensors"
     save_encoder(encoder, E, extra={"training_options": {"kappa": 0.5, "feature_layer": "b8"}})
