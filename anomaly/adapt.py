@@ -41,7 +41,7 @@ import pandas as pd
 from anodata.prepared import PreparedDataset
 from anomaly.scoring.tune import DEFAULT_GRID
 from stylegan.errors import UserError
-from stylegan.fileio import atomic_write_json
+from stylegan.fileio import atomic_write_json, sha256_file
 
 STEPS = ("prepare", "gan", "encoder", "tune", "assemble", "test")
 WORK_SUFFIX = ".adapt-work"
@@ -607,22 +607,14 @@ def _number(value) -> float | None:
 # ------------------------------------------------------------------------------ the model card
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_card(opts: AdaptOptions, parent: Path, work: _Work, model_dir: Path) -> None:
     from anomaly.evaluation.model_card import adapt_card
 
     steps = work.state["steps"]
     record = {"options": dataclasses.asdict(opts), "command": work.state.get("command"),
               "parent": {"folder": str(parent),
-                         "network_sha256": _sha256(parent / "network.safetensors"),
-                         "encoder_sha256": _sha256(parent / "encoder.safetensors")},
+                         "network_sha256": sha256_file(parent / "network.safetensors"),
+                         "encoder_sha256": sha256_file(parent / "encoder.safetensors")},
               "steps": steps}
     atomic_write_json(model_dir / "adapt.json", record)
     tune_table = pd.read_excel(model_dir / "tune.xlsx") if (model_dir / "tune.xlsx").is_file() \

@@ -10,6 +10,7 @@ that are older than the run itself, and nothing else.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -259,3 +260,13 @@ def read_user_json(path: str | os.PathLike, *, flag: str, fix: str):
         return loads_untrusted(path.read_bytes())
     except UntrustedJSONError as exc:
         raise UserError(f"{flag} {path} cannot be read: {exc}; {fix}.") from None
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (what model folders and detectors
+    record to pair files)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -41,7 +41,8 @@ from anomaly.model.ano_model import (AnoModel, discriminator_features, reconstru
 from anomaly.app.server import BackgroundServer, create_app, upload_limits
 from anomaly.cli import main
 from anomaly.model.encoder import Encoder, EncoderConfig
-from anomaly.model.encoder_io import save_encoder, sha256_file
+from anomaly.model.encoder_io import save_encoder
+from stylegan.fileio import sha256_file
 from anomaly.evaluation.evaluate import EvaluateOptions, write_summary
 from anodata.reader import read_fitted
 from anomaly.model.reconstruct import residual_images

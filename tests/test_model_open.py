@@ -14,7 +14,8 @@ import torch
 from anomaly.methods import detector as det
 from anomaly.methods import detector_scores as ds
 from anomaly.app.model import ServeOptions, load_serve_model
-from anomaly.model.encoder_io import save_encoder, sha256_file
+from anomaly.model.encoder_io import save_encoder
+from stylegan.fileio import sha256_file
 from anomaly.model.ano_model import AnoModel, discriminator_features
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
 from encoder_helpers import (random_head_encoder, sample_images, save_tiny_networks, tiny_networks,

@@ -38,11 +38,12 @@ from anomaly.methods import registry
 from anomaly.methods.detector import (Detector, DetectorScorer, Judgement, Scorer, config_name,
                                       load_detector, resolve_model_dir)
 from anomaly.model.encoder import Encoder
-from anomaly.model.encoder_io import check_compatible, check_pairing, load_encoder, sha256_file
+from anomaly.model.encoder_io import check_compatible, check_pairing, load_encoder
 from anomaly.methods.scores import (Forward, check_kappa, izif_score, latent_distance,
                                     pixel_distance, torch_euclidean)
 from stylegan.checkpoint import load_network
 from stylegan.errors import UserError
+from stylegan.fileio import sha256_file
 from stylegan.imageio import to_8bit
 from stylegan.imageutil import from_uint8
 from stylegan.runtime import resolve_device

@@ -12,7 +12,6 @@ save_training_state format).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -26,7 +25,7 @@ from anomaly.model.encoder import Encoder, EncoderConfig
 from stylegan.checkpoint import FORMAT as NETWORK_FORMAT
 from stylegan.checkpoint import check_finite, config_from_dict
 from stylegan.errors import UserError
-from stylegan.fileio import atomic_path, loads_untrusted
+from stylegan.fileio import atomic_path, loads_untrusted, sha256_file
 from stylegan.legacy import load_tensors
 from stylegan.schemas import CheckpointMeta, EncoderBody, json_field, validated
 
@@ -144,15 +143,6 @@ def check_compatible(E: Encoder, G: torch.nn.Module, *, encoder_path: str | os.P
         if e != g:
             raise UserError(f"--encoder {encoder_path} has {what} {e} but --network "
                             f"{network_path} has {g}; use the encoder trained for this network.")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes (recorded with the network an encoder was trained against)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_pairing(encoder_extra: dict[str, Any], network_path: str | os.PathLike, *,

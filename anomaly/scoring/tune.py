@@ -52,13 +52,13 @@ from anomaly.methods import detector as det
 from anomaly.methods import detector_scores as ds
 from anomaly.methods import registry
 from anomaly.evaluation import metrics, protocol
-from anomaly.model.encoder_io import sha256_file
 from anomaly.model.ano_model import AnoModel
 from anomaly.evaluation.protocol import Comparison
 from anomaly.evaluation.sheets import config_dict, write_frames
 from stylegan.dataset import ImageDataset, iterate_batches
 from stylegan.errors import UserError
-from stylegan.fileio import atomic_write_json, check_own_folder, output_folder, path_from
+from stylegan.fileio import (atomic_write_json, check_own_folder, output_folder, path_from,
+                             sha256_file)
 
 DEFAULT_GRID = ("residual:mean,residual:p99,residual:smax:1,residual:smax:2,residual:smax:4,"
                 "lesion:mean,lesion:edge,lesion:ratio,"

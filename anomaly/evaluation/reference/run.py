@@ -20,7 +20,6 @@ takes seconds.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from anomaly.evaluation.baseline import _identity_frame  # the baselines' sheet 
 from anomaly.evaluation.reference.classifier import FittedReference, fit_logistic
 from stylegan.dataset import ImageDataset, iterate_batches
 from stylegan.errors import UserError
-from stylegan.fileio import atomic_write_json
+from stylegan.fileio import atomic_write_json, sha256_file
 
 BACKBONES = ("efficientnet-lite0", "small-cnn")
 INPUT_SIZES = {"efficientnet-lite0": 224, "small-cnn": 64}
@@ -199,20 +198,12 @@ def resize_u8(images: torch.Tensor, size: int) -> torch.Tensor:
     return x.round().clamp(0, 255).to(torch.uint8)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cached_features(opts: ReferenceOptions, dataset: ImageDataset, split: str) -> np.ndarray:
     """Pooled EfficientNet-Lite0 features [N, 1280] of every image, from the cache when the
     zip (by SHA-256), backbone and input size match."""
     cache = Path(opts.cache) if opts.cache else Path(opts.prepared) / "features"
     key = f"{split}-{opts.backbone}-{opts.input_size}px-v{CACHE_VERSION}-" \
-          f"{file_sha256(dataset.path)[:16]}.npz"
+          f"{sha256_file(dataset.path)[:16]}.npz"
     path = cache / key
     if path.is_file():
         with np.load(path, allow_pickle=False) as data:
