@@ -175,18 +175,18 @@ def extract(model: AnoModel, images_u8: torch.Tensor, needs: Needs, *, tta: bool
             q[f"cres:{layer}"] = ds.channel_residual(maps_x[layer], maps_rec[layer])
     for layer in needs.pool_layers:
         q[f"pool:{layer}"] = ds.pooled_features(maps_x[layer])
+    layer = model.feature_layer
+    feats = maps_x.get(layer), maps_rec.get(layer)  # [V * N, ...] each, or None
     if needs.classic:
-        layer = model.feature_layer
-        feats = ((model.features(xv), model.features(rec)) if needs.classic_b4
-                 else (maps_x.get(layer), maps_rec.get(layer)))
+        if needs.classic_b4:
+            feats = model.features(xv), model.features(rec)
         out = Forward(xv, ws, rec, *feats)
         for name, value in model.score_forward(out, needs.classic).items():
             q[f"classic:{name}"] = torch.as_tensor(value, dtype=torch.float64)
     q = {k: v.detach().cpu() for k, v in q.items()}
     result: dict[str, Any] = {"plain": {k: v[:n] for k, v in q.items()}}
-    if rec is not None:  # view 0 as the heatmaps need it
-        layer = model.feature_layer
-        f, fr = maps_x.get(layer), maps_rec.get(layer)
+    if rec is not None:  # view 0 as the heatmaps and izif's terms need it
+        f, fr = feats
         result["forward"] = Forward(xv[:n], ws[:n], rec[:n], None if f is None else f[:n],
                                     None if fr is None else fr[:n])
     if tta:
@@ -481,7 +481,7 @@ class Scorer:
         self.model, self.configs, self.bank = model, list(dict.fromkeys(configs)), bank
         self.tta = any(t for _m, t in self.configs)
         self.needs = needs_of([m for m, _t in self.configs], model)
-        self.last_forward: Forward | None = None  # view 0 of the last batch (for heatmaps)
+        self.last_forward: Forward | None = None  # view 0 of the last batch (heatmaps, terms)
 
     def score_batch(self, images_u8: torch.Tensor) -> dict[str, np.ndarray]:
         """{configuration name: float64 [N]} for a fitted uint8 batch."""
@@ -498,7 +498,8 @@ class Judgement:
     """A detector's answer for one image."""
 
     score: float
-    percentile: float  # share (%) of validation normals scoring <= this score
+    percentile: float | None  # share (%) of validation normals scoring <= this score; None:
+    # the detector records no validation normals (serve's izif mode without izif.xlsx)
     decision: str  # 'anomalous' (score >= threshold) | 'normal'
     threshold: float
     threshold_rule: str

@@ -339,7 +339,9 @@ class AnoModel:
         """The detector's (score, percentile, decision) of one image, as serve answers: a fitted
         uint8 [C, H, W] array/tensor, or a raw image (PIL, bytes, path), fitted by the model's
         recorded policy. A score that is not finite raises detector_scores.NonFiniteScore (no
-        percentile, no decision)."""
+        percentile, no decision). A detector without validation normals (serve's izif mode
+        without izif.xlsx) answers no percentile (None). The pass that made the score stays in
+        `self.detector.scorer.last_forward` (view 0: pictures and izif's terms)."""
         if self.detector is None:
             raise UserError(f"{self.network} was opened without a detector; open a model folder "
                             f"holding the detector.json of `anostyle tune` (AnoModel.open).")
@@ -351,9 +353,9 @@ class AnoModel:
         d = self.detector.detector
         name = f"'{image}'" if isinstance(image, (str, os.PathLike)) else "the image"
         reference = np.asarray(d.val_normals, dtype=np.float64)  # sorted (the schema checks)
-        return Judgement(score, ds.weak_percentile(score, reference, image=name),
-                         ds.decide(score, d.threshold, image=name), d.threshold,
-                         d.threshold_rule, d.method)
+        decision = ds.decide(score, d.threshold, image=name)  # NonFiniteScore before anything
+        percentile = ds.weak_percentile(score, reference, image=name) if len(reference) else None
+        return Judgement(score, percentile, decision, d.threshold, d.threshold_rule, d.method)
 
     def forward_for(self, images_u8: torch.Tensor, methods: Sequence[str]) -> Forward:
         """The forward pass the classic `methods` need (D only when one of them uses features)."""
