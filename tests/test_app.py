@@ -34,7 +34,7 @@ from anomaly.app import server as app_server
 from anomaly.app import uploads as app_uploads
 from anomaly.app.access import LOOPBACK_NAMES
 from anodata.policy import Preprocessing
-from anomaly.app.model import (Decision, IzifScorer, Reference, ServeModel, ServeOptions,
+from anomaly.app.model import (Decision, Reference, ServeModel, ServeOptions, izif_serve_model,
                                load_decision, load_reference, load_serve_model)
 from anomaly.model.ano_model import (AnoModel, discriminator_features, reconstruct_batch,
                                      resolve_izif)
@@ -204,7 +204,7 @@ def test_decision_is_score_at_or_above_threshold(nets, client, model):
     s = post_images(client, ("x.png", nets["png"])).json()["results"][0]["score"]
     for threshold, decision in ((s, "anomalous"), (float(np.nextafter(s, np.inf)), "normal")):
         at = dataclasses.replace(model.decision, threshold=threshold)
-        r = post_images(client_for(dataclasses.replace(model, decision=at)),
+        r = post_images(client_for(izif_serve_model(model.scorer.model, at, model.reference)),
                         ("x.png", nets["png"])).json()["results"][0]
         assert (r["score"], r["threshold"], r["decision"]) == (s, threshold, decision)
 
@@ -216,10 +216,10 @@ def test_gray_network_scores_colour_uploads_as_luma(ham_dir):
     G = Generator(GeneratorConfig(z_dim=16, w_dim=16, mapping_layers=2, **small)).eval()
     D = Discriminator(DiscriminatorConfig(**small)).eval()
     E = Encoder(EncoderConfig(num_ws=G.num_ws, w_dim=16, **small), w_avg=G.mapping.w_avg).eval()
-    model = ServeModel(IzifScorer(AnoModel(G, D, E, kappa=1.0, feature_layer="b8",
-                                           policy=Preprocessing())),
-                       Decision(0.0, "fixed", "nv vs mel", "summary.json"),
-                       Reference(None, None, "no sheet", {}))
+    model = izif_serve_model(AnoModel(G, D, E, kappa=1.0, feature_layer="b8",
+                                      policy=Preprocessing()),
+                             Decision(0.0, "fixed", "nv vs mel", "summary.json"),
+                             Reference(None, None, "no sheet", {}))
     data = sorted((ham_dir / "images").glob("*.jpg"))[2].read_bytes()
     (r,) = post_images(client_for(model), ("g.jpg", data)).json()["results"]
     fitted = read_fitted(data, "g.jpg", Preprocessing(resolution=16, channels=1))  # [1, 16, 16]
@@ -233,11 +233,59 @@ def test_gray_network_scores_colour_uploads_as_luma(ham_dir):
     assert r["decision"] == "anomalous" and r["percentile"] is None
 
 
-def test_percentile_counts_scores_at_or_below():
+def judged_at(served: ServeModel, score: float, monkeypatch):
+    """AnoModel.judge of the served model when its izif detector scores `score`."""
+    model = served.scorer.model
+    monkeypatch.setattr(model.detector, "score_batch", lambda batch: np.array([score]))
+    return model.judge(np.zeros((model.channels, model.resolution, model.resolution), np.uint8))
+
+
+def test_percentile_counts_scores_at_or_below(model, monkeypatch):
     ref = Reference(np.array([1.0, 2.0, 2.0, 3.0]), "izif.xlsx", "", {})
-    assert [ref.percentile(v) for v in (0.5, 1.0, 2.0, 2.5, 3.0, 9.0)] == \
-        [0.0, 25.0, 75.0, 75.0, 100.0, 100.0]
-    assert Reference(None, None, "why", {}).percentile(1.0) is None
+    served = izif_serve_model(model.scorer.model, model.decision, ref)
+    assert [judged_at(served, v, monkeypatch).percentile
+            for v in (0.5, 1.0, 2.0, 2.5, 3.0, 9.0)] == [0.0, 25.0, 75.0, 75.0, 100.0, 100.0]
+    omitted = izif_serve_model(model.scorer.model, model.decision,
+                               Reference(None, None, "why", {}))
+    assert judged_at(omitted, 1.0, monkeypatch).percentile is None
+
+
+def test_izif_mode_answers_through_ano_model_judge(nets, model, monkeypatch):
+    """The izif mode's percentile, decision, threshold and rule are AnoModel.judge's: a judge
+    answering other numbers than summary.json and izif.xlsx give shows up in the JSON."""
+    from anomaly.methods.detector import Judgement
+    from anomaly.model.ano_model import AnoModel as Model
+
+    served = izif_serve_model(model.scorer.model, model.decision, model.reference)
+    judged = served.scorer.model
+    assert judged.detector.detector.method == "izif" and judged is not model.scorer.model
+    assert judged.detector.detector.val_normals == tuple(model.reference.scores)
+    real, calls = Model.judge, []
+
+    def judge(self, image):
+        calls.append(self)
+        j = real(self, image)
+        return Judgement(j.score, 12.5, "normal", 1e9, "sentinel rule", j.method)
+
+    monkeypatch.setattr(Model, "judge", judge)
+    (r,) = post_images(client_for(served), ("x.png", nets["png"])).json()["results"]
+    assert calls == [judged]
+    assert (r["percentile"], r["decision"], r["threshold"], r["threshold_rule"]) == \
+        (12.5, "normal", 1e9, "sentinel rule")
+    assert r["score"] == pytest.approx(nets["s"], rel=1e-6) and r["method"] == "izif"
+
+
+def test_a_missing_reference_omits_the_percentile_with_its_note(nets, model):
+    note = "percentile omitted: no izif.xlsx in nowhere (the scores folder summary.json records)"
+    served = izif_serve_model(model.scorer.model, model.decision, Reference(None, None, note, {}))
+    path = nets["root"] / "x.png"
+    path.write_bytes(nets["png"])
+    judged = served.scorer.model.judge(path)
+    assert judged.percentile is None and judged.score == pytest.approx(nets["s"], rel=1e-6)
+    assert (judged.decision, judged.threshold) == ("anomalous", nets["s"] - 1e-3)
+    (r,) = post_images(client_for(served), ("x.png", nets["png"])).json()["results"]
+    assert (r["percentile"], r["percentile_note"], r["reference_count"]) == (None, note, 0)
+    assert r["decision"] == "anomalous" and r["pixel_term"] > 0 and r["feature_term"] > 0
 
 
 # ----------------------------------------------------------------------------------------------

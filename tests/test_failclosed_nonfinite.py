@@ -94,10 +94,15 @@ def test_the_python_api_gives_no_decision_on_a_non_finite_score(overflow):
 def test_serve_model_judge_follows_the_same_rule(overflow):
     served = load_serve_model(ServeOptions(None, None, None, model=str(overflow["sound"]),
                                            device="cpu"))
-    assert served.judge(0.25)["percentile"] == 50.0
+    judged = served.scorer.model  # serve answers through its AnoModel.judge
+    fitted = judged.fit(overflow["image"])
+    judged.detector.score_batch = lambda batch: np.array([0.25])
+    assert served.answer(served.scorer(fitted))["percentile"] == 50.0
     for value in (float("nan"), float("inf"), float("-inf")):
+        judged.detector.score_batch = lambda batch, v=value: np.array([v])
         with pytest.raises(ds.NonFiniteScore, match="gives no percentile and no decision"):
-            served.judge(value)
+            judged.judge(fitted)
+        assert np.isnan(served.scorer(fitted).score)  # which serve refuses (checked_score)
     with pytest.raises(ds.NonFiniteScore):
         ds.weak_percentile(float("nan"), np.array([0.1, 0.2]))
     assert ds.decide(0.5, 0.5) == "anomalous" and ds.decide(0.49, 0.5) == "normal"

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from sklearn.metrics import pairwise
 
 from anodata.policy import Preprocessing, fit_array
-from anomaly.app.model import Decision, IzifScorer, Reference, ServeModel
+from anomaly.app.model import Decision, Reference, izif_serve_model
 from anomaly.app.server import create_app, upload_limits
 from anomaly.app.model import ServeOptions
 from anomaly.cli import main
@@ -96,8 +96,8 @@ def test_raw_upload_to_serve_scores_like_the_prepared_zip(setup):
     assert r.exit_code == 0, r.output
     sheet = read_score_sheet(out / "izif.xlsx")
     model = AnoModel.load(setup["network"], setup["encoder"], device="cpu")
-    serve = ServeModel(IzifScorer(model), Decision(0.0, "fixed", "nv vs mel", "summary.json"),
-                       Reference(None, None, "no sheet", {}))
+    serve = izif_serve_model(model, Decision(0.0, "fixed", "nv vs mel", "summary.json"),
+                             Reference(None, None, "no sheet", {}))
     limits = upload_limits(ServeOptions("n", "e", "s"))
     client = TestClient(create_app(serve, limits))
     for _i, row in sheet.iterrows():

@@ -119,7 +119,7 @@ def test_judge_answers_what_serve_answers(folder):
         mine = model.judge(path)
         fitted = served.scorer.model.fit(path)
         s = served.scorer(fitted)
-        answer = served.judge(s.score)
+        answer = served.answer(s)
         assert s.score == pytest.approx(mine.score, rel=1e-6)
         assert answer["percentile"] == pytest.approx(mine.percentile, abs=1e-9)
         assert mine.percentile == pytest.approx(

@@ -24,7 +24,7 @@ from test_failclosed_serve import fake_uvicorn
 
 from anomaly.methods import detector as det
 from anomaly.app import server as app_server
-from anomaly.app.model import DetectorImageScorer, ServeOptions, load_serve_model
+from anomaly.app.model import ServeOptions, ServeScorer, load_serve_model
 from anomaly.cli import main
 from anomaly.model.ano_model import AnoModel
 from encoder_helpers import one_thread  # noqa: F401 (autouse fixture)
@@ -155,7 +155,7 @@ def test_decision_flips_exactly_at_the_threshold(setup, folder):  # noqa: F811
         r = post_images(client_for(served), (name, data)).json()["results"][0]
         assert r["score"] == pytest.approx(s, rel=1e-6)
         assert (r["method"], r["decision"], r["percentile"]) == ("residual:mean", decision, 100.0)
-        assert isinstance(served.scorer, DetectorImageScorer)
+        assert isinstance(served.scorer, ServeScorer)
     exact = r["score"]  # the served score itself: at the threshold is anomalous
     for threshold, decision in ((exact, "anomalous"), (float(np.nextafter(exact, np.inf)),
                                                        "normal")):

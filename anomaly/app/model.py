@@ -1,24 +1,28 @@
 """What `anostyle serve` computes for one uploaded image, without any web code.
 
-Two modes, one `ServeModel`:
+Two modes, one `ServeModel`, one path: both answer through AnoModel.judge of a model with a
+detector (`ServeScorer`):
   detector  (--model DIR with detector.json, or --detector JSON) the tuned detector of
             `anostyle tune` (anomaly.methods.detector): its score, its threshold, and the percentile
             among its scores of the validation naevi, all from detector.json;
-  izif      (--network --encoder --summary) the mode described below.
+  izif      (--network --encoder --summary) the mode described below, as a detector built in
+            memory (`izif_detector`): one classic `izif` component, no bank, no checksums.
 In both, uploads are fitted by the model's recorded preprocessing policy, and `method` names
 the score ('izif', or the detector's method, e.g. 'rank-average(residual:mean@tta +
-residual:mean)'). A detector has no izif terms (pixel_term / feature_term are None); its
-pictures come from its own reconstruction of view 0 (Scorer.last_forward), or are left out
-(None) when it computes none (e.g. a D-feature density): no extra pass is run for pictures.
+residual:mean)'). A detector of detector.json has no izif terms (pixel_term / feature_term
+are None); the izif mode's come from the pass that made its score. Pictures come from that
+pass's reconstruction of view 0 (Scorer.last_forward), or are left out (None) when it computes
+none (e.g. a D-feature density): no extra pass is run for pictures or terms.
 A component score that is not finite makes the detector's score NaN, which serve refuses.
 
 In izif mode the score is f-AnoGAN's izif anomaly score (Schlegl et al. 2019, Medical Image
 Analysis 54, eq. 8-9): A(x) = 1/n ||x - G(E(x))||^2 + kappa * 1/n_d ||f(x) - f(G(E(x)))||^2,
-computed by anomaly.methods.scores.izif_score on the image fitted to the network as
-`anostyle prepare` fits it.
+computed by the model's classic izif (anomaly.methods.scores.izif_score) on the image fitted
+to the network as `anostyle prepare` fits it.
 It is put in context twice:
   percentile  the share (in %) of validation naevi (izif.xlsx rows with split 'val', label 0)
-              whose score is <= this score ("weak" percentile of rank);
+              whose score is <= this score ("weak" percentile of rank); omitted (None, with
+              a note) when there is no izif.xlsx;
   decision    'anomalous' when score >= the izif threshold `anostyle evaluate` chose on the
               validation split (summary.json, first izif row = primary comparison), else 'normal'.
 kappa and the feature layer follow the score sheet's score.json, else the encoder's training
@@ -30,6 +34,7 @@ Shape letters: C channels, H/W height/width (the network resolution).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -43,7 +48,8 @@ import torch
 
 from anodata.policy import Preprocessing
 from anomaly.methods import detector_scores as ds
-from anomaly.methods.detector import DetectorScorer, Judgement, resolve_model_dir
+from anomaly.methods.detector import (Component, Detector, DetectorScorer, Judgement,
+                                      resolve_model_dir)
 from anomaly.model.ano_model import AnoModel
 from anomaly.model.reconstruct import residual_images
 from anomaly.methods.scores import izif_terms
@@ -167,14 +173,6 @@ class Reference:
     def count(self) -> int:
         return 0 if self.scores is None else int(len(self.scores))
 
-    def percentile(self, score: float) -> float | None:
-        """100 * (number of reference scores <= score) / M; None without reference;
-        NonFiniteScore for a non-finite score."""
-        if self.scores is None:
-            ds.check_finite_score(score)
-            return None
-        return ds.weak_percentile(score, self.scores)
-
 
 def load_decision(path: str | os.PathLike) -> tuple[Decision, dict[str, Any]]:
     """(the first izif row's threshold, the recorded evaluate options) from summary.json."""
@@ -252,26 +250,30 @@ def _score_config(path: Path) -> dict[str, Any]:
 class ImageScore:
     """The score of one fitted image and the pictures shown with it (uint8 [H, W, C])."""
 
-    score: float  # izif: A_R + kappa * A_D; else the detector's score
+    score: float  # the detector's score (izif mode: A_R + kappa * A_D); NaN when not finite
     pixel_term: float | None  # izif's A_R: mean squared pixel residual; None for a detector
     feature_term: float | None  # izif's A_D: mean squared feature residual (0 when kappa is 0)
     image: np.ndarray  # the input as fitted
     reconstruction: np.ndarray | None  # G(E(x)); None: the detector computes none
     residual: np.ndarray | None  # mean_c |x - G(E(x))| in the fixed-scale colour map, [H, W, 3]
     method: str  # 'izif' or the detector's method name
-    judgement: Judgement | None = None  # the detector's answer (AnoModel.judge); None for izif
+    judgement: Judgement | None = None  # AnoModel.judge's answer; None when not finite
 
 
 class ServeScorer:
-    """What serve needs of a scorer: the model's shape and policy, the score's name and izif
-    settings, and a call on a fitted uint8 [C, H, W] image that returns an ImageScore."""
+    """A model with its detector, answering through AnoModel.judge for a fitted uint8
+    [C, H, W] image. In the izif mode (`izif_terms`) the answer carries izif's two terms and
+    settings, from the pass that made the score; a detector of detector.json has none (its
+    own kappa or layers are part of its method name). A score that is not finite comes back
+    as NaN without a judgement, which serve refuses naming the upload: a rank average would
+    turn +inf into a finite 100."""
 
-    method: str  # 'izif' or the detector's method name
-    kappa: float | None  # izif's kappa; None for a detector
-    feature_layer: str | None  # izif's D layer; None for a detector
-
-    def __init__(self, model: AnoModel):
-        self.model = model
+    def __init__(self, model: AnoModel, *, izif_terms: bool = False):
+        assert model.detector is not None, "serve answers through the model's detector"
+        self.model, self.detector, self.izif_terms = model, model.detector, izif_terms
+        self.method = self.detector.detector.method
+        self.kappa = model.kappa if izif_terms else None
+        self.feature_layer = model.feature_layer if izif_terms else None
 
     @property
     def resolution(self) -> int:
@@ -286,43 +288,10 @@ class ServeScorer:
         """The preprocessing the model was trained with (uploads are fitted by it)."""
         return self.model.policy
 
-    def __call__(self, fitted: np.ndarray) -> ImageScore:
-        raise NotImplementedError
-
-
-class IzifScorer(ServeScorer):
-    """The inference model's izif score and its two terms."""
-
-    def __init__(self, model: AnoModel):
-        super().__init__(model)
-        self.method, self.kappa, self.feature_layer = "izif", model.kappa, model.feature_layer
-
     @torch.no_grad()
     def __call__(self, fitted: np.ndarray) -> ImageScore:
-        _check_fitted(fitted, self.channels, self.resolution)
-        out = self.model.forward_for(torch.from_numpy(fitted[None].copy()), ["izif"])
-        x, rec = out.x, out.rec  # [1, C, H, W] each
-        total = float(self.model.score_forward(out, ["izif"])["izif"][0])
-        pixel, feature = izif_terms(x, rec, out.feat, out.feat_rec)  # [1] each: A_R, A_D
-        return ImageScore(total, float(pixel[0]), float(feature[0]),
-                          np.ascontiguousarray(fitted.transpose(1, 2, 0)),
-                          to_uint8(rec)[0], residual_images(x, rec)[0], self.method)
-
-
-class DetectorImageScorer(ServeScorer):
-    """A tuned detector (detector.json) on its model, answering through AnoModel.judge; no izif
-    settings (a detector's own kappa or layers are part of its method name). A score that is
-    not finite comes back as NaN without a judgement, which serve refuses naming the upload: a
-    rank average would turn +inf into a finite 100."""
-
-    def __init__(self, detector: DetectorScorer):
-        super().__init__(detector.model)
-        self.detector = detector
-        self.method, self.kappa, self.feature_layer = detector.detector.method, None, None
-
-    @torch.no_grad()
-    def __call__(self, fitted: np.ndarray) -> ImageScore:
-        _check_fitted(fitted, self.channels, self.resolution)
+        shape = (self.channels, self.resolution, self.resolution)
+        assert fitted.dtype == np.uint8 and fitted.shape == shape, (fitted.dtype, fitted.shape)
         assert self.model.detector is self.detector, "the detector must be its model's"
         try:
             judgement = self.model.judge(fitted)  # score, percentile, decision
@@ -333,49 +302,45 @@ class DetectorImageScorer(ServeScorer):
         out = self.detector.scorer.last_forward  # view 0 of this image, when reconstructed
         if out is None:
             return ImageScore(score, None, None, image, None, None, self.method, judgement)
-        return ImageScore(score, None, None, image, to_uint8(out.rec)[0],
+        pixel = feature = None
+        if self.izif_terms:
+            a_r, a_d = izif_terms(out.x, out.rec, out.feat, out.feat_rec)  # [1] each
+            pixel, feature = float(a_r[0]), float(a_d[0])
+        return ImageScore(score, pixel, feature, image, to_uint8(out.rec)[0],
                           residual_images(out.x, out.rec)[0], self.method, judgement)
 
 
-def _check_fitted(fitted: np.ndarray, channels: int, resolution: int) -> None:
-    shape = (channels, resolution, resolution)
-    assert fitted.dtype == np.uint8 and fitted.shape == shape, (fitted.dtype, fitted.shape)
+def izif_detector(model: AnoModel, decision: Decision, reference: Reference) -> AnoModel:
+    """The izif mode as a model with a detector held in memory: one classic `izif` component
+    at the model's kappa and layer, the evaluation's threshold (summary.json) and the
+    validation naevi of izif.xlsx (none: no percentile); no bank, no checksums. Returns a
+    shallow copy of `model` (same networks) holding it; `model` itself is left as it is."""
+    normals = () if reference.scores is None else tuple(float(v) for v in reference.scores)
+    record = Detector((Component("izif", False),), "single", decision.threshold, decision.rule,
+                      decision.comparison, normals, {}, None, None, None, None, model.kappa,
+                      model.feature_layer)
+    judged = copy.copy(model)
+    judged.detector = DetectorScorer(judged, record, None)
+    return judged
 
 
 @dataclass(frozen=True)
 class ServeModel:
     """Everything loaded once at start: the scorer, the threshold, the reference scores."""
 
-    scorer: ServeScorer  # IzifScorer or DetectorImageScorer
+    scorer: ServeScorer
     decision: Decision
-    reference: Reference
+    reference: Reference  # the percentile's count and note (the scores are the detector's)
     notes: tuple[str, ...] = ()
 
     def answer(self, s: ImageScore) -> dict[str, Any]:
-        """What serve answers for a checked score: the detector's judgement (AnoModel.judge)
-        when `s` carries one, else `judge` of its score (the izif mode)."""
-        if s.judgement is None:
-            return self.judge(s.score)
+        """What serve answers for a checked score: its judgement (AnoModel.judge)."""
         j = s.judgement
-        return {"percentile": j.percentile, "percentile_note": "",
+        assert j is not None, "serve refuses a non-finite score before answering"
+        return {"percentile": j.percentile, "percentile_note": self.reference.note,
                 "reference_count": self.reference.count, "decision": j.decision,
                 "threshold": j.threshold, "threshold_rule": j.threshold_rule,
                 "comparison": self.decision.comparison}
-
-    def judge(self, score: float) -> dict[str, Any]:
-        """Percentile among validation naevi and the decision at the validation threshold;
-        a non-finite score raises detector_scores.NonFiniteScore (serve refuses it before, with
-        the upload's name: Inference's checked_score)."""
-        ref = self.reference
-        return {
-            "percentile": ref.percentile(score),
-            "percentile_note": ref.note,
-            "reference_count": ref.count,
-            "decision": ds.decide(score, self.decision.threshold),
-            "threshold": self.decision.threshold,
-            "threshold_rule": self.decision.rule,
-            "comparison": self.decision.comparison,
-        }
 
     def info(self) -> dict[str, Any]:
         """What the page shows before any upload (GET /api/info)."""
@@ -386,6 +351,13 @@ class ServeModel:
                 "comparison": self.decision.comparison,
                 "reference_count": self.reference.count,
                 "percentile_note": self.reference.note, "notes": list(self.notes)}
+
+
+def izif_serve_model(model: AnoModel, decision: Decision, reference: Reference,
+                     notes: tuple[str, ...] = ()) -> ServeModel:
+    """The izif mode of serve on a loaded model: its izif detector (izif_detector) answers."""
+    judged = izif_detector(model, decision, reference)
+    return ServeModel(ServeScorer(judged, izif_terms=True), decision, reference, notes)
 
 
 def load_serve_model(opts: ServeOptions) -> ServeModel:
@@ -401,7 +373,7 @@ def load_serve_model(opts: ServeOptions) -> ServeModel:
     if model.kappa > 0 and model.D is None:
         raise UserError(f"--network {opts.network} holds no discriminator, which the feature "
                         f"loss needs; give a full training snapshot or pass --kappa 0.")
-    return ServeModel(IzifScorer(model), decision, reference, model.notes)
+    return izif_serve_model(model, decision, reference, model.notes)
 
 
 def load_detector_model(opts: ServeOptions) -> ServeModel:
@@ -409,9 +381,8 @@ def load_detector_model(opts: ServeOptions) -> ServeModel:
     naevi's scores (the percentile's reference) all from detector.json."""
     model = AnoModel.open(network=opts.network, encoder=opts.encoder, detector=opts.detector,
                           device=opts.device, allow_mismatch=opts.allow_mismatch)
-    scorer = model.detector  # its kappa and layer are detector.json's
-    det = scorer.detector
+    det = model.detector.detector  # its kappa and layer are detector.json's
     decision = Decision(det.threshold, det.threshold_rule, det.comparison, str(opts.detector))
     reference = Reference(np.sort(np.asarray(det.val_normals, dtype=np.float64)),  # [M]
                           str(opts.detector), "", {})
-    return ServeModel(DetectorImageScorer(scorer), decision, reference, model.notes)
+    return ServeModel(ServeScorer(model), decision, reference, model.notes)
