@@ -27,7 +27,15 @@ def strings(value):
 def test_the_shipped_detector_records_no_absolute_path():
     body = json.loads((SHIPPED / "detector.json").read_text())
     assert [s for s in strings(body) if ABSOLUTE.match(s)] == []
-    assert (SHIPPED / body["tune"]["network"]).is_file()  # relative to the model folder
+    # relative to the model folder, and the very files the detector pairs with
+    from stylegan.fileio import sha256_file
+
+    assert body["tune"]["outdir"] == "."
+    assert sha256_file(SHIPPED / body["tune"]["network"]) == body["network_sha256"]
+    assert sha256_file(SHIPPED / body["tune"]["encoder"]) == body["encoder_sha256"]
+    options = json.loads((SHIPPED / "encoder_options.json").read_text())["options"]
+    assert [s for s in strings(options) if ABSOLUTE.match(s)] == [] and options["outdir"] == "."
+    assert sha256_file(SHIPPED / options["network"]) == body["network_sha256"]
 
 
 def test_tune_records_inputs_relative_to_its_output_folder(tmp_path):
