@@ -316,9 +316,11 @@ def izif_detector(model: AnoModel, decision: Decision, reference: Reference) -> 
     validation naevi of izif.xlsx (none: no percentile); no bank, no checksums. Returns a
     shallow copy of `model` (same networks) holding it; `model` itself is left as it is."""
     normals = () if reference.scores is None else tuple(float(v) for v in reference.scores)
-    record = Detector((Component("izif", False),), "single", decision.threshold, decision.rule,
-                      decision.comparison, normals, {}, None, None, None, None, model.kappa,
-                      model.feature_layer)
+    record = Detector(components=(Component(method="izif", tta=False),), combine="single",
+                      threshold=decision.threshold, threshold_rule=decision.rule,
+                      comparison=decision.comparison, val_normals=normals, selection={},
+                      bank=None, network_sha256=None, encoder_sha256=None, preprocessing=None,
+                      kappa=model.kappa, feature_layer=model.feature_layer)
     judged = copy.copy(model)
     judged.detector = DetectorScorer(judged, record, None)
     return judged
