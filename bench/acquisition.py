@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 from stylegan.progress import progress
+from stylegan.errors import UserError
 
 from anodata.policy import fit_image
 from anodata.prepared import PreparedDataset
@@ -191,4 +192,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as error:  # a bad folder or model: one sentence, no traceback
+        raise SystemExit(f"Error: {error}") from None
