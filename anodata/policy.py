@@ -39,8 +39,15 @@ FRAMINGS = ("frame", "lesion")
 # was framed. The square is at least LESION_MIN_SIDE of the short side (a speck is not blown up
 # beyond 4x), and box-filtered JPEGs are decoded with at least resolution / LESION_MIN_SIDE
 # pixels, so that even the smallest crop is resized down, never up, when the file is that large.
+# By default (lesion_max_side 1) the square is at most the short side: a lesion whose square
+# would be larger is framed as much as the photo allows, so its scale still follows the photo's.
+# With lesion_max_side S > 1 the square may reach S short sides, and the part of it past the
+# image is the image reflected at its edges (the skin goes on without a seam, as in the zoom-out
+# shift of anodata.shifts); a lesion cut by the frame is then mirrored into that margin.
 LESION_MARGIN = 0.25
 LESION_MIN_SIDE = 0.25
+LESION_MAX_SIDE = 4.0  # the largest lesion_max_side a policy may ask for
+FLOAT_FIELDS = ("colour_p", "intensity_target", "lesion_max_side")  # JSON may hold them as ints
 POLICY_KEY = "preprocessing"  # key in prepare.json and in checkpoint metadata
 
 
@@ -66,6 +73,9 @@ class Preprocessing:
     # 'frame' | 'lesion': the decoded image is first cropped to a square around the lesion
     # (crop_to_lesion); an image where no lesion is found is fitted as with 'frame'
     framing: str = "frame"
+    # framing 'lesion': the most the lesion's square may measure, in short sides of the image;
+    # above 1 it reaches past the image, filled by reflection (LESION_MARGIN's comment)
+    lesion_max_side: float = 1.0
 
     def __post_init__(self):
         checks = [(self.transform in TRANSFORMS, f"transform {self.transform!r} is not one of "
@@ -81,6 +91,8 @@ class Preprocessing:
                                                    f"of {', '.join(INTENSITIES)}"),
                   (self.framing in FRAMINGS, f"framing {self.framing!r} is not one of "
                                              f"{', '.join(FRAMINGS)}"),
+                  (1 <= self.lesion_max_side <= LESION_MAX_SIDE,
+                   f"lesion_max_side {self.lesion_max_side} is not in [1, {LESION_MAX_SIDE:g}]"),
                   (0 < self.intensity_target <= 255,
                    f"intensity_target {self.intensity_target} is not in (0, 255]"),
                   (self.channels in (1, 3), f"channels {self.channels} is not 1 or 3"),
@@ -104,7 +116,7 @@ class Preprocessing:
             raise UserError(f"{source} records unknown preprocessing fields {unknown}; it was "
                             f"written by a newer AnoStyle.")
         try:
-            return cls(**{k: (float(v) if k in ("colour_p", "intensity_target") else v)
+            return cls(**{k: (float(v) if k in FLOAT_FIELDS else v)
                           for k, v in values.items()})
         except (TypeError, ValueError) as exc:
             raise UserError(f"{source} records an unreadable preprocessing policy ({exc}).") \
@@ -178,36 +190,59 @@ def normalise_colour(img: Image.Image, colour: str, p: float) -> Image.Image:
 
 
 def lesion_square(mask: np.ndarray, *, margin: float = LESION_MARGIN,
-                  min_side: float = LESION_MIN_SIDE) -> tuple[int, int, int]:
+                  min_side: float = LESION_MIN_SIDE,
+                  max_side: float = 1.0) -> tuple[int, int, int]:
     """(left, top, side) of the square crop around a lesion mask (bool [H, W], not empty).
 
     The square is centred on the mask's bounding box, its side max(box width, box height) *
-    (1 + 2 * margin), at least min_side of the short side and at most the short side; it is
-    shifted inside the image where it would cross an edge (so it stays as near the lesion's
-    centre as the image allows).
+    (1 + 2 * margin), at least min_side and at most max_side of the short side. Along an axis
+    the image covers, it is shifted inside the image where it would cross an edge; along an
+    axis longer than the image (max_side > 1), it is shifted to cover the whole image. Either
+    way it stays as near the lesion's centre as the image allows; left and top are negative,
+    and left + side or top + side past the image, where the square reaches past it.
     """
     h, w = mask.shape
     ys, xs = np.nonzero(mask)
     assert len(xs), "an empty mask has no square"
+    assert max_side >= 1, max_side
     x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    short = min(h, w)
     side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
-    side = int(round(min(max(side, min_side * min(h, w)), min(h, w))))
-    left = int(round(min(max((x0 + x1 - side) / 2, 0), w - side)))
-    top = int(round(min(max((y0 + y1 - side) / 2, 0), h - side)))
-    return left, top, side
+    side = int(round(min(max(side, min_side * short), max_side * short)))
+
+    def place(lo: int, hi: int, length: int) -> int:
+        start = (lo + hi - side) / 2
+        low, high = (0, length - side) if side <= length else (length - side, 0)
+        return int(round(min(max(start, low), high)))
+
+    return place(x0, x1, w), place(y0, y1, h), side
 
 
-def crop_to_lesion(img: Image.Image, *, border: str = "keep") -> tuple[Image.Image, str]:
-    """(the square crop around the lesion (anodata.lesion.find_lesion, lesion_square), '') or,
-    when no lesion is found, (img itself, the reason). With border 'fill' the lesion is looked
-    for after fill_fov_border (the crop is still taken from img); a dark border is ignored
-    either way."""
+def crop_square(img: Image.Image, left: int, top: int, side: int) -> Image.Image:
+    """The square (left, top, side) of img; where it reaches past the image, the image
+    reflected at its edges (numpy 'reflect' padding, as the zoom-out shift pads)."""
+    w, h = img.size
+    pad_x = (max(0, -left), max(0, left + side - w))
+    pad_y = (max(0, -top), max(0, top + side - h))
+    if not any(pad_x + pad_y):
+        return img.crop((left, top, left + side, top + side))
+    a = np.asarray(img)
+    a = np.pad(a, [pad_y, pad_x] + [(0, 0)] * (a.ndim - 2), mode="reflect")
+    x, y = left + pad_x[0], top + pad_y[0]
+    return Image.fromarray(np.ascontiguousarray(a[y:y + side, x:x + side]), mode=img.mode)
+
+
+def crop_to_lesion(img: Image.Image, *, border: str = "keep",
+                   max_side: float = 1.0) -> tuple[Image.Image, str]:
+    """(the square crop around the lesion (anodata.lesion.find_lesion, lesion_square up to
+    max_side short sides, crop_square), '') or, when no lesion is found, (img itself, the
+    reason). With border 'fill' the lesion is looked for after fill_fov_border (the crop is
+    still taken from img); a dark border is ignored either way."""
     seen = fill_fov_border(img) if border == "fill" else img
     mask, reason = find_lesion(np.asarray(seen))
     if mask is None:
         return img, reason
-    left, top, side = lesion_square(mask)
-    return img.crop((left, top, left + side, top + side)), ""
+    return crop_square(img, *lesion_square(mask, max_side=max_side)), ""
 
 
 def fit_image_framed(img: Image.Image, policy: Preprocessing) -> tuple[Image.Image, str]:
@@ -219,7 +254,7 @@ def fit_image_framed(img: Image.Image, policy: Preprocessing) -> tuple[Image.Ima
     check_source_image(img)
     note = ""
     if policy.framing == "lesion":
-        img, note = crop_to_lesion(img, border=policy.border)
+        img, note = crop_to_lesion(img, border=policy.border, max_side=policy.lesion_max_side)
     img = fit_square(img, policy.resolution, transform=policy.transform,
                      resize_filter=policy.resize_filter)
     if policy.border == "fill":

@@ -95,6 +95,7 @@ class PrepareOptions:
     intensity: str = Preprocessing.intensity
     intensity_target: float = Preprocessing.intensity_target
     framing: str = Preprocessing.framing
+    lesion_max_side: float = Preprocessing.lesion_max_side
     channels: int = Preprocessing.channels
     val: float = 0.1
     test: float = 0.2
@@ -126,7 +127,7 @@ class PrepareOptions:
                              transform=self.transform, resize_filter=self.resize_filter,
                              colour=self.colour, colour_p=self.colour_p, border=self.border,
                              intensity=self.intensity, intensity_target=self.intensity_target,
-                             framing=self.framing)
+                             framing=self.framing, lesion_max_side=self.lesion_max_side)
 
 
 @dataclass(frozen=True)

@@ -597,6 +597,91 @@ def test_lesion_square_by_hand(box, want):
     assert lesion_square(mask) == want
 
 
+@pytest.mark.parametrize("box,max_side,want", [
+    ((0, 100, 20, 60), 1.0, (10, 0, 80)),  # the default: cut down to the short side
+    ((0, 100, 20, 60), 1.5, (-10, -20, 120)),  # 150 -> 1.5 x 80 = 120: past every edge, centred
+    ((30, 70, 10, 40), 2.0, (20, 0, 60)),  # 60 fits: shifted inside, as with the default
+    ((20, 80, 0, 40), 1.5, (5, -10, 90)),  # taller than the image: covers it, near the lesion
+])
+def test_lesion_square_may_reach_past_the_image(box, max_side, want):
+    from anodata.policy import lesion_square
+
+    mask = np.zeros((80, 100), bool)  # H 80, W 100
+    x0, x1, y0, y1 = box
+    mask[y0:y1, x0:x1] = True
+    assert lesion_square(mask, max_side=max_side) == want
+
+
+def test_crop_square_reflects_the_image_past_its_edges():
+    from anodata.policy import crop_square
+
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    img = Image.fromarray(a)
+    np.testing.assert_array_equal(np.asarray(crop_square(img, 5, 2, 20)), a[2:22, 5:25])
+    # a square of 50 from (-5, -10): 10 rows above, 10 below, 5 columns left, 5 right
+    got = np.asarray(crop_square(img, -5, -10, 50))
+    rows = [abs(r) if r < 0 else (2 * 29 - r if r > 29 else r) for r in range(-10, 40)]
+    cols = [abs(c) if c < 0 else (2 * 39 - c if c > 39 else c) for c in range(-5, 45)]
+    np.testing.assert_array_equal(got, a[np.ix_(rows, cols)])
+    grey = Image.fromarray(a[..., 0])
+    np.testing.assert_array_equal(np.asarray(crop_square(grey, -5, -10, 50)), got[..., 0])
+
+
+def test_the_policy_records_lesion_max_side_and_old_records_mean_one():
+    from anodata.policy import Preprocessing
+
+    policy = Preprocessing(resolution=64, framing="lesion", lesion_max_side=1.5)
+    assert Preprocessing.from_dict(policy.to_dict(), source="x") == policy
+    old = policy.to_dict()
+    del old["lesion_max_side"]
+    assert Preprocessing.from_dict(old, source="x").lesion_max_side == 1.0
+    assert Preprocessing.from_dict({**old, "lesion_max_side": 2}, source="x").lesion_max_side == 2.0
+    for bad in (0.5, 5.0):
+        with pytest.raises(UserError, match=f"lesion_max_side {bad} is not in"):
+            Preprocessing(lesion_max_side=bad)
+
+
+def test_a_large_lesion_keeps_its_scale_only_when_the_square_may_reach_past_the_image():
+    """A lesion whose square is larger than the photo: with lesion_max_side 1 its share of the
+    fitted image follows the photo's zoom; with 2 it is the same (2/3 of the side) at both."""
+    from anodata.lesion import lesion_mask
+    from anodata.policy import Preprocessing, fit_image
+
+    def width(img, max_side):
+        policy = Preprocessing(resolution=64, framing="lesion", lesion_max_side=max_side)
+        xs = np.nonzero(lesion_mask(np.asarray(fit_image(img, policy))))[1]
+        return (xs.max() - xs.min() + 1) / 64
+
+    near = Image.fromarray(_skin_with_lesion(None, centre=(120, 90), radius=75, size=(240, 180)))
+    far = Image.fromarray(_skin_with_lesion(None, centre=(120, 90), radius=62, size=(240, 180)))
+    assert abs(width(near, 2.0) - 2 / 3) < 0.05 and abs(width(far, 2.0) - 2 / 3) < 0.05
+    assert width(near, 1.0) - width(far, 1.0) > 0.08  # cut down: the zoom shows through
+
+
+def test_prepare_records_lesion_max_side_and_a_model_carries_it(tmp_path):
+    from anodata.policy import Preprocessing, fit_image
+
+    src = tmp_path / "src"
+    for i in range(3):
+        _skin_with_lesion(src / "nv" / f"n{i}.png", centre=(80, 60), radius=50, seed=i)
+    args = ["prepare", "--source", str(src), "--normal", "nv", "--resolution", "32",
+            "--workers", "1", "--framing", "lesion", "--lesion-max-side", "1.5", "--val", "0",
+            "--test", "0"]
+    result = CliRunner().invoke(main, args + ["--dest", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    info = json.loads((tmp_path / "out" / "prepare.json").read_text())
+    assert info["preprocessing"]["lesion_max_side"] == 1.5
+    data = ImageDataset(tmp_path / "out" / "train.zip")
+    policy = Preprocessing(resolution=32, framing="lesion", lesion_max_side=1.5)
+    row = _rows(tmp_path / "out" / "manifest.csv")[0]
+    got = data[data.names.index(row["file"])][0].transpose(1, 2, 0)
+    want = fit_image(Image.open(src / row["source"]), policy)
+    np.testing.assert_array_equal(got, np.asarray(want))
+    assert not np.array_equal(got, np.asarray(fit_image(
+        Image.open(src / row["source"]), Preprocessing(resolution=32, framing="lesion"))))
+
+
 def test_a_real_demo_photo_is_framed_around_its_lesion(ham_dir):
     """On real photos whose lesion is small in the frame, lesion framing makes it fill more of
     the fitted image, about as much as the margin says; the fitted image is the same through
