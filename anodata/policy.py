@@ -202,12 +202,12 @@ def lesion_square(mask: np.ndarray, *, margin: float = LESION_MARGIN,
     and left + side or top + side past the image, where the square reaches past it.
     """
     h, w = mask.shape
-    ys, xs = np.nonzero(mask)
-    assert len(xs), "an empty mask has no square"
+    assert mask.any(), "an empty mask has no square"
     assert max_side >= 1, max_side
+    ys, xs = np.nonzero(mask)
     x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
     short = min(h, w)
-    side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
+    side = wanted_side(mask, margin=margin) * short
     side = int(round(min(max(side, min_side * short), max_side * short)))
 
     def place(lo: int, hi: int, length: int) -> int:
@@ -216,6 +216,16 @@ def lesion_square(mask: np.ndarray, *, margin: float = LESION_MARGIN,
         return int(round(min(max(start, low), high)))
 
     return place(x0, x1, w), place(y0, y1, h), side
+
+
+def wanted_side(mask: np.ndarray, *, margin: float = LESION_MARGIN) -> float:
+    """The side, in short sides of the mask (bool [H, W], not empty), that the square around
+    its lesion asks for: the bounding box's long side x (1 + 2 * margin). Above a policy's
+    lesion_max_side, lesion_square cuts it down and the lesion's scale follows the photo's."""
+    ys, xs = np.nonzero(mask)
+    assert len(xs), "an empty mask has no square"
+    box = max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
+    return float(box * (1 + 2 * margin) / min(mask.shape))
 
 
 def crop_square(img: Image.Image, left: int, top: int, side: int) -> Image.Image:

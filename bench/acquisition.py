@@ -25,8 +25,10 @@ class on the images as they are, the Pearson correlation of the score with the l
 (the share of the fitted image's pixels in anodata.lesion.lesion_mask; images where no lesion is
 found count with area 0 and are counted in `no_lesion`). When the policy frames by the lesion,
 the fitted lesion's area is similar by design, so `acquired_area_correlation` also reports the
-correlation with the area in the whole frame as acquired (fitted with `framing: frame`). Test is
-never read here.
+correlation with the area in the whole frame as acquired (fitted with `framing: frame`), and
+`square_cut_down` the share of images (as they are, and the zoomed ones) whose lesion square asks
+for more than the policy's `lesion_max_side`, where framing cannot fix the lesion's scale. Test
+is never read here.
 
 Prints one JSON object. Usage: `.venv/bin/python bench/acquisition.py
 [--shift border|exposure|zoom|all] [--model models/ham64-cpu] [--prepared ham64-sog]
@@ -92,6 +94,29 @@ def lesion_areas(fitted: np.ndarray) -> np.ndarray:
 
     return np.array([lesion_mask(img.transpose(1, 2, 0) if img.shape[0] == 3 else img[0]).mean()
                      for img in fitted], dtype=np.float64)
+
+
+def cut_down(images: list[Image.Image], policy, y: np.ndarray) -> dict:
+    """Per class (normal, anomaly): the share of `images` (decoded raw) whose lesion square
+    asks for more than the policy's lesion_max_side short sides, so that lesion framing cuts
+    it down and the lesion's scale follows the photo's (anodata.policy.wanted_side; images
+    without a lesion found are not counted), and the median side asked for."""
+    from anodata.lesion import find_lesion
+    from anodata.policy import fill_fov_border, wanted_side
+
+    sides = []
+    for img in images:
+        seen = fill_fov_border(img) if policy.border == "fill" else img
+        mask, _reason = find_lesion(np.asarray(seen))
+        sides.append(np.nan if mask is None else wanted_side(mask))
+    sides = np.asarray(sides, dtype=np.float64)
+    out = {"lesion_max_side": policy.lesion_max_side}
+    for name, cls in (("normal", 0), ("anomaly", 1)):
+        v = sides[(y == cls) & np.isfinite(sides)]
+        out[name] = {"share": round(float((v > policy.lesion_max_side).mean()), 4) if len(v)
+                     else None, "n": int(len(v)),
+                     "median_side": round(float(np.median(v)), 3) if len(v) else None}
+    return out
 
 
 def area_correlation(s: np.ndarray, area: np.ndarray, y: np.ndarray) -> dict:
@@ -180,6 +205,7 @@ def main() -> None:
             # image as acquired (the whole frame fitted) is what a size-driven score would follow
             acquired = lesion_areas(fit_all(model, raw, {"framing": "frame"}))
             report["acquired_area_correlation"] = area_correlation(s, acquired, y)
+            report["square_cut_down"] = {"as_is": cut_down(raw, model.policy, y)}
     for shift in shifts:
         images = [shift.apply(img) if m else img for img, m in zip(raw, shifted)]
         guard = GUARDS[shift.kind]
@@ -188,6 +214,9 @@ def main() -> None:
         for name, override in overrides.items():
             s = score_fitted(scorer, fit_all(model, images, override), name)
             report["conditions"][name] = condition(y, s, groups, shifted, normal, args)
+        if shift.kind == "zoom" and "square_cut_down" in report:  # the shifted images alone
+            report["square_cut_down"][shift.name] = cut_down(
+                [img for img, m in zip(images, shifted) if m], model.policy, y[shifted])
     print(json.dumps(report, indent=2))
 
 

@@ -71,3 +71,32 @@ def test_shifted_halves_are_seeded_and_per_class():
     assert np.array_equal(a, shifted_halves(labels, 0.5, seed=3))
     assert not np.array_equal(a, shifted_halves(labels, 0.5, seed=4))
     assert shifted_halves(labels, 0.0).sum() == 0 and shifted_halves(labels, 1.0).all()
+
+
+def test_the_acquisition_bench_counts_the_squares_that_framing_cuts_down():
+    """bench/acquisition.py's square_cut_down: a lesion whose square asks for more than the
+    policy's lesion_max_side (here 1.875 short sides) is counted, a small one is not; a zoom
+    in makes the small one's square larger but not past the limit."""
+    from anodata.policy import Preprocessing, wanted_side
+    from bench import acquisition as bench
+
+    def photo(radius):
+        yy, xx = np.mgrid[0:120, 0:160]
+        img = np.full((120, 160, 3), 200, np.uint8)
+        img[np.hypot(xx - 80, yy - 60) < radius] = (90, 60, 50)
+        return Image.fromarray(img)
+
+    mask = np.zeros((80, 100), bool)
+    mask[20:60, 0:100] = True
+    assert wanted_side(mask) == pytest.approx(100 * 1.5 / 80)
+    images, y = [photo(50), photo(20), photo(20)], np.array([0, 0, 1])
+    policy = Preprocessing(resolution=32, framing="lesion")
+    got = bench.cut_down(images, policy, y)
+    assert got["normal"]["share"] == 0.5 and got["anomaly"]["share"] == 0.0
+    assert got["normal"]["n"] == 2 and got["anomaly"]["median_side"] == pytest.approx(
+        40 * 1.5 / 120, abs=0.03)
+    wide = bench.cut_down(images, Preprocessing(resolution=32, framing="lesion",
+                                                lesion_max_side=2.0), y)
+    assert wide["normal"]["share"] == 0.0
+    zoomed = bench.cut_down([zoom(img, 1.33) for img in images], policy, y)
+    assert zoomed["anomaly"]["median_side"] == pytest.approx(1.33 * 0.5, abs=0.04)
