@@ -93,6 +93,9 @@ class Preprocessing:
                                              f"{', '.join(FRAMINGS)}"),
                   (1 <= self.lesion_max_side <= LESION_MAX_SIDE,
                    f"lesion_max_side {self.lesion_max_side} is not in [1, {LESION_MAX_SIDE:g}]"),
+                  (self.framing == "lesion" or self.lesion_max_side == 1,
+                   f"lesion_max_side {self.lesion_max_side:g} needs framing 'lesion' (with "
+                   f"framing {self.framing!r} no square is cut around the lesion)"),
                   (0 < self.intensity_target <= 255,
                    f"intensity_target {self.intensity_target} is not in (0, 255]"),
                   (self.channels in (1, 3), f"channels {self.channels} is not 1 or 3"),
@@ -191,7 +194,7 @@ def normalise_colour(img: Image.Image, colour: str, p: float) -> Image.Image:
 
 def lesion_square(mask: np.ndarray, *, margin: float = LESION_MARGIN,
                   min_side: float = LESION_MIN_SIDE,
-                  max_side: float = 1.0) -> tuple[int, int, int]:
+                  max_side: float = Preprocessing.lesion_max_side) -> tuple[int, int, int]:
     """(left, top, side) of the square crop around a lesion mask (bool [H, W], not empty).
 
     The square is centred on the mask's bounding box, its side max(box width, box height) *
@@ -202,10 +205,9 @@ def lesion_square(mask: np.ndarray, *, margin: float = LESION_MARGIN,
     and left + side or top + side past the image, where the square reaches past it.
     """
     h, w = mask.shape
-    assert mask.any(), "an empty mask has no square"
     assert max_side >= 1, max_side
     ys, xs = np.nonzero(mask)
-    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1  # wanted_side: not empty
     short = min(h, w)
     side = wanted_side(mask, margin=margin) * short
     side = int(round(min(max(side, min_side * short), max_side * short)))
@@ -242,14 +244,17 @@ def crop_square(img: Image.Image, left: int, top: int, side: int) -> Image.Image
     return Image.fromarray(np.ascontiguousarray(a[y:y + side, x:x + side]), mode=img.mode)
 
 
+def framing_lesion(img: Image.Image, *, border: str = "keep") -> tuple[np.ndarray | None, str]:
+    """The lesion that lesion framing crops around: anodata.lesion.find_lesion of img, looked
+    for after fill_fov_border with border 'fill' (a dark border is ignored either way)."""
+    return find_lesion(np.asarray(fill_fov_border(img) if border == "fill" else img))
+
+
 def crop_to_lesion(img: Image.Image, *, border: str = "keep",
-                   max_side: float = 1.0) -> tuple[Image.Image, str]:
-    """(the square crop around the lesion (anodata.lesion.find_lesion, lesion_square up to
-    max_side short sides, crop_square), '') or, when no lesion is found, (img itself, the
-    reason). With border 'fill' the lesion is looked for after fill_fov_border (the crop is
-    still taken from img); a dark border is ignored either way."""
-    seen = fill_fov_border(img) if border == "fill" else img
-    mask, reason = find_lesion(np.asarray(seen))
+                   max_side: float = Preprocessing.lesion_max_side) -> tuple[Image.Image, str]:
+    """(the square crop of img around its lesion (framing_lesion, lesion_square up to max_side
+    short sides, crop_square), '') or, when no lesion is found, (img itself, the reason)."""
+    mask, reason = framing_lesion(img, border=border)
     if mask is None:
         return img, reason
     return crop_square(img, *lesion_square(mask, max_side=max_side)), ""

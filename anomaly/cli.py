@@ -267,12 +267,12 @@ def collection_options(*, required: bool):
                    "of every image however the photo was framed; an image where no lesion is "
                    "found is fitted as with frame and listed in DEST/framing.csv. frame: the "
                    "photo as it was framed, made square by --transform.")
-@_prep("--lesion-max-side", type=click.FloatRange(1, 4), metavar="S",
+@_prep("--lesion-max-side", type=click.FloatRange(min=1), metavar="S",
               help="--framing lesion: the most the square around the lesion may measure, in "
                    "short sides of the photo. 1: never past the photo (a lesion too large for "
                    "its margin keeps the photo's scale); above 1 the square reaches past the "
                    "photo, whose edges are reflected into it, so that large lesions are framed "
-                   "at the same scale as small ones.")
+                   "at the same scale as small ones (at most 4).")
 @click.option("--channels", default="3", show_default=True, type=click.Choice(["3", "1"]),
               help="3: RGB PNGs; 1: grayscale PNGs.")
 @_prep("--val", type=click.FloatRange(0, 1, max_open=True),

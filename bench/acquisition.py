@@ -101,15 +101,10 @@ def cut_down(images: list[Image.Image], policy, y: np.ndarray) -> dict:
     asks for more than the policy's lesion_max_side short sides, so that lesion framing cuts
     it down and the lesion's scale follows the photo's (anodata.policy.wanted_side; images
     without a lesion found are not counted), and the median side asked for."""
-    from anodata.lesion import find_lesion
-    from anodata.policy import fill_fov_border, wanted_side
+    from anodata.policy import framing_lesion, wanted_side
 
-    sides = []
-    for img in images:
-        seen = fill_fov_border(img) if policy.border == "fill" else img
-        mask, _reason = find_lesion(np.asarray(seen))
-        sides.append(np.nan if mask is None else wanted_side(mask))
-    sides = np.asarray(sides, dtype=np.float64)
+    masks = [framing_lesion(img, border=policy.border)[0] for img in images]
+    sides = np.array([np.nan if m is None else wanted_side(m) for m in masks], dtype=np.float64)
     out = {"lesion_max_side": policy.lesion_max_side}
     for name, cls in (("normal", 0), ("anomaly", 1)):
         v = sides[(y == cls) & np.isfinite(sides)]

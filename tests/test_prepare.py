@@ -639,7 +639,9 @@ def test_the_policy_records_lesion_max_side_and_old_records_mean_one():
     assert Preprocessing.from_dict({**old, "lesion_max_side": 2}, source="x").lesion_max_side == 2.0
     for bad in (0.5, 5.0):
         with pytest.raises(UserError, match=f"lesion_max_side {bad} is not in"):
-            Preprocessing(lesion_max_side=bad)
+            Preprocessing(framing="lesion", lesion_max_side=bad)
+    with pytest.raises(UserError, match="lesion_max_side 1.5 needs framing 'lesion'"):
+        Preprocessing(lesion_max_side=1.5)
 
 
 def test_a_large_lesion_keeps_its_scale_only_when_the_square_may_reach_past_the_image():
