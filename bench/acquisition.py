@@ -74,6 +74,18 @@ def requested_shifts(args) -> list[Shift]:
     return out
 
 
+def decode_sources(rows: list[dict], images: str, prepared: str) -> list[Image.Image]:
+    """The raw source images (RGB) of manifest rows, from the folder `images`; a missing one
+    ends the bench in one sentence."""
+    paths = [Path(images) / r["source"] for r in rows]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise SystemExit(f"{len(missing)} source images of {prepared} are not in --images "
+                         f"{images} (e.g. {missing[0].name}); give the folder they were "
+                         f"prepared from.")
+    return [Image.open(p).convert("RGB") for p in progress(paths, desc="decode")]
+
+
 def fit_all(model, images: list[Image.Image], override: dict | None) -> np.ndarray:
     """uint8 [N, C, H, W]: decoded raw images fitted by the model's policy with `override`
     (field -> value) applied."""
@@ -96,15 +108,22 @@ def lesion_areas(fitted: np.ndarray) -> np.ndarray:
                      for img in fitted], dtype=np.float64)
 
 
+def wanted_sides(images: list[Image.Image], policy) -> np.ndarray:
+    """The side, in short sides, that each decoded raw image's lesion square asks for
+    (anodata.policy.framing_lesion with the policy's border, then wanted_side); NaN where no
+    lesion is found."""
+    from anodata.policy import framing_lesion, wanted_side
+
+    masks = [framing_lesion(img, border=policy.border)[0] for img in images]
+    return np.array([np.nan if m is None else wanted_side(m) for m in masks], dtype=np.float64)
+
+
 def cut_down(images: list[Image.Image], policy, y: np.ndarray) -> dict:
     """Per class (normal, anomaly): the share of `images` (decoded raw) whose lesion square
     asks for more than the policy's lesion_max_side short sides, so that lesion framing cuts
     it down and the lesion's scale follows the photo's (anodata.policy.wanted_side; images
     without a lesion found are not counted), and the median side asked for."""
-    from anodata.policy import framing_lesion, wanted_side
-
-    masks = [framing_lesion(img, border=policy.border)[0] for img in images]
-    sides = np.array([np.nan if m is None else wanted_side(m) for m in masks], dtype=np.float64)
+    sides = wanted_sides(images, policy)
     out = {"lesion_max_side": policy.lesion_max_side}
     for name, cls in (("normal", 0), ("anomaly", 1)):
         v = sides[(y == cls) & np.isfinite(sides)]
@@ -183,13 +202,7 @@ def main() -> None:
               **({"zoom": args.zoom} if args.shift in ("zoom", "all") else {}),
               "conditions": {}}
     normal = y == 0
-    paths = [Path(args.images) / r["source"] for r in rows]
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise SystemExit(f"{len(missing)} source images of {args.prepared} are not in "
-                         f"--images {args.images} (e.g. {missing[0].name}); give the folder "
-                         f"they were prepared from.")
-    raw = [Image.open(p).convert("RGB") for p in paths]  # decoded once for every condition
+    raw = decode_sources(rows, args.images, args.prepared)  # once for every condition
     as_is = fit_all(model, raw, None)
     s = score_fitted(scorer, as_is, "as is")
     report["conditions"]["as_is"] = condition(y, s, groups, shifted, normal, args)
