@@ -33,7 +33,8 @@ from stylegan.dataset import ImageDataset
 from stylegan.errors import UserError
 
 NEW_METHODS = ["residual:mean", "residual:p99", "residual:smax:1", "izif:0.5", "dfeat-res:b8+b16",
-               "knn-latent:3", "maha-latent", "knn-dfeat:b8:3", "maha-dfeat:b16"]
+               "knn-latent:3", "maha-latent", "knn-dfeat:b8:3", "maha-dfeat:b16",
+               "izif-areafree:0.5"]
 
 
 def run(*args):
@@ -190,6 +191,42 @@ def test_method_names_parse_and_refuse():
         with pytest.raises(UserError):
             registry.parse(bad)
     assert det.split_config_name("knn-latent:5@tta") == ("knn-latent:5", True)
+    m = registry.parse("izif-areafree:0.5:b16")
+    assert (m.family, m.kappa, m.layers, m.area_free, m.needs_bank) == (
+        "izif-areafree", 0.5, ("b16",), True, True)
+    assert not registry.parse("izif:1").needs_bank
+    for bad in ("izif-areafree", "izif-areafree:1:b3", "izif-areafree:1e9"):
+        with pytest.raises(UserError):
+            registry.parse(bad)
+
+
+def test_area_trend_and_area_free_scores_against_numpy():
+    """The slope is cov(log a, log s) / var(log a) over the naevi with a lesion (closed form,
+    not polyfit); an image without a lesion takes their median log area; a score of 0 is
+    floored; a score that is exactly a power of the area becomes one constant."""
+    rng = np.random.default_rng(0)
+    areas = rng.uniform(0.05, 0.6, 50)
+    areas[:4] = 0.0  # no lesion found: not in the fit
+    scores = np.exp(rng.normal(0, 0.3, 50)) * np.where(areas > 0, areas, 1.0) ** 0.7
+    trend = ds.fit_area_trend(scores, areas)
+    la, ls = np.log(areas[4:]), np.log(scores[4:])
+    slope = ((la - la.mean()) * (ls - ls.mean())).sum() / ((la - la.mean()) ** 2).sum()
+    assert trend.slope == pytest.approx(slope) and trend.median_log_area == pytest.approx(
+        np.median(la))
+    got = ds.area_free(scores, areas, trend)
+    assert np.allclose(got[4:], ls - slope * la)
+    assert np.allclose(got[:4], np.log(scores[:4]) - slope * np.median(la))
+    exact = ds.fit_area_trend(areas[4:] ** 0.7 * 3.0, areas[4:])
+    assert exact.slope == pytest.approx(0.7)
+    assert np.allclose(ds.area_free(areas[4:] ** 0.7 * 3.0, areas[4:], exact), np.log(3.0))
+    assert ds.area_free(np.array([0.0]), np.array([0.5]), exact)[0] == pytest.approx(
+        np.log(ds.AREA_SCORE_FLOOR) - 0.7 * np.log(0.5))
+    assert np.isnan(ds.area_free(np.array([np.nan]), np.array([0.5]), exact)[0])
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[0, :2] = True
+    assert ds.lesion_area(masks).tolist() == [0.5, 0.0]
+    with pytest.raises(UserError, match="training naevi"):
+        ds.fit_area_trend(np.ones(5), np.array([0.2, 0.2, 0.2, 0.0, 0.0]))
 
 
 # ------------------------------------------------------------------------------ tiny model
@@ -292,6 +329,52 @@ def test_lesion_scores_of_the_tiny_model_match_a_hand_computation(setup, model):
     moved = tta.score_batch(ds.dihedral_view(images[:6], 1))
     for name in base:
         assert np.allclose(moved[name], base[name], rtol=1e-4), name
+
+
+def test_area_free_scores_of_the_tiny_model_match_a_hand_computation(setup, model):
+    """izif-areafree from one pass and a bank equals log izif:0.5 minus the bank's slope times
+    the log lesion area of each input (anodata.lesion.lesion_mask), with the slope refitted
+    here from the training images' own izif:0.5 and areas; TTA keeps it rotation-invariant; the
+    bank keeps the trend through save, load and subset."""
+    from anodata.lesion import lesion_mask
+
+    method = "izif-areafree:0.5"
+    bank = det.bank_from_zip(model, setup["prepared"] / "train.zip",
+                             det.needs_of([method], model), modes=("plain", "tta"), batch=16)
+    train = ImageDataset(setup["prepared"] / "train.zip")
+    train_images = torch.from_numpy(np.stack([train[i][0] for i in range(len(train))]))
+
+    def izif_and_area(images):
+        base = det.Scorer(model, [("izif:0.5", False)]).score_batch(images)["izif:0.5"]
+        area = np.array([lesion_mask(a.transpose(1, 2, 0)).mean() for a in images.numpy()])
+        return base, area
+
+    base, area = izif_and_area(train_images)
+    found = area > 0
+    assert found.sum() >= 3  # enough lesions for a trend
+    la, ls = np.log(area[found]), np.log(base[found])
+    slope = ((la - la.mean()) * (ls - ls.mean())).sum() / ((la - la.mean()) ** 2).sum()
+    assert bank.trends[(method, "plain")].slope == pytest.approx(slope, rel=1e-6)
+    data = ImageDataset(setup["prepared"] / "val.zip")
+    images = torch.from_numpy(np.stack([data[i][0] for i in range(len(data))]))
+    got = det.Scorer(model, [(method, False)], bank=bank).score_batch(images)[method]
+    vbase, varea = izif_and_area(images)
+    median = np.median(la)
+    want = np.log(vbase) - slope * np.where(varea > 0, np.log(np.where(varea > 0, varea, 1)),
+                                            median)
+    assert np.allclose(got, want, rtol=1e-6)
+    tta = det.Scorer(model, [(method, True)], bank=bank)
+    assert np.allclose(tta.score_batch(ds.dihedral_view(images[:6], 3))[method + "@tta"],
+                       tta.score_batch(images[:6])[method + "@tta"], rtol=1e-4)
+    path = det.Bank(trends=dict(bank.trends)).save(setup["root"] / "trend-bank.safetensors")
+    loaded = det.Bank.load(path).subset([(method, True)])
+    assert loaded.trends == {(method, "tta"): bank.trends[(method, "tta")]}
+    with pytest.raises(UserError, match="no area trend"):
+        det.Scorer(model, [(method, False)], bank=det.Bank()).score_batch(images[:2])
+    flat = torch.full((4, 3, 16, 16), 170, dtype=torch.uint8)  # no lesion in any of them
+    with pytest.warns(UserWarning, match="without a size trend"):
+        empty = det.build_bank(model, [flat], det.needs_of([method], model), modes=("plain",))
+    assert empty.trends[(method, "plain")] == ds.AreaTrend(0.0, 0.0)
 
 
 def test_a_training_naevus_is_its_own_nearest_bank_point(setup, model, bank):

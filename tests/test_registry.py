@@ -31,6 +31,8 @@ EXPECTED = {
                               needs_rec=True),
     "izif:0.5:b16": MethodSpec("izif:0.5:b16", "izif-kappa", "detector", agg="mean", kappa=0.5,
                                layers=("b16",), needs_rec=True, needs_features=True),
+    "izif-areafree:1": MethodSpec("izif-areafree:1", "izif-areafree", "detector", agg="mean",
+                                  kappa=1.0, needs_rec=True, needs_features=True),
     "dfeat-res:b8+b16": MethodSpec("dfeat-res:b8+b16", "dfeat-res", "detector",
                                    layers=("b8", "b16"), needs_rec=True, needs_features=True),
     "knn-latent:5": MethodSpec("knn-latent:5", "knn-latent", "detector", space="latent", k=5,
@@ -45,11 +47,11 @@ EXPECTED = {
 # (density, spread layers, needs a bank) of the same examples.
 BANK = {"dfeat-res:b8+b16": ("", ("b8", "b16"), True), "knn-latent:5": ("knn", (), True),
         "maha-latent": ("maha", (), True), "knn-dfeat:b16:5": ("knn", (), True),
-        "maha-dfeat:b16": ("maha", (), True)}
+        "maha-dfeat:b16": ("maha", (), True), "izif-areafree:1": ("", (), True)}
 
 
 def test_every_family_example_parses_to_its_spec():
-    assert len(registry.FAMILIES) == 12
+    assert len(registry.FAMILIES) == 13
     assert {f.example: f.name for f in registry.FAMILIES} == {
         name: spec.family for name, spec in EXPECTED.items()}
     for family in registry.FAMILIES:

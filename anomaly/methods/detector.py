@@ -2,16 +2,19 @@
 pass (per TTA view), the training-naevi bank, `detector.json`, and scoring one image for serve.
 
 Method names are parsed by anomaly.methods.registry (the detector's system: residual:...,
-lesion:..., izif:KAPPA[:LAYER], dfeat-res:..., knn-latent:K, maha-latent, knn-dfeat:LAYER:K,
-maha-dfeat:LAYER; anomaly/methods/detector_scores.py has the formulas); a pass here also
+lesion:..., izif:KAPPA[:LAYER], izif-areafree:KAPPA[:LAYER], dfeat-res:..., knn-latent:K,
+maha-latent, knn-dfeat:LAYER:K, maha-dfeat:LAYER; anomaly/methods/detector_scores.py has the
+formulas); a pass here also
 computes the classic methods (izif, sklearn:..., latent) through the model.
 A configuration is a method and a TTA flag; its name is the method, + '@tta' with TTA.
 A detector is one configuration, or the rank average of several ("rank-average").
 
 The bank (bank.safetensors): for each learned space a configuration uses, the training naevi's
 standardisation, PCA (`dims` axes) and a seeded subset of at most `bank_size` projected points
-in float16; per D layer of dfeat-res, the channel spreads. Only what the detector needs is
-stored (about 0.3 MB per space at d = 64, M = 2000).
+in float16; per D layer of dfeat-res, the channel spreads; per izif-areafree method, the
+slope of log izif on log lesion area over the bank's naevi and their median log area (two
+numbers; building it costs one E, G and D pass over the bank's images). Only what the detector
+needs is stored (about 0.3 MB per space at d = 64, M = 2000).
 
 Shape letters: N images, C channels, H/W height/width, K style vectors, D w_dim.
 """
@@ -19,6 +22,7 @@ Shape letters: N images, C channels, H/W height/width, K style vectors, D w_dim.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -69,6 +73,7 @@ class Needs:
     pool_layers: set = field(default_factory=set)  # D features of x pooled over positions
     classic: list = field(default_factory=list)  # classic method names (anomaly.methods.scores)
     classic_b4: bool = False  # a classic method needs features at the model's b4.* layer
+    area_methods: set = field(default_factory=set)  # izif-areafree names: lesion areas, trends
 
     @property
     def d_layers(self) -> set:
@@ -95,8 +100,10 @@ def needs_of(methods: Iterable[str], model: AnoModel) -> Needs:
             continue
         if spec.agg:
             needs.aggs.add((spec.agg, spec.sigma))
-        if spec.family in ("izif-kappa", "dfeat-res") and spec.needs_features:
+        if spec.family in ("izif-kappa", "izif-areafree", "dfeat-res") and spec.needs_features:
             needs.res_layers.update(spec.layers or (model.feature_layer,))
+        if spec.area_free:
+            needs.area_methods.add(spec.name)
         if spec.space == "latent":
             needs.latent = True
         elif spec.space:
@@ -145,7 +152,8 @@ def extract(model: AnoModel, images_u8: torch.Tensor, needs: Needs, *, tta: bool
     with `tta`): {'plain': {...}, 'tta': {...}}; 'plain' is view 0 (the image as it is).
 
     Keys: 'latent' [N, D], 'res:<agg>:<sigma>' [N], 'cres:<layer>' [N, c],
-    'pool:<layer>' [N, c], and 'classic:<method>' [N] for classic methods."""
+    'pool:<layer>' [N, c], 'area' [N] (the input's lesion area share, for izif-areafree) and
+    'classic:<method>' [N] for classic methods."""
     x = from_uint8(images_u8.to(model.device))  # [N, C, H, W]
     n, views = len(x), ds.N_VIEWS if tta else 1
     xv = ds.dihedral_views(x) if tta else x  # [V * N, C, H, W] view-major
@@ -158,12 +166,14 @@ def extract(model: AnoModel, images_u8: torch.Tensor, needs: Needs, *, tta: bool
         rec = model.G.synthesis(ws, noise_mode="const")
         rmap = ds.residual_map(xv, rec)  # [V * N, H, W]
         masks = None
+        if needs.area_methods or any(agg.startswith("lesion-") for agg, _s in needs.aggs):
+            masks = lesion_masks(images_u8)  # the input's lesion, turned with each view
+            masks = (ds.dihedral_views(masks[:, None])[:, 0] if tta else masks).to(rmap.device)
+        if needs.area_methods:
+            q["area"] = ds.lesion_area(masks)
         for agg, sigma in needs.aggs:
             if agg.startswith("lesion-"):
-                if masks is None:  # the input's lesion, turned with each view
-                    masks = lesion_masks(images_u8)
-                    masks = ds.dihedral_views(masks[:, None])[:, 0] if tta else masks
-                q[f"res:{agg}:0"] = ds.lesion_residual(rmap, masks.to(rmap.device), agg[7:])
+                q[f"res:{agg}:0"] = ds.lesion_residual(rmap, masks, agg[7:])
             else:
                 q[f"res:{agg}:{sigma:g}"] = ds.aggregate_residual(rmap, agg, sigma)
     maps_x = maps_rec = {}
@@ -209,11 +219,19 @@ def lesion_masks(images_u8: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Bank:
-    """Training-naevi references: learned spaces {(space, mode): Space} and D channel
-    spreads {layer: [c]}; mode is 'plain' or 'tta'."""
+    """Training-naevi references: learned spaces {(space, mode): Space}, D channel
+    spreads {layer: [c]} and area trends {(izif-areafree method, mode): AreaTrend}; mode is
+    'plain' or 'tta'."""
 
     spaces: dict = field(default_factory=dict)
     spreads: dict = field(default_factory=dict)
+    trends: dict = field(default_factory=dict)
+
+    def update(self, other: "Bank") -> None:
+        """Adds (or replaces) every reference of `other`."""
+        self.spaces.update(other.spaces)
+        self.spreads.update(other.spreads)
+        self.trends.update(other.trends)
 
     def save(self, path: str | os.PathLike) -> Path:
         from safetensors.torch import save
@@ -225,6 +243,9 @@ class Bank:
             tensors[f"{space}/{mode}/bank"] = sp.bank.half().contiguous()
         for layer, sd in self.spreads.items():
             tensors[f"spread/{layer}"] = sd.float().contiguous()
+        for (method, mode), trend in self.trends.items():
+            tensors[f"areatrend/{method}/{mode}"] = torch.tensor(
+                [trend.slope, trend.median_log_area], dtype=torch.float64)
         from stylegan.fileio import atomic_write_bytes
 
         atomic_write_bytes(path, save(tensors, metadata={"format": "anostyle-bank",
@@ -256,6 +277,10 @@ class Bank:
         for key, value in tensors.items():
             if key.startswith("spread/"):
                 bank.spreads[key.split("/", 1)[1]] = value.float()
+            elif key.startswith("areatrend/"):
+                method, mode = key.split("/", 1)[1].rsplit("/", 1)
+                slope, median = value.double().tolist()
+                bank.trends[(method, mode)] = ds.AreaTrend(slope, median)
             else:
                 space, mode, what = key.rsplit("/", 2)
                 parts.setdefault((space, mode), {})[what] = value
@@ -273,14 +298,20 @@ class Bank:
                 key = (spec.space, "tta" if tta else "plain")
                 out.spaces[key] = self.spaces[key]
             out.spreads.update({lay: self.spreads[lay] for lay in spec.spread_layers})
+            if spec.area_free:
+                key = (spec.name, "tta" if tta else "plain")
+                out.trends[key] = self.trends[key]
         return out
 
 
 def bank_needs(needs: Needs) -> Needs:
-    """What a pass over TRAINING naevi must compute for a bank: embeddings and D features of x
-    (no reconstruction)."""
+    """What a pass over TRAINING naevi must compute for a bank: embeddings and D features of x;
+    for area trends also the reconstruction, izif's terms and the lesion areas."""
     layers = set(needs.pool_layers) | set(needs.res_layers)
-    return Needs(latent=needs.latent, pool_layers=layers)
+    if not needs.area_methods:
+        return Needs(latent=needs.latent, pool_layers=layers)
+    return Needs(latent=needs.latent, pool_layers=layers, rec=True, aggs={("mean", 0.0)},
+                 res_layers=set(needs.res_layers), area_methods=set(needs.area_methods))
 
 
 @torch.no_grad()
@@ -289,13 +320,19 @@ def build_bank(model: AnoModel, batches: Iterable[torch.Tensor], needs: Needs, *
                ) -> Bank:
     """Fit the bank on fitted uint8 training batches: spaces for `needs.spaces` in each mode
     ('plain', 'tta') and channel spreads for `needs.res_layers` (plain view: features of all
-    images and positions)."""
+    images and positions) and area trends for `needs.area_methods` in each mode."""
     passes = bank_needs(needs)
     emb: dict[tuple[str, str], list[torch.Tensor]] = {}
     moments: dict[str, list] = {}
+    areas: dict[tuple[str, str], list[np.ndarray]] = {}  # (method | 'area', mode) -> [N] each
     for images in batches:
         q = extract(model, images, passes, tta="tta" in modes)
         for mode in modes:
+            if passes.area_methods:
+                areas.setdefault(("area", mode), []).append(q[mode]["area"].numpy())
+            for name in sorted(passes.area_methods):
+                areas.setdefault((name, mode), []).append(
+                    izif_value(registry.parse(name), q[mode], model.feature_layer))
             if passes.latent:
                 emb.setdefault(("latent", mode), []).append(q[mode]["latent"])
             for layer in needs.pool_layers:
@@ -315,6 +352,17 @@ def build_bank(model: AnoModel, batches: Iterable[torch.Tensor], needs: Needs, *
     for layer, (s1, s2, count) in moments.items():
         var = (s2 / count - (s1 / count) ** 2).clamp_min(0)
         bank.spreads[layer] = var.sqrt().float()
+    for name in sorted(passes.area_methods):
+        for mode in modes:
+            try:
+                trend = ds.fit_area_trend(np.concatenate(areas[(name, mode)]),
+                                          np.concatenate(areas[("area", mode)]))
+            except UserError as error:  # one method of a grid must not end the whole tune
+                warnings.warn(f"{error} {name} is scored without a size trend (slope 0: it "
+                              f"ranks as {name.replace('-areafree', '')}).", UserWarning,
+                              stacklevel=2)
+                trend = ds.AreaTrend(0.0, 0.0)
+            bank.trends[(name, mode)] = trend
     return bank
 
 
@@ -326,7 +374,7 @@ def bank_from_zip(model: AnoModel, train: str | os.PathLike, needs: Needs, *,
     from stylegan.dataset import ImageDataset
     from stylegan.progress import progress
 
-    if not (needs.spaces or needs.res_layers):
+    if not (needs.spaces or needs.res_layers or needs.area_methods):
         return Bank()
     dataset = ImageDataset(train)
     pick = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:bank_size])
@@ -343,6 +391,16 @@ def bank_from_zip(model: AnoModel, train: str | os.PathLike, needs: Needs, *,
 # ------------------------------------------------------------------------------ scores
 
 
+def izif_value(m: registry.MethodSpec, q: dict[str, torch.Tensor], model_layer: str
+               ) -> np.ndarray:
+    """izif:KAPPA[:LAYER] (the kappa and layer of spec m) from the raw quantities q: [N]."""
+    value = q[f"res:{m.agg}:0"].double()  # A_R (residual_map's mean)
+    if m.kappa > 0:  # A_D: the channel residuals' mean over channels
+        value = izif_combine(value, q[f"cres:{(m.layers or (model_layer,))[0]}"].double()
+                             .mean(dim=1), m.kappa)
+    return value.numpy()
+
+
 def method_scores(name: str, q: dict[str, torch.Tensor], *, mode: str, bank: Bank | None,
                   model_layer: str) -> np.ndarray:
     """Scores [N] of one method from the raw quantities `q` of one mode ('plain' | 'tta')."""
@@ -352,14 +410,16 @@ def method_scores(name: str, q: dict[str, torch.Tensor], *, mode: str, bank: Ban
     if m.family in ("residual", "lesion"):
         return q[f"res:{m.agg}:{m.sigma:g}"].double().numpy()
     if m.family == "izif-kappa":
-        value = q[f"res:{m.agg}:0"].double()  # A_R (residual_map's mean)
-        if m.kappa > 0:  # A_D: the channel residuals' mean over channels
-            value = izif_combine(value, q[f"cres:{(m.layers or (model_layer,))[0]}"].double()
-                                 .mean(dim=1), m.kappa)
-        return value.numpy()
+        return izif_value(m, q, model_layer)
     if bank is None:
         raise UserError(f"The method {name} needs the training-naevi bank; score with "
                         f"--detector/--model (bank.safetensors) or give --train train.zip.")
+    if m.area_free:
+        trend = bank.trends.get((m.name, mode))
+        if trend is None:
+            raise UserError(f"The bank holds no area trend for {name} ({mode}); score with the "
+                            f"bank tune wrote for it, or give --train train.zip.")
+        return ds.area_free(izif_value(m, q, model_layer), q["area"].numpy(), trend)
     if m.family == "dfeat-res":
         return ds.normalised_feature_residual([q[f"cres:{lay}"] for lay in m.layers],
                                               [bank.spreads[lay] for lay in m.layers]).numpy()
@@ -533,15 +593,19 @@ class DetectorScorer:
         return self.combine(self.scorer.score_batch(images_u8))
 
 
-def _bank_keys(methods: Iterable[str], tta: bool) -> tuple[set, set]:
-    """(spaces {(space, mode)}, spread layers) that `methods` read from a bank."""
-    spaces, layers = set(), set()
+def _bank_keys(methods: Iterable[str], tta: bool) -> tuple[set, set, set]:
+    """(spaces {(space, mode)}, spread layers, area trends {(method, mode)}) that `methods`
+    read from a bank."""
+    spaces, layers, trends = set(), set(), set()
+    mode = "tta" if tta else "plain"
     for name in methods:
         spec = registry.parse(name)
         if spec.space:
-            spaces.add((spec.space, "tta" if tta else "plain"))
+            spaces.add((spec.space, mode))
         layers.update(spec.spread_layers)
-    return spaces, layers
+        if spec.area_free:
+            trends.add((spec.name, mode))
+    return spaces, layers, trends
 
 
 def sheet_scorer(model: AnoModel, methods: Sequence[str], *, tta: bool,
@@ -551,20 +615,19 @@ def sheet_scorer(model: AnoModel, methods: Sequence[str], *, tta: bool,
     requested method needs a space or spread the detector's bank lacks."""
     bank = Bank()
     if detector is not None and detector.bank is not None:
-        bank.spaces.update(detector.bank.spaces)
-        bank.spreads.update(detector.bank.spreads)
-    spaces, layers = _bank_keys(methods, tta)
+        bank.update(detector.bank)
+    spaces, layers, trends = _bank_keys(methods, tta)
     detector_methods = [m for m in methods if registry.parse(m).system == "detector"]
-    if not (spaces <= set(bank.spaces) and layers <= set(bank.spreads)):
+    if not (spaces <= set(bank.spaces) and layers <= set(bank.spreads)
+            and trends <= set(bank.trends)):
         if train is None:
-            wanted = sorted({s for s, _m in spaces - set(bank.spaces)} | layers)
+            wanted = sorted({s for s, _m in spaces - set(bank.spaces)} | layers
+                            | {f"area trend of {m}" for m, _mode in trends - set(bank.trends)})
             raise UserError(f"The methods {', '.join(detector_methods)} need the training-naevi "
                             f"bank ({', '.join(wanted)}); give --train train.zip (or use the "
                             f"methods of --detector).")
         needs = needs_of(detector_methods, model)
-        built = bank_from_zip(model, train, needs, modes=("tta" if tta else "plain",))
-        bank.spaces.update(built.spaces)
-        bank.spreads.update(built.spreads)
+        bank.update(bank_from_zip(model, train, needs, modes=("tta" if tta else "plain",)))
     configs = [(m, tta) for m in methods] + (detector.configs if detector else [])
     return Scorer(model, configs, bank=bank)
 
@@ -592,9 +655,10 @@ def load_detector(model: AnoModel, path: str | os.PathLike) -> DetectorScorer:
                             f"it; copy bank.safetensors along with detector.json.")
         bank = Bank.load(bank_path, sha256=det.bank_sha256, detector=path)
         for c in det.components:
-            spaces, layers = _bank_keys([c.method], c.tta)
+            spaces, layers, trends = _bank_keys([c.method], c.tta)
             lacking = sorted(f"{s} ({m})" for s, m in spaces - set(bank.spaces)) \
-                + sorted(f"spread {lay}" for lay in layers - set(bank.spreads))
+                + sorted(f"spread {lay}" for lay in layers - set(bank.spreads)) \
+                + sorted(f"area trend ({m})" for _n, m in trends - set(bank.trends))
             if lacking:
                 raise UserError(f"--detector {path}: its bank {det.bank} holds no "
                                 f"{', '.join(lacking)} for {c.name}; copy the bank tune wrote "

@@ -15,6 +15,14 @@ over the dihedral group and rank averaging. Tensors/arrays in, tensors/arrays ou
   An image where no lesion is found (M empty) falls back to the whole image: lesion:mean and
   lesion:edge become residual:mean, lesion:ratio becomes 1 (as when M covers every pixel);
   lesion:edge also falls back when its zone B is empty.
+- izif taken off the lesion's area: with a(x) = sum_p M(p) / (H W), the share of the fitted
+  image's pixels in its lesion mask, and z(x) = log max(izif_kappa(x), 1e-12):
+  izif-areafree:KAPPA[:LAYER] = z(x) - b log a(x), where b is the least-squares slope of z on
+  log a over the bank's training naevi with a lesion found (no label is used). An image
+  without a lesion found takes the bank naevi's median log a. A bank with fewer than 3 naevi
+  with a lesion, or all of one area, has no trend: b = 0 (with a warning), and the score ranks
+  as izif:KAPPA. A score that grows with the
+  lesion's size among naevi keeps its rank within one size and loses the size itself.
 - Normalised feature residual over D layers l: sum_l mean_{c,h,w} ((f_l(x) - f_l(G(E(x))))_c
   / sd_{l,c})^2, with sd_{l,c} the spread of channel c of layer l over the training naevi
   (images and positions), so that layers of different scale add up.
@@ -148,6 +156,47 @@ def lesion_residual(maps: torch.Tensor, masks: torch.Tensor, how: str) -> torch.
         whole = (1 - m).flatten(1).sum(1) == 0  # no lesion found, or it covers every pixel
         return torch.where(whole, torch.ones_like(inside), inside / outside.clamp_min(1e-12))
     raise ValueError(f"unknown lesion aggregation {how!r}")
+
+
+def lesion_area(masks: torch.Tensor) -> torch.Tensor:
+    """Share of each image's pixels in its lesion mask: bool [N, H, W] -> float64 [N]."""
+    return masks.flatten(1).double().mean(dim=1)
+
+
+AREA_SCORE_FLOOR = 1e-12  # log of a perfect reconstruction's score (0): the most normal
+
+
+@dataclass(frozen=True)
+class AreaTrend:
+    """The bank's least-squares line of log score on log lesion area: its slope, and the median
+    log area an image without a lesion found takes."""
+
+    slope: float
+    median_log_area: float
+
+
+def fit_area_trend(scores: np.ndarray, areas: np.ndarray) -> AreaTrend:
+    """The AreaTrend of training naevi's scores [M] and lesion areas [M] (area 0: no lesion
+    found, not in the fit); fewer than 3 lesions or a single area ends in one sentence."""
+    z = np.log(np.maximum(np.asarray(scores, np.float64), AREA_SCORE_FLOOR))
+    areas = np.asarray(areas, np.float64)
+    ok = (areas > 0) & np.isfinite(z)
+    log_a = np.log(areas[ok])
+    if ok.sum() < 3 or np.ptp(log_a) == 0:
+        raise UserError(f"Only {int(ok.sum())} training naevi of the bank have a lesion of "
+                        f"their own size; the area-free scores need more (give a larger "
+                        f"train.zip or --bank-size).")
+    slope = np.polyfit(log_a, z[ok], 1)[0]
+    return AreaTrend(float(slope), float(np.median(log_a)))
+
+
+def area_free(scores: np.ndarray, areas: np.ndarray, trend: AreaTrend) -> np.ndarray:
+    """log max(score, floor) - slope * log area (the trend's median log area where area is 0):
+    [N] x2 -> float64 [N]."""
+    areas = np.asarray(areas, np.float64)
+    log_a = np.where(areas > 0, np.log(np.where(areas > 0, areas, 1.0)), trend.median_log_area)
+    z = np.log(np.maximum(np.asarray(scores, np.float64), AREA_SCORE_FLOOR))
+    return z - trend.slope * log_a
 
 
 def channel_residual(feat: torch.Tensor, feat_rec: torch.Tensor) -> torch.Tensor:

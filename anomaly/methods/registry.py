@@ -5,8 +5,8 @@ A method name (case-insensitive) belongs to one family of `FAMILIES`; `parse(nam
 (reconstruction, D features, latents, a bank space) and which system computes it:
     classic   izif, torch-euclidean, latent, sklearn:METRIC — from one forward pass
               (AnoModel.score_forward, anomaly.methods.scores);
-    detector  residual:..., lesion:..., izif:KAPPA[:LAYER], dfeat-res:..., knn-latent:K,
-              maha-latent, knn-dfeat:LAYER:K, maha-dfeat:LAYER — from the raw quantities of
+    detector  residual:..., lesion:..., izif:KAPPA[:LAYER], izif-areafree:KAPPA[:LAYER],
+              dfeat-res:..., knn-latent:K, maha-latent, knn-dfeat:LAYER:K, maha-dfeat:LAYER — from the raw quantities of
               anomaly.methods.detector.extract (formulas in anomaly.methods.detector_scores).
 """
 
@@ -62,9 +62,15 @@ class MethodSpec:
         return self.layers if self.family == "dfeat-res" else ()
 
     @property
+    def area_free(self) -> bool:
+        """True for izif-areafree: the lesion's area and the bank's area trend."""
+        return self.family == "izif-areafree"
+
+    @property
     def needs_bank(self) -> bool:
-        """True when the method reads the training-naevi bank (a space or channel spreads)."""
-        return bool(self.space or self.spread_layers)
+        """True when the method reads the training-naevi bank (a space, channel spreads or an
+        area trend)."""
+        return bool(self.space or self.spread_layers or self.area_free)
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,11 @@ FAMILIES: tuple[Family, ...] = (
                           needs_rec=True, needs_features=float(m[1]) > 0),
            "izif:KAPPA[:LAYER]", "izif:0.5:b16",
            "izif with this kappa at this D layer (the model's layer when none is named)"),
+    Family("izif-areafree", "detector", rf"izif-areafree:{_NUM}(?::(b\d+))?",
+           lambda m: dict(agg="mean", kappa=float(m[1]), layers=(m[2],) if m[2] else (),
+                          needs_rec=True, needs_features=float(m[1]) > 0),
+           "izif-areafree:KAPPA[:LAYER]", "izif-areafree:1",
+           "log izif:KAPPA minus its trend on the lesion's area among the bank's training naevi"),
     Family("dfeat-res", "detector", r"dfeat-res:(b\d+(?:\+b\d+)*)",
            lambda m: dict(layers=tuple(m[1].split("+")), needs_rec=True, needs_features=True),
            "dfeat-res:b8+b16", "dfeat-res:b8+b16",

@@ -1,7 +1,7 @@
 """`anostyle tune`: choose the scoring configuration on the VALIDATION split only.
 
-One pass over the training naevi (a seeded subset of at most `bank_size` images, E and D only)
-fits the bank; one pass over val.zip computes each image's raw quantities for the plain image
+One pass over the training naevi (a seeded subset of at most `bank_size` images; E and D, and G
+too for the izif-areafree trends) fits the bank; one pass over val.zip computes each image's raw quantities for the plain image
 and the mean over the 8 TTA views (anomaly.methods.detector.extract); every configuration of the
 grid (method x TTA) is then evaluated from that cache, so a grid of dozens of configurations costs
 about one scoring pass. test.zip is never opened.
@@ -62,7 +62,8 @@ from stylegan.fileio import (atomic_write_json, check_own_folder, output_folder,
 
 DEFAULT_GRID = ("residual:mean,residual:p99,residual:smax:1,residual:smax:2,residual:smax:4,"
                 "lesion:mean,lesion:edge,lesion:ratio,"
-                "izif:0.1,izif:1,izif:10,dfeat-res:b8,dfeat-res:b16,dfeat-res:b32,"
+                "izif:0.1,izif:1,izif:10,izif-areafree:0.1,izif-areafree:1,izif-areafree:10,"
+                "dfeat-res:b8,dfeat-res:b16,dfeat-res:b32,"
                 "dfeat-res:b8+b16+b32,knn-latent:1,knn-latent:5,knn-latent:20,maha-latent,"
                 "knn-dfeat:b8:5,knn-dfeat:b16:5,knn-dfeat:b32:5,knn-dfeat:b8:20,"
                 "maha-dfeat:b8,maha-dfeat:b16,maha-dfeat:b32,sklearn:cosine,sklearn:manhattan")
