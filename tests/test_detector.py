@@ -604,6 +604,28 @@ def test_score_refuses_other_preprocessing_and_missing_bank(setup, tuned):
             setup["prepared"] / "val.zip", "--methods", "knn-latent:3", "--outdir",
             setup["root"] / "z", "--device", "cpu")
     assert r.exit_code != 0 and "--train" in r.output
+    r = run("score", "--network", setup["network"], "--encoder", setup["encoder"], "--data",
+            setup["prepared"] / "val.zip", "--methods", "izif-areafree:0.5", "--outdir",
+            setup["root"] / "z", "--device", "cpu")
+    assert r.exit_code != 0 and "--train" in r.output and "area trend" in r.output
+
+
+def test_score_builds_the_area_trend_from_train(setup, model):
+    """`score --methods izif-areafree:0.5 --train train.zip` gives the Scorer's scores with the
+    bank built from the same training images."""
+    out = setup["root"] / "areafree-scores"
+    r = run("score", "--network", setup["network"], "--encoder", setup["encoder"], "--data",
+            setup["prepared"] / "val.zip", "--methods", "izif-areafree:0.5", "--train",
+            setup["prepared"] / "train.zip", "--outdir", out, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    sheet = read_score_sheet(out / "izif-areafree-0.5.xlsx")  # ":" is not in file names
+    method = "izif-areafree:0.5"
+    bank = det.bank_from_zip(model, setup["prepared"] / "train.zip",
+                             det.needs_of([method], model), modes=("plain",))
+    data = ImageDataset(setup["prepared"] / "val.zip")
+    images = torch.from_numpy(np.stack([data[i][0] for i in range(len(data))]))
+    want = det.Scorer(model, [(method, False)], bank=bank).score_batch(images)[method]
+    assert np.allclose(sheet["score"].to_numpy(), want, rtol=1e-5)
 
 
 def test_detector_for_other_networks_is_refused(setup, tuned):
