@@ -155,10 +155,12 @@ def condition(y, s, groups, shifted, normal, args) -> dict:
             "shifted_vs_not_auc": round(roc_auc(shifted[normal].astype(np.int64), s[normal]), 4)}
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def validation_parser(description: str, prepared: str) -> argparse.ArgumentParser:
+    """The options of a bench on a model folder and a prepared split's raw images, validation
+    only (this one and bench/size.py)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", default=str(REPO / "models" / "ham64-cpu"))
-    parser.add_argument("--prepared", default="ham64-sog",
+    parser.add_argument("--prepared", default=prepared,
                         help="folder written by `anostyle prepare` (its manifest.csv)")
     parser.add_argument("--images", default=str(REPO.parent / "shared" / "data" / "ham10000"
                                                  / "images"), help="the raw source images")
@@ -166,6 +168,11 @@ def parse_args() -> argparse.Namespace:
                         help="validation only: the decision is made here")
     parser.add_argument("--normal", default="nv")
     parser.add_argument("--anomaly", default="mel")
+    return parser
+
+
+def parse_args() -> argparse.Namespace:
+    parser = validation_parser(__doc__.splitlines()[0], "ham64-sog")
     parser.add_argument("--shift", default="border", choices=[*sorted(GUARDS), "all"])
     parser.add_argument("--radius", type=float, default=1.0,
                         help="border: circle radius / half the side (1: touching the edges)")
@@ -228,8 +235,14 @@ def main() -> None:
     print(json.dumps(report, indent=2))
 
 
-if __name__ == "__main__":
+def run_main(main) -> None:
+    """Runs a bench's main: a bad folder or model (UserError) ends in one sentence, no
+    traceback (this bench and bench/size.py)."""
     try:
         main()
-    except UserError as error:  # a bad folder or model: one sentence, no traceback
+    except UserError as error:
         raise SystemExit(f"Error: {error}") from None
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -49,8 +49,8 @@ if str(ROOT) not in sys.path:  # `python bench/size.py` puts bench/ first, not t
 from anodata.prepared import PreparedDataset  # noqa: E402
 from anomaly.evaluation.metrics import bootstrap_cis, paired_bootstrap, roc_auc  # noqa: E402
 from anomaly.model.ano_model import AnoModel  # noqa: E402
-from bench.acquisition import (REPO, decode_sources, fit_all, score_fitted,  # noqa: E402
-                               wanted_sides)
+from bench.acquisition import (decode_sources, fit_all, run_main, score_fitted,  # noqa: E402
+                               validation_parser, wanted_sides)
 from stylegan.errors import UserError  # noqa: E402
 
 SCORES = ("score", "side", "partialled")
@@ -148,16 +148,7 @@ def route_table(scores: dict[str, np.ndarray], y: np.ndarray, groups: np.ndarray
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(REPO / "models" / "ham64-cpu"))
-    parser.add_argument("--prepared", default="ham64-lesion",
-                        help="folder written by `anostyle prepare` (its manifest.csv)")
-    parser.add_argument("--images", default=str(REPO.parent / "shared" / "data" / "ham10000"
-                                                 / "images"), help="the raw source images")
-    parser.add_argument("--split", default="val", choices=["val"],
-                        help="validation only: the decision is made here")
-    parser.add_argument("--normal", default="nv")
-    parser.add_argument("--anomaly", default="mel")
+    parser = validation_parser(__doc__.splitlines()[0], "ham64-lesion")
     parser.add_argument("--by", default="dx_type", help="manifest column of the routes")
     parser.add_argument("--min-normals", type=int, default=20,
                         help="smallest route of normals that is reported")
@@ -213,7 +204,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as error:  # a bad folder or model: one sentence, no traceback
-        raise SystemExit(f"Error: {error}") from None
+    run_main(main)
