@@ -206,10 +206,9 @@ def lesion_square(mask: np.ndarray, *, margin: float = LESION_MARGIN,
     """
     h, w = mask.shape
     assert max_side >= 1, max_side
-    ys, xs = np.nonzero(mask)
-    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1  # wanted_side: not empty
+    x0, x1, y0, y1 = box = lesion_box(mask)
     short = min(h, w)
-    side = wanted_side(mask, margin=margin) * short
+    side = wanted_side(mask, margin=margin, box=box) * short
     side = int(round(min(max(side, min_side * short), max_side * short)))
 
     def place(lo: int, hi: int, length: int) -> int:
@@ -220,14 +219,21 @@ def lesion_square(mask: np.ndarray, *, margin: float = LESION_MARGIN,
     return place(x0, x1, w), place(y0, y1, h), side
 
 
-def wanted_side(mask: np.ndarray, *, margin: float = LESION_MARGIN) -> float:
-    """The side, in short sides of the mask (bool [H, W], not empty), that the square around
-    its lesion asks for: the bounding box's long side x (1 + 2 * margin). Above a policy's
-    lesion_max_side, lesion_square cuts it down and the lesion's scale follows the photo's."""
+def lesion_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(x0, x1, y0, y1), the bounding box of a mask (bool [H, W], not empty), ends exclusive."""
     ys, xs = np.nonzero(mask)
     assert len(xs), "an empty mask has no square"
-    box = max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
-    return float(box * (1 + 2 * margin) / min(mask.shape))
+    return int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
+
+
+def wanted_side(mask: np.ndarray, *, margin: float = LESION_MARGIN,
+                box: tuple[int, int, int, int] | None = None) -> float:
+    """The side, in short sides of the mask (bool [H, W], not empty), that the square around
+    its lesion asks for: the bounding box's long side x (1 + 2 * margin). Above a policy's
+    lesion_max_side, lesion_square cuts it down and the lesion's scale follows the photo's.
+    `box`: the mask's lesion_box when the caller has it."""
+    x0, x1, y0, y1 = lesion_box(mask) if box is None else box
+    return float(max(x1 - x0, y1 - y0) * (1 + 2 * margin) / min(mask.shape))
 
 
 def crop_square(img: Image.Image, left: int, top: int, side: int) -> Image.Image:

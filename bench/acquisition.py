@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from PIL import Image
 from stylegan.progress import progress
-from stylegan.errors import UserError
+from stylegan.errors import run_main
 
 from anodata.policy import fit_image
 from anodata.prepared import PreparedDataset
@@ -133,15 +133,19 @@ def cut_down(images: list[Image.Image], policy, y: np.ndarray) -> dict:
     return out
 
 
+def pearson_r(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson r of a and b [N]; NaN with fewer than 3 values or a constant one."""
+    ok = len(a) > 2 and np.std(a) > 0 and np.std(b) > 0
+    return float(np.corrcoef(a, b)[0, 1]) if ok else float("nan")
+
+
 def area_correlation(s: np.ndarray, area: np.ndarray, y: np.ndarray) -> dict:
     """Per class (normal, anomaly): Pearson r of score and lesion area, n, images without a
     lesion, and the median area."""
     out = {}
     for name, cls in (("normal", 0), ("anomaly", 1)):
         a, v = area[y == cls], s[y == cls]
-        r = float(np.corrcoef(v, a)[0, 1]) if len(a) > 2 and a.std() > 0 and v.std() > 0 \
-            else float("nan")
-        out[name] = {"pearson_r": round(r, 4), "n": int(len(a)),
+        out[name] = {"pearson_r": round(pearson_r(v, a), 4), "n": int(len(a)),
                      "no_lesion": int((a == 0).sum()),
                      "median_area": round(float(np.median(a)), 4) if len(a) else None}
     return out
@@ -233,15 +237,6 @@ def main() -> None:
             report["square_cut_down"][shift.name] = cut_down(
                 [img for img, m in zip(images, shifted) if m], model.policy, y[shifted])
     print(json.dumps(report, indent=2))
-
-
-def run_main(main) -> None:
-    """Runs a bench's main: a bad folder or model (UserError) ends in one sentence, no
-    traceback (this bench and bench/size.py)."""
-    try:
-        main()
-    except UserError as error:
-        raise SystemExit(f"Error: {error}") from None
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -47,11 +46,13 @@ if str(ROOT) not in sys.path:  # `python bench/size.py` puts bench/ first, not t
     sys.path.insert(0, str(ROOT))
 
 from anodata.prepared import PreparedDataset  # noqa: E402
+from anomaly.evaluation import protocol  # noqa: E402
 from anomaly.evaluation.metrics import bootstrap_cis, paired_bootstrap, roc_auc  # noqa: E402
+from anomaly.methods import detector_scores as ds  # noqa: E402
 from anomaly.model.ano_model import AnoModel  # noqa: E402
-from bench.acquisition import (decode_sources, fit_all, run_main, score_fitted,  # noqa: E402
+from bench.acquisition import (decode_sources, fit_all, pearson_r, score_fitted,  # noqa: E402
                                validation_parser, wanted_sides)
-from stylegan.errors import UserError  # noqa: E402
+from stylegan.errors import UserError, run_main  # noqa: E402
 
 SCORES = ("score", "side", "partialled")
 
@@ -72,41 +73,30 @@ def transformed(s: np.ndarray, transform: str) -> np.ndarray:
     return np.log(s)
 
 
-def size_fit(s: np.ndarray, sides: np.ndarray) -> dict:
-    """The transform of the scores s, the least-squares line t = slope * log(side) + intercept
-    over the pairs with a side (a lesion found), and the median log(side) that stands in for the
-    missing ones."""
+def size_fit(s: np.ndarray, sides: np.ndarray) -> tuple[str, ds.AreaTrend]:
+    """The transform of the training naevi's scores s and the trend of t on their sides
+    (anomaly.methods.detector_scores.fit_log_trend, as izif-areafree fits its bank's)."""
     transform = transform_of(s)
+    return transform, ds.fit_log_trend(transformed(s, transform), sides,
+                                       fix="give a prepared folder with more training naevi")
+
+
+def size_scores(s: np.ndarray, sides: np.ndarray, transform: str,
+                trend: ds.AreaTrend) -> dict[str, np.ndarray]:
+    """The three scores of the module docstring and t; missing sides take the trend's median
+    (anomaly.methods.detector_scores.detrend)."""
     t = transformed(s, transform)
-    log_side = np.log(sides)
-    ok = np.isfinite(log_side) & np.isfinite(t)
-    if ok.sum() < 3 or log_side[ok].std() == 0:
-        raise UserError(f"Only {int(ok.sum())} training naevi with a lesion of varying size "
-                        f"were found; give a prepared folder with more training naevi.")
-    slope, intercept = np.polyfit(log_side[ok], t[ok], 1)
-    return {"transform": transform, "slope": float(slope), "intercept": float(intercept),
-            "median_log_side": float(np.median(log_side[ok])), "n": int(ok.sum()),
-            "no_lesion": int((~np.isfinite(log_side)).sum())}
-
-
-def size_scores(s: np.ndarray, sides: np.ndarray, fit: dict) -> dict[str, np.ndarray]:
-    """The three scores of the module docstring and t; missing sides take fit's median."""
-    t = transformed(s, fit["transform"])
-    log_side = np.log(sides)
-    log_side = np.where(np.isfinite(log_side), log_side, fit["median_log_side"])
-    return {"score": np.asarray(s, np.float64), "side": np.exp(log_side),
-            "partialled": t - fit["slope"] * log_side, "t": t}
+    return {"score": np.asarray(s, np.float64),
+            "side": np.where(np.isfinite(sides), sides, np.exp(trend.median_log_area)),
+            "partialled": ds.detrend(t, sides, trend), "t": t}
 
 
 def routes(by: np.ndarray, y: np.ndarray, min_normals: int) -> dict[str, np.ndarray]:
     """'all' and each value of `by` with at least min_normals normals: the mask of its normals
-    and all anomalies."""
-    out = {"all": np.ones(len(y), dtype=bool)}
-    for value in sorted(pd.unique(by[y == 0]).astype(str)):
-        normals = (y == 0) & (by.astype(str) == value)
-        if normals.sum() >= min_normals:
-            out[value] = normals | (y == 1)
-    return out
+    and all anomalies (anomaly.evaluation.protocol.subgroups, as tune counts routes)."""
+    found = protocol.subgroups(np.asarray(by).astype(str), y, minimum=min_normals)
+    return {"all": np.ones(len(y), dtype=bool),
+            **{g.value: g.normals for g in found if g.counted}}
 
 
 def correlations(scores: dict[str, np.ndarray], sides: np.ndarray, y: np.ndarray) -> dict:
@@ -114,13 +104,9 @@ def correlations(scores: dict[str, np.ndarray], sides: np.ndarray, y: np.ndarray
     out = {}
     for name, cls in (("normal", 0), ("anomaly", 1)):
         keep = (y == cls) & np.isfinite(sides)
-        ls = np.log(sides[keep])
-        row = {"n": int(keep.sum())}
-        for key in ("t", "partialled"):
-            v = scores[key][keep]
-            ok = len(ls) > 2 and ls.std() > 0 and v.std() > 0
-            row[f"r_{key}"] = round(float(np.corrcoef(v, ls)[0, 1]), 4) if ok else math.nan
-        out[name] = row
+        out[name] = {"n": int(keep.sum()), **{
+            f"r_{key}": round(pearson_r(scores[key][keep], np.log(sides[keep])), 4)
+            for key in ("t", "partialled")}}
     return out
 
 
@@ -185,20 +171,23 @@ def main() -> None:
             wanted_sides(raw, model.policy)
 
     s_fit, sides_fit = measure(train, "training naevi")
-    fit = size_fit(s_fit, sides_fit)
+    transform, trend = size_fit(s_fit, sides_fit)
     s, sides = measure(val, args.split)
     y = (val["class"] == args.anomaly).to_numpy(np.int64)
-    scores = size_scores(s, sides, fit)
+    scores = size_scores(s, sides, transform, trend)
     report = {"benchmark": "size", "model": args.model, "method": scorer.detector.method,
               "framing": model.policy.framing, "split": args.split, "by": args.by,
               "n_normal": int((y == 0).sum()), "n_anomaly": int((y == 1).sum()),
               "no_lesion": {"normal": int((~np.isfinite(sides[y == 0])).sum()),
                             "anomaly": int((~np.isfinite(sides[y == 1])).sum())},
               "seed": args.seed,
-              "fit": {**fit, "images": len(train)},
+              "fit": {"transform": transform, "slope": trend.slope,
+                      "median_log_side": trend.median_log_area, "images": len(train),
+                      "no_lesion": int((~np.isfinite(sides_fit)).sum())},
               "correlation_with_log_side": correlations(scores, sides, y),
               "routes": route_table(scores, y, val["group"].astype(str).to_numpy(),
-                                    routes(val[args.by].to_numpy(), y, args.min_normals),
+                                    routes(val[args.by].fillna("").to_numpy(), y,
+                                           args.min_normals),
                                     n=args.bootstrap, seed=args.seed)}
     print(json.dumps(report, indent=2))
 

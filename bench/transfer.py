@@ -27,7 +27,7 @@ from anomaly.methods.detector import check_data_policy
 from anomaly.evaluation.metrics import bootstrap_cis, paired_comparison, roc_auc
 from anomaly.model.ano_model import AnoModel
 from stylegan.dataset import ImageDataset, iterate_batches
-from stylegan.errors import UserError
+from stylegan.errors import run_main
 
 
 def scores_of(model_dir: str, data: str, *, batch: int = 64) -> pd.DataFrame:
@@ -86,7 +86,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as error:  # a bad folder or model: one sentence, no traceback
-        raise SystemExit(f"Error: {error}") from None
+    run_main(main)

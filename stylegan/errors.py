@@ -6,3 +6,12 @@ class UserError(ValueError):
 
     The CLI prints the message without a traceback and exits with status 1.
     """
+
+
+def run_main(main) -> None:
+    """Runs a script's main() (the bench/ scripts): a UserError ends it with "Error: " and its
+    one sentence, exit status 1, no traceback, as the CLI does."""
+    try:
+        main()
+    except UserError as error:
+        raise SystemExit(f"Error: {error}") from None

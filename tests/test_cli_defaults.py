@@ -66,3 +66,12 @@ def test_a_list_default_is_read_shown_and_parsed_as_typed():
     assert "tried on val.  [default: 8,16,32]" in help_text
     bad = CliRunner().invoke(main, ["evaluate", "--scores", "s", "--knn-bins", "4,x"])
     assert bad.exit_code == 1 and "Error: --knn-bins '4,x' is not a list of positive" in bad.output
+
+
+def test_the_lesion_max_side_bound_in_prepare_help_is_the_policy_s():
+    """The CLI stays free of anodata imports at start-up, so its help writes the bound out;
+    the policy's check (LESION_MAX_SIDE) is what enforces it."""
+    from anodata.policy import LESION_MAX_SIDE
+
+    text = " ".join(CliRunner().invoke(main, ["prepare", "--help"]).output.split())
+    assert f"(at most {LESION_MAX_SIDE:g})" in text

@@ -23,10 +23,11 @@ def test_the_size_fit_recovers_a_log_linear_line_and_skips_missing_sides():
     sides = np.array([0.5, 0.8, 1.0, 1.6, 2.0, np.nan])
     s = np.exp(0.7 * np.log(np.nan_to_num(sides, nan=1.0)) - 3.0)
     s[-1] = 123.0  # no lesion: not in the fit, whatever its score
-    fit = bench.size_fit(s, sides)
-    assert fit["transform"] == "log" and fit["n"] == 5 and fit["no_lesion"] == 1
-    assert fit["slope"] == pytest.approx(0.7) and fit["intercept"] == pytest.approx(-3.0)
-    assert fit["median_log_side"] == pytest.approx(np.log(1.0))
+    transform, trend = bench.size_fit(s, sides)
+    assert transform == "log" and trend.slope == pytest.approx(0.7)
+    assert trend.median_log_area == pytest.approx(np.log(1.0))
+    got = bench.size_scores(s, sides, transform, trend)
+    assert np.allclose(got["partialled"][:5], -3.0)  # the line's intercept: no size left
     with pytest.raises(UserError, match="training naevi"):
         bench.size_fit(np.ones(4), np.array([1.0, 1.0, 1.0, np.nan]))
 
@@ -36,27 +37,27 @@ def test_partialled_scores_do_not_follow_the_size_and_missing_sides_take_the_med
     sides = np.exp(rng.normal(0, 0.3, 200))
     noise = rng.normal(0, 0.2, 200)
     s = np.exp(0.5 * np.log(sides) + noise)
-    fit = bench.size_fit(s, sides)
-    got = bench.size_scores(s, sides, fit)
+    transform, trend = bench.size_fit(s, sides)
+    got = bench.size_scores(s, sides, transform, trend)
     assert np.allclose(got["t"], np.log(s)) and np.array_equal(got["score"], s)
     # the least-squares residual is uncorrelated with the regressor (up to the intercept)
     assert abs(np.corrcoef(got["partialled"], np.log(sides))[0, 1]) < 1e-9
-    assert np.allclose(got["partialled"], np.log(s) - fit["slope"] * np.log(sides))
-    missing = bench.size_scores(np.array([2.0]), np.array([np.nan]), fit)
-    assert missing["side"][0] == pytest.approx(np.exp(fit["median_log_side"]))
-    assert missing["partialled"][0] == pytest.approx(np.log(2.0) - fit["slope"]
-                                                     * fit["median_log_side"])
+    assert np.allclose(got["partialled"], np.log(s) - trend.slope * np.log(sides))
+    missing = bench.size_scores(np.array([2.0]), np.array([np.nan]), transform, trend)
+    assert missing["side"][0] == pytest.approx(np.exp(trend.median_log_area))
+    assert missing["partialled"][0] == pytest.approx(np.log(2.0) - trend.slope
+                                                     * trend.median_log_area)
 
 
 def test_scores_that_are_not_positive_are_fitted_as_they_are():
     sides = np.array([0.5, 1.0, 2.0, 4.0])
     s = np.array([-1.0, 0.0, 1.0, 2.0])  # s = log2(side): linear in log(side) with slope 1/ln 2
-    fit = bench.size_fit(s, sides)
-    assert fit["transform"] == "identity" and fit["slope"] == pytest.approx(1 / np.log(2))
-    assert np.allclose(bench.size_scores(s, sides, fit)["partialled"], fit["intercept"])
-    log_fit = bench.size_fit(np.array([1.0, 2.0, 4.0]), np.array([1.0, 2.0, 4.0]))
+    transform, trend = bench.size_fit(s, sides)
+    assert transform == "identity" and trend.slope == pytest.approx(1 / np.log(2))
+    assert np.allclose(bench.size_scores(s, sides, transform, trend)["partialled"], 0.0)
+    log_transform, log_trend = bench.size_fit(np.array([1.0, 2.0, 4.0]), np.array([1.0, 2.0, 4.0]))
     with pytest.raises(UserError, match="<= 0"):
-        bench.size_scores(np.array([0.0]), np.array([1.0]), log_fit)
+        bench.size_scores(np.array([0.0]), np.array([1.0]), log_transform, log_trend)
 
 
 def test_routes_count_the_normals_of_each_value_against_all_anomalies():
@@ -76,7 +77,7 @@ def test_the_route_table_and_correlations_match_independent_references():
     s = np.exp(rng.normal(y * 0.8, 0.5) + 0.4 * np.log(sides))
     by = np.where(np.arange(80) % 2, "a", "b")
     groups = np.arange(80).astype(str)
-    scores = bench.size_scores(s, sides, bench.size_fit(s[y == 0], sides[y == 0]))
+    scores = bench.size_scores(s, sides, *bench.size_fit(s[y == 0], sides[y == 0]))
     table = bench.route_table(scores, y, groups, bench.routes(by, y, 5), n=50, seed=0)
     assert sorted(table) == ["a", "all", "b"]
     for route, keep in (("all", np.ones(80, bool)), ("a", (by == "a") | (y == 1))):
@@ -133,3 +134,15 @@ def test_too_few_fit_images_end_in_one_sentence(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["size.py", "--fit-images", "2"])
     with pytest.raises(SystemExit, match="--fit-images must be at least 3"):
         bench.main()
+
+
+def test_a_bench_ends_a_user_error_in_one_sentence():
+    from stylegan.errors import run_main
+
+    def main():
+        raise UserError("The folder x is not a prepared folder; give the one prepare wrote.")
+
+    with pytest.raises(SystemExit) as ended:
+        run_main(main)
+    assert str(ended.value.code) == ("Error: The folder x is not a prepared folder; give the one "
+                                     "prepare wrote.")

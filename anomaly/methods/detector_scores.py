@@ -168,35 +168,56 @@ AREA_SCORE_FLOOR = 1e-12  # log of a perfect reconstruction's score (0): the mos
 
 @dataclass(frozen=True)
 class AreaTrend:
-    """The bank's least-squares line of log score on log lesion area: its slope, and the median
-    log area an image without a lesion found takes."""
+    """A least-squares line of log score on the log of the lesion's size (its area for
+    izif-areafree): its slope, and the median log size an image without a lesion found takes."""
 
     slope: float
     median_log_area: float
 
 
+def log_score(scores: np.ndarray) -> np.ndarray:
+    """log max(score, AREA_SCORE_FLOOR): [N] -> float64 [N] (NaN stays NaN)."""
+    return np.log(np.maximum(np.asarray(scores, np.float64), AREA_SCORE_FLOOR))
+
+
+def _present(x: np.ndarray) -> np.ndarray:
+    """bool [N]: the sizes x [N] that were measured (> 0; 0 or NaN: no lesion found)."""
+    return np.nan_to_num(np.asarray(x, np.float64), nan=0.0) > 0
+
+
+def fit_log_trend(z: np.ndarray, x: np.ndarray, *,
+                  fix: str = "give a larger train.zip or --bank-size") -> AreaTrend:
+    """The least-squares slope of z [M] on log x [M] over the training naevi whose size x was
+    measured (x > 0) and whose z is finite, and their median log x; fewer than 3 of them or a
+    single size ends in one sentence that ends with `fix`."""
+    z = np.asarray(z, np.float64)
+    ok = _present(x) & np.isfinite(z)
+    log_x = np.log(np.asarray(x, np.float64)[ok])
+    if ok.sum() < 3 or np.ptp(log_x) == 0:
+        raise UserError(f"Only {int(ok.sum())} training naevi have a lesion of their own size; "
+                        f"a size trend needs more ({fix}).")
+    slope = np.polyfit(log_x, z[ok], 1)[0]
+    return AreaTrend(float(slope), float(np.median(log_x)))
+
+
+def detrend(z: np.ndarray, x: np.ndarray, trend: AreaTrend) -> np.ndarray:
+    """z - slope * log x, with the trend's median log x where x was not measured: [N] x2 ->
+    float64 [N]."""
+    here = _present(x)
+    log_x = np.where(here, np.log(np.where(here, np.asarray(x, np.float64), 1.0)),
+                     trend.median_log_area)
+    return np.asarray(z, np.float64) - trend.slope * log_x
+
+
 def fit_area_trend(scores: np.ndarray, areas: np.ndarray) -> AreaTrend:
     """The AreaTrend of training naevi's scores [M] and lesion areas [M] (area 0: no lesion
-    found, not in the fit); fewer than 3 lesions or a single area ends in one sentence."""
-    z = np.log(np.maximum(np.asarray(scores, np.float64), AREA_SCORE_FLOOR))
-    areas = np.asarray(areas, np.float64)
-    ok = (areas > 0) & np.isfinite(z)
-    log_a = np.log(areas[ok])
-    if ok.sum() < 3 or np.ptp(log_a) == 0:
-        raise UserError(f"Only {int(ok.sum())} training naevi of the bank have a lesion of "
-                        f"their own size; the area-free scores need more (give a larger "
-                        f"train.zip or --bank-size).")
-    slope = np.polyfit(log_a, z[ok], 1)[0]
-    return AreaTrend(float(slope), float(np.median(log_a)))
+    found, not in the fit): fit_log_trend of log_score."""
+    return fit_log_trend(log_score(scores), areas)
 
 
 def area_free(scores: np.ndarray, areas: np.ndarray, trend: AreaTrend) -> np.ndarray:
-    """log max(score, floor) - slope * log area (the trend's median log area where area is 0):
-    [N] x2 -> float64 [N]."""
-    areas = np.asarray(areas, np.float64)
-    log_a = np.where(areas > 0, np.log(np.where(areas > 0, areas, 1.0)), trend.median_log_area)
-    z = np.log(np.maximum(np.asarray(scores, np.float64), AREA_SCORE_FLOOR))
-    return z - trend.slope * log_a
+    """izif-areafree from scores [N] and lesion areas [N]: detrend of log_score."""
+    return detrend(log_score(scores), areas, trend)
 
 
 def channel_residual(feat: torch.Tensor, feat_rec: torch.Tensor) -> torch.Tensor:
